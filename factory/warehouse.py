@@ -1,0 +1,164 @@
+"""DuckDB warehouse access: numbered migrations, short transactions, lock-aware connects.
+
+DuckDB allows one writing process per file, and a writer blocks readers in other processes.
+Jobs therefore hold a connection only for a short batch (`Warehouse.write()`), so that
+`factory sql` in another terminal gets in between batches; connects retry on a held lock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+
+from factory.errors import FactoryError
+
+_MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every file in the `warehouse` package, in version order."""
+    found = []
+    for entry in resources.files("warehouse").iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if len(versions) != len(set(versions)):
+        raise FactoryError(f"duplicate migration numbers in warehouse/: {versions}")
+    return found
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text and ("conflicting" in text or "could not set" in text)
+
+
+class Warehouse:
+    """A DuckDB file with the factory schema. Cheap to construct; connects on demand."""
+
+    def __init__(self, path: str | os.PathLike[str], lock_timeout: float | None = None):
+        self.path = Path(path)
+        self.lock_timeout = (
+            float(os.environ.get("FACTORY_LOCK_TIMEOUT", "60"))
+            if lock_timeout is None else lock_timeout
+        )
+        self._migrated = False
+
+    # -- connections -------------------------------------------------------------------
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                    raise FactoryError(f"cannot open warehouse {self.path}: {first}") from exc
+                if time.monotonic() > deadline:
+                    raise FactoryError(
+                        f"warehouse {self.path} is locked by another process "
+                        f"(waited {self.lock_timeout:.0f}s)"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    @contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One transaction: committed when the block ends, rolled back on any exception."""
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect(read_only=False)
+        try:
+            if not self._migrated:
+                self._migrate(con)
+            con.begin()
+            try:
+                yield con
+            except BaseException:
+                con.rollback()
+                raise
+            con.commit()
+        finally:
+            con.close()
+
+    @contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection. Brings an older file up to date first."""
+        if not self.path.exists():
+            raise FactoryError(
+                f"no warehouse at {self.path}: ingest a dataset first "
+                "(e.g. `factory ingest movielens --variant 100k`) or pass --warehouse"
+            )
+        if not self._migrated:
+            with self.write():
+                pass
+        con = self._connect(read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    # -- schema ------------------------------------------------------------------------
+    def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(
+            "create table if not exists schema_migrations ("
+            " version integer primary key, name varchar not null,"
+            " applied_at timestamp not null default current_timestamp)"
+        )
+        applied = {v for (v,) in con.execute("select version from schema_migrations").fetchall()}
+        known = migrations()
+        newest_known = known[-1][0] if known else 0
+        if applied and max(applied) > newest_known:
+            raise FactoryError(
+                f"warehouse {self.path} has schema version {max(applied)}, newer than this "
+                f"factory ({newest_known}); upgrade factory to read it"
+            )
+        for version, name, sql in known:
+            if version in applied:
+                continue
+            con.begin()
+            try:
+                con.execute(sql)
+                con.execute(
+                    "insert into schema_migrations (version, name) values (?, ?)", [version, name]
+                )
+                con.commit()
+            except duckdb.Error as exc:
+                con.rollback()
+                raise FactoryError(f"migration {version:03d}_{name} failed: {exc}") from exc
+        self._migrated = True
+
+
+def require_dataset(con: duckdb.DuckDBPyConnection, dataset: str) -> None:
+    """Fail with the list of known datasets when `dataset` is not in the warehouse."""
+    if con.execute("select 1 from datasets where name = ?", [dataset]).fetchone():
+        return
+    names = [n for (n,) in con.execute("select name from datasets order by name").fetchall()]
+    known = ", ".join(names) if names else "none yet"
+    raise FactoryError(f"unknown dataset {dataset!r} (known: {known})")
+
+
+def require_split(con: duckdb.DuckDBPyConnection, dataset: str, split: str) -> None:
+    """Fail with the dataset's split names when `split` does not exist for it."""
+    require_dataset(con, dataset)
+    if con.execute(
+        "select 1 from splits where dataset = ? and name = ?", [dataset, split]
+    ).fetchone():
+        return
+    names = [
+        n for (n,) in con.execute(
+            "select name from splits where dataset = ? order by name", [dataset]
+        ).fetchall()
+    ]
+    raise FactoryError(
+        f"unknown split {split!r} for dataset {dataset!r} (known: {', '.join(names) or 'none'})"
+    )
