@@ -108,7 +108,9 @@ def ingest_movielens(
 
 @ingest_app.command("amazon")
 def ingest_amazon(
-    reviews: Path = typer.Option(..., "--reviews", help="reviews_<Cat>_5.json.gz or <Cat>_5.json.gz"),
+    reviews: Path = typer.Option(
+        ..., "--reviews", help="reviews_<Cat>_5.json.gz or <Cat>_5.json.gz"
+    ),
     meta: Path = typer.Option(None, "--meta", help="meta_<Cat>.json.gz (2014 or 2018 format)."),
     name: str = typer.Option(..., "--name", help="Dataset name, e.g. sports."),
     core: int = CoreOpt,
@@ -271,7 +273,7 @@ def _print_rows(columns: list[str], rows: list[tuple], fmt: OutFormat, max_rows:
         writer.writerows(rows)
     elif fmt is OutFormat.json:
         for row in rows:
-            sys.stdout.write(json.dumps(dict(zip(columns, row)), default=str) + "\n")
+            sys.stdout.write(json.dumps(dict(zip(columns, row, strict=True)), default=str) + "\n")
     else:
         from rich.table import Table
 

