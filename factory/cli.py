@@ -287,9 +287,11 @@ def _print_rows(columns: list[str], rows: list[tuple], fmt: OutFormat, max_rows:
 
 # -- job commands ---------------------------------------------------------------------------
 #: Each module exposes `register(app)`; keep its top-level imports light.
-JOB_MODULES: list[str] = []
+#: Platform command groups kept outside this file (teacher check, runs, merge).
+PLATFORM_MODULES: list[str] = ["factory.teacher.commands"]
+JOB_MODULES: list[str] = ["jobs.describe_items"]
 
-for _module in JOB_MODULES:
+for _module in PLATFORM_MODULES + JOB_MODULES:
     importlib.import_module(_module).register(app)
 
 

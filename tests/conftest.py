@@ -38,3 +38,16 @@ def ml100k(ml100k_warehouse: Path, tmp_path: Path) -> Warehouse:
 def wh(tmp_path: Path) -> Warehouse:
     """An empty warehouse in a temporary directory."""
     return Warehouse(tmp_path / "factory.duckdb")
+
+
+@pytest.fixture()
+def openai_server():
+    """A local OpenAI-compatible server on 127.0.0.1 (factory.testing.openai_server).
+
+    Deterministic canned answers; set `.responder`, `.faults`, `.latency` or `.api_key` to
+    shape it, and read `.records` / `.count(...)` to see what a job sent.
+    """
+    from factory.testing.openai_server import OpenAIServer
+
+    with OpenAIServer() as server:
+        yield server

@@ -1,0 +1,118 @@
+"""Platform commands around the teacher: `teacher check`, `runs`, `merge`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from factory.teacher.options import TeacherOptions, teacher_options
+
+teacher_app = typer.Typer(help="The teacher LLM: which backend and model, and does it answer.",
+                          no_args_is_help=True)
+
+CHECK_PROMPT = "Reply with the single word: ready"
+
+
+@teacher_app.command("check")
+@teacher_options(only=("teacher_url", "teacher_model", "backend", "timeout", "attempts",
+                       "temperature", "max_tokens", "seed"))
+def check_cmd(*, teacher: TeacherOptions) -> None:
+    """Show the configured backend/model and send one test request (nothing is stored)."""
+    import asyncio
+
+    from factory.console import console, summary
+    from factory.errors import FactoryError
+    from factory.teacher.backends import make_backend
+    from factory.teacher.keys import api_key, redact, safe_url
+    from factory.teacher.limits import JobError, RequestError, TransientError, with_retries
+    from factory.teacher.request import Request, Sampling
+
+    key = api_key()
+    backend = make_backend(teacher.backend_name, teacher.url, teacher.model, key,
+                           teacher.timeout, 1)
+    sampling = Sampling(temperature=0.0, max_tokens=16).merged(teacher.sampling)
+    request = Request.build(backend.model, [{"role": "user", "content": CHECK_PROMPT}], sampling)
+
+    async def ask() -> object:
+        try:
+            await backend.start()
+            return await with_retries(lambda: backend.complete(request), teacher.attempts)
+        finally:
+            await backend.aclose()
+
+    console.print(f"teacher: {backend.describe()}; api key {'set' if key else 'not set'}")
+    try:
+        with console.status("sending one request"):
+            reply = asyncio.run(ask())
+    except (TransientError, RequestError, JobError) as exc:
+        raise FactoryError(f"teacher check failed ({backend.describe()}): "
+                           f"{redact(str(exc), key)}") from None
+    summary("teacher answered", {
+        "backend": backend.name, "model": backend.model, "url": safe_url(teacher.url) or "-",
+        "answer": repr(reply.text[:200]), "finish reason": reply.finish_reason,
+        "tokens in/out": f"{reply.input_tokens} / {reply.output_tokens}",
+        "latency": f"{reply.latency_s:.2f}s",
+    })
+
+
+def runs_cmd(
+    job: str = typer.Option(None, "--job", help="Only runs of this job."),
+    last: int = typer.Option(20, "--last", min=1, help="How many of the latest runs."),
+) -> None:
+    """Job runs, newest first: status, requests, cached, failed, tokens, cost."""
+    from rich.table import Table
+
+    from factory.cli import stdout_console, warehouse
+    from factory.console import console
+
+    sql = ("select run_id, job, dataset, status, started_at,"
+           " date_diff('second', started_at, coalesce(finished_at, current_timestamp)),"
+           " model, prompt_name, counts, error from job_runs"
+           + (" where job = ?" if job else "") + " order by started_at desc limit ?")
+    with warehouse().read() as con:
+        rows = con.execute(sql, ([job] if job else []) + [last]).fetchall()
+    if not rows:
+        console.print("no job runs yet")
+        return
+    table = Table("run", "status", "dataset", "started", "s", "model", "prompt", "items",
+                  "requests", "cached", "failed", "tokens in/out", "cost", "error")
+
+    def n(counts: dict, name: str) -> str:
+        value = counts.get(name)
+        return "-" if value is None else f"{value:,}"
+
+    for run_id, _job, dataset, status, started, secs, model, prompt, counts, error in rows:
+        c = json.loads(counts) if counts else {}
+        cost = c.get("cost_usd")
+        tokens = (f"{c['input_tokens']:,} / {c['output_tokens']:,}"
+                  if "input_tokens" in c else "-")
+        table.add_row(run_id, status, dataset or "-", f"{started:%Y-%m-%d %H:%M}", str(secs),
+                      model or "-", prompt or "-", n(c, "items"), n(c, "requests"),
+                      n(c, "cached"), n(c, "failed"), tokens,
+                      "-" if cost is None else f"${cost:.4f}", (error or "")[:60])
+    stdout_console().print(table)
+
+
+def merge_cmd(
+    shards: list[Path] = typer.Argument(..., help="Shard warehouse files to fold in."),
+) -> None:
+    """Fold shard warehouses into this one by primary key; merging twice adds nothing."""
+    from factory.cli import warehouse
+    from factory.console import summary
+    from factory.merge import merge_warehouses
+
+    wh = warehouse()
+    results = merge_warehouses(wh, shards)
+    rows: dict[str, object] = {}
+    for shard, changed in results.items():
+        rows[shard] = ", ".join(f"{t} {n:,}" for t, n in sorted(changed.items())) or "nothing new"
+    summary(f"merged {len(shards)} shard(s) into {wh.path}", rows,
+            "select run_id, job, status, counts from job_runs order by started_at")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(teacher_app, name="teacher")
+    app.command("runs")(runs_cmd)
+    app.command("merge")(merge_cmd)

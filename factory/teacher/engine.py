@@ -1,0 +1,628 @@
+"""The teacher engine: turns a job's work items into stored, provenanced answers.
+
+See `factory.teacher` for the API a job uses. Inside one `run()`:
+
+1. every work item is rendered into its first-draw request; `--shard` keeps the items whose
+   request hash falls in the shard, `--limit` the first N of those;
+2. answers are looked up in `llm_calls` (chunk by chunk); hits are replayed, misses are sent
+   by `concurrency` workers, each request rate-limited (RPM/TPM) and retried on transient
+   errors with jittered exponential backoff that honours Retry-After;
+3. the job's parser checks each answer; a rejected answer is re-drawn (a new request with the
+   next draw index) up to `parse_retries` times, then the item is recorded as failed;
+4. every second (or every `batch` results) one short transaction stores the new llm_calls
+   rows, the job's rows and the run's counts, so a killed job loses at most that much and
+   `factory sql` gets in between;
+5. the run stops early, keeping everything, at the `--max-cost` budget, on a fatal
+   credentials/URL error, or when most recent requests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.progress import TextColumn
+
+from factory.console import console, progress, summary
+from factory.errors import FactoryError
+from factory.prompts import Prompt
+from factory.runs import finish_run, start_run
+from factory.teacher.backends import Backend, TransformersBackend, make_backend
+from factory.teacher.cost import PriceTable, Pricing
+from factory.teacher.keys import api_key, redact
+from factory.teacher.limits import (
+    JobError,
+    RateLimiter,
+    RequestError,
+    TransientError,
+    with_retries,
+)
+from factory.teacher.options import TeacherOptions
+from factory.teacher.request import Reply, Request, Sampling
+from factory.teacher.store import CachedAnswer, cached_answers, upsert, write_calls
+from factory.warehouse import Warehouse
+
+#: columns every teacher job's output table carries (Outcome.provenance() fills them)
+PROVENANCE_COLUMNS = ("work_key", "call_key", "run_id", "prompt_name", "prompt_hash", "backend",
+                      "model", "sample", "draws", "cached", "status", "error")
+#: early stop: look at the last WINDOW requests once MIN_SEEN have finished
+FAILURE_WINDOW, FAILURE_MIN_SEEN, FAILURE_SHARE = 50, 20, 0.5
+LOOKUP_CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class Work:
+    """One unit of work: the prompt variables for one item (and sample)."""
+
+    id: str                                   # the job's id for the item; not hashed
+    vars: Mapping[str, Any]                   # template variables (strict: all must be given)
+    sample: int = 0                           # several answers per item: 0, 1, 2, ...
+    history: tuple[Mapping[str, str], ...] = ()   # earlier turns, sent before the prompt's
+    data: Any = None                          # anything the job wants back in its Outcome
+
+
+@dataclass
+class Outcome:
+    """What happened to one work item: a parsed value, or a failure saying why."""
+
+    work: Work
+    status: str                 # ok | failed
+    value: Any                  # the parser's result (None when failed)
+    text: str | None            # the raw answer text used (None when none came back)
+    error: str | None
+    work_key: str               # key of the first-draw request: identifies the teacher setup
+    call_key: str | None        # llm_calls key of the answer used / the last request tried
+    draws: int
+    cached: bool                # no request was sent for this item in this run
+    meta: dict[str, Any] = field(default_factory=dict)   # run_id, prompt, backend, model
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def provenance(self) -> dict[str, Any]:
+        """The PROVENANCE_COLUMNS of this outcome's row."""
+        return {"work_key": self.work_key, "call_key": self.call_key, **self.meta,
+                "sample": self.work.sample, "draws": self.draws, "cached": self.cached,
+                "status": self.status, "error": self.error}
+
+
+@dataclass
+class Report:
+    """Counts of one run() (or of a dry run's estimate)."""
+
+    items: int = 0
+    ok: int = 0
+    failed: int = 0
+    cached: int = 0              # items answered entirely from the cache
+    not_done: int = 0            # items left when the run stopped early
+    requests: int = 0            # requests sent (parse-retry draws included)
+    attempts: int = 0            # HTTP attempts (retries included)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = 0.0
+    seconds: float = 0.0
+    stopped: str | None = None   # why the run stopped early
+    dry_run: bool = False
+    run_id: str | None = None
+
+    def counts(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("run_id", "dry_run")}
+
+    def rows(self) -> dict[str, Any]:
+        cost = "unknown (no price)" if self.cost_usd is None else f"${self.cost_usd:.4f}"
+        rows: dict[str, Any] = {
+            "items": self.items, "ok": self.ok, "failed": self.failed,
+            "answered from cache": self.cached, "requests sent": self.requests,
+            "tokens in/out": f"{self.input_tokens:,} / {self.output_tokens:,}",
+            "cost": cost, "seconds": round(self.seconds, 1), "run": self.run_id,
+        }
+        if self.not_done:
+            rows["not done"] = self.not_done
+        if self.stopped:
+            rows["stopped"] = self.stopped
+        return rows
+
+    def print_summary(self, title: str, sql_hint: str | None = None) -> None:
+        """The end-of-job summary (nothing after a dry run, which printed its estimate)."""
+        if not self.dry_run:
+            summary(title, self.rows(), sql_hint)
+
+
+@dataclass
+class _Call:
+    """Result of asking for one request: an answer, or an error, or None when stopped."""
+
+    answer: CachedAnswer | None
+    error: str | None
+    cached: bool
+
+
+class TeacherJob:
+    """One job run against the teacher. Use as a context manager; call run() once per round.
+
+    `defaults` are the job's sampling defaults (from its paper); the user's options override
+    them field by field.
+    """
+
+    def __init__(self, wh: Warehouse, job: str, *, dataset: str | None,
+                 options: TeacherOptions, params: Mapping[str, Any] | None = None,
+                 defaults: Sampling | None = None, batch: int = 200, flush_s: float = 1.0):
+        self.wh = wh
+        self.job = job
+        self.dataset = dataset
+        self.options = options
+        self.params = dict(params or {})
+        self.sampling = (defaults or Sampling()).merged(options.sampling)
+        self.batch = batch
+        self.flush_s = flush_s
+        self._key = api_key()
+        self.backend: Backend = make_backend(
+            options.backend_name, options.url, options.model, self._key, options.timeout,
+            options.concurrency)
+        self.concurrency = options.concurrency or self.backend.default_concurrency
+        table = PriceTable.load(options.price_table) if options.price_table else None
+        self.pricing = Pricing.for_model(table, self.backend.model, self.backend.local)
+        if options.max_cost is not None and not self.pricing.known:
+            raise FactoryError(
+                f"--max-cost needs a price for model {self.backend.model!r}: add it to the "
+                "price table (--price-table / FACTORY_PRICE_TABLE)")
+        self.run_id: str | None = None
+        self.spent = 0.0
+        self.totals = Report()
+        self._prompts: list[Prompt] = []
+        self._started = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> TeacherJob:
+        if self.options.dry_run:
+            return self
+        params = {**self.params, "teacher": self.options.as_params(),
+                  "sampling": self.sampling.as_dict()}
+        with self.wh.write() as con:
+            self.run_id = start_run(con, self.job, self.dataset, params)
+            con.execute("update job_runs set backend = ?, model = ? where run_id = ?",
+                        [self.backend.name, self.backend.model, self.run_id]).fetchall()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.run_id is None:
+            return
+        totals = self.totals
+        if exc_type is None:
+            status, error = ("stopped", totals.stopped) if totals.stopped else ("succeeded", None)
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status, error = "interrupted", "interrupted"
+        else:
+            status, error = "failed", redact(str(exc) or exc_type.__name__, self._key)
+        with self.wh.write() as con:
+            finish_run(con, self.run_id, status, totals.counts(), error)
+
+    # -- the one call a job makes -----------------------------------------------------------
+    def run(self, works: Iterable[Work], *, prompt: Prompt, parse: Callable[[str], Any],
+            table: str, row: Callable[[Outcome], Mapping[str, Any]]) -> Report:
+        """Answer every work item with `prompt`, store one row per item in `table`.
+
+        `parse(text)` returns the value to store or raises ValueError for a malformed answer.
+        `row(outcome)` returns the job's columns of the item's row; the PROVENANCE_COLUMNS are
+        added. Failed items get a row too (value None, status 'failed', error), never a
+        made-up value. Items left when the run stops early get no row; a re-run does them.
+        """
+        if not self.options.dry_run and self.run_id is None:
+            raise RuntimeError("use TeacherJob as a context manager: with TeacherJob(...) as job")
+        items = self._select(works, prompt)
+        if self.options.dry_run:
+            return self._dry_run(items, prompt)
+        self._record_prompt(prompt)
+        if self.options.cache_only:
+            self._require_cached(items)
+        state = _RunState(self, items, prompt, parse, table, row)
+        try:
+            asyncio.run(state.run())
+        finally:
+            try:
+                state.finish()
+            finally:
+                self._add(state.report)
+        if state.write_error:
+            raise state.write_error
+        if state.fatal:
+            raise FactoryError(state.fatal)
+        return state.report
+
+    # -- helpers ----------------------------------------------------------------------------
+    def request(self, prompt: Prompt, work: Work, draw: int = 0) -> Request:
+        messages = [dict(m) for m in work.history] + prompt.render(**work.vars)
+        return Request.build(self.backend.model, messages, self.sampling, work.sample, draw)
+
+    def _select(self, works: Iterable[Work], prompt: Prompt) -> list[tuple[Work, Request]]:
+        shard, limit = self.options.shard, self.options.limit
+        items = []
+        for work in works:
+            req = self.request(prompt, work)
+            if shard and int(req.key[:16], 16) % shard[1] != shard[0]:
+                continue
+            items.append((work, req))
+            if limit and len(items) >= limit:
+                break
+        return items
+
+    def _lookup(self, keys: list[str]) -> dict[str, CachedAnswer]:
+        if not self.wh.path.exists():
+            return {}
+        with self.wh.read() as con:
+            if not con.execute("select 1 from information_schema.tables "
+                               "where table_name = 'llm_calls'").fetchone():
+                return {}
+            return cached_answers(con, keys)
+
+    def _require_cached(self, items: list[tuple[Work, Request]]) -> None:
+        hits = self._lookup([r.key for _, r in items])
+        missing = [w for w, r in items if r.key not in hits]
+        if missing:
+            raise FactoryError(
+                f"--cache-only: {len(missing):,} of {len(items):,} requests are not in the cache "
+                f"(first: {missing[0].id}); run without --cache-only to send them")
+
+    def _dry_run(self, items: list[tuple[Work, Request]], prompt: Prompt) -> Report:
+        hits = {} if self.options.refresh else self._lookup([r.key for _, r in items])
+        to_send = [r for _, r in items if r.key not in hits]
+        est_in = sum(r.estimated_input_tokens() for r in to_send)
+        seen_out = [h.output_tokens for h in hits.values() if h.output_tokens is not None]
+        max_out = self.sampling.max_tokens or TransformersBackend.DEFAULT_MAX_TOKENS
+        if seen_out:
+            per_out, how = sum(seen_out) / len(seen_out), f"mean of {len(seen_out)} cached"
+        else:
+            per_out, how = max_out, "max tokens each"
+        est_out = int(per_out * len(to_send))
+        cost = self.pricing.cost(est_in, est_out)
+        summary(f"dry run: {self.job} ({self.backend.describe()}, prompt {prompt.name} "
+                f"{prompt.hash})", {
+            "work items": len(items), "cached": len(items) - len(to_send),
+            "requests to send": len(to_send), "estimated input tokens": est_in,
+            f"estimated output tokens ({how})": est_out,
+            "estimated cost": "unknown: no price for this model (--price-table)"
+            if cost is None else f"${cost:.4f} (price table {self.pricing.version})",
+        })
+        return Report(items=len(items), cached=len(items) - len(to_send), dry_run=True,
+                      input_tokens=est_in, output_tokens=est_out, cost_usd=cost)
+
+    def _record_prompt(self, prompt: Prompt) -> None:
+        if prompt in self._prompts:
+            return
+        self._prompts.append(prompt)
+        with self.wh.write() as con:
+            con.execute("update job_runs set prompt_name = ?, prompt_hash = ? where run_id = ?",
+                        [",".join(p.name for p in self._prompts),
+                         ",".join(p.hash for p in self._prompts), self.run_id]).fetchall()
+
+    def _add(self, r: Report) -> None:
+        t = self.totals
+        for name in ("items", "ok", "failed", "cached", "not_done", "requests", "attempts",
+                     "input_tokens", "output_tokens"):
+            setattr(t, name, getattr(t, name) + getattr(r, name))
+        t.cost_usd = None if r.cost_usd is None or t.cost_usd is None else t.cost_usd + r.cost_usd
+        t.seconds += r.seconds
+        t.stopped = t.stopped or r.stopped
+        t.run_id = r.run_id = self.run_id
+
+
+class _RunState:
+    """Everything one run() needs while its event loop runs."""
+
+    def __init__(self, job: TeacherJob, items: list[tuple[Work, Request]], prompt: Prompt,
+                 parse: Callable[[str], Any], table: str,
+                 row: Callable[[Outcome], Mapping[str, Any]]):
+        self.job, self.items, self.prompt = job, items, prompt
+        self.parse, self.table, self.row = parse, table, row
+        opts = job.options
+        self.refresh = opts.refresh
+        self.cache: dict[str, CachedAnswer] = {}
+        self.inflight: dict[str, asyncio.Future[_Call | None]] = {}
+        self.flushes: set[asyncio.Task[None]] = set()
+        self.write_error: BaseException | None = None
+        self.write_mutex = threading.Lock()
+        self.backend_started = False
+        self.calls: list[dict[str, Any]] = []     # llm_calls rows not yet stored
+        self.outcomes: list[Outcome] = []         # job rows not yet stored
+        self.report = Report(items=len(items), cost_usd=0.0 if job.pricing.known else None,
+                             run_id=job.run_id)
+        self.recent: deque[bool] = deque(maxlen=FAILURE_WINDOW)
+        self.reserved = 0.0
+        self.stop_reason: str | None = None
+        self.fatal: str | None = None
+        self.last_error: str | None = None
+        self.meta = {"run_id": job.run_id, "prompt_name": prompt.name,
+                     "prompt_hash": prompt.hash, "backend": job.backend.name,
+                     "model": job.backend.model}
+        self.rpm = RateLimiter(opts.rpm) if opts.rpm else None
+        self.tpm = RateLimiter(opts.tpm) if opts.tpm else None
+        self.max_out = job.sampling.max_tokens or TransformersBackend.DEFAULT_MAX_TOKENS
+        self.started = time.perf_counter()
+
+    # -- the loop -----------------------------------------------------------------------
+    async def run(self) -> None:
+        job = self.job
+        if not self.items:
+            return
+        self.start_lock = asyncio.Lock()
+        queue: asyncio.Queue[tuple[Work, Request] | None] = asyncio.Queue(job.concurrency * 2)
+        self.write_lock = asyncio.Lock()
+        bar = progress(TextColumn("{task.fields[stats]}"))
+        self.bar = bar
+        with bar:
+            self.task = bar.add_task(job.job, total=len(self.items), stats="")
+            workers = [asyncio.create_task(self._worker(queue)) for _ in range(job.concurrency)]
+            self.done = asyncio.Event()
+            flusher = asyncio.create_task(self._flush_every())
+            try:
+                await self._produce(queue, len(workers))
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+                self.done.set()              # a flush in progress is finished, not cancelled
+                await asyncio.gather(*workers, flusher, *self.flushes, return_exceptions=True)
+                await job.backend.aclose()
+            await self._flush()
+
+    def finish(self) -> None:
+        """Store what the loop had not stored yet (also after Ctrl-C) and close the counts."""
+        self.report.not_done = len(self.items) - self.report.ok - self.report.failed
+        self.report.seconds = time.perf_counter() - self.started
+        calls, outcomes = self._take()
+        if calls or outcomes:
+            self._write(calls, outcomes)
+
+    async def _produce(self, queue: asyncio.Queue, n_workers: int) -> None:
+        draws = 1 + self.job.options.parse_retries
+        for start in range(0, len(self.items), LOOKUP_CHUNK):
+            if self.stop_reason:
+                break
+            chunk = self.items[start:start + LOOKUP_CHUNK]
+            if not self.refresh:
+                keys = [r.key for _, r in chunk]
+                keys += [self.job.request(self.prompt, w, d).key
+                         for w, _ in chunk for d in range(1, draws)]
+                self.cache.update(await asyncio.to_thread(self.job._lookup, keys))
+            for item in chunk:
+                if self.stop_reason:
+                    break
+                await queue.put(item)
+        for _ in range(n_workers):
+            await queue.put(None)
+
+    async def _worker(self, queue: asyncio.Queue) -> None:
+        while (item := await queue.get()) is not None:
+            if self.stop_reason:
+                continue
+            outcome = await self._process(*item)
+            if outcome is not None:
+                self._count(outcome)
+                self.outcomes.append(outcome)
+                if len(self.outcomes) >= self.job.batch and not self.write_lock.locked():
+                    task = asyncio.create_task(self._flush())
+                    self.flushes.add(task)
+                    task.add_done_callback(self.flushes.discard)
+
+    async def _process(self, work: Work, first: Request) -> Outcome | None:
+        draws = 1 + self.job.options.parse_retries
+        problem, all_cached, req = None, True, first
+        for draw in range(draws):
+            req = first if draw == 0 else self.job.request(self.prompt, work, draw)
+            call = await self._ask(req)
+            if call is None:
+                return None                       # stopped before this could be sent
+            all_cached = all_cached and call.cached
+            if call.error is not None:
+                return self._outcome(work, first, req, draw + 1, all_cached, error=call.error)
+            assert call.answer is not None
+            try:
+                value = self.parse(call.answer.text)
+            except ValueError as exc:
+                problem = str(exc) or type(exc).__name__
+                continue
+            return self._outcome(work, first, req, draw + 1, all_cached, value=value,
+                                 text=call.answer.text)
+        return self._outcome(work, first, req, draws, all_cached,
+                             error=f"answer rejected by the parser {draws} times; last: {problem}")
+
+    def _outcome(self, work: Work, first: Request, last: Request, draws: int, cached: bool,
+                 value: Any = None, text: str | None = None, error: str | None = None) -> Outcome:
+        return Outcome(work=work, status="failed" if error else "ok", value=value, text=text,
+                       error=error, work_key=first.key, call_key=last.key, draws=draws,
+                       cached=cached, meta=self.meta)
+
+    # -- one request ------------------------------------------------------------------------
+    async def _ask(self, req: Request) -> _Call | None:
+        hit = self.cache.get(req.key)      # with --refresh, only answers from this run
+        if hit is not None:
+            return _Call(hit, None, cached=True)
+        if req.key in self.inflight:               # the same request from another item
+            return await asyncio.shield(self.inflight[req.key])
+        if self.job.options.cache_only:
+            return _Call(None, "not in the cache (--cache-only)", cached=True)
+        if self.stop_reason:
+            return None
+        estimate = self.job.pricing.cost(req.estimated_input_tokens(), self.max_out) or 0.0
+        budget = self.job.options.max_cost
+        if budget is not None and self.job.spent + self.reserved + estimate > budget:
+            self._stop(f"budget reached: ${self.job.spent:.4f} spent of --max-cost "
+                       f"${budget:g}; re-run with a higher --max-cost to continue")
+            return None
+        future: asyncio.Future[_Call | None] = asyncio.get_running_loop().create_future()
+        self.inflight[req.key] = future
+        self.reserved += estimate
+        try:
+            call = await self._send(req)
+        finally:
+            self.reserved -= estimate
+            del self.inflight[req.key]
+        future.set_result(call)
+        return call
+
+    async def _send(self, req: Request) -> _Call | None:
+        attempts = 0
+        started = time.perf_counter()
+        estimate = req.estimated_input_tokens() + self.max_out
+
+        def count_attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+
+        async def once() -> Reply:
+            if self.rpm:
+                await self.rpm.acquire(1)
+            if self.tpm:
+                await self.tpm.acquire(estimate)
+            reply = await self.job.backend.complete(req)
+            if self.tpm:
+                used = (reply.input_tokens or 0) + (reply.output_tokens or 0)
+                self.tpm.adjust(used - estimate)
+            return reply
+
+        async with self.start_lock:     # load a local model only when a request needs it
+            if not self.backend_started:
+                console.print(f"starting {self.job.backend.describe()}")
+                await self.job.backend.start()
+                self.backend_started = True
+        error: str | None = None
+        reply: Reply | None = None
+        body: str | None = None
+        try:
+            reply = await with_retries(once, self.job.options.attempts,
+                                       initial_wait=self.job.options.backoff,
+                                       on_attempt=count_attempt)
+        except TransientError as exc:
+            error, body = f"gave up after {attempts} attempts: {exc}", exc.body
+        except RequestError as exc:
+            error, body = str(exc), exc.body
+        except JobError as exc:
+            self.fatal = redact(str(exc), self.job._key)
+            self._stop(self.fatal)
+            return None
+        key = self.job._key
+        error = redact(error, key)
+        self.report.requests += 1
+        self.report.attempts += attempts
+        self.recent.append(error is None)
+        row: dict[str, Any] = {
+            "key": req.key, "model": req.model, "backend": self.job.backend.name,
+            "sample": req.sample, "draw": req.draw, "request": req.canonical_json(),
+            "attempts": attempts, "run_id": self.job.run_id,
+        }
+        if reply is None:
+            self.last_error = error
+            row.update(status="failed", error=error, response=_json_or_none(body, key),
+                       latency_s=time.perf_counter() - started)
+            self.calls.append(row)
+            self._check_failures()
+            return _Call(None, error, cached=False)
+        cost = self.job.pricing.cost(reply.input_tokens, reply.output_tokens)
+        row.update(status="ok", response=redact(json.dumps(reply.raw, ensure_ascii=False), key),
+                   text=reply.text, finish_reason=reply.finish_reason,
+                   input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
+                   latency_s=reply.latency_s, cost_usd=cost,
+                   price_version=self.job.pricing.version if cost is not None else None)
+        self.calls.append(row)
+        self.report.input_tokens += reply.input_tokens or 0
+        self.report.output_tokens += reply.output_tokens or 0
+        if cost is not None:
+            self.job.spent += cost
+            if self.report.cost_usd is not None:
+                self.report.cost_usd += cost
+        else:
+            self.report.cost_usd = None
+        answer = CachedAnswer(reply.text, reply.finish_reason, reply.input_tokens,
+                              reply.output_tokens)
+        self.cache[req.key] = answer
+        return _Call(answer, None, cached=False)
+
+    def _check_failures(self) -> None:
+        if len(self.recent) < FAILURE_MIN_SEEN:
+            return
+        failed = self.recent.count(False)
+        if failed > FAILURE_SHARE * len(self.recent):
+            self.fatal = (f"stopped: {failed} of the last {len(self.recent)} requests failed "
+                          f"({self.job.backend.describe()}); last error: {self.last_error}. "
+                          "Everything done so far is kept; a re-run resumes")
+            self._stop(self.fatal)
+
+    def _stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.report.stopped = reason
+
+    # -- progress and storage ---------------------------------------------------------------
+    def _count(self, outcome: Outcome) -> None:
+        r = self.report
+        if outcome.ok:
+            r.ok += 1
+        else:
+            r.failed += 1
+        if outcome.cached:
+            r.cached += 1
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        cost = "" if r.cost_usd is None else f" · ${r.cost_usd:.4f}"
+        self.bar.update(self.task, advance=1, stats=(
+            f"cached {r.cached:,} · failed {r.failed:,} · {r.requests / elapsed:,.1f} req/s · "
+            f"{r.output_tokens / elapsed:,.0f} tok/s{cost}"))
+
+    async def _flush_every(self) -> None:
+        while not self.done.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.done.wait(), self.job.flush_s)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        async with self.write_lock:
+            calls, outcomes = self._take()
+            if not (calls or outcomes) or self.write_error:
+                return
+            try:
+                await asyncio.to_thread(self._write, calls, outcomes)
+            except Exception as exc:  # stop the run; run() re-raises it once the loop ends
+                self.write_error = exc
+                self._stop(f"could not store results: {exc}")
+
+    def _take(self) -> tuple[list[dict[str, Any]], list[Outcome]]:
+        calls, outcomes = self.calls, self.outcomes
+        self.calls, self.outcomes = [], []
+        return calls, outcomes
+
+    def _write(self, calls: list[dict[str, Any]], outcomes: list[Outcome]) -> None:
+        """One short transaction. If the job's rows cannot be stored (a bug in its row() or
+        table), the paid-for answers are still stored on their own before the error surfaces."""
+        with self.write_mutex:          # never two transactions at once, whatever asyncio does
+            self._write_locked(calls, outcomes)
+
+    def _write_locked(self, calls: list[dict[str, Any]], outcomes: list[Outcome]) -> None:
+        try:
+            rows = [{**self.row(o), **o.provenance()} for o in outcomes]
+            with self.job.wh.write() as con:
+                write_calls(con, calls)
+                upsert(con, self.table, rows)
+                con.execute("update job_runs set counts = ? where run_id = ?",
+                            [json.dumps(self.report.counts()), self.job.run_id]).fetchall()
+        except Exception:
+            with self.job.wh.write() as con:
+                write_calls(con, calls)
+            raise
+
+
+def _json_or_none(body: str | None, key: str | None) -> str | None:
+    """An error body as JSON when it is JSON, else wrapped in {"body": ...}; redacted."""
+    if not body:
+        return None
+    try:
+        json.loads(body)
+        return redact(body, key)
+    except ValueError:
+        return json.dumps({"body": redact(body, key)})

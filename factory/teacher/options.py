@@ -1,0 +1,189 @@
+"""The options every teacher job shares, defined once.
+
+A job command adds all of them with one decorator and receives a `TeacherOptions`::
+
+    @app.command("describe-items")
+    @teacher_options
+    def describe_items(dataset: str = typer.Option(...), *, teacher: TeacherOptions) -> None:
+        ...
+
+The API key is deliberately not an option: it comes from FACTORY_TEACHER_API_KEY or
+OPENAI_API_KEY only (see factory.teacher.keys).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from factory.errors import FactoryError
+from factory.teacher.keys import safe_url
+from factory.teacher.request import Sampling
+
+
+class BackendName(str, Enum):
+    openai = "openai"
+    transformers = "transformers"
+    vllm = "vllm"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'i/N' with 0 <= i < N (Slurm array task ids start at 0)."""
+    if text is None:
+        return None
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or n < 1 or not 0 <= i < n:
+        raise FactoryError(f"--shard {text!r}: expected i/N with 0 <= i < N, e.g. 3/16")
+    return i, n
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    url: str | None = None
+    model: str | None = None
+    backend: str | None = None              # None: openai when a URL is set, else transformers
+    concurrency: int | None = None          # None: the backend's default
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout: float = 120.0
+    attempts: int = 6                       # HTTP attempts per request, retries included
+    backoff: float = 0.5                    # first retry waits up to this long (doubling)
+    parse_retries: int = 2                  # extra draws when the parser rejects an answer
+    sampling: Sampling = field(default_factory=Sampling)   # the user's overrides
+    price_table: Path | None = None
+    dry_run: bool = False
+    max_cost: float | None = None
+    cache_only: bool = False
+    refresh: bool = False
+    limit: int | None = None
+    shard: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_only and self.refresh:
+            raise FactoryError("--cache-only and --refresh contradict each other")
+        if self.backend is not None and self.backend not in {b.value for b in BackendName}:
+            raise FactoryError(f"unknown backend {self.backend!r}")
+        if self.backend == "openai" and not self.url:
+            raise FactoryError("--backend openai needs --teacher-url (or FACTORY_TEACHER_URL)")
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend or ("openai" if self.url else "transformers")
+
+    def with_(self, **changes: Any) -> TeacherOptions:
+        return replace(self, **changes)
+
+    def as_params(self) -> dict[str, Any]:
+        """What job_runs.params records: everything but secrets (URL credentials stripped)."""
+        params = asdict(self)
+        params["url"] = safe_url(self.url)
+        params["backend"] = self.backend_name
+        params["sampling"] = self.sampling.as_dict()
+        params["price_table"] = str(self.price_table) if self.price_table else None
+        params["shard"] = f"{self.shard[0]}/{self.shard[1]}" if self.shard else None
+        return params
+
+
+# (parameter name, annotation, typer option); the order is the order shown in --help
+_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("teacher_url", str, typer.Option(
+        None, "--teacher-url", envvar="FACTORY_TEACHER_URL",
+        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 [default: none: the "
+             "embedded SmolLM2 runs in-process]. Key from FACTORY_TEACHER_API_KEY or "
+             "OPENAI_API_KEY.")),
+    ("teacher_model", str, typer.Option(
+        None, "--teacher-model", envvar="FACTORY_TEACHER_MODEL",
+        help="Model id (remote), or a local model dir / .gguf file (transformers, vllm).")),
+    ("backend", BackendName, typer.Option(
+        None, "--backend", help="[default: openai with a URL, else transformers]")),
+    ("concurrency", int, typer.Option(
+        None, "--concurrency", min=1, help="Requests in flight (remote) or batch size "
+        "(in-process) [default: 16 / 8 / 256 for openai / transformers / vllm].")),
+    ("rpm", int, typer.Option(None, "--rpm", min=1, help="Requests per minute limit.")),
+    ("tpm", int, typer.Option(None, "--tpm", min=1, help="Tokens per minute limit.")),
+    ("timeout", float, typer.Option(120.0, "--timeout", min=0.01,
+                                    help="Seconds per HTTP attempt.")),
+    ("attempts", int, typer.Option(6, "--attempts", min=1, help="HTTP attempts per request "
+                                   "(retries on 408/409/429/5xx, timeouts, dropped "
+                                   "connections).")),
+    ("temperature", float, typer.Option(None, "--temperature", min=0.0,
+                                        help="[default: the job's]")),
+    ("top_p", float, typer.Option(None, "--top-p", min=0.0, max=1.0,
+                                  help="[default: the job's]")),
+    ("max_tokens", int, typer.Option(None, "--max-tokens", min=1,
+                                     help="[default: the job's]")),
+    ("seed", int, typer.Option(None, "--seed", help="Sampling seed sent to the backend.")),
+    ("price_table", Path, typer.Option(
+        None, "--price-table", envvar="FACTORY_PRICE_TABLE",
+        help="TOML price table (version + USD per million tokens per model).")),
+    ("dry_run", bool, typer.Option(False, "--dry-run", help="Print requests to send, cache "
+                                   "hits, estimated tokens and cost; send nothing.")),
+    ("max_cost", float, typer.Option(None, "--max-cost", min=0.0, help="Stop cleanly before "
+                                     "new spending would exceed this many USD.")),
+    ("cache_only", bool, typer.Option(False, "--cache-only", help="Replay cached answers; "
+                                      "fail if any request is not cached.")),
+    ("refresh", bool, typer.Option(False, "--refresh", help="Send every request again, even "
+                                   "when cached (a success still replaces the cache row).")),
+    ("limit", int, typer.Option(None, "--limit", min=1, help="Only the first N work items "
+                                "(after --shard).")),
+    ("shard", str, typer.Option(None, "--shard", help="i/N: only the work whose request hash "
+                                "falls in shard i of N (0-based).")),
+]
+
+
+def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
+    backend = values["backend"]
+    return TeacherOptions(
+        url=values["teacher_url"] or None, model=values["teacher_model"] or None,
+        backend=backend.value if backend is not None else None,
+        concurrency=values["concurrency"], rpm=values["rpm"], tpm=values["tpm"],
+        timeout=values["timeout"], attempts=values["attempts"],
+        sampling=Sampling(values["temperature"], values["top_p"], values["max_tokens"],
+                          values["seed"]),
+        price_table=values["price_table"], dry_run=values["dry_run"],
+        max_cost=values["max_cost"], cache_only=values["cache_only"],
+        refresh=values["refresh"], limit=values["limit"], shard=parse_shard(values["shard"]),
+    )
+
+
+def teacher_options(func: Callable[..., Any] | None = None, *,
+                    only: tuple[str, ...] | None = None) -> Any:
+    """Decorator: add the shared teacher options to a Typer command.
+
+    The command declares a keyword parameter `teacher: TeacherOptions`; the decorator replaces
+    it, in the signature Typer reads, by the options, and passes the assembled TeacherOptions.
+    `only` restricts the options shown (e.g. `teacher check` has no --limit).
+    """
+    if func is None:
+        return lambda f: teacher_options(f, only=only)
+    chosen = [o for o in _OPTIONS if only is None or o[0] in only]
+    sig = inspect.signature(func, eval_str=True)
+    if "teacher" not in sig.parameters:
+        raise TypeError(f"{func.__name__} needs a `teacher: TeacherOptions` keyword parameter")
+    kept = [p for p in sig.parameters.values() if p.name != "teacher"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+             for name, ann, opt in chosen]
+    defaults = {name: opt.default for name, _, opt in _OPTIONS}
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = dict(defaults)
+        values.update({name: kwargs.pop(name) for name, _, _ in chosen})
+        kwargs["teacher"] = options_from_cli(values)
+        return func(*args, **kwargs)
+
+    params = sorted(kept + added, key=lambda p: p.kind)    # keyword-only after the others
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper

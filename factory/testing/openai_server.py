@@ -1,0 +1,300 @@
+"""A local OpenAI-compatible chat-completions server for tests and benchmarks.
+
+It listens on 127.0.0.1 (a free port), answers `POST /v1/chat/completions` through a
+pluggable responder, injects faults at a seeded rate, and records every request, so tests
+can count exactly what a job sent::
+
+    from factory.testing.openai_server import Faults, OpenAIServer
+
+    def responder(body: dict) -> str:             # the parsed JSON request
+        user = body["messages"][-1]["content"]
+        return "Yes, because ..." if "Title: Heat" in user else "No, because ..."
+
+    with OpenAIServer(responder, faults=Faults(rate=0.2, seed=1)) as server:
+        ...  # point the job at server.url (http://127.0.0.1:PORT/v1)
+        assert server.count("ok") == 20
+
+A responder returns the answer text, or a dict with `content` (and optionally
+`finish_reason`, `prompt_tokens`, `completion_tokens`); if it raises, the server answers 500.
+Whether a request gets a fault is decided by hashing (seed, request body, how many times this
+body was seen), so it does not depend on timing or order, and a retried request draws again.
+
+Run it standalone (benchmarks start it in its own process): `python -m
+factory.testing.openai_server --latency 0.2` prints the URL and serves until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Responder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
+
+#: every fault the server can inject
+FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed", "empty", "badjson")
+#: what a "malformed" answer says: no words, so any sensible parser rejects it
+MALFORMED_CONTENT = "~~~#%$@~~~"
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """Hash of a request body, as the server saw it (for counting repeated requests)."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def default_responder(body: dict[str, Any]) -> str:
+    """A deterministic one-sentence answer that names the request it answers."""
+    words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    return f"This canned answer {request_key(body)[:8]} replies to a {words}-word prompt."
+
+
+@dataclass
+class Faults:
+    """Inject a fault into a share `rate` of requests, drawn from `kinds`.
+
+    `slow` sleeps `slow_s` before answering (set it above the client's timeout); `429` sends
+    `Retry-After: retry_after`; `drop` closes the connection without an answer; `malformed`
+    and `empty` are well-formed completions with useless content; `badjson` is not JSON.
+    """
+
+    rate: float = 0.0
+    kinds: tuple[str, ...] = FAULT_KINDS
+    seed: int = 0
+    retry_after: float = 0.05
+    slow_s: float = 2.0
+
+    def draw(self, key: str, nth: int) -> str | None:
+        if self.rate <= 0:
+            return None
+        digest = hashlib.sha256(f"{self.seed}:{key}:{nth}".encode()).digest()
+        if int.from_bytes(digest[:8], "big") / 2**64 >= self.rate:
+            return None
+        return self.kinds[int.from_bytes(digest[8:12], "big") % len(self.kinds)]
+
+
+@dataclass
+class Record:
+    key: str
+    body: dict[str, Any]
+    outcome: str           # ok | a fault kind | held | unauthorized | 400 | error
+    delivered: bool = True
+
+
+@dataclass
+class OpenAIServer:
+    """The server; start() it (or use it as a context manager) and read `url`."""
+
+    responder: Responder = default_responder
+    latency: float = 0.0
+    faults: Faults = field(default_factory=Faults)
+    api_key: str | None = None
+    #: answer 400 with the received headers echoed back (a careless server leaking the key)
+    echo_headers_with_400: bool = False
+    records: list[Record] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: Counter[str] = Counter()
+        self._admitted_ok = 0
+        self._hold_after: int | None = None
+        self._released = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self, port: int = 0) -> OpenAIServer:
+        handler = type("Handler", (_Handler,), {"server_state": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
+                                        name="openai-test-server")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.release()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> OpenAIServer:
+        return self.start() if self._httpd is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "start() the server first"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    # -- control and counts -------------------------------------------------------------
+    def hold_after(self, answered: int) -> None:
+        """After `answered` successful answers, keep further requests waiting until
+        release(); they are then answered 503 and recorded as `held`."""
+        self._released.clear()
+        self._hold_after = answered
+
+    def release(self) -> None:
+        self._hold_after = None
+        self._released.set()
+
+    def count(self, outcome: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for r in self.records if outcome is None or r.outcome == outcome)
+
+    def answered_keys(self) -> list[str]:
+        """Keys of requests that got a successful answer, in order (repeats included)."""
+        with self._lock:
+            return [r.key for r in self.records if r.outcome == "ok" and r.delivered]
+
+    def reset(self) -> None:
+        with self._lock:
+            self.records.clear()
+            self._seen.clear()
+            self._admitted_ok = 0
+
+    # -- handling -------------------------------------------------------------------------
+    def _admit(self, key: str, body: dict[str, Any], authorized: bool) -> Record:
+        with self._lock:
+            nth = self._seen[key]
+            self._seen[key] += 1
+            if not authorized:
+                outcome = "unauthorized"
+            elif self.echo_headers_with_400:
+                outcome = "400"
+            else:
+                outcome = self.faults.draw(key, nth) or "ok"
+                held = self._hold_after is not None and self._admitted_ok >= self._hold_after
+                if outcome == "ok" and held:
+                    outcome = "held"
+                if outcome == "ok":
+                    self._admitted_ok += 1
+            record = Record(key, body, outcome)
+            self.records.append(record)
+            return record
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_state: OpenAIServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        pass
+
+    def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> bool:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
+            return True
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True
+            return False
+
+    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> bool:
+        body = {"error": {"message": message, "type": "test_server", "code": status}}
+        return self._send(status, json.dumps(body).encode(), headers)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        if self.path.rstrip("/").endswith("/models"):
+            self._send(200, json.dumps({"object": "list", "data": []}).encode())
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        state = self.server_state
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            self._error(404, f"no route {self.path}")
+            return
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            self._error(400, "request body is not JSON")
+            return
+        key = request_key(body)
+        auth = self.headers.get("Authorization", "")
+        authorized = state.api_key is None or auth == f"Bearer {state.api_key}"
+        record = state._admit(key, body, authorized)
+        if state.latency:
+            time.sleep(state.latency)
+        record.delivered = self._respond(record, body)
+
+    def _respond(self, record: Record, body: dict[str, Any]) -> bool:
+        state, outcome = self.server_state, record.outcome
+        faults = state.faults
+        if outcome == "unauthorized":
+            return self._error(401, "invalid api key")
+        if outcome == "400":
+            echoed = "; ".join(f"{k}: {v}" for k, v in self.headers.items())
+            return self._error(400, f"bad request; you sent headers {echoed}")
+        if outcome == "held":
+            state._released.wait()
+            return self._error(503, "server was holding this request")
+        if outcome == "429":
+            return self._error(429, "rate limited", {"Retry-After": f"{faults.retry_after:g}"})
+        if outcome in ("500", "503"):
+            return self._error(int(outcome), "injected server error")
+        if outcome == "drop":
+            self.close_connection = True
+            return False
+        if outcome == "badjson":
+            return self._send(200, b'{"choices": [ this is not json')
+        if outcome == "slow":
+            time.sleep(faults.slow_s)
+        try:
+            answer = state.responder(body)
+        except Exception as exc:  # a responder bug shows up as a 500 the test can see
+            record.outcome = "error"
+            return self._error(500, f"responder failed: {exc!r}")
+        if isinstance(answer, str):
+            answer = {"content": answer}
+        content = {"malformed": MALFORMED_CONTENT, "empty": ""}.get(outcome, answer["content"])
+        prompt_tokens = answer.get("prompt_tokens", sum(
+            len(str(m.get("content", "")).split()) for m in body.get("messages", [])))
+        completion_tokens = answer.get("completion_tokens", len(content.split()))
+        payload = {
+            "id": f"chatcmpl-{record.key[:12]}", "object": "chat.completion",
+            "created": 0, "model": body.get("model", ""),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": answer.get("finish_reason", "stop")}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+        return self._send(200, json.dumps(payload).encode())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    parser.add_argument("--fault-rate", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    server = OpenAIServer(latency=args.latency, faults=Faults(rate=args.fault_rate,
+                                                             seed=args.seed))
+    server.start(args.port)
+    print(server.url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
