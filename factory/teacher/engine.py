@@ -119,7 +119,8 @@ class Report:
     def rows(self) -> dict[str, Any]:
         cost = "unknown (no price)" if self.cost_usd is None else f"${self.cost_usd:.4f}"
         rows: dict[str, Any] = {
-            "items": self.items, "ok": self.ok, "failed": self.failed,
+            "items": self.items, "rows written": self.ok + self.failed, "ok": self.ok,
+            "failed": self.failed,
             "answered from cache": self.cached, "requests sent": self.requests,
             "tokens in/out": f"{self.input_tokens:,} / {self.output_tokens:,}",
             "cost": cost, "seconds": round(self.seconds, 1), "run": self.run_id,
@@ -154,7 +155,7 @@ class TeacherJob:
 
     def __init__(self, wh: Warehouse, job: str, *, dataset: str | None,
                  options: TeacherOptions, params: Mapping[str, Any] | None = None,
-                 defaults: Sampling | None = None, batch: int = 200, flush_s: float = 1.0):
+                 defaults: Sampling | None = None, batch: int = 1000, flush_s: float = 1.0):
         self.wh = wh
         self.job = job
         self.dataset = dataset
@@ -381,17 +382,22 @@ class _RunState:
         if calls or outcomes:
             self._write(calls, outcomes)
 
+    async def _lookup(self, keys: list[str]) -> None:
+        """Add cached answers for `keys` (a thread, serialised with the writes: one process
+        must not hold a read-only and a read-write DuckDB connection at once)."""
+        def locked() -> dict[str, CachedAnswer]:
+            with self.write_mutex:
+                return self.job._lookup(keys)
+
+        self.cache.update(await asyncio.to_thread(locked))
+
     async def _produce(self, queue: asyncio.Queue, n_workers: int) -> None:
-        draws = 1 + self.job.options.parse_retries
         for start in range(0, len(self.items), LOOKUP_CHUNK):
             if self.stop_reason:
                 break
             chunk = self.items[start:start + LOOKUP_CHUNK]
             if not self.refresh:
-                keys = [r.key for _, r in chunk]
-                keys += [self.job.request(self.prompt, w, d).key
-                         for w, _ in chunk for d in range(1, draws)]
-                self.cache.update(await asyncio.to_thread(self.job._lookup, keys))
+                await self._lookup([r.key for _, r in chunk])
             for item in chunk:
                 if self.stop_reason:
                     break
@@ -416,7 +422,10 @@ class _RunState:
         draws = 1 + self.job.options.parse_retries
         problem, all_cached, req = None, True, first
         for draw in range(draws):
-            req = first if draw == 0 else self.job.request(self.prompt, work, draw)
+            if draw:
+                req = self.job.request(self.prompt, work, draw)
+                if not self.refresh and req.key not in self.cache:    # redraws are rare:
+                    await self._lookup([req.key])                     # look them up lazily
             call = await self._ask(req)
             if call is None:
                 return None                       # stopped before this could be sent
@@ -526,7 +535,7 @@ class _RunState:
             self._check_failures()
             return _Call(None, error, cached=False)
         cost = self.job.pricing.cost(reply.input_tokens, reply.output_tokens)
-        row.update(status="ok", response=redact(json.dumps(reply.raw, ensure_ascii=False), key),
+        row.update(status="ok", response=redact(reply.raw, key),
                    text=reply.text, finish_reason=reply.finish_reason,
                    input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
                    latency_s=reply.latency_s, cost_usd=cost,

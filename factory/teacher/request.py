@@ -93,5 +93,5 @@ class Reply:
     finish_reason: str | None
     input_tokens: int | None
     output_tokens: int | None
-    raw: dict[str, Any]
+    raw: str                    # the response body as received (JSON text)
     latency_s: float = 0.0

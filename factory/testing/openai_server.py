@@ -111,8 +111,7 @@ class OpenAIServer:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, port: int = 0) -> OpenAIServer:
         handler = type("Handler", (_Handler,), {"server_state": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer(("127.0.0.1", port), handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
                                         name="openai-test-server")
         self._thread.start()
@@ -181,6 +180,18 @@ class OpenAIServer:
             record = Record(key, body, outcome)
             self.records.append(record)
             return record
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024          # the default 5 drops connections at high concurrency
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client hanging up (a timeout, a killed job) is normal here, not worth a trace."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
