@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from factory.console import console, summary
 from factory.errors import FactoryError
@@ -299,7 +300,8 @@ def main() -> None:
     try:
         app()
     except FactoryError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: a message like "pip install 'factory[vllm]'" is not rich markup
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]; everything committed so far is kept")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -93,6 +94,21 @@ def test_teacher_check_answers_and_fails_clearly_without_leaking_the_key(
     assert "connection error" in str(down.exception)
 
 
+def test_vllm_backend_without_vllm_is_one_clear_line(ml100k):
+    if importlib.util.find_spec("vllm") is not None:      # vllm is an optional extra
+        pytest.skip("vllm is installed here")
+    result = subprocess.run(
+        [sys.executable, "-m", "factory", "--warehouse", str(ml100k.path), "describe-items",
+         "--dataset", "ml-100k", "--limit", "2", "--backend", "vllm", "--teacher-model", "m"],
+        env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the vllm backend needs `pip install 'factory[vllm]'` and a GPU; or serve the "
+        "model with `vllm serve` and use --teacher-url")
+    assert rows(ml100k, "select status from job_runs where job = 'describe-items'") == [
+        ("failed",)]
+
+
 def test_merge_command_is_idempotent(ml100k, openai_server, tmp_path):
     shards = []
     for i in range(2):
@@ -118,14 +134,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+def start_held_job(wh: Warehouse, server, answered: int, limit: int):
+    """describe-items in a subprocess against a server that answers `answered` requests and
+    then holds the rest; returns (command, process)."""
+    server.hold_after(answered)
+    cmd = [sys.executable, "-m", "factory", "--warehouse", str(wh.path), "describe-items",
+           "--dataset", "ml-100k", "--limit", str(limit), "--concurrency", "4",
+           *teacher_args(server)]
+    return cmd, subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+
+
 def test_a_killed_job_resumes_without_resending_anything_answered(ml100k, openai_server):
     """SIGKILL mid-run, then re-run: no successfully answered request is sent again."""
-    openai_server.hold_after(15)          # answer 15 requests, then keep the rest waiting
-    cmd = [sys.executable, "-m", "factory", "--warehouse", str(ml100k.path), "describe-items",
-           "--dataset", "ml-100k", "--limit", "40", "--concurrency", "4",
-           *teacher_args(openai_server)]
-    job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    cmd, job = start_held_job(ml100k, openai_server, answered=15, limit=40)
     try:
         deadline = time.monotonic() + 60
         stored = 0
@@ -166,12 +188,7 @@ def test_a_killed_job_resumes_without_resending_anything_answered(ml100k, openai
 
 
 def test_ctrl_c_keeps_what_was_answered_and_marks_the_run_interrupted(ml100k, openai_server):
-    openai_server.hold_after(10)
-    cmd = [sys.executable, "-m", "factory", "--warehouse", str(ml100k.path), "describe-items",
-           "--dataset", "ml-100k", "--limit", "30", "--concurrency", "4",
-           *teacher_args(openai_server)]
-    job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    _, job = start_held_job(ml100k, openai_server, answered=10, limit=30)
     try:
         deadline = time.monotonic() + 60
         while openai_server.count("held") == 0:
