@@ -123,6 +123,19 @@ def test_identical_requests_in_one_run_are_sent_once(answers, openai_server):
     assert rows(answers, "select count(distinct call_key), count(*) from answers") == [(1, 6)]
 
 
+def test_one_job_can_run_several_rounds(answers, openai_server):
+    """Multi-round jobs (ThinkRec reflect turns) call run() again in the same TeacherJob;
+    each round has its own event loop, so the backend must reopen its clients."""
+    with TeacherJob(answers, "test-job", dataset=None, options=options(openai_server)) as job:
+        first = job.run(works(3), prompt=PROMPT, parse=parse, table="answers",
+                        row=lambda o: {"item": o.work.id, "answer": o.value})
+        second = job.run(works(5, text="and now?"), prompt=PROMPT, parse=parse,
+                         table="answers", row=lambda o: {"item": o.work.id, "answer": o.value})
+    assert (first.ok, second.ok) == (3, 5)
+    assert openai_server.count() == 8
+    assert rows(answers, "select count(*) from answers where status = 'ok'") == [(8,)]
+
+
 def test_cache_only_fails_clearly_on_a_miss_and_sends_nothing(answers, openai_server):
     run_job(answers, options(openai_server), works(3))
     with pytest.raises(FactoryError, match=r"--cache-only: 2 of 5 requests are not in the cache"):

@@ -79,15 +79,24 @@ class OpenAIBackend(Backend):
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float,
                  concurrency: int | None = None):
         super().__init__(model)
-        from openai import AsyncOpenAI
-
         self.url = url
         self.timeout = timeout
         self._key = api_key
-        n = max(1, -(-(concurrency or self.default_concurrency) // self.CONNECTIONS_PER_CLIENT))
+        self._n_clients = max(
+            1, -(-(concurrency or self.default_concurrency) // self.CONNECTIONS_PER_CLIENT))
+        self.clients: list[Any] = []
+
+    async def start(self) -> None:
+        """Open the clients in the running event loop: each `TeacherJob.run()` has its own
+        loop, and an HTTP pool cannot outlive the loop it was used in."""
+        if self.clients:
+            return
+        from openai import AsyncOpenAI
+
         # Local servers (vLLM, llama.cpp) accept any key; the client insists on one.
-        self.clients = [AsyncOpenAI(base_url=url, api_key=api_key or "no-key", max_retries=0,
-                                    timeout=timeout) for _ in range(n)]
+        self.clients = [AsyncOpenAI(base_url=self.url, api_key=self._key or "no-key",
+                                    max_retries=0, timeout=self.timeout)
+                        for _ in range(self._n_clients)]
         self._next = itertools.cycle(self.clients)
 
     def describe(self) -> str:
@@ -147,6 +156,7 @@ class OpenAIBackend(Backend):
     async def aclose(self) -> None:
         for client in self.clients:
             await client.close()
+        self.clients = []
 
 
 # -- in-process backends --------------------------------------------------------------------
@@ -161,6 +171,12 @@ class _Batcher:
         self.pending: list[tuple[Request, asyncio.Future[Reply]]] = []
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-gen")
         self._worker: asyncio.Task[None] | None = None
+
+    def reopen(self) -> None:
+        """A fresh worker thread after close(), for the next run() of the same job."""
+        if self.executor._shutdown:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-gen")
+            self._worker = None
 
     async def submit(self, request: Request) -> Reply:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -235,6 +251,7 @@ class _InProcessBackend(Backend):
         raise NotImplementedError
 
     async def start(self) -> None:
+        self._batcher.reopen()
         if not self._loaded:
             await asyncio.get_running_loop().run_in_executor(self._batcher.executor, self._load)
             self._loaded = True
