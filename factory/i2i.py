@@ -301,10 +301,12 @@ def mine(
     train: pa.Table, users: pa.Table, items: pa.Table, params: MineParams, *,
     memory_limit: str = "2GB", threads: int | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    chunk_occurrences: int = CHUNK_OCCURRENCES,
 ) -> Iterator[tuple[pa.RecordBatch, dict[str, Any]]]:
     """Mine pairs from dense-coded training interactions; yields result batches with the
     running statistics. `on_chunk(done, total)` reports progress over all chunked stages."""
-    with Miner(params, memory_limit=memory_limit, threads=threads) as miner:
+    with Miner(params, memory_limit=memory_limit, threads=threads,
+               chunk_occurrences=chunk_occurrences) as miner:
         chunks = miner.load(train, users, items)
         total = chunks * (2 if params.score == "swing" else 1)
         done = 0

@@ -128,10 +128,12 @@ def run_sids(wh: Warehouse, dataset: str, *, levels: int = 3, codebook_size: int
     started = time.perf_counter()
     with wh.read() as con:
         require_dataset(con, dataset)
-        items = con.sql(
+        cur = con.execute(
             "select item_id, title, categories, brand, description from items"
-            " where dataset = ? order by item_id", params=[dataset]
-        ).to_arrow_table().to_pylist()
+            " where dataset = ? order by item_id", [dataset]
+        )
+        columns = [d[0] for d in cur.description]
+        items = [dict(zip(columns, row)) for row in cur.fetchall()]
     if codebook_size > len(items):
         raise FactoryError(f"--codebook-size {codebook_size} is larger than the {len(items)} "
                            f"items of {dataset!r}; use at most {len(items)}")
