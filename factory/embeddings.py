@@ -154,7 +154,7 @@ class Embedder:
         dim = got["dim"][0].as_py()
         flat = got["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
         mat = np.asarray(flat, dtype=np.float32).reshape(got.num_rows, dim)
-        return dict(zip(got["text_sha256"].to_pylist(), mat))
+        return dict(zip(got["text_sha256"].to_pylist(), mat, strict=True))
 
     def _store(self, keys: list[str], vecs: np.ndarray) -> None:
         if self.warehouse is None:
@@ -179,7 +179,7 @@ class Embedder:
         texts = list(texts)
         keys = [text_key(t) for t in texts]
         first: dict[str, str] = {}
-        for key, text in zip(keys, texts):
+        for key, text in zip(keys, texts, strict=True):
             first.setdefault(key, text)
         self.stats.seen += len(texts)
         self.stats.unique += len(first)
@@ -193,7 +193,7 @@ class Embedder:
                     chunk = missing[start:start + self.write_every]
                     vecs = self._encode([first[k] for k in chunk])
                     self._store(chunk, vecs)
-                    found.update(zip(chunk, vecs))
+                    found.update(zip(chunk, vecs, strict=True))
                     self.stats.encoded += len(chunk)
                     bar.advance(task, len(chunk))
         if not texts:
@@ -203,4 +203,6 @@ class Embedder:
     @property
     def dim(self) -> int:
         """Embedding width (loads the model)."""
-        return int(self._load().get_sentence_embedding_dimension())
+        model = self._load()
+        get = getattr(model, "get_embedding_dimension", None)  # sentence-transformers >= 5.2
+        return int(get() if get else model.get_sentence_embedding_dimension())

@@ -173,7 +173,9 @@ class Miner:
         con.register("_in_users", users)
         con.register("_in_items", items)
         con.execute("create table items as select i, item_id from _in_items")
-        con.execute("create table ulen as select u, count(*)::integer as n from _in_train group by u")
+        con.execute(
+            "create table ulen as select u, count(*)::integer as n from _in_train group by u"
+        )
         multi = _scalar(con, "select count(*) from ulen where n >= 2")
         if not multi:
             raise FactoryError(
@@ -284,7 +286,8 @@ class Miner:
             "pmi": f"ln(pairs.support * {n_users}::double / (pi.n::double * pj.n))",
             "cond": "pairs.support::double / pi.n",
         }[p.score]
-        swing_join = " left join sw on sw.i = pairs.i and sw.j = pairs.j" if p.score == "swing" else ""
+        swing_join = (" left join sw on sw.i = pairs.i and sw.j = pairs.j"
+                      if p.score == "swing" else "")
         top = f" qualify rank <= {p.top_k}" if p.top_k else ""
         reader = self.con.sql(
             "select ii.item_id as item_i, ij.item_id as item_j, support, score,"

@@ -95,7 +95,8 @@ def _publish(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str,
     con.execute(
         "insert into i2i_runs (run_id, dataset, split, params, params_hash, n_pairs, n_sources)"
         " values (?, ?, ?, ?, ?, ?, ?)",
-        [run_id, dataset, params.split, json.dumps(params.record(), sort_keys=True), digest, n_pairs, n_sources],
+        [run_id, dataset, params.split, json.dumps(params.record(), sort_keys=True), digest,
+         n_pairs, n_sources],
     )
     return {"replaced_runs": replaced, "sources": n_sources}
 

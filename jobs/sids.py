@@ -133,7 +133,7 @@ def run_sids(wh: Warehouse, dataset: str, *, levels: int = 3, codebook_size: int
             " where dataset = ? order by item_id", [dataset]
         )
         columns = [d[0] for d in cur.description]
-        items = [dict(zip(columns, row)) for row in cur.fetchall()]
+        items = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
     if codebook_size > len(items):
         raise FactoryError(f"--codebook-size {codebook_size} is larger than the {len(items)} "
                            f"items of {dataset!r}; use at most {len(items)}")

@@ -37,7 +37,7 @@ def _sql_pairs(wh: Warehouse, params: MineParams, dataset: str = "tiny",
 
 def _close(a: list[tuple], b: list[tuple]) -> None:
     assert [r[:3] + r[4:] for r in a] == [r[:3] + r[4:] for r in b]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x[3] == pytest.approx(y[3], rel=1e-9, abs=1e-12)
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
+import numpy as np
 import pyarrow as pa
+import pytest
 
 from factory.datasets.ingest import NormaliseOptions, ingest
 from factory.datasets.raw import RawDataset
+from factory.embeddings import Embedder
 from factory.warehouse import Warehouse
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Sci-Fi", "Romance"]
@@ -66,3 +70,24 @@ def train_sequences(wh: Warehouse, dataset: str, split: str = "loo") -> dict[str
             [dataset, split],
         ).fetchall()
     return dict(rows)
+
+
+def fake_encode(texts: list[str]) -> np.ndarray:
+    """Deterministic unit vectors from the text hash: exercises everything but the model."""
+    out = np.stack([
+        np.frombuffer(hashlib.sha256(t.encode()).digest(), dtype=np.uint8)[:8].astype(np.float32)
+        + 1.0 for t in texts
+    ])
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def fake_model(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Replace the encoder with `fake_encode`; returns the list of encoded batches."""
+    calls: list[list[str]] = []
+
+    def encode(self: Embedder, texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        return fake_encode(texts)
+
+    monkeypatch.setattr(Embedder, "_encode", encode)
+    return calls
