@@ -156,6 +156,7 @@ class Miner:
         except duckdb.Error as exc:
             self._tmp.cleanup()
             raise FactoryError(f"cannot start the miner: {str(exc).splitlines()[0]}") from None
+        self.con.execute("set enable_progress_bar = false")  # ours is on stderr already
         self.stats: dict[str, Any] = {}
 
     def __enter__(self) -> Miner:
@@ -205,40 +206,27 @@ class Miner:
         return max(1, min(512, math.ceil(occurrences / self.chunk_occurrences)))
 
     def count_pairs(self, chunks: int, tick: Callable[[], None] = lambda: None) -> None:
-        """Supports (and penalised sums) of every pair, unordered pairs once, in chunks."""
+        """Supports and penalised sums of every kept pair, a chunk of source items at a time.
+
+        Directed: one row per ordered occurrence (a before b). Symmetric: each unordered pair
+        once (a.i < b.i), mirrored at the end, which halves the rows to aggregate."""
         con, p = self.con, self.p
-        # a.i < b.i visits each unordered pair once; the direction is a filter per row.
-        near = f" and abs(a.p - b.p) <= {p.window}" if p.window else ""
-        con.execute(
-            "create table cand (i integer, j integer, n_ij integer, n_ji integer,"
-            " w_ij double, w_ji double)"
-        )
+        con.execute("create table pairs (i integer, j integer, support integer, pen double)")
         if p.directed:
-            aggs = ("count(*) filter (where a.p < b.p), count(*) filter (where a.p > b.p),"
-                    " sum(a.w) filter (where a.p < b.p), sum(a.w) filter (where a.p > b.p)")
-            keep = "having count(*) filter (where a.p < b.p) >= $m"
-            keep += " or count(*) filter (where a.p > b.p) >= $m"
+            join = _pair_condition(p.window, True)
         else:
-            aggs = "count(*), count(*), sum(a.w), sum(a.w)"
-            keep = "having count(*) >= $m"
+            join = "a.i < b.i" + (f" and abs(a.p - b.p) <= {p.window}" if p.window else "")
         for c in range(chunks):
             con.execute(
-                f"insert into cand select a.i, b.i, {aggs}"
-                f" from t a join t b on a.u = b.u and a.i < b.i{near}"
-                f" where a.i % {chunks} = {c} group by a.i, b.i {keep}",
+                f"insert into pairs select a.i, b.i, count(*), sum(a.w)"
+                f" from t a join t b on a.u = b.u and {join}"
+                f" where a.i % {chunks} = {c} group by a.i, b.i having count(*) >= $m",
                 {"m": p.min_count},
             )
             tick()
-        con.execute(
-            "create table pairs as"
-            " select i, j, n_ij as support, w_ij as pen from cand where n_ij >= $m"
-            " union all select j, i, n_ji, w_ji from cand where n_ji >= $m",
-            {"m": p.min_count},
-        )
-        con.execute("drop table cand")
-        self.stats["pairs_before_top_k"] = int(
-            _scalar(con, "select count(*) from pairs")
-        )
+        if not p.directed:
+            con.execute("insert into pairs select j, i, support, pen from pairs")
+        self.stats["pairs_before_top_k"] = int(_scalar(con, "select count(*) from pairs"))
 
     def swing(self, chunks: int, tick: Callable[[], None] = lambda: None) -> None:
         """Swing scores of the kept pairs on the capped graph (see the module docstring)."""
@@ -286,15 +274,18 @@ class Miner:
             "pmi": f"ln(pairs.support * {n_users}::double / (pi.n::double * pj.n))",
             "cond": "pairs.support::double / pi.n",
         }[p.score]
-        swing_join = (" left join sw on sw.i = pairs.i and sw.j = pairs.j"
-                      if p.score == "swing" else "")
+        joins = {
+            "swing": " left join sw on sw.i = pairs.i and sw.j = pairs.j",
+            "pmi": " join ipop pi on pi.i = pairs.i join ipop pj on pj.i = pairs.j",
+            "cond": " join ipop pi on pi.i = pairs.i",
+        }.get(p.score, "")
         top = f" qualify rank <= {p.top_k}" if p.top_k else ""
         reader = self.con.sql(
             "select ii.item_id as item_i, ij.item_id as item_j, support, score,"
             " row_number() over (partition by s.i order by score desc, support desc, s.j)::integer"
             " as rank from ("
-            f"  select pairs.i, pairs.j, pairs.support, round({score}, 12) as score from pairs"
-            f"  join ipop pi on pi.i = pairs.i join ipop pj on pj.i = pairs.j{swing_join}"
+            f"  select pairs.i, pairs.j, pairs.support, round({score}, 12) as score"
+            f"  from pairs{joins}"
             ") s join items ii on ii.i = s.i join items ij on ij.i = s.j" + top
         ).to_arrow_reader(batch_rows)
         yield from reader
