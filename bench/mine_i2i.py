@@ -107,7 +107,7 @@ def generated_inputs(tmp: Path, n: int, seed: int = 0) -> Path:
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    n_users = int(n / 12.5)
+    n_users = int(n / 11.3)  # about 10% of the draws repeat an item within a user
     lengths = np.clip(rng.lognormal(np.log(8), 1.0, n_users).astype(np.int64), 2, 2000)
     total = int(lengths.sum())
     n_items = 300_000

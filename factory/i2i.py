@@ -47,6 +47,9 @@ SCORES = ("count", "penalised", "swing", "pmi", "cond")
 #: Alink's Swing user weights: w_u = (SWING_USER_ALPHA + |I_u|) ** -SWING_USER_BETA
 SWING_USER_ALPHA = 5.0
 SWING_USER_BETA = 0.35
+#: group keys spanning up to 2**PERFECT_HT_BITS values aggregate into an array (DuckDB's
+#: perfect hash aggregate; default 12 bits): per chunk, bits(source range) + bits(items)
+PERFECT_HT_BITS = 22
 #: co-occurrences aggregated per chunk: small hash tables are faster and bound memory
 CHUNK_OCCURRENCES = 8_000_000
 
@@ -157,6 +160,7 @@ class Miner:
             self._tmp.cleanup()
             raise FactoryError(f"cannot start the miner: {str(exc).splitlines()[0]}") from None
         self.con.execute("set enable_progress_bar = false")  # ours is on stderr already
+        self.con.execute(f"set perfect_ht_threshold = {PERFECT_HT_BITS}")
         self.stats: dict[str, Any] = {}
 
     def __enter__(self) -> Miner:
@@ -192,10 +196,21 @@ class Miner:
             con.execute("create table users as select u, user_id from _in_users")
         for name in ("_in_train", "_in_users", "_in_items"):
             con.unregister(name)
-        w = p.window
-        per_user = ("n * (n - 1) / 2" if not w else
-                    f"case when n > {w} then {w} * n - {w * (w + 1) // 2} else n * (n - 1) / 2 end")
-        occurrences = int(_scalar(con, f"select sum({per_user}) from ulen") or 0)
+        # Chunks are contiguous ranges of source items holding about chunk_occurrences
+        # co-occurrences each: balanced work, and small key ranges that DuckDB can aggregate
+        # in a perfect hash table (an array) instead of a hash table.
+        partners = "n - 1 - t.p" if not p.window else f"least({p.window}, n - 1 - t.p)"
+        con.execute(
+            f"create table chunks as select chunk, min(i) as lo, max(i) as hi from ("
+            f"  select i, ((sum(k) over (order by i rows unbounded preceding) - k)"
+            f"   // {self.chunk_occurrences})::bigint as chunk"
+            f"  from (select t.i, sum({partners})::bigint as k from t join ulen using (u)"
+            f"        group by t.i)"
+            f") group by chunk order by chunk"
+        )
+        self.ranges = con.execute("select lo, hi from chunks order by chunk").fetchall()
+        occurrences = int(_scalar(con, "select sum(n * (n - 1) / 2) from ulen") if not p.window
+                          else _scalar(con, f"select sum({partners}) from t join ulen using (u)"))
         self.stats.update(
             users=int(_scalar(con, "select count(*) from ulen")),
             users_with_pairs=int(multi),
@@ -203,9 +218,9 @@ class Miner:
             interactions=int(_scalar(con, "select count(*) from t")),
             co_occurrences=occurrences * (1 if p.directed else 2),
         )
-        return max(1, min(512, math.ceil(occurrences / self.chunk_occurrences)))
+        return len(self.ranges)
 
-    def count_pairs(self, chunks: int, tick: Callable[[], None] = lambda: None) -> None:
+    def count_pairs(self, tick: Callable[[], None] = lambda: None) -> None:
         """Supports and penalised sums of every kept pair, a chunk of source items at a time.
 
         Directed: one row per ordered occurrence (a before b). Symmetric: each unordered pair
@@ -216,11 +231,12 @@ class Miner:
             join = _pair_condition(p.window, True)
         else:
             join = "a.i < b.i" + (f" and abs(a.p - b.p) <= {p.window}" if p.window else "")
-        for c in range(chunks):
+        pen = "sum(a.w)" if p.score == "penalised" else "null"  # only penalised needs it
+        for lo, hi in self.ranges:
             con.execute(
-                f"insert into pairs select a.i, b.i, count(*), sum(a.w)"
+                f"insert into pairs select a.i, b.i, count(*), {pen}"
                 f" from t a join t b on a.u = b.u and {join}"
-                f" where a.i % {chunks} = {c} group by a.i, b.i having count(*) >= $m",
+                f" where a.i between {lo} and {hi} group by a.i, b.i having count(*) >= $m",
                 {"m": p.min_count},
             )
             tick()
@@ -228,7 +244,7 @@ class Miner:
             con.execute("insert into pairs select j, i, support, pen from pairs")
         self.stats["pairs_before_top_k"] = int(_scalar(con, "select count(*) from pairs"))
 
-    def swing(self, chunks: int, tick: Callable[[], None] = lambda: None) -> None:
+    def swing(self, tick: Callable[[], None] = lambda: None) -> None:
         """Swing scores of the kept pairs on the capped graph (see the module docstring)."""
         con, p = self.con, self.p
         con.execute(
@@ -251,13 +267,13 @@ class Miner:
             f" semi join pairs on pairs.i = a.i and pairs.j = b.i"
         )
         con.execute("create table sw (i integer, j integer, s double)")
-        for c in range(chunks):
+        for lo, hi in self.ranges:
             con.execute(
                 "insert into sw select x.i, x.j, sum(wu.w * wv.w / ($alpha + uu.ov))"
                 " from occ x join occ y on x.i = y.i and x.j = y.j and x.u < y.u"
                 " join uu on uu.u = x.u and uu.v = y.u"
                 " join uw wu on wu.u = x.u join uw wv on wv.u = y.u"
-                f" where x.i % {chunks} = {c} group by x.i, x.j",
+                f" where x.i between {lo} and {hi} group by x.i, x.j",
                 {"alpha": p.alpha},
             )
             tick()
@@ -280,15 +296,16 @@ class Miner:
             "cond": " join ipop pi on pi.i = pairs.i",
         }.get(p.score, "")
         top = f" qualify rank <= {p.top_k}" if p.top_k else ""
-        reader = self.con.sql(
-            "select ii.item_id as item_i, ij.item_id as item_j, support, score,"
-            " row_number() over (partition by s.i order by score desc, support desc, s.j)::integer"
-            " as rank from ("
-            f"  select pairs.i, pairs.j, pairs.support, round({score}, 12) as score"
-            f"  from pairs{joins}"
-            ") s join items ii on ii.i = s.i join items ij on ij.i = s.j" + top
-        ).to_arrow_reader(batch_rows)
-        yield from reader
+        # rank on integers a chunk of sources at a time (small sorts), then attach the ids
+        for lo, hi in self.ranges:
+            yield from self.con.sql(
+                "select ii.item_id as item_i, ij.item_id as item_j, support, score, rank from ("
+                "  select i, j, support, score, row_number() over"
+                "   (partition by i order by score desc, support desc, j)::integer as rank from"
+                f"  (select pairs.i, pairs.j, pairs.support, round({score}, 12) as score"
+                f"   from pairs{joins} where pairs.i between {lo} and {hi}){top}"
+                ") r join items ii on ii.i = r.i join items ij on ij.i = r.j"
+            ).to_arrow_reader(batch_rows)
 
 
 def mine(
@@ -311,9 +328,9 @@ def mine(
             if on_chunk:
                 on_chunk(done, total)
 
-        miner.count_pairs(chunks, tick)
+        miner.count_pairs(tick)
         if params.score == "swing":
-            miner.swing(chunks, tick)
+            miner.swing(tick)
         miner.stats["chunks"] = chunks
         for batch in miner.results():
             yield batch, miner.stats

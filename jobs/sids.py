@@ -6,6 +6,10 @@ with L levels of k-means, each level clustering the residuals the previous one l
 <|sid_end|>` (App. A.2). Items whose L codes collide get an extra disambiguation code
 (SCoTER A.1); when any collision exists every item gets that level (0 where unique), so all
 SIDs keep one length, and the level takes the next letter (`<s_d_1>`).
+
+Embeddings come from the shared service (factory/embeddings.py), so a re-run, or another job
+embedding the same texts, encodes nothing again. An item with none of the chosen fields is
+embedded from its item id, and the run counts and reports such items.
 """
 
 from __future__ import annotations
