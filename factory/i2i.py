@@ -23,15 +23,16 @@ Definitions (the Python reference in `factory.i2i_reference` computes exactly th
 * Scores are rounded to 12 decimals so that summation order never decides a rank; the rank
   within a source orders by score desc, support desc, item_j asc; top_k = 0 keeps all.
 
-The work runs in a scratch DuckDB file (bounded by `memory_limit`, spilling to disk) and is
-split into chunks of source items, each aggregating a bounded number of co-occurrences.
+The work runs in a scratch DuckDB file (bounded by `memory_limit`, spilling to disk), in
+contiguous ranges of source items of about `chunk_occurrences` co-occurrences each: each range
+is aggregated (in an array where its key range allows), then ranked on its own and streamed
+out, so memory stays bounded whatever the log's size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
