@@ -254,13 +254,17 @@ class Miner:
             " qualify row_number() over (partition by t.i order by h, t.u) <= $m",
             {"seed": str(p.seed), "m": p.swing_max_users},
         )
+        # one weight per user pair sharing a capped item: w_u w_v / (alpha + |I'_u & I'_v|)
         con.execute(
             "create table uw as select u, pow($ua + count(*), -$ub) as w from cap group by u",
             {"ua": SWING_USER_ALPHA, "ub": SWING_USER_BETA},
         )
         con.execute(
-            "create table uu as select a.u, b.u as v, count(*)::integer as ov"
-            " from cap a join cap b on a.i = b.i and a.u < b.u group by a.u, b.u"
+            "create table uu as select o.u, o.v, wu.w * wv.w / ($alpha + o.ov) as wt from ("
+            "  select a.u, b.u as v, count(*) as ov from cap a join cap b"
+            "  on a.i = b.i and a.u < b.u group by a.u, b.u"
+            ") o join uw wu on wu.u = o.u join uw wv on wv.u = o.v",
+            {"alpha": p.alpha},
         )
         con.execute(
             f"create table occ as select a.i, b.i as j, a.u from cap a join cap b"
@@ -269,13 +273,15 @@ class Miner:
         )
         con.execute("create table sw (i integer, j integer, s double)")
         for lo, hi in self.ranges:
+            # the supporter pairs of each item pair first (materialised, so that the
+            # optimiser cannot start from the user-pair table and explode)
             con.execute(
-                "insert into sw select x.i, x.j, sum(wu.w * wv.w / ($alpha + uu.ov))"
-                " from occ x join occ y on x.i = y.i and x.j = y.j and x.u < y.u"
-                " join uu on uu.u = x.u and uu.v = y.u"
-                " join uw wu on wu.u = x.u join uw wv on wv.u = y.u"
-                f" where x.i between {lo} and {hi} group by x.i, x.j",
-                {"alpha": p.alpha},
+                "insert into sw with xy as materialized ("
+                "  select x.i, x.j, x.u, y.u as v from occ x join occ y"
+                "  on x.i = y.i and x.j = y.j and x.u < y.u"
+                f"  where x.i between {lo} and {hi} and y.i between {lo} and {hi})"
+                " select xy.i, xy.j, sum(uu.wt) from xy join uu on uu.u = xy.u and uu.v = xy.v"
+                " group by xy.i, xy.j",
             )
             tick()
         self.stats["swing_capped_edges"] = int(_scalar(con, "select count(*) from cap"))
