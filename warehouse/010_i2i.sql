@@ -3,9 +3,11 @@
 -- (a row in i2i_runs). A re-run with the same dataset, split and parameters replaces the
 -- earlier run of those parameters, so re-running is idempotent and storage does not grow.
 -- The view i2i_pairs shows the latest finished run per dataset.
+-- No table here has a primary key on purpose: `factory merge` copies keyed tables only, and a
+-- run must never arrive without its pairs. Mining is fast and runs on the main warehouse.
 
 create table i2i_runs (
-    run_id       varchar primary key,          -- = job_runs.run_id
+    run_id       varchar not null,             -- = job_runs.run_id
     dataset      varchar not null,
     split        varchar not null,
     params       json not null,

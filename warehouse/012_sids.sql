@@ -1,8 +1,9 @@
 -- Semantic IDs by residual k-means over item text embeddings (TwiSTAR 3, E.1), with an extra
 -- disambiguation level for items whose codes collide (SCoTER A.1). Same run pattern as I2I:
 -- a re-run with the same parameters replaces the earlier one; item_sids is the latest run.
+-- No primary keys, as in 010: `factory merge` leaves SID runs alone rather than half-copy them.
 create table sid_runs (
-    run_id          varchar primary key,        -- = job_runs.run_id
+    run_id          varchar not null,           -- = job_runs.run_id
     dataset         varchar not null,
     encoder         varchar not null,           -- embedding_cache.encoder
     params          json not null,              -- levels, codebook size, text fields, seed, ...
