@@ -1,0 +1,179 @@
+"""`factory mine-i2i`: I2I pairs from co-occurrence in training sequences (TwiSTAR 4.3, E.1.3).
+
+Reads only the train part of a split, mines with set-based SQL (factory/i2i.py, where the
+scores are defined), and stores the pairs with their run. A re-run with the same parameters
+replaces that earlier run; `i2i_pairs` shows the latest finished run of each dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import typer
+
+from factory.console import console, progress, summary
+from factory.errors import FactoryError
+from factory.i2i import SCORES, MineParams, load_training, mine
+from factory.runs import finish_run, start_run
+from factory.warehouse import Warehouse, require_split
+
+
+def run_mine(wh: Warehouse, dataset: str, params: MineParams, *,
+             memory_limit: str = "2GB", threads: int | None = None) -> dict[str, Any]:
+    """Mine, store and publish one run; returns its counts (run_id included)."""
+    params.check()
+    started = time.perf_counter()
+    with wh.write() as con:
+        require_split(con, dataset, params.split)
+        # pairs of runs that never finished (killed jobs) are invisible; drop them now
+        con.execute("delete from i2i_pairs_all where dataset = ? and run_id not in"
+                    " (select run_id from i2i_runs)", [dataset])
+        run_id = start_run(con, "mine-i2i", dataset, params.record())
+    counts: dict[str, Any] = {"run_id": run_id}
+    try:
+        with wh.read() as con:
+            train, users, items = load_training(con, dataset, params.split)
+        if train.num_rows == 0:
+            raise FactoryError(f"split {params.split!r} of {dataset!r} has no training "
+                               "interactions")
+        stored = 0
+        with progress() as bar:
+            task = bar.add_task("mining chunks", total=None)
+
+            def on_chunk(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            for batch, stats in mine(train, users, items, params, memory_limit=memory_limit,
+                                     threads=threads, on_chunk=on_chunk):
+                _store(wh, dataset, run_id, params, batch)
+                stored += batch.num_rows
+                counts.update(stats)
+        counts["pairs"] = stored
+        counts["seconds"] = round(time.perf_counter() - started, 2)
+        with wh.write() as con:
+            counts.update(_publish(con, dataset, run_id, params, stored))
+            finish_run(con, run_id, "succeeded", counts)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        with wh.write() as con:
+            con.execute("delete from i2i_pairs_all where run_id = ?", [run_id])
+            finish_run(con, run_id, status, counts, str(exc).splitlines()[0] if str(exc) else
+                       type(exc).__name__)
+        raise
+    return counts
+
+
+def _store(wh: Warehouse, dataset: str, run_id: str, params: MineParams,
+           batch: pa.RecordBatch) -> None:
+    """One short transaction per result batch."""
+    with wh.write() as con:
+        con.register("_batch", pa.Table.from_batches([batch]))
+        con.execute(
+            "insert into i2i_pairs_all select ?, ?, ?, item_i, item_j, support, score, ?, rank"
+            " from _batch",
+            [dataset, run_id, params.split, params.score],
+        )
+
+
+def _publish(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str,
+             params: MineParams, n_pairs: int) -> dict[str, Any]:
+    """Make the run visible; drop an earlier run with the same parameters (idempotent)."""
+    digest = params.digest()
+    replaced = [r for (r,) in con.execute(
+        "select run_id from i2i_runs where dataset = ? and params_hash = ?", [dataset, digest]
+    ).fetchall()]
+    for old in replaced:
+        con.execute("delete from i2i_pairs_all where run_id = ?", [old])
+        con.execute("delete from i2i_runs where run_id = ?", [old])
+    n_sources = con.execute(
+        "select count(distinct item_i) from i2i_pairs_all where run_id = ?", [run_id]
+    ).fetchone()[0]
+    con.execute(
+        "insert into i2i_runs (run_id, dataset, split, params, params_hash, n_pairs, n_sources)"
+        " values (?, ?, ?, ?, ?, ?, ?)",
+        [run_id, dataset, params.split, json.dumps(params.record(), sort_keys=True), digest,
+         n_pairs, n_sources],
+    )
+    return {"replaced_runs": replaced, "sources": n_sources}
+
+
+def pair_summary(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
+    """Pairs, items covered, out-degree distribution and, when SIDs exist, SID agreement."""
+    row = con.execute(
+        "select count(*), count(distinct item_i),"
+        " (select count(*) from (select item_i from i2i_pairs_all where run_id = $r"
+        "   union select item_j from i2i_pairs_all where run_id = $r)),"
+        " min(support), median(support), max(support)"
+        " from i2i_pairs_all where run_id = $r", {"r": run_id},
+    ).fetchone()
+    deg = con.execute(
+        "select min(d), quantile_disc(d, 0.5), quantile_disc(d, 0.9), max(d), avg(d) from"
+        " (select count(*) as d from i2i_pairs_all where run_id = ? group by item_i)", [run_id]
+    ).fetchone()
+    out: dict[str, Any] = {
+        "pairs": row[0],
+        "source items": row[1],
+        "items in any pair": row[2],
+        "support min / median / max": f"{row[3]} / {row[4]} / {row[5]}" if row[0] else "-",
+        "out-degree min / p50 / p90 / max (mean)":
+            f"{deg[0]} / {deg[1]} / {deg[2]} / {deg[3]} ({deg[4]:.2f})" if row[0] else "-",
+    }
+    from jobs.sids import sid_prefix_agreement
+
+    agree = sid_prefix_agreement(con, run_id)
+    if agree:
+        out["same first SID code"] = f"{agree[0]:.2%}"
+        out["same first two SID codes"] = f"{agree[1]:.2%}"
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("mine-i2i")
+    def mine_i2i_cmd(
+        dataset: str = typer.Option(..., "--dataset"),
+        split: str = typer.Option("loo", "--split", help="Only its train part is read."),
+        score: str = typer.Option("penalised", "--score", help=f"One of {', '.join(SCORES)}: "
+                                  "penalised = sum of 1/(alpha+|I_u|) (the TwiSTAR code's "
+                                  "'swing'); swing = Swing of Wang et al. 2020."),
+        window: int = typer.Option(0, "--window", help="0: anywhere in the sequence "
+                                   "(TwiSTAR); 1: adjacent items; W: at most W steps apart."),
+        directed: bool = typer.Option(True, "--directed/--symmetric",
+                                      help="Directed: j after i (TwiSTAR). Symmetric: both."),
+        min_count: int = typer.Option(2, "--min-count", help="Minimum co-occurring users."),
+        top_k: int = typer.Option(10, "--top-k", help="Best partners kept per source item "
+                                  "(0: all)."),
+        alpha: float = typer.Option(1.0, "--alpha", help="Smoothing of penalised and swing."),
+        swing_max_users: int = typer.Option(100, "--swing-max-users", help="Swing: users "
+                                            "kept per item (bounds its quadratic cost)."),
+        seed: int = typer.Option(0, "--seed", help="Swing: seed of the user sample."),
+        memory_limit: str = typer.Option("2GB", "--memory-limit", help="DuckDB memory "
+                                         "limit for mining; beyond it, work spills to disk."),
+        threads: int = typer.Option(None, "--threads", help="DuckDB threads [default: all]."),
+    ) -> None:
+        """Mine I2I pairs from co-occurrence in training sequences (TwiSTAR 4.3)."""
+        from factory.cli import warehouse
+
+        params = MineParams(split=split, window=window, directed=directed,
+                            min_count=min_count, top_k=top_k, score=score, alpha=alpha,
+                            swing_max_users=swing_max_users, seed=seed)
+        wh = warehouse()
+        counts = run_mine(wh, dataset, params, memory_limit=memory_limit, threads=threads)
+        with wh.read() as con:
+            rows = pair_summary(con, counts["run_id"])
+        if counts["replaced_runs"]:
+            console.print(f"replaced the earlier run with these parameters: "
+                          f"{', '.join(counts['replaced_runs'])}")
+        rows.update({
+            "training users / items": f"{counts['users']:,} / {counts['training_items']:,}",
+            "co-occurrences scanned": counts["co_occurrences"],
+            "pairs before top-k": counts["pairs_before_top_k"],
+            "seconds": counts["seconds"],
+            "run": counts["run_id"],
+        })
+        summary(f"mined I2I pairs of {dataset} ({split} train part, score {score})", rows,
+                f"select * from i2i_pairs where dataset = '{dataset}' order by score desc"
+                " limit 10")
