@@ -159,7 +159,8 @@ def test_split_steps_strips_numbering_and_markdown() -> None:
 FIG10 = """### 1. Pattern Summary
 - **Core Logic:** Users buy gear in sets.
 ### 3. Optimized Paths
-- **Best Path (each step ≤ 8 words):** [Purchase pattern recognition -> Outdoor interest mapping -> Complementary gear expansion -> Item Recommendation]
+- **Best Path (each step ≤ 8 words):** [Purchase pattern recognition -> Outdoor \
+interest mapping -> Complementary gear expansion -> Item Recommendation]
 - **Improvement Logic:** clearer.
 """
 
@@ -170,7 +171,8 @@ def test_best_path() -> None:
 
 
 def test_best_path_variants() -> None:
-    echo = "- Best Path (each step <= 8 words): [Step1 -> Step2 -> ... -> Stepk -> Item Recommendation]\n"
+    echo = ("- Best Path (each step <= 8 words): [Step1 -> Step2 -> ... -> Stepk -> "
+            "Item Recommendation]\n")
     assert parse_best_path(echo + FIG10)[0] == "Purchase pattern recognition"
     next_line = "Best Path:\n\n  <cot_path>Analyze -> Recommend</cot_path>\n"
     assert parse_best_path(next_line) == ["Analyze", "Recommend"]

@@ -1,4 +1,4 @@
-"""Validate (SCoTER sec. 3.2, Alg. 1 lines 11-20): recommended descriptions -> catalog items -> score.
+"""Validate (SCoTER sec. 3.2, Alg. 1 lines 11-20): descriptions -> catalog items -> Score(C).
 
 The teacher recommends descriptions, not item ids. Each description is mapped to its top-1
 catalog item by cosine similarity of sentence embeddings; the unique mapped items, in the
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def top1(queries: np.ndarray, catalog: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def top1(queries: np.ndarray, catalog: np.ndarray,
+         chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Index and cosine of the nearest catalog row for each query (rows L2-normalised)."""
     if len(catalog) == 0:
         raise ValueError("empty catalog")
