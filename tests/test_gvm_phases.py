@@ -172,3 +172,64 @@ def test_templates_by_name(ml100k: Warehouse) -> None:
             get_template(con, "discovered", dataset="ml-100k")
         with pytest.raises(FactoryError, match="needs a dataset"):
             get_template(con, "discovered")
+
+
+def test_evaluate_templates_counts_failures_as_misses(ml100k: Warehouse) -> None:
+    from factory.gvm.phases import evaluate_templates
+
+    run = "gvm-compare-test"
+    with ml100k.read() as con:
+        seqs = sample_sequences(con, "ml-100k", "loo", 10, seed=1)
+        info = item_info(con, "ml-100k")
+    store_sequences(ml100k, run, "ml-100k", "loo", seqs)
+    good, bad = [], []
+    for n, s in enumerate(seqs):
+        items = [item_text(info[s.target])] if n < 4 else [item_text(info["1"])]
+        g = Generation("A -> B", ["A", "B"], None, items)
+        good.append(Answer(s.user_id, 0, None, g if n < 8 else None, "no <cot_path>"))
+        bad.append(Answer(s.user_id, 0, None, Generation("A -> B", ["A", "B"], None,
+                                                         [item_text(info["1"])])))
+    store_answers(ml100k, run, "two-step", good)
+    store_answers(ml100k, run, "five-step", bad)
+    ids, vectors = catalog(ml100k, "ml-100k", bow)
+    validate_run(ml100k, run, ["two-step", "five-step"], bow, ids, vectors)
+    evals = evaluate_templates(ml100k, run, "ml-100k", {
+        "two-step": (["A", "B"], None), "five-step": (["A", "B"], None)}, samples=1)
+    two, five = evals
+    assert (two.users, two.answered, two.recall) == (10, 8, 0.4)
+    assert two.ndcg == pytest.approx(0.4)  # every hit was ranked first
+    assert five.recall == 0.0 and five.ci_low == 0.0 and five.ci_high > 0
+    with ml100k.read() as con:
+        assert con.execute("select count(*) from gvm_evals where run_id = ?",
+                           [run]).fetchone()[0] == 2
+
+
+def test_show_and_plot(ml100k: Warehouse, tmp_path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from factory.gvm.report import plot, resolve_run, show
+    from factory.runs import start_run
+
+    with ml100k.write() as con:
+        run = start_run(con, "gvm", "ml-100k", {"users": 40})
+    make_answers(ml100k, run)
+    prune_run(ml100k, run, bow, 0.85, "user")
+    ids, vectors = catalog(ml100k, "ml-100k", bow)
+    validate_run(ml100k, run, [FREE], bow, ids, vectors)
+    mine_run(ml100k, run, "ml-100k", bow, method="kmeans", k_min=2, k_max=4,
+             min_cluster_size=10, n_exemplars=3, seed=0)
+    buffer = io.StringIO()
+    with ml100k.read() as con:
+        assert resolve_run(con, "ml-100k", None) == run
+        with pytest.raises(FactoryError, match="no gvm run 'x'"):
+            resolve_run(con, "ml-100k", "x")
+        show(con, run, Console(file=buffer, width=200))
+    text = buffer.getvalue()
+    assert "P*" in text and "Map genres -> Rank classics" in text
+    assert "failed 40x: no recommended items" in text and "chosen" in text
+    assert plot(ml100k, run, bow, tmp_path / "map.png") == 80
+    assert (tmp_path / "map.png").stat().st_size > 1000
+    with pytest.raises(FactoryError, match="unknown projection"):
+        plot(ml100k, run, bow, tmp_path / "x.png", method="umap")

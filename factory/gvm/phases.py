@@ -263,3 +263,48 @@ def record_template(wh: Warehouse, run_id: str, dataset: str, call_key: str | No
         con.execute("update gvm_patterns set call_key = ?, template = ?, error = ?"
                     " where run_id = ?", [call_key, name, error, run_id])
     return name
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    template: str
+    users: int  # sequences x samples asked
+    answered: int
+    recall: float
+    ndcg: float
+    ci_low: float
+    ci_high: float
+
+
+def evaluate_templates(wh: Warehouse, run_id: str, dataset: str,
+                       templates: dict[str, tuple[list[str], str | None]],
+                       samples: int) -> list[Evaluation]:
+    """LLM-as-recommender quality per template (SCoTER Table 11): Recall@20 and NDCG@20 over
+    every (user, sample) asked; an answer that failed to parse counts as a miss.
+
+    `templates`: name -> (steps, dataset the template was mined on, if any).
+    """
+    from factory.gvm.mine import wilson
+
+    evals = []
+    with wh.write() as con:
+        (n_users,) = con.execute("select count(*) from gvm_sequences where run_id = ?",
+                                 [run_id]).fetchone()
+        asked = n_users * samples
+        con.execute("delete from gvm_evals where run_id = ?", [run_id])
+        for name, (steps, source) in templates.items():
+            answered, hits, ndcg = con.execute(
+                "select count(*) filter (where status = 'kept'), coalesce(sum(score), 0),"
+                " coalesce(sum(ndcg), 0) from gvm_chains where run_id = ? and template = ?",
+                [run_id, name]).fetchone()
+            lo, hi = wilson(int(hits), asked)
+            e = Evaluation(name, asked, answered, hits / asked if asked else 0.0,
+                           ndcg / asked if asked else 0.0, lo, hi)
+            con.execute(
+                "insert into gvm_evals (run_id, dataset, template, template_dataset, steps,"
+                " users, answered, recall, ndcg, ci_low, ci_high)"
+                " values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [run_id, dataset, name, source, steps, e.users, e.answered, e.recall, e.ndcg,
+                 e.ci_low, e.ci_high])
+            evals.append(e)
+    return evals

@@ -1,0 +1,136 @@
+"""What a GVM run found, for people: `factory gvm show` (tables) and `factory gvm plot` (a map)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from factory.errors import FactoryError
+from factory.gvm.mine import NOISE
+from factory.gvm.phases import FREE, Encode
+from factory.warehouse import Warehouse, require_dataset
+
+
+def resolve_run(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str | None,
+                job: str = "gvm") -> str:
+    """`run_id` checked against the dataset, or the dataset's latest run of `job`."""
+    require_dataset(con, dataset)
+    if run_id:
+        if not con.execute("select 1 from job_runs where run_id = ? and job = ? and"
+                           " dataset = ?", [run_id, job, dataset]).fetchone():
+            raise FactoryError(f"no {job} run {run_id!r} for dataset {dataset!r}")
+        return run_id
+    row = con.execute("select run_id from job_runs where job = ? and dataset = ?"
+                      " order by started_at desc, run_id desc limit 1", [job, dataset]).fetchone()
+    if row is None:
+        raise FactoryError(f"no {job} run for dataset {dataset!r}: run "
+                           f"`factory gvm --dataset {dataset}` first")
+    return row[0]
+
+
+def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int = 3) -> None:
+    """Print a run's chains, clusters (size, quality, interval, paths), verdict and template."""
+    from rich.table import Table
+
+    status, params = con.execute("select status, params from job_runs where run_id = ?",
+                                 [run_id]).fetchone()
+    out.print(f"[bold]{run_id}[/] ({status}) {params}")
+    tally = con.execute(
+        "select status, count(*), count(distinct user_id), avg(score), sum(score)"
+        " from gvm_chains where run_id = ? and template = ? group by 1 order by 1",
+        [run_id, FREE]).fetchall()
+    table = Table("chains", "count", "users", "Recall@20", "hits", title="Generate / Validate")
+    for st, n, users, recall, hits in tally:
+        table.add_row(st, f"{n:,}", f"{users:,}", "-" if recall is None else f"{recall:.4f}",
+                      "-" if hits is None else f"{int(hits):,}")
+    out.print(table)
+    reasons = con.execute(
+        "select reason, count(*) from gvm_chains where run_id = ? and status = 'failed'"
+        " group by 1 order by 2 desc limit 5", [run_id]).fetchall()
+    for reason, n in reasons:
+        out.print(f"  failed {n:,}x: {reason}")
+    clusters = con.execute(
+        "select cluster, n, hits, quality, ci_low, ci_high, eligible, chosen, exemplars"
+        " from gvm_clusters where run_id = ? order by eligible desc, quality desc, n desc",
+        [run_id]).fetchall()
+    table = Table("cluster", "paths", "hits", "quality (R@20)", "95% CI", "eligible", "chosen",
+                  "representative paths", title="Mine: clusters")
+    for c, n, hits, q, lo, hi, eligible, chosen, ex in clusters:
+        table.add_row(str(c), f"{n:,}", f"{hits:,}", f"{q:.4f}", f"{lo:.4f}-{hi:.4f}",
+                      "yes" if eligible else "no", "P*" if chosen else "",
+                      "\n".join((ex or [])[:exemplars]))
+    out.print(table)
+    pattern = con.execute(
+        "select method, k, n_paths, min_cluster_size, verdict, template, error"
+        " from gvm_patterns where run_id = ?", [run_id]).fetchone()
+    if pattern is None:
+        out.print("not mined yet")
+        return
+    method, k, n_paths, min_size, verdict, template, error = pattern
+    out.print(f"{method}, k={k}, {n_paths:,} paths, minimum cluster size {min_size}")
+    out.print(f"verdict: {verdict}")
+    if template:
+        steps = con.execute("select steps from templates where name = ?", [template]).fetchone()
+        out.print(f"template [bold]{template}[/]: {' -> '.join(steps[0])}")
+    else:
+        out.print(f"no template: {error or 'no pattern was chosen'}")
+
+
+def plot(wh: Warehouse, run_id: str, encode: Encode, out: Path, method: str = "pca",
+         seed: int = 0) -> int:
+    """A 2-D map (PCA or t-SNE) of the run's kept paths, coloured by their cluster's quality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with wh.read() as con:
+        rows = con.execute(
+            "select c.cot_path, c.cluster, k.quality, k.chosen from gvm_chains c"
+            " left join gvm_clusters k on k.run_id = c.run_id and k.cluster = c.cluster"
+            " where c.run_id = ? and c.template = ? and c.status = 'kept'"
+            " and c.cluster is not null order by c.user_id, c.sample_index",
+            [run_id, FREE]).fetchall()
+        dataset = con.execute("select dataset from job_runs where run_id = ?",
+                              [run_id]).fetchone()[0]
+    if len(rows) < 3:
+        raise FactoryError(f"run {run_id} has {len(rows)} clustered path(s); nothing to map")
+    vectors = encode([r[0] for r in rows])
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(n_components=2, random_state=seed,
+                  perplexity=min(30.0, (len(rows) - 1) / 3)).fit_transform(vectors)
+    elif method == "pca":
+        from sklearn.decomposition import PCA
+
+        xy = PCA(n_components=2, random_state=seed).fit_transform(vectors)
+    else:
+        raise FactoryError(f"unknown projection {method!r} (pca or tsne)")
+    labels = np.array([r[1] for r in rows])
+    quality = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    noise = labels == NOISE
+    if noise.any():
+        ax.scatter(xy[noise, 0], xy[noise, 1], s=8, c="lightgrey", label="noise")
+    points = ax.scatter(xy[~noise, 0], xy[~noise, 1], s=12, c=quality[~noise], cmap="viridis",
+                        vmin=0, vmax=max(float(np.nanmax(quality)), 1e-9) if (~noise).any()
+                        else 1)
+    fig.colorbar(points, ax=ax, label="cluster quality (Recall@20)")
+    for c in sorted(set(labels.tolist()) - {NOISE}):
+        member = labels == c
+        cx, cy = xy[member].mean(axis=0)
+        chosen = bool(rows[int(np.flatnonzero(member)[0])][3])
+        ax.annotate(f"{c}{' P*' if chosen else ''} (n={int(member.sum())})", (cx, cy),
+                    fontsize=9, weight="bold" if chosen else "normal",
+                    bbox={"boxstyle": "round", "fc": "white", "alpha": 0.7})
+    ax.set_title(f"GVM reasoning paths, {dataset}, run {run_id} ({method.upper()})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return len(rows)
