@@ -16,12 +16,12 @@ from factory.errors import FactoryError
 from factory.gvm.parse import Generation
 from factory.gvm.phases import (
     FREE,
-    Answer,
     catalog,
+    chain_columns,
+    insert_rows,
     mine_run,
     prune_run,
     record_template,
-    store_answers,
     store_sequences,
     validate_run,
 )
@@ -58,6 +58,19 @@ def test_sequences_use_train_history_and_validation_target(ml100k: Warehouse) ->
             sample_sequences(con, "ml-100k", "nope", 5, seed=0)
 
 
+Answer = tuple[str, int, "Generation | None", "str | None"]  # user, sample, parsed, error
+
+
+def store_answers(wh: Warehouse, run_id: str, template: str, answers: list[Answer]) -> None:
+    """Chains as the teacher engine would store them (provenance columns filled in)."""
+    rows = [{**chain_columns(template, user, g), "run_id": run_id, "sample": sample,
+             "work_key": f"{user}/{sample}", "call_key": f"call-{user}-{sample}",
+             "status": "ok" if g else "failed", "error": error}
+            for user, sample, g, error in answers]
+    with wh.write() as con:
+        insert_rows(con, "gvm_chains", rows)
+
+
 def make_answers(ml100k: Warehouse, run_id: str, n_users: int = 40) -> dict[str, str]:
     """Two path styles: 'genre' paths recommend the validation item for half the users,
     'mood' paths recommend the user's *test* item, which must never count as a hit."""
@@ -75,15 +88,15 @@ def make_answers(ml100k: Warehouse, run_id: str, n_users: int = 40) -> dict[str,
         hit = [item_text(info[s.target])] if n % 2 == 0 else []
         genre = Generation("Map genres -> Rank classics", ["Map genres", "Rank classics"],
                            "why", hit + filler[: 20 - len(hit)])
-        answers.append(Answer(s.user_id, 0, f"k{n}a", genre))
+        answers.append((s.user_id, 0, genre, None))
         leak = [item_text(info[tests[s.user_id]])]
         mood = Generation(f"Sense mood swings of viewer {n} -> Suggest calm films",
                           [f"Sense mood swings of viewer {n}", "Suggest calm films"],
                           "why", leak + filler[:19])
-        answers.append(Answer(s.user_id, 1, f"k{n}b", mood))
+        answers.append((s.user_id, 1, mood, None))
         # a near-copy of sample 0, pruned per user
-        answers.append(Answer(s.user_id, 2, f"k{n}c", genre))
-        answers.append(Answer(s.user_id, 3, None, None, "no recommended items"))
+        answers.append((s.user_id, 2, genre, None))
+        answers.append((s.user_id, 3, None, "no recommended items"))
     store_answers(ml100k, run_id, FREE, answers)
     return {s.user_id: s.target for s in seqs}
 
@@ -100,15 +113,15 @@ def test_prune_validate_mine_and_template(ml100k: Warehouse) -> None:
     assert mined.choice.best is not None and mined.choice.best.quality == 0.5
     assert mined.exemplars == ["Map genres -> Rank classics"]
     with ml100k.read() as con:
-        status = dict(con.execute("select status, count(*) from gvm_chains where run_id = ?"
-                                  " group by 1", [run]).fetchall())
-        assert status == {"kept": 80, "pruned": 40, "failed": 40}
+        status = dict(con.execute("select status || pruned, count(*) from gvm_chains"
+                                  " where run_id = ? group by 1", [run]).fetchall())
+        assert status == {"okfalse": 80, "oktrue": 40, "failedfalse": 40}
         assert con.execute(
-            "select reason from gvm_chains where run_id = ? and status = 'failed' limit 1",
+            "select error from gvm_chains where run_id = ? and status = 'failed' limit 1",
             [run]).fetchone()[0] == "no recommended items"
         # mood paths recommended the test item: never a hit
         assert con.execute("select sum(score) from gvm_chains where run_id = ? and"
-                           " sample_index = 1", [run]).fetchone()[0] == 0
+                           " sample = 1", [run]).fetchone()[0] == 0
         hits = con.execute(
             "select count(*) from gvm_recommendations r join gvm_sequences s"
             " using (run_id, user_id) where r.run_id = ? and r.item_id = s.target",
@@ -118,14 +131,15 @@ def test_prune_validate_mine_and_template(ml100k: Warehouse) -> None:
                              " and chosen", [run]).fetchall()
         assert len(chosen) == 1 and chosen[0][1:] == (40, 0.5)
         assert con.execute("select count(distinct cluster) from gvm_chains where run_id = ?"
-                           " and status = 'kept'", [run]).fetchone()[0] == mined.clustering.k
-    name = record_template(ml100k, run, "ml-100k", "call-1",
+                           " and status = 'ok' and not pruned",
+                           [run]).fetchone()[0] == mined.clustering.k
+    name = record_template(ml100k, run, "ml-100k",
                            ["Map genres", "Rank classics", "Item Recommendation"], None, "d")
     with ml100k.read() as con:
         t = get_template(con, "discovered", dataset="ml-100k")
         assert t.name == name == run and t.steps[-1] == "Item Recommendation"
-        assert con.execute("select template, call_key from gvm_patterns where run_id = ?",
-                           [run]).fetchone() == (run, "call-1")
+        assert con.execute("select template, error from gvm_patterns where run_id = ?",
+                           [run]).fetchone() == (run, None)
 
 
 def test_global_pruning_crosses_users(ml100k: Warehouse) -> None:
@@ -136,7 +150,7 @@ def test_global_pruning_crosses_users(ml100k: Warehouse) -> None:
     assert counts == {"kept": 2, "pruned": 28}
     with ml100k.read() as con:
         row = con.execute("select duplicate_user, duplicate_cos from gvm_chains where"
-                          " run_id = ? and status = 'pruned' and sample_index = 0 limit 1",
+                          " run_id = ? and pruned and sample = 0 limit 1",
                           [run]).fetchone()
         assert row[0] is not None and row[1] >= 0.85
 
@@ -153,7 +167,8 @@ def test_rerun_of_a_phase_is_idempotent(ml100k: Warehouse) -> None:
     with ml100k.read() as con:
         assert con.execute("select count(*) from gvm_recommendations where run_id = ?",
                            [run]).fetchone()[0] == con.execute(
-            "select sum(len(items)) from gvm_chains where run_id = ? and status = 'kept'",
+            "select sum(len(items)) from gvm_chains where run_id = ? and status = 'ok'"
+            " and not pruned",
             [run]).fetchone()[0] > 0
         verdict = con.execute("select verdict, chosen_cluster from gvm_patterns where"
                               " run_id = ?", [run]).fetchall()
@@ -186,9 +201,9 @@ def test_evaluate_templates_counts_failures_as_misses(ml100k: Warehouse) -> None
     for n, s in enumerate(seqs):
         items = [item_text(info[s.target])] if n < 4 else [item_text(info["1"])]
         g = Generation("A -> B", ["A", "B"], None, items)
-        good.append(Answer(s.user_id, 0, None, g if n < 8 else None, "no <cot_path>"))
-        bad.append(Answer(s.user_id, 0, None, Generation("A -> B", ["A", "B"], None,
-                                                         [item_text(info["1"])])))
+        good.append((s.user_id, 0, g, None) if n < 8 else (s.user_id, 0, None, "no <cot_path>"))
+        bad.append((s.user_id, 0, Generation("A -> B", ["A", "B"], None,
+                                             [item_text(info["1"])]), None))
     store_answers(ml100k, run, "two-step", good)
     store_answers(ml100k, run, "five-step", bad)
     ids, vectors = catalog(ml100k, "ml-100k", bow)

@@ -16,28 +16,37 @@ create table gvm_sequences (
 );
 
 -- One row per teacher answer: free generation (template = 'free', the Fig. 9 prompt) or a
--- named template (compare/transfer). status: kept | pruned | failed.
+-- named template (compare/transfer). The teacher provenance columns are those of
+-- factory.teacher (PROVENANCE_COLUMNS); status 'failed' rows say why in `error`.
 create table gvm_chains (
-    run_id        varchar not null,
-    template      varchar not null,
-    user_id       varchar not null,
-    sample_index  integer not null,
-    call_key      varchar,                 -- llm_calls row of the answer parsed here
-    status        varchar not null,
-    reason        varchar,                 -- why failed or pruned
-    cot_path      varchar,
-    steps         varchar[],
-    reason_text   varchar,                 -- the <reason> elaboration
-    items         varchar[],               -- the recommended descriptions, in order
-    warnings      varchar[],               -- what the parser had to tolerate
-    duplicate_of  integer,                 -- pruned: sample index of the kept chain it repeats
-    duplicate_user varchar,                --   and its user (global pruning crosses users)
-    duplicate_cos double,
-    hit_rank      integer,                 -- rank of the target among the unique mapped items
-    score         double,                  -- Recall@20 (0/1) against the validation target
-    ndcg          double,                  -- NDCG@20 against the validation target
-    cluster       integer,                 -- Mine: cluster of the path (-1: HDBSCAN noise)
-    primary key (run_id, template, user_id, sample_index)
+    run_id         varchar not null,
+    template       varchar not null,
+    user_id        varchar not null,
+    sample         integer not null,
+    work_key       varchar not null,
+    call_key       varchar,                -- llm_calls row of the answer parsed here
+    prompt_name    varchar,
+    prompt_hash    varchar,
+    backend        varchar,
+    model          varchar,
+    draws          integer,
+    cached         boolean,
+    status         varchar not null,       -- ok | failed
+    error          varchar,
+    cot_path       varchar,
+    steps          varchar[],
+    reason_text    varchar,                -- the <reason> elaboration
+    items          varchar[],              -- the recommended descriptions, in order
+    warnings       varchar[],              -- what the parser had to tolerate
+    pruned         boolean not null default false,
+    duplicate_user varchar,                -- pruned: the kept chain it repeats (user, sample;
+    duplicate_sample integer,              --   global pruning crosses users)
+    duplicate_cos  double,
+    hit_rank       integer,                -- rank of the target among the unique mapped items
+    score          double,                 -- Recall@20 (0/1) against the validation target
+    ndcg           double,                 -- NDCG@20 against the validation target
+    cluster        integer,                -- Mine: cluster of the path (-1: HDBSCAN noise)
+    primary key (run_id, template, user_id, sample)
 );
 
 -- Validate: each recommended description and the catalog item it maps to (top-1 cosine).
@@ -45,12 +54,12 @@ create table gvm_recommendations (
     run_id        varchar not null,
     template      varchar not null,
     user_id       varchar not null,
-    sample_index  integer not null,
+    sample        integer not null,
     rank          integer not null,        -- 1-based, in the teacher's order
     description   varchar not null,
     item_id       varchar not null,
     cosine        double not null,
-    primary key (run_id, template, user_id, sample_index, rank)
+    primary key (run_id, template, user_id, sample, rank)
 );
 
 -- Mine: one row per cluster of paths. quality = mean Score = hits / n; 95% Wilson interval.
@@ -80,9 +89,28 @@ create table gvm_patterns (
     min_cluster_size integer not null,
     chosen_cluster  integer,
     verdict         varchar not null,      -- one sentence on how well the data supports it
-    call_key        varchar,               -- llm_calls row of the Fig. 10 abstraction
     template        varchar,               -- templates.name of the Optimal CoT Template
     error           varchar                -- why no template was abstracted, when none was
+);
+
+-- Template abstraction: the Fig. 10 answer for the chosen cluster, with teacher provenance.
+create table gvm_abstractions (
+    run_id       varchar not null,
+    cluster      integer not null,
+    exemplars    varchar[] not null,        -- the paths shown to the teacher
+    steps        varchar[],                 -- parsed from its "Best Path"
+    work_key     varchar not null,
+    call_key     varchar,
+    prompt_name  varchar,
+    prompt_hash  varchar,
+    backend      varchar,
+    model        varchar,
+    sample       integer,
+    draws        integer,
+    cached       boolean,
+    status       varchar not null,          -- ok | failed
+    error        varchar,
+    primary key (run_id, cluster)
 );
 
 -- Compare / transfer: LLM-as-recommender quality per template (SCoTER Table 11 / Table 3).

@@ -9,7 +9,7 @@ L2-normalised, so a dot product is a cosine.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,51 +59,12 @@ def store_sequences(wh: Warehouse, run_id: str, dataset: str, split: str,
              "history": s.history, "target": s.target} for s in sequences])
 
 
-_CHAIN_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("template", pa.string()), ("user_id", pa.string()),
-    ("sample_index", pa.int32()), ("call_key", pa.string()), ("status", pa.string()),
-    ("reason", pa.string()), ("cot_path", pa.string()), ("steps", pa.list_(pa.string())),
-    ("reason_text", pa.string()), ("items", pa.list_(pa.string())),
-    ("warnings", pa.list_(pa.string())),
-])
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One teacher outcome for (user, sample): a parsed generation or the reason it failed."""
-
-    user_id: str
-    sample_index: int
-    call_key: str | None
-    generation: Generation | None
-    error: str | None = None
-
-
-def chain_row(run_id: str, template: str, a: Answer) -> dict[str, Any]:
-    g = a.generation
-    return {
-        "run_id": run_id, "template": template, "user_id": a.user_id,
-        "sample_index": a.sample_index, "call_key": a.call_key,
-        "status": "kept" if g else "failed", "reason": None if g else a.error,
-        "cot_path": g.cot_path if g else None, "steps": g.steps if g else None,
-        "reason_text": g.reason if g else None, "items": g.items if g else None,
-        "warnings": g.warnings if g else None,
-    }
-
-
-def store_answers(wh: Warehouse, run_id: str, template: str, answers: Iterable[Answer]) -> None:
-    """Write chains (replacing earlier rows of the same key, so a re-parse is idempotent)."""
-    rows = [chain_row(run_id, template, a) for a in answers]
-    if not rows:
-        return
-    with wh.write() as con:
-        data = pa.Table.from_pylist(rows, schema=_CHAIN_SCHEMA)
-        con.register("_new", data)
-        con.execute("delete from gvm_chains c using _new n where c.run_id = n.run_id and"
-                    " c.template = n.template and c.user_id = n.user_id and"
-                    " c.sample_index = n.sample_index")
-        con.unregister("_new")
-        insert_rows(con, "gvm_chains", rows, _CHAIN_SCHEMA)
+def chain_columns(template: str, user_id: str, g: Generation | None) -> dict[str, Any]:
+    """A chain's own columns (the teacher adds its provenance and ok/failed status)."""
+    return {"template": template, "user_id": user_id,
+            "cot_path": g.cot_path if g else None, "steps": g.steps if g else None,
+            "reason_text": g.reason if g else None, "items": g.items if g else None,
+            "warnings": g.warnings if g else None}
 
 
 def prune_run(wh: Warehouse, run_id: str, encode: Encode, threshold: float,
@@ -111,8 +72,8 @@ def prune_run(wh: Warehouse, run_id: str, encode: Encode, threshold: float,
     """Mark near-duplicate paths 'pruned' (SCoTER gamma): per user, or across all users."""
     with wh.read() as con:
         rows = con.execute(
-            "select user_id, sample_index, cot_path from gvm_chains where run_id = ? and"
-            " template = ? and status in ('kept', 'pruned') order by user_id, sample_index",
+            "select user_id, sample, cot_path from gvm_chains where run_id = ? and"
+            " template = ? and status = 'ok' order by user_id, sample",
             [run_id, FREE]).fetchall()
     if not rows:
         return {"kept": 0, "pruned": 0}
@@ -120,25 +81,21 @@ def prune_run(wh: Warehouse, run_id: str, encode: Encode, threshold: float,
     groups = [r[0] for r in rows] if scope == "user" else [0] * len(rows)
     verdicts = prune_near_duplicates(vectors, groups, threshold)
     update = pa.Table.from_pylist([
-        {"user_id": u, "sample_index": s, "status": "kept" if v.keep else "pruned",
-         "reason": None if v.keep else f"cosine {v.cosine:.3f} >= {threshold} to "
-                                        f"user {rows[v.duplicate_of][0]} sample "
-                                        f"{rows[v.duplicate_of][1]}",
+        {"user_id": u, "sample": s, "pruned": not v.keep,
          "dup_user": None if v.keep else rows[v.duplicate_of][0],
          "dup_sample": None if v.keep else rows[v.duplicate_of][1],
          "dup_cos": v.cosine}
         for (u, s, _), v in zip(rows, verdicts, strict=True)],
-        schema=pa.schema([("user_id", pa.string()), ("sample_index", pa.int32()),
-                          ("status", pa.string()), ("reason", pa.string()),
-                          ("dup_user", pa.string()), ("dup_sample", pa.int32()),
-                          ("dup_cos", pa.float64())]))
+        schema=pa.schema([("user_id", pa.string()), ("sample", pa.int32()),
+                          ("pruned", pa.bool_()), ("dup_user", pa.string()),
+                          ("dup_sample", pa.int32()), ("dup_cos", pa.float64())]))
     with wh.write() as con:
         con.register("_prune", update)
         con.execute(
-            "update gvm_chains c set status = p.status, reason = p.reason,"
-            " duplicate_user = p.dup_user, duplicate_of = p.dup_sample,"
-            " duplicate_cos = p.dup_cos from _prune p where c.run_id = ? and c.template = ?"
-            " and c.user_id = p.user_id and c.sample_index = p.sample_index", [run_id, FREE])
+            "update gvm_chains c set pruned = p.pruned, duplicate_user = p.dup_user,"
+            " duplicate_sample = p.dup_sample, duplicate_cos = p.dup_cos from _prune p"
+            " where c.run_id = ? and c.template = ? and c.user_id = p.user_id"
+            " and c.sample = p.sample", [run_id, FREE])
         con.unregister("_prune")
     pruned = sum(not v.keep for v in verdicts)
     return {"kept": len(rows) - pruned, "pruned": pruned}
@@ -159,10 +116,10 @@ def validate_run(wh: Warehouse, run_id: str, templates: list[str], encode: Encod
     validation target (from gvm_sequences; the test part is never read)."""
     with wh.read() as con:
         chains = con.execute(
-            "select c.template, c.user_id, c.sample_index, c.items, s.target"
+            "select c.template, c.user_id, c.sample, c.items, s.target"
             " from gvm_chains c join gvm_sequences s using (run_id, user_id)"
-            " where c.run_id = ? and c.template in (select unnest(?)) and c.status = 'kept'"
-            " order by c.template, c.user_id, c.sample_index",
+            " where c.run_id = ? and c.template in (select unnest(?)) and c.status = 'ok'"
+            " and not c.pruned order by c.template, c.user_id, c.sample",
             [run_id, templates]).fetchall()
     texts = list(dict.fromkeys(d for row in chains for d in row[3]))
     if not texts:
@@ -173,10 +130,10 @@ def validate_run(wh: Warehouse, run_id: str, templates: list[str], encode: Encod
     for template, user, sample, items, target in chains:
         mapped = [where[d][0] for d in items]
         s = score(mapped, target)
-        scores.append({"template": template, "user_id": user, "sample_index": sample,
+        scores.append({"template": template, "user_id": user, "sample": sample,
                        "hit_rank": s.hit_rank, "score": s.recall(k), "ndcg": s.ndcg(k)})
         recs.extend({"run_id": run_id, "template": template, "user_id": user,
-                     "sample_index": sample, "rank": r, "description": d,
+                     "sample": sample, "rank": r, "description": d,
                      "item_id": where[d][0], "cosine": where[d][1]}
                     for r, d in enumerate(items, start=1))
     with wh.write() as con:
@@ -184,12 +141,12 @@ def validate_run(wh: Warehouse, run_id: str, templates: list[str], encode: Encod
                     " template in (select unnest(?))", [run_id, templates])
         insert_rows(con, "gvm_recommendations", recs)
         con.register("_scores", pa.Table.from_pylist(scores, schema=pa.schema([
-            ("template", pa.string()), ("user_id", pa.string()), ("sample_index", pa.int32()),
+            ("template", pa.string()), ("user_id", pa.string()), ("sample", pa.int32()),
             ("hit_rank", pa.int32()), ("score", pa.float64()), ("ndcg", pa.float64())])))
         con.execute("update gvm_chains c set hit_rank = s.hit_rank, score = s.score,"
                     " ndcg = s.ndcg from _scores s where c.run_id = ? and"
                     " c.template = s.template and c.user_id = s.user_id and"
-                    " c.sample_index = s.sample_index", [run_id])
+                    " c.sample = s.sample", [run_id])
         con.unregister("_scores")
     return {"chains": len(chains), "descriptions": sum(len(r[3]) for r in chains),
             "distinct descriptions": len(texts), "hits": int(sum(s["score"] for s in scores))}
@@ -210,9 +167,9 @@ def mine_run(wh: Warehouse, run_id: str, dataset: str, encode: Encode, *, method
     """Cluster the kept, scored paths, rate the clusters, choose P*, pick its exemplars."""
     with wh.read() as con:
         rows = con.execute(
-            "select user_id, sample_index, cot_path, score from gvm_chains where run_id = ?"
-            " and template = ? and status = 'kept' and score is not null"
-            " order by user_id, sample_index", [run_id, FREE]).fetchall()
+            "select user_id, sample, cot_path, score from gvm_chains where run_id = ?"
+            " and template = ? and status = 'ok' and not pruned and score is not null"
+            " order by user_id, sample", [run_id, FREE]).fetchall()
     paths = [r[2] for r in rows]
     vectors = encode(paths) if rows else np.zeros((0, 1), dtype=np.float32)
     clustering = cluster_paths(vectors, method, k_min, k_max, min_cluster_size, seed)
@@ -237,11 +194,11 @@ def mine_run(wh: Warehouse, run_id: str, dataset: str, encode: Encode, *, method
         if rows:
             con.register("_labels", pa.table({
                 "user_id": [r[0] for r in rows],
-                "sample_index": pa.array([r[1] for r in rows], pa.int32()),
+                "sample": pa.array([r[1] for r in rows], pa.int32()),
                 "cluster": pa.array(clustering.labels.tolist(), pa.int32())}))
             con.execute("update gvm_chains c set cluster = l.cluster from _labels l"
                         " where c.run_id = ? and c.template = ? and c.user_id = l.user_id"
-                        " and c.sample_index = l.sample_index", [run_id, FREE])
+                        " and c.sample = l.sample", [run_id, FREE])
             con.unregister("_labels")
         con.execute(
             "insert into gvm_patterns (run_id, dataset, method, k, silhouettes, n_paths,"
@@ -253,15 +210,15 @@ def mine_run(wh: Warehouse, run_id: str, dataset: str, encode: Encode, *, method
     return Mined(clustering, stats, choice, exemplars_of[best.cluster] if best else [], verdict)
 
 
-def record_template(wh: Warehouse, run_id: str, dataset: str, call_key: str | None,
-                    steps: list[str] | None, error: str | None, description: str) -> str | None:
+def record_template(wh: Warehouse, run_id: str, dataset: str, steps: list[str] | None,
+                    error: str | None, description: str) -> str | None:
     """Store the abstracted Optimal CoT Template, or why there is none, for a mined run."""
     from factory.templates import add_discovered
 
     with wh.write() as con:
         name = add_discovered(con, run_id, dataset, steps, description).name if steps else None
-        con.execute("update gvm_patterns set call_key = ?, template = ?, error = ?"
-                    " where run_id = ?", [call_key, name, error, run_id])
+        con.execute("update gvm_patterns set template = ?, error = ? where run_id = ?",
+                    [name, error, run_id])
     return name
 
 
@@ -294,7 +251,7 @@ def evaluate_templates(wh: Warehouse, run_id: str, dataset: str,
         con.execute("delete from gvm_evals where run_id = ?", [run_id])
         for name, (steps, source) in templates.items():
             answered, hits, ndcg = con.execute(
-                "select count(*) filter (where status = 'kept'), coalesce(sum(score), 0),"
+                "select count(*) filter (where status = 'ok'), coalesce(sum(score), 0),"
                 " coalesce(sum(ndcg), 0) from gvm_chains where run_id = ? and template = ?",
                 [run_id, name]).fetchone()
             lo, hi = wilson(int(hits), asked)

@@ -39,7 +39,8 @@ def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int =
                                  [run_id]).fetchone()
     out.print(f"[bold]{run_id}[/] ({status}) {params}")
     tally = con.execute(
-        "select status, count(*), count(distinct user_id), avg(score), sum(score)"
+        "select case when status = 'failed' then 'failed' when pruned then 'pruned'"
+        " else 'kept' end, count(*), count(distinct user_id), avg(score), sum(score)"
         " from gvm_chains where run_id = ? and template = ? group by 1 order by 1",
         [run_id, FREE]).fetchall()
     table = Table("chains", "count", "users", "Recall@20", "hits", title="Generate / Validate")
@@ -48,7 +49,7 @@ def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int =
                       "-" if hits is None else f"{int(hits):,}")
     out.print(table)
     reasons = con.execute(
-        "select reason, count(*) from gvm_chains where run_id = ? and status = 'failed'"
+        "select error, count(*) from gvm_chains where run_id = ? and status = 'failed'"
         " group by 1 order by 2 desc limit 5", [run_id]).fetchall()
     for reason, n in reasons:
         out.print(f"  failed {n:,}x: {reason}")
@@ -91,8 +92,8 @@ def plot(wh: Warehouse, run_id: str, encode: Encode, out: Path, method: str = "p
         rows = con.execute(
             "select c.cot_path, c.cluster, k.quality, k.chosen from gvm_chains c"
             " left join gvm_clusters k on k.run_id = c.run_id and k.cluster = c.cluster"
-            " where c.run_id = ? and c.template = ? and c.status = 'kept'"
-            " and c.cluster is not null order by c.user_id, c.sample_index",
+            " where c.run_id = ? and c.template = ? and c.status = 'ok' and not c.pruned"
+            " and c.cluster is not null order by c.user_id, c.sample",
             [run_id, FREE]).fetchall()
         dataset = con.execute("select dataset from job_runs where run_id = ?",
                               [run_id]).fetchone()[0]
