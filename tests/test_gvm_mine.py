@@ -71,6 +71,8 @@ def test_kmeans_picks_k_by_silhouette_and_is_seeded() -> None:
 def test_too_few_paths_make_one_cluster_with_a_note() -> None:
     c = cluster_paths(unit([[1, 0], [1, 0]]), "kmeans", 2, 10)
     assert c.k == 1 and c.labels.tolist() == [0, 0] and "too few" in c.note
+    empty = cluster_paths(np.zeros((0, 4), dtype=np.float32), "kmeans", 2, 10)
+    assert empty.k == 0 and len(empty.labels) == 0 and empty.note is None
 
 
 def test_hdbscan_option_marks_noise() -> None:

@@ -60,7 +60,9 @@ def cluster_paths(vectors: np.ndarray, method: str = "kmeans", k_min: int = 2, k
                   silhouette_sample: int = 5000) -> Clustering:
     """Cluster path embeddings; k-means picks k in [k_min, k_max] by the silhouette coefficient."""
     n = len(vectors)
-    distinct = len(np.unique(np.round(vectors, 6), axis=0)) if n else 0
+    if n == 0:
+        return Clustering(np.zeros(0, dtype=int), method, 0, {})
+    distinct = len(np.unique(np.round(vectors, 6), axis=0))
     if method == "hdbscan":
         from sklearn.cluster import HDBSCAN
 
@@ -75,7 +77,7 @@ def cluster_paths(vectors: np.ndarray, method: str = "kmeans", k_min: int = 2, k
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
-    ks = [k for k in range(k_min, k_max + 1) if 2 <= k <= distinct - 1]
+    ks = [k for k in range(k_min, k_max + 1) if 2 <= k <= min(distinct, n - 1)]
     if not ks:
         note = (f"{n} path(s), {distinct} distinct: too few to choose k in "
                 f"[{k_min}, {k_max}] by silhouette; one cluster")

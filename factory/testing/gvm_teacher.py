@@ -21,9 +21,9 @@ from typing import Any
 
 #: (path, chance that the 20 items contain the oracle's item)
 STYLES: tuple[tuple[str, float], ...] = (
-    ("Review genre history -> Find favourite decade -> Recommend similar classics", 0.8),
-    ("Scan recent titles -> Guess current mood -> Suggest popular picks", 0.1),
-    ("List liked actors -> Match co-stars -> Propose new releases", 0.1),
+    ("Review purchase history -> Find favourite category -> Recommend matching items", 0.8),
+    ("Scan recent items -> Guess current mood -> Suggest popular picks", 0.1),
+    ("List liked brands -> Match similar brands -> Propose new releases", 0.1),
 )
 _HISTORY_LINE = re.compile(r"^\d+\. (.*?)(?: \| categories: .*?)?(?: \| brand: .*)?$")
 
@@ -32,6 +32,11 @@ def history_titles(prompt: str) -> tuple[str, ...]:
     """The numbered history lines of a gvm_generate / gvm_recommend prompt."""
     block = prompt.split("oldest first):", 1)[-1].split("\n\n", 1)[0]
     return tuple(m.group(1) for m in map(_HISTORY_LINE.match, block.splitlines()) if m)
+
+
+def describe(rank: int, title: str) -> str:
+    """The filler recommendation at `rank` (angle brackets included on purpose)."""
+    return f"Pick {rank}: something like {title} (size <XL>)"
 
 
 def _draw(*parts: Any) -> float:
@@ -61,8 +66,7 @@ class GvmTeacher:
             quality = self.template_quality.get(path.split(" -> ")[0], 0.3)
         else:
             path, quality = STYLES[int(_draw("style", seed, titles) * len(STYLES))]
-        items = [f"Film number {i} like {titles[i % len(titles)]} (rated <PG-13>)"
-                 for i in range(self.n_items)]
+        items = [describe(i, titles[i % len(titles)]) for i in range(self.n_items)]
         target = self.oracle.get(titles)
         if target is not None and _draw("hit", seed, titles) < quality:
             items[int(_draw("rank", seed, titles) * len(items))] = target
@@ -99,7 +103,7 @@ class GvmTeacher:
         steps = paths[0].split(" -> ")
         best = " -> ".join([*steps[:-1], "Item Recommendation"])
         return (f"### 1. Pattern Summary\n- **Core Logic:** {steps[0]} first.\n"
-                "### 2. Performance Assessment\n- **Why it works:** genre signal.\n"
+                "### 2. Performance Assessment\n- **Why it works:** category signal.\n"
                 "### 3. Optimized Paths\n"
                 "- **Best Path (each step <= 8 words):** [" + best + "]\n"
                 "- **Improvement Logic:** ends with an explicit recommendation step.\n")
