@@ -58,14 +58,6 @@ def encoder_for(wh: Warehouse, encoder: str | None, label: str) -> tuple[Any, En
     return embedder, lambda texts: embedder.embed(texts, label=label)
 
 
-def history_vars(con: Any, dataset: str, history: list[str]) -> list[dict[str, Any]]:
-    """The prompt's view of a history: title, categories, brand per item, oldest first."""
-    from factory.gvm.sequences import item_info
-
-    info = item_info(con, dataset, history)
-    return [info[i] for i in history]
-
-
 def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str, users: int,
             samples: int, n_items: int, max_history: int, prune_threshold: float,
             prune_scope: str, cluster: str, k_min: int, k_max: int, min_cluster_size: int,
@@ -74,7 +66,7 @@ def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str,
     from factory.console import console
     from factory.gvm.parse import parse_generation
     from factory.gvm.phases import FREE, chain_columns, store_sequences
-    from factory.gvm.sequences import sample_sequences
+    from factory.gvm.sequences import history_info, sample_sequences
     from factory.teacher import Sampling, TeacherJob, Work, load_prompt
 
     if teacher.shard:
@@ -87,10 +79,10 @@ def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str,
     seconds: dict[str, float] = {}
     with timed(seconds, "sample"), wh.read() as con:
         seqs = sample_sequences(con, dataset, split, users, seed, max_history)
-        works = [Work(id=f"{s.user_id}/{k}", sample=k, data=s.user_id,
-                      vars={"history": history_vars(con, dataset, s.history),
-                            "n_items": n_items})
-                 for s in seqs for k in range(samples)]
+        histories = history_info(con, dataset, seqs)
+    works = [Work(id=f"{s.user_id}/{k}", sample=k, data=s.user_id,
+                  vars={"history": histories[s.user_id], "n_items": n_items})
+             for s in seqs for k in range(samples)]
     params = {"dataset": dataset, "split": split, "users": users, "samples": samples,
               "n_items": n_items, "max_history": max_history, "seed": seed,
               "prune_threshold": prune_threshold, "prune_scope": prune_scope,

@@ -7,8 +7,8 @@ The teacher recommends under each template (the template's steps placed inside <
 SCoTER App. F) for the same seeded users; answers are mapped to catalog items and scored on
 each user's validation item, as in Validate. compare prints SCoTER Table 11 (Recall@20 and
 NDCG@20 per template), transfer Table 3 (a pattern mined on one dataset used on another,
-against the target's own). By default the users a gvm run mined on are left out, so a
-discovered template is not scored on the users it was selected on.
+against the target's own). By default the users a discovered template was mined on are
+left out, so it is not scored on the users it was selected on.
 """
 
 from __future__ import annotations
@@ -39,21 +39,21 @@ def run_compare(wh: Warehouse, dataset: str, templates: dict[str, Template], *, 
         store_sequences,
         validate_run,
     )
-    from factory.gvm.sequences import sample_sequences
+    from factory.gvm.sequences import history_info, sample_sequences
     from factory.teacher import Sampling, TeacherJob, Work, load_prompt
-    from jobs.gvm import GENERATE_SAMPLING, encoder_for, history_vars
+    from jobs.gvm import GENERATE_SAMPLING, encoder_for
 
     if teacher.shard:
         raise FactoryError(f"{job_name} does not shard: every template is scored on the "
                            "same users in one run")
     defaults = Sampling(**GENERATE_SAMPLING)
     seed = defaults.merged(teacher.sampling).seed
+    # a template mined on this dataset was selected on its run's users: score elsewhere
+    exclude = sorted({t.run_id for t in templates.values()
+                      if held_out and t.kind == "discovered" and t.dataset == dataset})
     with wh.read() as con:
-        mined = con.execute("select run_id from job_runs where job = 'gvm' and dataset = ?"
-                            " order by started_at desc limit 1", [dataset]).fetchone()
-        exclude = mined[0] if held_out and mined else None
         seqs = sample_sequences(con, dataset, split, users, seed, max_history, exclude)
-        histories = {s.user_id: history_vars(con, dataset, s.history) for s in seqs}
+        histories = history_info(con, dataset, seqs)
     params = {"dataset": dataset, "split": split, "users": users, "samples": samples,
               "n_items": n_items, "max_history": max_history, "seed": seed,
               "held_out_from": exclude, "encoder": encoder or "default",
@@ -121,7 +121,8 @@ def register(gvm_app: typer.Typer) -> None:
         n_items: int = typer.Option(20, "--items", min=1),
         max_history: int = typer.Option(20, "--max-history", min=1),
         held_out: bool = typer.Option(True, "--held-out/--with-mined-users",
-                                      help="Leave out the users the latest gvm run mined on."),
+                                      help="Leave out the users a discovered template was "
+                                      "mined on."),
         encoder: str = typer.Option(None, "--encoder"),
         *,
         teacher: TeacherOptions,

@@ -228,7 +228,8 @@ def test_show_and_plot(ml100k: Warehouse, tmp_path) -> None:
     from factory.runs import start_run
 
     with ml100k.write() as con:
-        run = start_run(con, "gvm", "ml-100k", {"users": 40})
+        run = start_run(con, "gvm", "ml-100k", {"dataset": "ml-100k", "users": 40,
+                                                "samples": 4, "split": "loo", "seed": 0})
     make_answers(ml100k, run)
     prune_run(ml100k, run, bow, 0.85, "user")
     ids, vectors = catalog(ml100k, "ml-100k", bow)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,13 @@ def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int =
     """Print a run's chains, clusters (size, quality, interval, paths), verdict and template."""
     from rich.table import Table
 
-    status, params = con.execute("select status, params from job_runs where run_id = ?",
-                                 [run_id]).fetchone()
-    out.print(f"[bold]{run_id}[/] ({status}) {params}")
+    status, params, backend, model = con.execute(
+        "select status, params, backend, model from job_runs where run_id = ?",
+        [run_id]).fetchone()
+    p = json.loads(params)
+    out.print(f"[bold]{run_id}[/] ({status}): {p['users']} users x {p['samples']} samples "
+              f"of {p['dataset']} (split {p['split']}, seed {p['seed']}), teacher {backend} "
+              f"{model}")
     tally = con.execute(
         "select case when status = 'failed' then 'failed' when pruned then 'pruned'"
         " else 'kept' end, count(*), count(distinct user_id), avg(score), sum(score)"

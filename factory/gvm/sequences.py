@@ -26,10 +26,10 @@ class Sequence:
 
 def sample_sequences(con: duckdb.DuckDBPyConnection, dataset: str, split: str, n_users: int,
                      seed: int, max_history: int = 20,
-                     exclude_run: str | None = None) -> list[Sequence]:
+                     exclude_runs: list[str] | None = None) -> list[Sequence]:
     """Up to `n_users` users with training history and a validation item, in seeded order.
 
-    `exclude_run` leaves out the users of another run (e.g. the users a pattern was mined
+    `exclude_runs` leaves out the users of other runs (e.g. the users a pattern was mined
     on, so that `gvm compare` scores templates on users the discovery never saw).
     """
     require_split(con, dataset, split)
@@ -43,7 +43,8 @@ def sample_sequences(con: duckdb.DuckDBPyConnection, dataset: str, split: str, n
             select v.user_id, v.target from valid v
             where exists (select 1 from split_interactions t where t.dataset = $dataset
                           and t.split = $split and t.part = 'train' and t.user_id = v.user_id)
-              and v.user_id not in (select user_id from gvm_sequences where run_id = $exclude)
+              and v.user_id not in (select user_id from gvm_sequences
+                                    where run_id in (select unnest($exclude::varchar[])))
             order by md5($seed || ':' || v.user_id), v.user_id
             limit $n
         ), hist as (
@@ -60,12 +61,19 @@ def sample_sequences(con: duckdb.DuckDBPyConnection, dataset: str, split: str, n
         order by md5($seed || ':' || p.user_id), p.user_id
         """,
         {"dataset": dataset, "split": split, "n": n_users, "seed": str(seed),
-         "max_history": max_history, "exclude": exclude_run or ""},
+         "max_history": max_history, "exclude": exclude_runs or []},
     ).fetchall()
     if not rows:
         raise FactoryError(f"no users in {dataset!r} split {split!r} have both training "
                            "history and a validation item")
     return [Sequence(u, list(h), t) for u, h, t in rows]
+
+
+def history_info(con: duckdb.DuckDBPyConnection, dataset: str,
+                 sequences: list[Sequence]) -> dict[str, list[dict[str, Any]]]:
+    """Per user, the prompt's view of the history: title, categories, brand, oldest first."""
+    info = item_info(con, dataset, [i for s in sequences for i in s.history])
+    return {s.user_id: [info[i] for i in s.history] for s in sequences}
 
 
 def item_info(con: duckdb.DuckDBPyConnection, dataset: str,
