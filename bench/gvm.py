@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from factory.console import console  # noqa: E402
 from factory.datasets.ingest import NormaliseOptions, ingest  # noqa: E402
 from factory.datasets.movielens import load_movielens  # noqa: E402
 from factory.gvm.phases import catalog  # noqa: E402
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     args = ap.parse_args()
     grid = [tuple(int(x) for x in cell.split("x")) for cell in args.grid.split(",")]
+    console.quiet = True  # the jobs' progress bars and summaries; the table goes to stdout
 
     with tempfile.TemporaryDirectory() as tmp:
         wh = Warehouse(Path(tmp) / "bench.duckdb")
@@ -81,7 +83,7 @@ def main() -> None:
         server = OpenAIServer(GvmTeacher(oracle, malformed=0.1), latency=args.latency)
         with server:
             print(f"server latency {args.latency * 1000:.0f} ms, concurrency "
-                  f"{args.concurrency}; seconds per phase:")
+                  f"{args.concurrency}; seconds per phase:", flush=True)
             head = (f"{'users x samples':>15} {'chains':>6} " +
                     " ".join(f"{p:>8}" for p in PHASES) +
                     f" {'total':>7} {'ms/chain':>8} {'vs base':>7} {'seen':>6} {'encoded':>7}")
@@ -97,7 +99,7 @@ def main() -> None:
                 print(f"{users:>7} x {samples:<5} {chains:>6} " +
                       " ".join(f"{g['seconds'].get(p, 0.0):>8.2f}" for p in PHASES) +
                       f" {wall:>7.1f} {per:>8.1f} {per / base:>7.2f} {emb['seen']:>6,}"
-                      f" {emb['encoded']:>7,}")
+                      f" {emb['encoded']:>7,}", flush=True)
             users, samples = grid[-1]
             first_wall = wall
             sent = server.count()

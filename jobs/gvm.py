@@ -114,7 +114,7 @@ def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str,
     with wh.write() as con:
         con.execute("update job_runs set counts = json_merge_patch(counts, ?) where run_id = ?",
                     [json.dumps({"gvm": counts}, default=str), run_id])
-    _summary(wh, run_id, report, counts)
+    _summary(wh, run_id, report, job.totals, counts)
     return run_id
 
 
@@ -168,7 +168,9 @@ def _validate_and_mine(wh: Warehouse, job: TeacherJob, dataset: str, *, seqs: in
             "embeddings": vars(embedder.stats), "seconds": seconds}
 
 
-def _summary(wh: Warehouse, run_id: str, report: Any, counts: dict[str, Any]) -> None:
+def _summary(wh: Warehouse, run_id: str, report: Any, totals: Any,
+             counts: dict[str, Any]) -> None:
+    """`report`: the Generate round; `totals`: every round of the job (cost)."""
     from factory.console import summary
 
     rows: dict[str, Any] = {
@@ -191,7 +193,7 @@ def _summary(wh: Warehouse, run_id: str, report: Any, counts: dict[str, Any]) ->
     rows["embeddings"] = (f"{emb['seen']:,} texts seen, {emb['unique']:,} distinct, "
                           f"{emb['cache_hits']:,} cached, {emb['encoded']:,} encoded")
     rows["seconds"] = ", ".join(f"{k} {v:.1f}" for k, v in counts["seconds"].items())
-    rows["cost"] = report.rows()["cost"]
+    rows["cost"] = totals.rows()["cost"]
     rows["run"] = run_id
     summary("gvm finished", rows,
             f"select cluster, n, quality, ci_low, ci_high from gvm_clusters "

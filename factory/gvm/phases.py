@@ -1,7 +1,8 @@
-"""The GVM phases over the warehouse: store answers, prune, validate, mine (SCoTER Alg. 1).
+"""The GVM phases over the warehouse: prune, validate, mine, evaluate (SCoTER Alg. 1).
 
-Each phase reads what the previous one wrote for a run and writes its own results in one
-short transaction, so `factory sql` can watch a run and a failed phase can be re-run alone.
+The teacher engine stores the parsed answers (gvm_chains); each phase then reads what the
+previous one wrote for a run and writes its own results in one short transaction, so
+`factory sql` can watch a run and a phase can be re-run alone.
 Embeddings come from an `Encode` function (the shared, cached embedding service): rows are
 L2-normalised, so a dot product is a cosine.
 """
@@ -37,12 +38,11 @@ Encode = Callable[[Sequence[str]], np.ndarray]
 FREE = "free"  # the template column of chains from the open Fig. 9 prompt
 
 
-def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]],
-                schema: pa.Schema | None = None) -> None:
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
     """Append dicts to a table in one statement (columns by name)."""
     if not rows:
         return
-    data = pa.Table.from_pylist(rows, schema=schema)
+    data = pa.Table.from_pylist(rows)
     con.register("_rows", data)
     try:
         cols = ", ".join(data.column_names)
