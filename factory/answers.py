@@ -109,16 +109,14 @@ def parse_yes_no(text: str) -> Prediction:
     if not answer:
         raise MalformedAnswer("no answer after the reasoning" if thinking else "empty answer")
     lead = _LEAD.match(answer)
+    body = _LEAD_CLEAN.sub("", answer, count=1).strip() if lead else answer
+    stated = {m.group(1).lower() for m in _STATED.finditer(body)}
     if lead:
-        decision = lead.group(1).lower() == "yes"
-        body = _LEAD_CLEAN.sub("", answer, count=1).strip()
-    else:
-        stated = {m.group(1).lower() for m in _STATED.finditer(answer)}
-        if len(stated) != 1:
-            raise MalformedAnswer("conflicting Yes/No decisions" if stated
-                                  else "does not begin with Yes or No")
-        decision = stated.pop() == "yes"
-        body = answer
+        stated.add(lead.group(1).lower())
+    if len(stated) != 1:
+        raise MalformedAnswer("conflicting Yes/No decisions" if stated
+                              else "does not begin with Yes or No")
+    decision = stated.pop() == "yes"
     reasoning = thinking or body
     if not reasoning:
         raise MalformedAnswer("a decision without reasoning")

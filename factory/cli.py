@@ -31,6 +31,10 @@ app = typer.Typer(
 ingest_app = typer.Typer(help="Load a dataset into the warehouse (one transaction).",
                          no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
+#: Job modules add their verbs here (`export cache`, `export sft`, ...).
+export_app = typer.Typer(help="Write warehouse data as files other tools read.",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 _state: dict[str, Any] = {}
 
@@ -297,6 +301,7 @@ JOB_MODULES: list[str] = [
     "jobs.i2i_eval",
     "jobs.gvm",
     "jobs.user_groups",
+    "jobs.export_sft",
 ]
 
 for _module in PLATFORM_MODULES + JOB_MODULES:

@@ -32,10 +32,12 @@ _REFUSAL = re.compile(
     re.IGNORECASE,
 )
 
-_STOPWORDS = frozenset(
-    "a an and the of in on for to with by from at or vs is are be this that these those it its "
-    "de la le el los las der die das und set pack pcs piece pieces edition vol volume new".split()
-)
+_STOPWORDS = frozenset({
+    "a", "an", "and", "the", "of", "in", "on", "for", "to", "with", "by", "from", "at", "or",
+    "vs", "is", "are", "be", "this", "that", "these", "those", "it", "its", "de", "la", "le",
+    "el", "los", "las", "der", "die", "das", "und", "set", "pack", "pcs", "piece", "pieces",
+    "edition", "vol", "volume", "new",
+})
 _YEAR = re.compile(r"\(\s*\d{4}\s*\)")
 
 

@@ -63,7 +63,7 @@ def gate(weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
     top = weights.max(axis=1)
     decisions = [
         GLOBAL if h > 0.95 * np.log(n) else SINGLE if m > 0.5 + 0.6 / n else FUSED
-        for h, m in zip(entropy, top)
+        for h, m in zip(entropy, top, strict=True)
     ]
     return entropy, decisions
 

@@ -92,7 +92,7 @@ def run_user_groups(wh: Any, dataset: str, *, groups: int, split: str = "loo", d
             raise FactoryError(f"--dim {dim} must be below min(users, items) = "
                                f"{min(n_users, n_items)} for a truncated SVD")
         user_ids = [None] * n_users
-        for u, k in zip(train["user_id"], uidx):
+        for u, k in zip(train["user_id"], uidx, strict=True):
             user_ids[k] = str(u)
         with console.status(f"SVD of {n_users:,} x {n_items:,} train matrix"):
             factors, explained = svd_user_features(uidx, iidx, n_users, n_items, dim, seed)
@@ -111,7 +111,7 @@ def run_user_groups(wh: Any, dataset: str, *, groups: int, split: str = "loo", d
             "entropy": g.entropy.astype(np.float64),
             "max_weight": g.weights.max(axis=1).astype(np.float64),
             "gate": g.gate,
-            "expert": [int(t) if d == "single" else None for t, d in zip(top, g.gate)],
+            "expert": [int(t) if d == "single" else None for t, d in zip(top, g.gate, strict=True)],
             "feature": list(g.features.astype(np.float32)),
         })
         with wh.write() as con:

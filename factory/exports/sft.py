@@ -1,0 +1,422 @@
+"""Supervised fine-tuning sets in chat format: TwiSTAR collaborative explanations mixed with
+SID/text alignment, and ThinkRec reasoning traces mixed with Yes/No recommendation examples.
+
+Output, per part (train / valid / test): `<stem>.<part>.jsonl` with one
+`{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}` per line (the format TRL's
+SFTTrainer and OpenAI fine-tuning read), or `<stem>.<part>.parquet` with the same `messages`
+column plus where each example came from; and `<stem>.manifest.json` with the parameters,
+the counts and the files. Only kept rows are exported. Every random choice draws from one
+seeded generator over rows in a fixed order, so the same warehouse and seed give the same
+bytes.
+
+Mixing: the teacher-generated examples (explanations, reasoning traces) of the train part are
+all used once; the other kind is sampled to the requested ratio, without replacement while
+the pool lasts, then in further passes (recorded as `passes` in the manifest).
+
+Parts: ThinkRec examples take the part of their target interaction in the split (reasoning
+traces are made from the train part only, so valid/test hold recommendation examples).
+I2I pairs are mined from the split's train part and have no part of their own: a seeded share
+of unordered pairs is held out for valid and for test (`holdout`), so a fine-tuned model can
+be checked on pairs it never saw; alignment examples go to train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from factory.errors import FactoryError
+from factory.itemtext import (
+    HistoryEntry,
+    Item,
+    item_noun,
+    latest_keywords,
+    load_items,
+    plural,
+    render_history,
+)
+
+PARTS = ("train", "valid", "test")
+FORMATS = ("chat-jsonl", "parquet")
+
+
+@dataclass
+class Example:
+    """One fine-tuning example and the warehouse rows it came from."""
+
+    part: str
+    kind: str                       # collaborative | alignment | reasoning | recommendation
+    prompt: str
+    answer: str
+    item_id: str | None = None
+    other_item_id: str | None = None
+    user_id: str | None = None
+    position: int | None = None
+    sample_index: int | None = None
+    label: bool | None = None
+    run_id: str | None = None
+    group_id: int | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.prompt},
+                {"role": "assistant", "content": self.answer}]
+
+
+@dataclass
+class ExportResult:
+    files: list[Path]
+    counts: dict[str, dict[str, int]]             # part -> kind -> examples
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def unit_hash(*parts: Any) -> float:
+    """A stable number in [0, 1) for a key (the same on every machine and Python run)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def take(pool: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """`n` indices into a pool of `pool`: whole shuffled passes, then a sample without
+    replacement for the remainder. Returns the indices and the number of passes started."""
+    if n <= 0 or pool == 0:
+        return np.empty(0, dtype=np.int64), 0
+    full, rest = divmod(n, pool)
+    chunks = [rng.permutation(pool) for _ in range(full)]
+    if rest:
+        chunks.append(rng.choice(pool, size=rest, replace=False))
+    return np.concatenate(chunks), full + (1 if rest else 0)
+
+
+def parse_mix(spec: str) -> float:
+    """`alignment:R` -> R alignment examples per collaborative explanation (E.1.3: 1:1)."""
+    name, sep, value = spec.partition(":")
+    if name.strip() != "alignment" or not sep:
+        raise FactoryError(f"--mix {spec!r}: expected alignment:RATIO, e.g. alignment:1")
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise FactoryError(f"--mix {spec!r}: RATIO must be a number") from None
+    if ratio < 0:
+        raise FactoryError(f"--mix {spec!r}: RATIO must not be negative")
+    return ratio
+
+
+# -- TwiSTAR: collaborative explanations + SID/text alignment -----------------------------------
+def sid_tokens(con: duckdb.DuckDBPyConnection, dataset: str) -> dict[str, str]:
+    """Each item's SID in TwiSTAR App. A.2 token form, from the latest `sids` run."""
+    rows = con.execute("select item_id, tokens from item_sids where dataset = ?",
+                       [dataset]).fetchall()
+    return {str(i): t for i, t in rows}
+
+
+def i2i_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, *, mix: float,
+                 holdout: float, seed: int, model: str | None = None) -> tuple[
+                     list[Example], dict[str, Any]]:
+    from factory.prompts import load_prompt
+
+    rows = con.execute(
+        "select item_i, item_j, sample_index, prompt, explanation, run_id"
+        " from i2i_explanations where dataset = ? and pairs_split = ? and verdict = 'kept'"
+        " and (? is null or model = ?)"
+        " order by item_i, item_j, sample_index, model, template_hash",
+        [dataset, split, model, model]).fetchall()
+    if not rows:
+        raise FactoryError(
+            f"no kept I2I explanations of {dataset!r} for pairs of split {split!r}"
+            f"{f' from model {model!r}' if model else ''}: run `factory explain-i2i` first")
+    examples = []
+    for item_i, item_j, sample, prompt, text, run_id in rows:
+        h = unit_hash(seed, *sorted((item_i, item_j)))
+        part = "test" if h < holdout else "valid" if h < 2 * holdout else "train"
+        examples.append(Example(part, "collaborative", prompt, text, item_i, item_j,
+                                sample_index=sample, run_id=run_id))
+    rng = np.random.default_rng(seed)
+    notes: dict[str, Any] = {"alignment_per_explanation": mix}
+    n_collab = sum(e.part == "train" for e in examples)
+    n_align = round(n_collab * mix)
+    if n_align:
+        sids = sid_tokens(con, dataset)
+        items = load_items(con, dataset, sids)
+        to_text = load_prompt("twistar_align_sid_to_text")
+        to_sid = load_prompt("twistar_align_text_to_sid")
+        pool: list[tuple[str, str, str]] = []       # (item_id, prompt, answer), fixed order
+        for item_id in sorted(sids):
+            text = items[item_id].text() if item_id in items else None
+            if not text:
+                continue
+            pool.append((item_id, _user(to_text.render(sid=sids[item_id])), text))
+            pool.append((item_id, _user(to_sid.render(text=text)), sids[item_id]))
+        if not pool:
+            raise FactoryError(f"no items of {dataset!r} have both a SID and text: run "
+                               "`factory sids` first, or pass --mix alignment:0")
+        picked, passes = take(len(pool), n_align, rng)
+        examples += [Example("train", "alignment", pool[k][1], pool[k][2], pool[k][0])
+                     for k in picked]
+        notes.update(alignment_pool=len(pool), alignment_passes=passes)
+    return examples, notes
+
+
+def _user(messages: list[dict[str, str]]) -> str:
+    """The prompt text of a one-turn template (factory's prompts have no system block here)."""
+    return "\n\n".join(m["content"] for m in messages)
+
+
+# -- ThinkRec: reasoning traces + Yes/No recommendation ---------------------------------------
+def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, *,
+                      share: float, history: int, seed: int, exclude_revealed: bool,
+                      groups: dict[str, int] | None, noun: str | None,
+                      model: str | None = None) -> tuple[list[Example], dict[str, Any]]:
+    """Reasoning traces (kept, train) and recommendation examples of every part, B.2 prompt."""
+    from factory.prompts import load_prompt
+
+    prompt = load_prompt("thinkrec_recommendation")
+    noun = noun or item_noun(con, dataset)
+    items = load_items(con, dataset)
+    keywords = latest_keywords(con, dataset)
+
+    def render(entries: Sequence[HistoryEntry], target: str) -> str:
+        return _user(prompt.render(history=render_history(entries, features=True),
+                                   target_title=target, noun=noun, nouns=plural(noun)))
+
+    traces = con.execute(
+        "select t.user_id, t.position, t.item_id, t.label, t.history, t.explanation, t.run_id"
+        " from thinkrec_traces t join split_parts p on p.dataset = t.dataset"
+        "  and p.split = t.split and p.user_id = t.user_id and p.position = t.position"
+        " where t.dataset = ? and t.split = ? and t.verdict = 'kept' and p.part = 'train'"
+        " and (? is null or t.model = ?) and not (? and t.label_revealed)"
+        " order by t.user_id, t.position, t.model, t.template_hash",
+        [dataset, split, model, model, exclude_revealed]).fetchall()
+    notes: dict[str, Any] = {"reasoning_share": share, "history": history, "noun": noun,
+                             "exclude_revealed": exclude_revealed}
+    if not traces and share > 0:
+        raise FactoryError(f"no kept ThinkRec traces of {dataset!r} in split {split!r}: "
+                           "run `factory thinkrec` first")
+    reasoning = []
+    for user_id, position, item_id, label, hist, text, run_id in traces:
+        if groups is not None and user_id not in groups:
+            continue
+        entries = [HistoryEntry.from_json(h) for h in json.loads(hist)]
+        reasoning.append(Example("train", "reasoning", render(entries, items[item_id].title),
+                                 text, item_id, user_id=user_id, position=position,
+                                 label=label, run_id=run_id))
+
+    # every labelled interaction of the split with a titled target and some earlier history
+    cand = con.execute(
+        "with s as (select part, user_id, position, item_id, label from split_interactions"
+        "           where dataset = ? and split = ?)"
+        " select s.part, s.user_id, s.position from s join items i"
+        "  on i.dataset = ? and i.item_id = s.item_id"
+        " where s.label is not null and i.title is not null"
+        "  and exists (select 1 from s h where h.user_id = s.user_id and h.position < s.position)"
+        " order by s.part, s.user_id, s.position",
+        [dataset, split, dataset]).fetchall()
+    if groups is not None:
+        cand = [c for c in cand if c[1] in groups]
+    rng = np.random.default_rng(seed)
+    chosen: list[tuple[str, str, int]] = [c for c in cand if c[0] != "train"]
+    # mix within each group (or the whole set), so every exported set has the share
+    group_of = (lambda user: groups[user]) if groups is not None else (lambda user: None)
+    passes = 0
+    for g in sorted({group_of(c[1]) for c in cand} | {group_of(e.user_id) for e in reasoning},
+                    key=lambda g: -1 if g is None else g):
+        train = [c for c in cand if c[0] == "train" and group_of(c[1]) == g]
+        n_reasoning = sum(group_of(e.user_id) == g for e in reasoning)
+        if share >= 1:
+            n_rec = 0
+        elif share <= 0:
+            n_rec = len(train)
+        else:
+            n_rec = round(n_reasoning * (1 - share) / share)
+        picked, p = take(len(train), n_rec, rng)
+        passes = max(passes, p)
+        chosen += [train[k] for k in picked]
+    notes.update(recommendation_passes=passes)
+    recommendation = _recommendation_examples(con, dataset, split, chosen, history, items,
+                                              keywords, render)
+    return reasoning + recommendation, notes
+
+
+def _recommendation_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
+                             chosen: list[tuple[str, str, int]], history: int,
+                             items: dict[str, Item], keywords: dict[str, list[str]],
+                             render: Any) -> list[Example]:
+    """B.2 prompts for the chosen (part, user, position) with the `history` latest earlier
+    interactions of the split, answered "Yes" or "No" by the interaction's label."""
+    import pyarrow as pa
+
+    if not chosen:
+        return []
+    keys = pa.table({"user_id": [c[1] for c in chosen],
+                     "position": pa.array([c[2] for c in chosen], pa.int32()),
+                     "k": pa.array(range(len(chosen)), pa.int64())})
+    con.register("_chosen", keys)
+    try:
+        rows = con.execute(
+            "with s as (select user_id, position, item_id, label from split_interactions"
+            "           where dataset = ? and split = ?),"
+            " h as (select user_id, position, item_id, label,"
+            "  list(item_id) over w as h_items, list(label) over w as h_labels from s"
+            "  window w as (partition by user_id order by position"
+            "               rows between ? preceding and 1 preceding))"
+            " select c.k, h.item_id, h.label, h.h_items, h.h_labels from _chosen c"
+            " join h using (user_id, position) order by c.k",
+            [dataset, split, history]).fetchall()
+    finally:
+        con.unregister("_chosen")
+    out = []
+    for k, item_id, label, h_items, h_labels in rows:
+        part, user_id, position = chosen[k]
+        entries = [HistoryEntry(i, items[i].title, bool(lab), keywords.get(i))
+                   for i, lab in zip(h_items, h_labels, strict=True)
+                   if i in items and items[i].title and lab is not None]
+        if not entries:
+            continue
+        out.append(Example(part, "recommendation", render(entries, items[item_id].title),
+                           "Yes" if label else "No", item_id, user_id=user_id,
+                           position=position, label=bool(label)))
+    return out
+
+
+def user_group_ids(con: duckdb.DuckDBPyConnection, dataset: str, grouping: str) -> dict[str, int]:
+    rows = con.execute("select user_id, group_id from user_groups where dataset = ?"
+                       " and grouping = ?", [dataset, grouping]).fetchall()
+    if not rows:
+        raise FactoryError(f"no user grouping {grouping!r} for {dataset!r}: run "
+                           "`factory user-groups` first")
+    return {u: g for u, g in rows}
+
+
+# -- writing ------------------------------------------------------------------------------------
+def output_paths(out: Path, fmt: str, suffix: str = "") -> dict[str, Path]:
+    """`data.jsonl` -> data.train.jsonl, data.valid.jsonl, data.test.jsonl (+ `suffix`)."""
+    ext = ".jsonl" if fmt == "chat-jsonl" else ".parquet"
+    stem = out.name[:-len(out.suffix)] if out.suffix in (".jsonl", ".parquet", ".json") \
+        else out.name
+    return {p: out.with_name(f"{stem}{suffix}.{p}{ext}") for p in PARTS}
+
+
+def manifest_path(out: Path) -> Path:
+    stem = out.name[:-len(out.suffix)] if out.suffix else out.name
+    return out.with_name(f"{stem}.manifest.json")
+
+
+def write_examples(examples: list[Example], paths: dict[str, Path], fmt: str,
+                   seed: int) -> dict[str, dict[str, int]]:
+    """Shuffle each part with the seed and write it atomically (temp file, then rename)."""
+    counts: dict[str, dict[str, int]] = {}
+    for part, path in paths.items():
+        rows = [e for e in examples if e.part == part]
+        order = np.random.default_rng([seed, PARTS.index(part)]).permutation(len(rows))
+        rows = [rows[k] for k in order]
+        counts[part] = {}
+        for e in rows:
+            counts[part][e.kind] = counts[part].get(e.kind, 0) + 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if fmt == "chat-jsonl":
+            with tmp.open("w", encoding="utf-8") as f:
+                for e in rows:
+                    f.write(json.dumps({"messages": e.messages()}, ensure_ascii=False) + "\n")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            meta = [{k: v for k, v in asdict(e).items() if k not in ("prompt", "answer")}
+                    for e in rows]
+            table = pa.Table.from_pylist(
+                [{"messages": e.messages(), **m} for e, m in zip(rows, meta, strict=True)],
+                schema=_parquet_schema())
+            pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    return counts
+
+
+def _parquet_schema() -> Any:
+    import pyarrow as pa
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.schema([
+        ("messages", pa.list_(message)), ("part", pa.string()), ("kind", pa.string()),
+        ("item_id", pa.string()), ("other_item_id", pa.string()), ("user_id", pa.string()),
+        ("position", pa.int32()), ("sample_index", pa.int32()), ("label", pa.bool_()),
+        ("run_id", pa.string()), ("group_id", pa.int32()),
+    ])
+
+
+
+def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-jsonl",
+               split: str = "loo", seed: int = 0, mix: float = 1.0, holdout: float = 0.05,
+               share: float = 0.2, history: int = 10, exclude_revealed: bool = False,
+               grouping: str | None = None, noun: str | None = None,
+               model: str | None = None) -> ExportResult:
+    """Build, mix and write one SFT export; recorded as an `export-sft` job run."""
+    from factory.runs import finish_run, start_run
+    from factory.warehouse import require_split
+
+    if fmt not in FORMATS:
+        raise FactoryError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if kind not in ("i2i", "thinkrec"):
+        raise FactoryError(f"--kind {kind!r}: expected i2i or thinkrec")
+    if not 0 <= holdout < 0.5:
+        raise FactoryError("--holdout must be in [0, 0.5): it is the share of pairs for "
+                           "valid and again for test")
+    if not 0 <= share <= 1:
+        raise FactoryError("--reasoning-share must be in [0, 1]")
+    if grouping and kind != "thinkrec":
+        raise FactoryError("--grouping splits users into groups; I2I examples have no user")
+    params = {"kind": kind, "out": str(out), "format": fmt, "split": split, "seed": seed,
+              "mix": mix, "holdout": holdout, "reasoning_share": share, "history": history,
+              "exclude_revealed": exclude_revealed, "grouping": grouping, "noun": noun,
+              "model": model}
+    with wh.write() as con:
+        require_split(con, dataset, split)
+        run_id = start_run(con, "export-sft", dataset, params)
+    try:
+        with wh.read() as con:
+            groups = user_group_ids(con, dataset, grouping) if grouping else None
+            if kind == "i2i":
+                examples, notes = i2i_examples(con, dataset, split, mix=mix, holdout=holdout,
+                                               seed=seed, model=model)
+            else:
+                examples, notes = thinkrec_examples(
+                    con, dataset, split, share=share, history=history, seed=seed,
+                    exclude_revealed=exclude_revealed, groups=groups, noun=noun, model=model)
+        if not examples:
+            raise FactoryError(f"nothing to export for {dataset!r} ({kind}, split {split!r})")
+        files: list[Path] = []
+        counts: dict[str, Any] = {}
+        if groups is None:
+            paths = output_paths(out, fmt)
+            counts = write_examples(examples, paths, fmt, seed)
+            files += paths.values()
+        else:
+            for e in examples:
+                e.group_id = groups[e.user_id]
+            for g in sorted(set(groups.values())):
+                paths = output_paths(out, fmt, f".group{g}")
+                counts[f"group{g}"] = write_examples(
+                    [e for e in examples if e.group_id == g], paths, fmt, seed)
+                files += paths.values()
+        manifest = {"dataset": dataset, "run_id": run_id, "params": params, "counts": counts,
+                    "notes": notes, "files": [f.name for f in files]}
+        mpath = manifest_path(out)
+        tmp = mpath.with_name(f".{mpath.name}.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, mpath)
+        files.append(mpath)
+        with wh.write() as con:
+            finish_run(con, run_id, "succeeded", {"counts": counts, **notes})
+    except BaseException as exc:
+        with wh.write() as con:
+            finish_run(con, run_id, "interrupted" if isinstance(exc, KeyboardInterrupt)
+                       else "failed", error=str(exc) or type(exc).__name__)
+        raise
+    return ExportResult(files, counts, notes)

@@ -1,0 +1,72 @@
+"""`factory export sft`: fine-tuning sets from kept explanations and reasoning traces."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from factory.console import summary
+
+
+class Kind(str, Enum):
+    i2i = "i2i"
+    thinkrec = "thinkrec"
+
+
+class Format(str, Enum):
+    chat_jsonl = "chat-jsonl"
+    parquet = "parquet"
+
+
+def register(app: typer.Typer) -> None:
+    from factory.cli import export_app
+
+    export_app.command("sft")(export_sft_cmd)
+
+
+def export_sft_cmd(
+    dataset: str = typer.Option(..., "--dataset"),
+    kind: Kind = typer.Option(..., "--kind", help="i2i: TwiSTAR explanations + SID/text "
+                              "alignment; thinkrec: reasoning traces + Yes/No examples."),
+    out: Path = typer.Option(..., "--out", help="e.g. sports.jsonl -> sports.train.jsonl, "
+                             "sports.valid.jsonl, sports.test.jsonl, sports.manifest.json"),
+    fmt: Format = typer.Option(Format.chat_jsonl, "--format"),
+    split: str = typer.Option("loo", "--split"),
+    seed: int = typer.Option(0, "--seed"),
+    mix: str = typer.Option("alignment:1", "--mix", help="i2i: alignment examples per "
+                            "explanation (TwiSTAR E.1.3: 1:1)."),
+    holdout: float = typer.Option(0.05, "--holdout", help="i2i: share of pairs held out for "
+                                  "valid, and again for test."),
+    share: float = typer.Option(0.2, "--reasoning-share", help="thinkrec: share of reasoning "
+                                "examples in train (ThinkRec 4.1: 0.2)."),
+    history: int = typer.Option(10, "--history", min=1, help="thinkrec: history items shown."),
+    exclude_revealed: bool = typer.Option(False, "--exclude-revealed", help="thinkrec: drop "
+                                          "traces that needed the label revealed."),
+    grouping: str = typer.Option(None, "--grouping", help="thinkrec: one set of files per "
+                                 "user group of this `user-groups` run."),
+    noun: str = typer.Option(None, "--noun", help="thinkrec: what the prompt calls an item "
+                             "[default: movie for MovieLens, else item]."),
+    model: str = typer.Option(None, "--model", help="Only rows from this teacher model."),
+) -> None:
+    """Write chat-format fine-tuning data (JSONL or Parquet), split into train/valid/test."""
+    from factory.cli import warehouse
+    from factory.exports.sft import export_sft, parse_mix
+
+    ratio = parse_mix(mix) if kind is Kind.i2i else 0.0
+    result = export_sft(warehouse(), dataset, kind.value, out, fmt=fmt.value, split=split,
+                        seed=seed, mix=ratio, holdout=holdout, share=share, history=history,
+                        exclude_revealed=exclude_revealed, grouping=grouping, noun=noun,
+                        model=model)
+    rows = {}
+    for key, value in result.counts.items():
+        if all(isinstance(v, int) for v in value.values()):
+            rows[key] = ", ".join(f"{k} {n:,}" for k, n in sorted(value.items())) or "empty"
+        else:
+            for part, kinds in value.items():
+                rows[f"{key} {part}"] = ", ".join(
+                    f"{k} {n:,}" for k, n in sorted(kinds.items())) or "empty"
+    rows["files"] = ", ".join(str(f) for f in result.files)
+    summary(f"exported {kind.value} SFT data of {dataset}", rows,
+            "select * from job_runs where job = 'export-sft' order by started_at desc limit 1")

@@ -1,0 +1,220 @@
+"""`export sft`: chat format, mixing ratios, split correctness, determinism, bad input.
+
+The generated rows are inserted directly here; the teacher jobs that make them are tested
+end to end in their own files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from factory.errors import FactoryError
+from factory.exports.sft import export_sft, parse_mix, take
+from factory.warehouse import Warehouse
+
+
+def _insert_traces(wh: Warehouse, n: int, revealed_every: int = 3) -> list[tuple[str, int]]:
+    """Kept traces for `n` train instances (one per user, with history) of ml-100k, plus one
+    rejected and one failed trace that must never be exported."""
+    with wh.write() as con:
+        inst = con.execute(
+            "select user_id, position, item_id, label from split_interactions"
+            " where dataset = 'ml-100k' and split = 'loo' and part = 'train' and position >= 3"
+            " qualify row_number() over (partition by user_id order by position) = 1"
+            " order by user_id limit ?", [n + 2]).fetchall()
+        for k, (user_id, position, item_id, label) in enumerate(inst):
+            hist = con.execute(
+                "select i.item_id, i.title, s.label from split_interactions s join items i"
+                " using (dataset, item_id) where s.dataset = 'ml-100k' and s.split = 'loo'"
+                " and s.user_id = ? and s.position < ? order by s.position desc limit 3",
+                [user_id, position]).fetchall()
+            history = [{"item_id": i, "title": t, "label": lab, "keywords": ["kw"]}
+                       for i, t, lab in reversed(hist)]
+            verdict = "kept" if k < n else ("rejected" if k == n else "failed")
+            answer = "Yes" if label else "No"
+            con.execute(
+                "insert into thinkrec_traces (dataset, split, user_id, position, item_id,"
+                " label, model, template, template_hash, history, turns, attempts, reflections,"
+                " label_revealed, prediction, explanation, verdict, reason, call_keys, run_id)"
+                " values ('ml-100k', 'loo', ?, ?, ?, ?, 'm', 'thinkrec_first_turn', 'h', ?,"
+                " '[]', 1, ?, ?, ?, ?, ?, ?, [], 'r')",
+                [user_id, position, item_id, label, json.dumps(history),
+                 int(k % revealed_every == 0), k % revealed_every == 0, label,
+                 f"{answer}. Because reasons {k}.", verdict,
+                 None if verdict == "kept" else verdict])
+    return [(u, p) for u, p, _, _ in inst[:n]]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_thinkrec_mix_ratio_parts_and_format(ml100k, tmp_path):
+    kept = _insert_traces(ml100k, 40)
+    out = tmp_path / "tr.jsonl"
+    r = export_sft(ml100k, "ml-100k", "thinkrec", out, share=0.2, seed=7)
+    assert r.counts["train"] == {"reasoning": 40, "recommendation": 160}
+    assert r.notes["recommendation_passes"] == 1
+    # valid / test: one recommendation example per user with a labelled target
+    assert set(r.counts["valid"]) == {"recommendation"}
+    assert r.counts["valid"]["recommendation"] > 900
+    train = _lines(tmp_path / "tr.train.jsonl")
+    assert len(train) == 200
+    for row in train:
+        assert list(row) == ["messages"]
+        (u, a) = row["messages"]
+        assert u["role"] == "user" and a["role"] == "assistant"
+        assert u["content"].startswith("#Question: A user has given ratings to the following "
+                                       "movies: ")
+        assert "<UserID>" in u["content"] and "(evaluation: " in u["content"]
+        assert a["content"] in ("Yes", "No") or a["content"].startswith(("Yes. ", "No. "))
+    assert sum(a["content"] not in ("Yes", "No") for a in (r["messages"][1] for r in train)) == 40
+    manifest = json.loads((tmp_path / "tr.manifest.json").read_text())
+    assert manifest["counts"]["train"]["reasoning"] == 40
+    assert {f"tr.{p}.jsonl" for p in ("train", "valid", "test")} <= set(manifest["files"])
+    # exclude traces whose label had to be revealed
+    r2 = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "nr.jsonl", exclude_revealed=True)
+    assert r2.counts["train"]["reasoning"] == 40 - len(range(0, 40, 3))
+    assert kept
+
+
+def test_thinkrec_parts_follow_the_split(ml100k, tmp_path):
+    _insert_traces(ml100k, 10)
+    out = tmp_path / "t.parquet"
+    export_sft(ml100k, "ml-100k", "thinkrec", out, fmt="parquet", seed=1)
+    with ml100k.read() as con:
+        parts = dict(((u, p), part) for u, p, part in con.execute(
+            "select user_id, position, part from split_parts where dataset = 'ml-100k'"
+            " and split = 'loo'").fetchall())
+        labels = dict(((u, p), lab) for u, p, lab in con.execute(
+            "select user_id, position, label from interactions where dataset = 'ml-100k'"
+        ).fetchall())
+    for part in ("train", "valid", "test"):
+        t = pq.read_table(tmp_path / f"t.{part}.parquet").to_pylist()
+        assert t, part
+        for row in t:
+            assert row["part"] == part == parts[(row["user_id"], row["position"])]
+            assert row["label"] == labels[(row["user_id"], row["position"])]
+            if row["kind"] == "recommendation":
+                assert row["messages"][1]["content"] == ("Yes" if row["label"] else "No")
+
+
+def test_history_never_shows_the_target_or_later_items(ml100k, tmp_path):
+    export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "h.parquet", fmt="parquet", share=0,
+               history=2)
+    rows = pq.read_table(tmp_path / "h.test.parquet").to_pylist()
+    with ml100k.read() as con:
+        title = dict(con.execute("select item_id, title from items where dataset = 'ml-100k'"
+                                 ).fetchall())
+        prev = dict(((u, p), i) for u, p, i in con.execute(
+            "select user_id, position, item_id from interactions where dataset = 'ml-100k'"
+        ).fetchall())
+    for row in rows[:50]:
+        prompt = row["messages"][0]["content"]
+        history = prompt.split("following movies: ", 1)[1].split(". Additionally", 1)[0]
+        assert f'"{title[prev[(row["user_id"], row["position"] - 1)]]}"' in history
+        assert history.count("(evaluation: ") == 2
+
+
+def test_deterministic_given_seed(ml100k, tmp_path):
+    _insert_traces(ml100k, 20)
+    a = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "a.jsonl", seed=3)
+    b = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "b.jsonl", seed=3)
+    c = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "c.jsonl", seed=4)
+    assert a.counts == b.counts == c.counts
+    for part in ("train", "valid", "test"):
+        assert (tmp_path / f"a.{part}.jsonl").read_bytes() == \
+            (tmp_path / f"b.{part}.jsonl").read_bytes()
+    assert (tmp_path / "a.train.jsonl").read_bytes() != (tmp_path / "c.train.jsonl").read_bytes()
+
+
+def test_per_group_exports(ml100k, tmp_path):
+    from jobs.user_groups import run_user_groups
+
+    _insert_traces(ml100k, 30)
+    run_user_groups(ml100k, "ml-100k", groups=2, dim=8, name="g2")
+    r = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "g.parquet", fmt="parquet",
+                   grouping="g2")
+    assert set(r.counts) == {"group0", "group1"}
+    with ml100k.read() as con:
+        group = dict(con.execute("select user_id, group_id from user_groups").fetchall())
+    total = 0
+    for g in (0, 1):
+        rows = pq.read_table(tmp_path / f"g.group{g}.train.parquet").to_pylist()
+        assert rows and all(group[row["user_id"]] == g == row["group_id"] for row in rows)
+        total += sum(row["kind"] == "reasoning" for row in rows)
+        n_r = r.counts[f"group{g}"]["train"].get("reasoning", 0)
+        assert r.counts[f"group{g}"]["train"]["recommendation"] == 4 * n_r
+    assert total == 30
+
+
+def test_i2i_holdout_by_unordered_pair(ml100k, tmp_path):
+    with ml100k.write() as con:
+        pairs = con.execute("select a.item_id, b.item_id from items a, items b where"
+                            " a.dataset = 'ml-100k' and b.dataset = 'ml-100k'"
+                            " and a.item_id < b.item_id order by 1, 2 limit 300").fetchall()
+        for k, (i, j) in enumerate(pairs):
+            for a, b in ((i, j), (j, i)):
+                for s in range(2):
+                    con.execute(
+                        "insert into i2i_explanations (dataset, item_i, item_j, sample_index,"
+                        " model, template, template_hash, pairs_split, prompt, explanation,"
+                        " verdict, run_id) values ('ml-100k', ?, ?, ?, 'm', 't', 'h', 'loo',"
+                        " ?, ?, ?, 'r')",
+                        [a, b, s, f"why {a} {b}", f"because {a} {b} {s}",
+                         "rejected" if k % 10 == 0 else "kept"])
+    r = export_sft(ml100k, "ml-100k", "i2i", tmp_path / "c.jsonl", mix=0, holdout=0.1, seed=2)
+    total = sum(sum(v.values()) for v in r.counts.values())
+    assert total == 270 * 4
+    assert 0.05 < r.counts["test"]["collaborative"] / total < 0.15
+    seen: dict[frozenset, str] = {}
+    for part in ("train", "valid", "test"):
+        for row in _lines(tmp_path / f"c.{part}.jsonl"):
+            _, a, b = row["messages"][0]["content"].split()
+            assert seen.setdefault(frozenset((a, b)), part) == part
+            assert "because" in row["messages"][1]["content"]
+
+
+def test_take_and_mix_parsing():
+    import numpy as np
+
+    idx, passes = take(5, 12, np.random.default_rng(0))
+    assert passes == 3 and sorted(idx[:5]) == list(range(5)) and len(set(idx[10:])) == 2
+    assert take(0, 3, np.random.default_rng(0))[0].size == 0
+    assert parse_mix("alignment:1") == 1.0
+    for bad in ("alignment", "other:1", "alignment:x", "alignment:-1"):
+        with pytest.raises(FactoryError):
+            parse_mix(bad)
+
+
+def test_bad_input(ml100k, tmp_path):
+    with pytest.raises(FactoryError, match="no kept ThinkRec traces"):
+        export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "x.jsonl")
+    with pytest.raises(FactoryError, match="no kept I2I explanations"):
+        export_sft(ml100k, "ml-100k", "i2i", tmp_path / "x.jsonl")
+    with pytest.raises(FactoryError, match="unknown split"):
+        export_sft(ml100k, "ml-100k", "i2i", tmp_path / "x.jsonl", split="nope")
+    with pytest.raises(FactoryError, match="no user grouping"):
+        export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "x.jsonl", grouping="nope")
+    with pytest.raises(FactoryError, match="no user"):
+        export_sft(ml100k, "ml-100k", "i2i", tmp_path / "x.jsonl", grouping="g")
+    assert not list(tmp_path.glob("x.*"))
+    with ml100k.read() as con:
+        assert con.execute("select count(*) from job_runs where job = 'export-sft'"
+                           " and status = 'failed'").fetchone()[0] == 3
+
+
+def test_cli(ml100k, tmp_path):
+    from factory.cli import app
+
+    _insert_traces(ml100k, 5)
+    res = CliRunner().invoke(app, ["--warehouse", str(ml100k.path), "export", "sft",
+                                   "--dataset", "ml-100k", "--kind", "thinkrec",
+                                   "--out", str(tmp_path / "cli.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert len(_lines(tmp_path / "cli.train.jsonl")) == 25
