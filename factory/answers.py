@@ -62,7 +62,7 @@ def parse_keywords(text: str, limit: int = MAX_KEYWORDS) -> list[str]:
     seen: dict[str, None] = {}
     for piece in _KW_SPLIT.split(answer):
         kw = normalise_keyword(_KW_PREFIX.sub("", piece))
-        if not kw or len(kw.split()) > _MAX_KEYWORD_WORDS:
+        if not any(ch.isalnum() for ch in kw) or len(kw.split()) > _MAX_KEYWORD_WORDS:
             continue
         seen.setdefault(kw, None)
     if not seen:

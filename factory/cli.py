@@ -302,6 +302,8 @@ JOB_MODULES: list[str] = [
     "jobs.gvm",
     "jobs.user_groups",
     "jobs.export_sft",
+    "jobs.keywords",
+    "jobs.thinkrec",
 ]
 
 for _module in PLATFORM_MODULES + JOB_MODULES:

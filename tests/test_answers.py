@@ -32,7 +32,7 @@ def test_keywords_drop_sentences_and_thinking():
     assert parse_keywords(text) == ["comedy", "drama"]
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "Keywords:", "<think>hmm</think>",
+@pytest.mark.parametrize("bad", ["", "   ", "Keywords:", "<think>hmm</think>", "~~~#%$@~~~",
                                  "This is a long sentence about the item with no keyword list"])
 def test_keywords_malformed(bad):
     with pytest.raises(MalformedAnswer):

@@ -36,13 +36,13 @@ import numpy as np
 from factory.errors import FactoryError
 from factory.itemtext import (
     HistoryEntry,
-    Item,
     item_noun,
     latest_keywords,
     load_items,
     plural,
     render_history,
 )
+from factory.thinkrec import candidates, load_instances
 
 PARTS = ("train", "valid", "test")
 FORMATS = ("chat-jsonl", "parquet")
@@ -112,7 +112,7 @@ def parse_mix(spec: str) -> float:
 # -- TwiSTAR: collaborative explanations + SID/text alignment -----------------------------------
 def sid_tokens(con: duckdb.DuckDBPyConnection, dataset: str) -> dict[str, str]:
     """Each item's SID in TwiSTAR App. A.2 token form, from the latest `sids` run."""
-    rows = con.execute("select item_id, tokens from item_sids where dataset = ?",
+    rows = con.execute("select item_id, sid from item_sids where dataset = ?",
                        [dataset]).fetchall()
     return {str(i): t for i, t in rows}
 
@@ -208,26 +208,17 @@ def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, 
                                  text, item_id, user_id=user_id, position=position,
                                  label=label, run_id=run_id))
 
-    # every labelled interaction of the split with a titled target and some earlier history
-    cand = con.execute(
-        "with s as (select part, user_id, position, item_id, label from split_interactions"
-        "           where dataset = ? and split = ?)"
-        " select s.part, s.user_id, s.position from s join items i"
-        "  on i.dataset = ? and i.item_id = s.item_id"
-        " where s.label is not null and i.title is not null"
-        "  and exists (select 1 from s h where h.user_id = s.user_id and h.position < s.position)"
-        " order by s.part, s.user_id, s.position",
-        [dataset, split, dataset]).fetchall()
+    keys = candidates(con, dataset, split)
     if groups is not None:
-        cand = [c for c in cand if c[1] in groups]
+        keys = [k for k in keys if k[1] in groups]
     rng = np.random.default_rng(seed)
-    chosen: list[tuple[str, str, int]] = [c for c in cand if c[0] != "train"]
+    chosen = [k for k in keys if k[0] != "train"]
     # mix within each group (or the whole set), so every exported set has the share
     group_of = (lambda user: groups[user]) if groups is not None else (lambda user: None)
     passes = 0
-    for g in sorted({group_of(c[1]) for c in cand} | {group_of(e.user_id) for e in reasoning},
+    for g in sorted({group_of(k[1]) for k in keys} | {group_of(e.user_id) for e in reasoning},
                     key=lambda g: -1 if g is None else g):
-        train = [c for c in cand if c[0] == "train" and group_of(c[1]) == g]
+        train = [k for k in keys if k[0] == "train" and group_of(k[1]) == g]
         n_reasoning = sum(group_of(e.user_id) == g for e in reasoning)
         if share >= 1:
             n_rec = 0
@@ -239,50 +230,12 @@ def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, 
         passes = max(passes, p)
         chosen += [train[k] for k in picked]
     notes.update(recommendation_passes=passes)
-    recommendation = _recommendation_examples(con, dataset, split, chosen, history, items,
-                                              keywords, render)
+    recommendation = [
+        Example(i.part, "recommendation", render(i.history, items[i.item_id].title),
+                "Yes" if i.label else "No", i.item_id, user_id=i.user_id,
+                position=i.position, label=i.label)
+        for i in load_instances(con, dataset, split, chosen, history, items, keywords)]
     return reasoning + recommendation, notes
-
-
-def _recommendation_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
-                             chosen: list[tuple[str, str, int]], history: int,
-                             items: dict[str, Item], keywords: dict[str, list[str]],
-                             render: Any) -> list[Example]:
-    """B.2 prompts for the chosen (part, user, position) with the `history` latest earlier
-    interactions of the split, answered "Yes" or "No" by the interaction's label."""
-    import pyarrow as pa
-
-    if not chosen:
-        return []
-    keys = pa.table({"user_id": [c[1] for c in chosen],
-                     "position": pa.array([c[2] for c in chosen], pa.int32()),
-                     "k": pa.array(range(len(chosen)), pa.int64())})
-    con.register("_chosen", keys)
-    try:
-        rows = con.execute(
-            "with s as (select user_id, position, item_id, label from split_interactions"
-            "           where dataset = ? and split = ?),"
-            " h as (select user_id, position, item_id, label,"
-            "  list(item_id) over w as h_items, list(label) over w as h_labels from s"
-            "  window w as (partition by user_id order by position"
-            "               rows between ? preceding and 1 preceding))"
-            " select c.k, h.item_id, h.label, h.h_items, h.h_labels from _chosen c"
-            " join h using (user_id, position) order by c.k",
-            [dataset, split, history]).fetchall()
-    finally:
-        con.unregister("_chosen")
-    out = []
-    for k, item_id, label, h_items, h_labels in rows:
-        part, user_id, position = chosen[k]
-        entries = [HistoryEntry(i, items[i].title, bool(lab), keywords.get(i))
-                   for i, lab in zip(h_items, h_labels, strict=True)
-                   if i in items and items[i].title and lab is not None]
-        if not entries:
-            continue
-        out.append(Example(part, "recommendation", render(entries, items[item_id].title),
-                           "Yes" if label else "No", item_id, user_id=user_id,
-                           position=position, label=bool(label)))
-    return out
 
 
 def user_group_ids(con: duckdb.DuckDBPyConnection, dataset: str, grouping: str) -> dict[str, int]:

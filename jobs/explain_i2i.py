@@ -1,0 +1,196 @@
+"""`factory explain-i2i`: teacher explanations of mined I2I pairs (TwiSTAR 4.3, E.1.3).
+
+For each pair of the latest `mine-i2i` run, the paper's instruction with both items' text
+(title and category) is sent `--samples` times (sample index 0..S-1, so each is a distinct,
+cached request). Every answer is judged (factory.quality): shorter than 30 tokens (the
+paper's filter), refusal, names neither item, or a near-duplicate (embedding cosine) of an
+earlier kept sample of the same pair; each verdict is stored with its reason.
+
+The near-duplicate check needs all samples of a pair, so it runs after the teacher round over
+every pair the run touched, and again on every re-run: after merging `--shard` outputs, a
+`--cache-only` re-run applies it across shards without sending a request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from factory.console import summary
+from factory.teacher.options import TeacherOptions, teacher_options
+
+if TYPE_CHECKING:
+    from factory.teacher import Outcome, Report
+    from factory.warehouse import Warehouse
+
+JOB = "explain-i2i"
+TABLE = "i2i_explanations"
+PROMPT = "twistar_i2i_explain"
+
+
+def explain_i2i(
+    dataset: str = typer.Option(..., "--dataset"),
+    samples: int = typer.Option(3, "--samples", min=1, help="Diverse answers per pair."),
+    pairs: int = typer.Option(20000, "--pairs", min=1, help="Pairs to explain: each source "
+                              "item's best partner first (rank 1 of every item, then rank 2, "
+                              "...), ties by score."),
+    min_tokens: int = typer.Option(30, "--min-tokens", help="Shorter answers are rejected "
+                                   "(TwiSTAR E.1.3: 30)."),
+    duplicate_cosine: float = typer.Option(0.95, "--duplicate-cosine", help="A sample this "
+                                           "close to an earlier kept one of the pair is "
+                                           "rejected."),
+    encoder: str = typer.Option(None, "--encoder", help="Sentence encoder for the duplicate "
+                                "check [default: embedded all-MiniLM-L6-v2]."),
+    *, teacher: TeacherOptions,
+) -> None:
+    """Ask the teacher why users who buy item i also buy item j; filter and store."""
+    from factory.cli import warehouse
+
+    result = run_explain_i2i(warehouse(), dataset, teacher, samples=samples, pairs=pairs,
+                             min_tokens=min_tokens, duplicate_cosine=duplicate_cosine,
+                             encoder=encoder)
+    report = result["report"]
+    if report.dry_run:
+        return
+    rows = {**report.rows(), "pairs": result["pairs"],
+            "pairs skipped (item without text)": result["skipped"]}
+    rows.update({f"verdict {k}": v for k, v in result["verdicts"].items()})
+    summary(f"explained I2I pairs of {dataset}", rows,
+            f"select verdict, reason, count(*) from {TABLE} where dataset = '{dataset}'"
+            f" and run_id = '{report.run_id}' group by all order by 3 desc")
+
+
+def parse_explanation(text: str) -> str:
+    """The answer without a reasoning model's <think> block. Nothing left, or no word at all
+    (garbage), is malformed and re-drawn; a short or evasive answer is a verdict, not this."""
+    from factory.answers import MalformedAnswer, split_thinking
+
+    thinking, answer = split_thinking(text)
+    if not answer:
+        raise MalformedAnswer("no answer after the reasoning" if thinking else "empty answer")
+    if not any(ch.isalpha() for ch in answer):
+        raise MalformedAnswer("no words in the answer")
+    return answer
+
+
+def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, samples: int = 3,
+                    pairs: int = 20000, min_tokens: int = 30, duplicate_cosine: float = 0.95,
+                    encoder: str | None = None) -> dict[str, Any]:
+    from factory.errors import FactoryError
+    from factory.itemtext import load_items
+    from factory.prompts import load_prompt
+    from factory.quality import FAILED, count_tokens, judge_text
+    from factory.teacher import Sampling, TeacherJob, Work
+    from factory.warehouse import require_dataset
+
+    prompt = load_prompt(PROMPT)
+    with wh.read() as con:
+        require_dataset(con, dataset)
+        rows = con.execute(
+            "select item_i, item_j, split, run_id, score from i2i_pairs where dataset = ?"
+            " order by rank, score desc, item_i, item_j limit ?", [dataset, pairs]).fetchall()
+        if not rows:
+            raise FactoryError(f"no I2I pairs for {dataset!r}: run `factory mine-i2i "
+                               f"--dataset {dataset}` first")
+        items = load_items(con, dataset, {i for r in rows for i in r[:2]})
+    works, skipped = [], 0
+    for item_i, item_j, split, pairs_run, score in rows:
+        text_i = items[item_i].text() if item_i in items else None
+        text_j = items[item_j].text() if item_j in items else None
+        if not (text_i and text_j):
+            skipped += 1
+            continue
+        for s in range(samples):
+            works.append(Work(id=f"{item_i}\t{item_j}", sample=s,
+                              vars={"item_i": text_i, "item_j": text_j},
+                              data=(item_i, item_j, split, pairs_run, score)))
+    if not works:
+        raise FactoryError(f"none of the {len(rows):,} pairs of {dataset!r} has text for "
+                           "both items")
+
+    def row(o: Outcome) -> dict[str, Any]:
+        item_i, item_j, split, pairs_run, score = o.work.data
+        base = {"dataset": dataset, "item_i": item_i, "item_j": item_j, "pairs_split": split,
+                "pairs_run": pairs_run, "pair_score": score, "explanation": o.value}
+        if not o.ok:
+            return {**base, "n_tokens": None, "verdict": FAILED, "reason": o.error}
+        v = judge_text(o.value, items[item_i].title, items[item_j].title, min_tokens)
+        return {**base, "n_tokens": count_tokens(o.value), "verdict": v.verdict,
+                "reason": v.reason}
+
+    params = {"dataset": dataset, "samples": samples, "pairs": len(rows),
+              "pairs_without_text": skipped, "min_tokens": min_tokens,
+              "duplicate_cosine": duplicate_cosine, "encoder": encoder}
+    with TeacherJob(wh, JOB, dataset=dataset, options=teacher, params=params,
+                    defaults=Sampling(temperature=0.8, max_tokens=256)) as job:
+        report: Report = job.run(works, prompt=prompt, parse=parse_explanation, table=TABLE,
+                                 row=row)
+    verdicts: dict[str, int] = {}
+    if not report.dry_run:
+        pair_keys = sorted({w.data[:2] for w in works})
+        mark_near_duplicates(wh, dataset, pair_keys, duplicate_cosine, encoder)
+        verdicts = run_verdicts(wh, report.run_id)
+    return {"report": report, "pairs": len(rows), "skipped": skipped, "verdicts": verdicts}
+
+
+def mark_near_duplicates(wh: Warehouse, dataset: str, pair_keys: list[tuple[str, str]],
+                         threshold: float, encoder: str | None) -> int:
+    """Re-judge near-duplicates among the kept samples of each pair; returns rows changed.
+
+    Candidates are the samples that passed the other checks (kept now, or rejected as a
+    near-duplicate before), in (sample, work_key) order, so the verdicts do not depend on how
+    often or in which shards the job ran."""
+    import pyarrow as pa
+
+    from factory.embeddings import Embedder
+    from factory.quality import KEPT, Verdict, dedupe_samples
+
+    keys = pa.table({"item_i": [k[0] for k in pair_keys], "item_j": [k[1] for k in pair_keys]})
+    with wh.read() as con:
+        con.register("_pairs", keys)
+        rows = con.execute(
+            "select e.item_i, e.item_j, e.work_key, e.sample, e.explanation, e.verdict, e.reason"
+            f" from {TABLE} e join _pairs p using (item_i, item_j) where e.dataset = ?"
+            "  and (e.verdict = 'kept' or e.reason like 'near-duplicate%')"
+            " order by e.item_i, e.item_j, e.sample, e.work_key", [dataset]).fetchall()
+        con.unregister("_pairs")
+    if not rows:
+        return 0
+    groups: dict[tuple[str, str], list[tuple]] = {}
+    for r in rows:
+        groups.setdefault((r[0], r[1]), []).append(r)
+    multi = [g for g in groups.values() if len(g) > 1]
+    texts = [r[4] for g in multi for r in g]
+    vectors = Embedder(wh, encoder).embed(texts, label="embedding explanations") if texts \
+        else None
+    changes, offset = [], 0
+    for g in groups.values():
+        if len(g) > 1:
+            vecs = vectors[offset:offset + len(g)]
+            offset += len(g)
+            new = dedupe_samples([Verdict(KEPT)] * len(g), vecs, [r[3] for r in g], threshold)
+        else:
+            new = [Verdict(KEPT)]
+        for r, v in zip(g, new, strict=True):
+            if (v.verdict, v.reason) != (r[5], r[6]):
+                changes.append((v.verdict, v.reason, dataset, r[0], r[1], r[2]))
+    if changes:
+        with wh.write() as con:
+            con.executemany(f"update {TABLE} set verdict = ?, reason = ? where dataset = ?"
+                            " and item_i = ? and item_j = ? and work_key = ?", changes)
+    return len(changes)
+
+
+def run_verdicts(wh: Warehouse, run_id: str | None) -> dict[str, int]:
+    """Rows of this run per verdict, rejections per kind of reason."""
+    with wh.read() as con:
+        rows = con.execute(
+            "select case when verdict = 'rejected' then 'rejected: '"
+            "  || regexp_replace(reason, '( of |:|\\().*', '') else verdict end, count(*)"
+            f" from {TABLE} where run_id = ? group by 1 order by 2 desc", [run_id]).fetchall()
+    return dict(rows)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(JOB)(teacher_options(explain_i2i))

@@ -1,0 +1,150 @@
+"""`explain-i2i` end to end against the local OpenAI-compatible test server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+import pytest
+
+from factory.errors import FactoryError
+from factory.quality import count_tokens
+from factory.teacher import Sampling, TeacherOptions
+from factory.testing.openai_server import MALFORMED_CONTENT
+from jobs.explain_i2i import parse_explanation, run_explain_i2i
+
+PAIRS = 12
+
+
+def _options(server, **kw) -> TeacherOptions:
+    return TeacherOptions(url=server.url, model="teacher-test", timeout=5.0, backoff=0.01,
+                          concurrency=4, sampling=Sampling(seed=1), **kw)
+
+
+def _items_in(prompt: str) -> tuple[str, str]:
+    """The two item texts of the TwiSTAR instruction."""
+    head = prompt.split("In collaborative filtering, item ", 1)[1]
+    a, rest = head.split(" and item ", 1)
+    return a, rest.split(" are highly correlated", 1)[0]
+
+
+def teacher(body: dict) -> str:
+    """Deterministic answers by pair and seed (the engine sends a distinct seed per sample
+    and per re-draw): a long explanation naming the items (twice as likely, so some pairs get
+    it twice: a near-duplicate); one too short; a refusal; one that names neither item; and
+    malformed answers that must be re-drawn."""
+    prompt = body["messages"][-1]["content"]
+    a, b = _items_in(prompt)
+    kind = hashlib.sha256(f"{a}|{b}|{body['seed']}".encode()).digest()[0] % 6
+    long = (f"People who enjoy {a} often look for another film with a similar mood, and "
+            f"{b} offers the same kind of story, pacing and characters, so viewers who "
+            "liked the first one are very likely to pick the second one next as well.")
+    if kind in (0, 1):
+        return long if kind == 0 else f"<think>same mood</think>\n{long}"
+    if kind == 2:
+        return f"Both are good films like {a}."
+    if kind == 3:
+        return "I'm sorry, but I can't help with explaining purchases of these items."
+    if kind == 4:
+        return ("Users who like one thing tend to like similar things, because taste is "
+                "consistent over time and recommendations reinforce that habit strongly "
+                "across many different people and their viewing sessions.")
+    return MALFORMED_CONTENT if body["seed"] % 2 else "<think>never finished"
+
+
+@pytest.fixture()
+def mined(ml100k):
+    from factory.i2i import MineParams
+    from jobs.mine_i2i import run_mine
+
+    run_mine(ml100k, "ml-100k", MineParams(top_k=1))
+    return ml100k
+
+
+def _rows(wh, sql, params=None):
+    with wh.read() as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def test_explain_end_to_end(mined, openai_server):
+    openai_server.responder = teacher
+    r = run_explain_i2i(mined, "ml-100k", _options(openai_server), samples=3, pairs=PAIRS)
+    report = r["report"]
+    assert r["pairs"] == PAIRS and report.items == PAIRS * 3
+    rows = _rows(mined, "select item_i, item_j, sample, explanation, n_tokens, verdict, reason,"
+                        " status, model, prompt_name, pairs_split from i2i_explanations")
+    assert len(rows) == PAIRS * 3
+    pairs = {(r[0], r[1]) for r in rows}
+    assert len(pairs) == PAIRS
+    titles = dict(_rows(mined, "select item_id, title from items"))
+    verdicts = Counter(r[5] for r in rows)
+    assert verdicts["kept"] and verdicts["rejected"]
+    for i, j, _sample, text, n_tokens, verdict, reason, status, model, name, sp in rows:
+        assert (model, name, sp) == ("teacher-test", "twistar_i2i_explain", "loo")
+        if verdict == "kept":
+            assert n_tokens >= 30 and status == "ok" and reason is None
+            assert titles[i].split(" (")[0] in text or titles[j].split(" (")[0] in text
+            assert "<think>" not in text
+        elif verdict == "rejected":
+            assert reason.startswith(("too short", "refusal", "names neither",
+                                      "near-duplicate"))
+            if reason.startswith("too short"):
+                assert count_tokens(text) < 30
+        else:
+            assert status == "failed" and "rejected by the parser" in reason
+    reasons = {r[6].split(":")[0].split(" of ")[0] for r in rows if r[5] == "rejected"}
+    assert {"too short", "refusal", "names neither item", "near-duplicate"} <= reasons
+    # a near-duplicate is always a later sample of a pair with an earlier kept one
+    for i, j, sample, *_ in (r for r in rows if (r[6] or "").startswith("near-dup")):
+        assert any(r[0] == i and r[1] == j and r[5] == "kept" and r[2] < sample for r in rows)
+    # the prompt is TwiSTAR's instruction with both items' text, stored with the call
+    req = json.loads(_rows(mined, "select request from llm_calls limit 1")[0][0])
+    assert req["messages"][-1]["content"].startswith("In collaborative filtering, item ")
+    assert "Please explain why users who purchase " in req["messages"][-1]["content"]
+    # malformed answers were re-drawn (more requests than work items)
+    assert report.requests > report.items
+
+
+def test_rerun_sends_nothing_and_keeps_verdicts(mined, openai_server):
+    openai_server.responder = teacher
+    run_explain_i2i(mined, "ml-100k", _options(openai_server), samples=3, pairs=PAIRS)
+    before = _rows(mined, "select item_i, item_j, sample, verdict, reason from"
+                          " i2i_explanations order by all")
+    sent = len(openai_server.records)
+    r = run_explain_i2i(mined, "ml-100k", _options(openai_server, cache_only=True), samples=3,
+                        pairs=PAIRS)
+    assert len(openai_server.records) == sent and r["report"].cached == PAIRS * 3
+    assert _rows(mined, "select item_i, item_j, sample, verdict, reason from"
+                        " i2i_explanations order by all") == before
+    # more samples later: only the new ones are asked for
+    run_explain_i2i(mined, "ml-100k", _options(openai_server), samples=4, pairs=PAIRS)
+    assert len(openai_server.records) - sent >= PAIRS
+    assert _rows(mined, "select count(*) from i2i_explanations")[0][0] == PAIRS * 4
+
+
+def test_pair_item_without_text_is_skipped_not_invented(mined, openai_server):
+    openai_server.responder = teacher
+    first = _rows(mined, "select item_i from i2i_pairs order by rank, score desc, item_i,"
+                         " item_j limit 1")[0][0]
+    with mined.write() as con:
+        con.execute("update items set title = null where item_id = ?", [first])
+    r = run_explain_i2i(mined, "ml-100k", _options(openai_server), samples=1, pairs=PAIRS)
+    assert r["skipped"] >= 1
+    assert not _rows(mined, "select 1 from i2i_explanations where ? in (item_i, item_j)",
+                     [first])
+    assert all(first not in str(rec.body) for rec in openai_server.records)
+
+
+def test_bad_input(ml100k, openai_server):
+    with pytest.raises(FactoryError, match="no I2I pairs"):
+        run_explain_i2i(ml100k, "ml-100k", _options(openai_server))
+    with pytest.raises(FactoryError, match="unknown dataset"):
+        run_explain_i2i(ml100k, "nope", _options(openai_server))
+    assert not openai_server.records
+    with pytest.raises(ValueError, match="empty"):
+        parse_explanation("   ")
+    with pytest.raises(ValueError, match="no answer"):
+        parse_explanation("<think>cut off")
+    with pytest.raises(ValueError, match="no words"):
+        parse_explanation(MALFORMED_CONTENT)

@@ -1,0 +1,150 @@
+"""`thinkrec` end to end against the local OpenAI-compatible test server: wrong Yes/No answers
+trigger reflect turns that reveal the label, malformed ones are re-drawn, stubborn ones hit
+the limit; every instance gets a trace that says how it went."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import pytest
+
+from factory.errors import FactoryError
+from factory.teacher import Sampling, TeacherOptions
+from factory.testing.openai_server import MALFORMED_CONTENT
+from jobs.thinkrec import reflect_variant, run_thinkrec
+
+SAMPLE = 30
+REVEAL = re.compile(r"^The (?:correct|accurate|right) (?:response|answer) is (Yes|No)\. ")
+WORDINGS = ("Reflect on multiple aspects", "Delve into various aspects",
+            "Reflect on a variety of aspects")
+
+
+def options(server, **kw) -> TeacherOptions:
+    return TeacherOptions(url=server.url, model="teacher-test", timeout=5.0, backoff=0.01,
+                          concurrency=4, sampling=Sampling(seed=1), **kw)
+
+
+def thinkrec_teacher(body: dict) -> str:
+    """First turn: Yes or No by a hash (right about half the time). Reflect turns: follow
+    the revealed label, except stubborn instances that never do. Some answers malformed."""
+    msgs = body["messages"]
+    first = msgs[0]["content"]
+    h = hashlib.sha256(f"{first}|{len(msgs)}|{body['seed']}".encode()).digest()
+    if h[0] % 6 == 0:
+        return MALFORMED_CONTENT
+    target = first.rsplit("titled ", 1)[1].split("?", 1)[0]
+    if len(msgs) == 1:
+        answer = "Yes" if h[1] % 2 else "No"
+    else:
+        revealed = REVEAL.match(msgs[-1]["content"]).group(1)
+        stubborn = hashlib.sha256(first.encode()).digest()[0] % 5 == 0
+        answer = ("No" if revealed == "Yes" else "Yes") if stubborn else revealed
+    return f"{answer}. The history suggests the user {'likes' if answer == 'Yes' else 'dislikes'}" \
+           f" films like {target}, judging by the genres of the rated titles."
+
+
+def _rows(wh, sql, params=None):
+    with wh.read() as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def test_thinkrec_end_to_end(ml100k, openai_server):
+    openai_server.responder = thinkrec_teacher
+    r = run_thinkrec(ml100k, "ml-100k", options(openai_server), sample=SAMPLE,
+                     max_reflections=2, history=5)
+    assert r["instances"] == SAMPLE
+    traces = _rows(ml100k, "select user_id, position, label, history, turns, attempts,"
+                           " reflections, label_revealed, prediction, explanation, verdict,"
+                           " reason, call_keys, status from thinkrec_traces")
+    assert len(traces) == SAMPLE
+    parts = dict(((u, p), part) for u, p, part in _rows(
+        ml100k, "select user_id, position, part from split_parts where split = 'loo'"))
+    labels = dict(((u, p), lab) for u, p, lab in _rows(
+        ml100k, "select user_id, position, label from interactions"))
+    position = dict(((u, i), p) for u, i, p in _rows(
+        ml100k, "select user_id, item_id, position from interactions"))
+    seen = {"kept": 0, "revealed": 0, "rejected": 0, "failed": 0}
+    for (user, pos, label, history, turns, attempts, reflections, revealed, prediction,
+         explanation, verdict, reason, call_keys, status) in traces:
+        assert parts[(user, pos)] == "train" and labels[(user, pos)] == label
+        history, turns = json.loads(history), json.loads(turns)
+        assert 1 <= len(history) <= 5
+        for h in history:      # only earlier train interactions, shown with their labels
+            assert parts[(user, h_pos := position[(user, h["item_id"])])] == "train"
+            assert h_pos < pos and labels[(user, h_pos)] == h["label"]
+        roles = [t["role"] for t in turns]
+        assert roles[::2] == ["user"] * len(roles[::2]) and set(roles[1::2]) <= {"assistant"}
+        assert turns[0]["content"].startswith("A user has given high ratings to the following "
+                                              "movies: ")
+        assert "(evaluation: " in turns[0]["content"]
+        users = [t["content"] for t in turns if t["role"] == "user"]
+        assert len(users) == reflections + 1 and len(call_keys) == reflections + 1
+        assert revealed == (reflections > 0)
+        for k, text in enumerate(users[1:]):       # each reflect turn reveals the true label
+            assert REVEAL.match(text).group(1) == ("Yes" if label else "No")
+            assert WORDINGS[reflect_variant(user, pos, k) - 1] in text
+        if verdict == "kept":
+            assert prediction == label and status == "ok" and reason is None
+            assert explanation.startswith("Yes. " if label else "No. ")
+            assert attempts == reflections + 1
+            seen["revealed" if revealed else "kept"] += 1
+        elif verdict == "rejected":
+            assert reflections == 2 and prediction != label
+            assert reason == "still wrong after 2 reflections"
+            seen["rejected"] += 1
+        else:
+            assert status == "failed" and "rejected by the parser" in reason
+            seen["failed"] += 1
+    assert all(seen.values()), seen
+    assert r["traces"]["kept (label revealed)"] == seen["revealed"]
+    turns = _rows(ml100k, "select count(*), count(distinct (user_id, position)) from"
+                          " thinkrec_turns")[0]
+    assert turns[1] == SAMPLE and turns[0] == sum(t[6] + 1 for t in traces)
+    # a re-run replays every turn from the cache and writes the same traces
+    sent = len(openai_server.records)
+    before = _rows(ml100k, "select * exclude (created_at, run_id) from thinkrec_traces"
+                           " order by all")
+    run_thinkrec(ml100k, "ml-100k", options(openai_server, cache_only=True), sample=SAMPLE,
+                 max_reflections=2, history=5)
+    assert len(openai_server.records) == sent
+    assert _rows(ml100k, "select * exclude (created_at, run_id) from thinkrec_traces"
+                         " order by all") == before
+
+
+def test_keywords_appear_in_the_history(ml100k, openai_server):
+    with ml100k.write() as con:
+        con.execute(
+            "insert into item_keywords (dataset, item_id, keywords, verdict, work_key, run_id,"
+            " prompt_name, prompt_hash, backend, model, sample, draws, cached, status)"
+            " select dataset, item_id, ['kw-' || item_id, 'film'], 'kept', 'w', 'r', 'p', 'h',"
+            " 'b', 'm', 0, 1, false, 'ok' from items")
+    openai_server.responder = thinkrec_teacher
+    run_thinkrec(ml100k, "ml-100k", options(openai_server), sample=3, max_reflections=0)
+    for history, turns in _rows(ml100k, "select history, turns from thinkrec_traces"):
+        prompt = json.loads(turns)[0]["content"]
+        for h in json.loads(history):
+            assert h["keywords"] == [f"kw-{h['item_id']}", "film"]
+            label = "yes" if h["label"] else "no"
+            assert f'"{h["title"]}" (evaluation: {label}) with description: kw-{h["item_id"]}' \
+                   f", film" in prompt
+
+
+def test_sample_is_seeded_and_limited_to_train(ml100k, openai_server):
+    from factory.thinkrec import candidates, sample_keys
+
+    with ml100k.read() as con:
+        keys = candidates(con, "ml-100k", "loo", part="train")
+    assert {k[0] for k in keys} == {"train"}
+    assert sample_keys(keys, 10, 1) == sample_keys(keys, 10, 1) != sample_keys(keys, 10, 2)
+
+
+def test_bad_input(ml100k, openai_server):
+    with pytest.raises(FactoryError, match="unknown split"):
+        run_thinkrec(ml100k, "ml-100k", options(openai_server), split="nope")
+    with ml100k.write() as con:
+        con.execute("update interactions set label = null")
+    with pytest.raises(FactoryError, match="no yes/no labels"):
+        run_thinkrec(ml100k, "ml-100k", options(openai_server))
+    assert not openai_server.records
