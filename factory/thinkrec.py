@@ -19,12 +19,13 @@ from factory.itemtext import HistoryEntry, Item
 
 #: labelled interactions of the split whose item has a title and that have earlier history
 _CANDIDATES = (
-    "with s as (select part, user_id, position, item_id, label from split_interactions"
-    "           where dataset = $dataset and split = $split)"
+    "with s as (select part, user_id, position, item_id, label,"
+    "           min(position) over (partition by user_id) as first"
+    "           from split_interactions where dataset = $dataset and split = $split)"
     " select s.part, s.user_id, s.position from s join items i"
     "  on i.dataset = $dataset and i.item_id = s.item_id"
     " where s.label is not null and i.title is not null and ($part is null or s.part = $part)"
-    "  and exists (select 1 from s h where h.user_id = s.user_id and h.position < s.position)"
+    "  and s.position > s.first"
     " order by s.part, s.user_id, s.position"
 )
 

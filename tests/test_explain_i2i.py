@@ -104,6 +104,17 @@ def test_explain_end_to_end(mined, openai_server):
     assert "Please explain why users who purchase " in req["messages"][-1]["content"]
     # malformed answers were re-drawn (more requests than work items)
     assert report.requests > report.items
+    # every sample shows in the traces view with its prompt, raw answer and verdict
+    traces = _rows(mined, "select entity, prompt, response, output, verdict, reason, model,"
+                          " prompt_hash, output_tokens, run_id from traces"
+                          " where job = 'explain-i2i'")
+    assert len(traces) == len(rows)
+    assert Counter(t[4] for t in traces) == verdicts
+    for entity, prompt, response, output, verdict, _, model, phash, out_tokens, run in traces:
+        assert " -> " in entity and prompt.startswith("In collaborative filtering, item ")
+        assert model == "teacher-test" and phash and run == report.run_id
+        if verdict != "failed":
+            assert response and out_tokens > 0 and output in response
 
 
 def test_rerun_sends_nothing_and_keeps_verdicts(mined, openai_server):

@@ -39,10 +39,11 @@ def _insert_traces(wh: Warehouse, n: int, revealed_every: int = 3) -> list[tuple
             answer = "Yes" if label else "No"
             con.execute(
                 "insert into thinkrec_traces (dataset, split, user_id, position, item_id,"
-                " label, model, template, template_hash, history, turns, attempts, reflections,"
-                " label_revealed, prediction, explanation, verdict, reason, call_keys, run_id)"
-                " values ('ml-100k', 'loo', ?, ?, ?, ?, 'm', 'thinkrec_first_turn', 'h', ?,"
-                " '[]', 1, ?, ?, ?, ?, ?, ?, [], 'r')",
+                " label, history, turns, attempts, reflections, label_revealed, prediction,"
+                " explanation, verdict, reason, work_key, call_keys, run_id, prompt_name,"
+                " prompt_hash, reflect_hash, backend, model, draws, status)"
+                " values ('ml-100k', 'loo', ?, ?, ?, ?, ?, '[]', 1, ?, ?, ?, ?, ?, ?, 'w', [],"
+                " 'r', 'thinkrec_first_turn', 'h', 'h2', 'openai', 'm', 1, 'ok')",
                 [user_id, position, item_id, label, json.dumps(history),
                  int(k % revealed_every == 0), k % revealed_every == 0, label,
                  f"{answer}. Because reasons {k}.", verdict,
@@ -105,8 +106,8 @@ def test_thinkrec_parts_follow_the_split(ml100k, tmp_path):
 
 
 def test_history_never_shows_the_target_or_later_items(ml100k, tmp_path):
-    export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "h.parquet", fmt="parquet", share=0,
-               history=2)
+    _insert_traces(ml100k, 5)
+    export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "h.parquet", fmt="parquet", history=2)
     rows = pq.read_table(tmp_path / "h.test.parquet").to_pylist()
     with ml100k.read() as con:
         title = dict(con.execute("select item_id, title from items where dataset = 'ml-100k'"
@@ -153,6 +154,22 @@ def test_per_group_exports(ml100k, tmp_path):
     assert total == 30
 
 
+def _insert_explanation(con, a: str, b: str, sample: int, verdict: str) -> None:
+    """An explanation row and the llm_calls row holding the prompt it answered."""
+    key = f"{a}-{b}-{sample}"
+    request = {"model": "m", "messages": [{"role": "user", "content": f"why {a} {b}"}],
+               "params": {}, "sample": sample, "draw": 0}
+    con.execute("insert into llm_calls (key, model, backend, sample, draw, request, status,"
+                " text, attempts) values (?, 'm', 'openai', ?, 0, ?, 'ok', ?, 1)",
+                [key, sample, json.dumps(request), f"because {a} {b} {sample}"])
+    con.execute(
+        "insert into i2i_explanations (dataset, item_i, item_j, pairs_split, pairs_run,"
+        " explanation, verdict, work_key, call_key, run_id, prompt_name, prompt_hash, backend,"
+        " model, sample, draws, cached, status) values ('ml-100k', ?, ?, 'loo', 'p', ?, ?,"
+        " ?, ?, 'r', 'twistar_i2i_explain', 'h', 'openai', 'm', ?, 1, false, 'ok')",
+        [a, b, f"because {a} {b} {sample}", verdict, key, key, sample])
+
+
 def test_i2i_holdout_by_unordered_pair(ml100k, tmp_path):
     with ml100k.write() as con:
         pairs = con.execute("select a.item_id, b.item_id from items a, items b where"
@@ -161,13 +178,7 @@ def test_i2i_holdout_by_unordered_pair(ml100k, tmp_path):
         for k, (i, j) in enumerate(pairs):
             for a, b in ((i, j), (j, i)):
                 for s in range(2):
-                    con.execute(
-                        "insert into i2i_explanations (dataset, item_i, item_j, sample_index,"
-                        " model, template, template_hash, pairs_split, prompt, explanation,"
-                        " verdict, run_id) values ('ml-100k', ?, ?, ?, 'm', 't', 'h', 'loo',"
-                        " ?, ?, ?, 'r')",
-                        [a, b, s, f"why {a} {b}", f"because {a} {b} {s}",
-                         "rejected" if k % 10 == 0 else "kept"])
+                    _insert_explanation(con, a, b, s, "rejected" if k % 10 == 0 else "kept")
     r = export_sft(ml100k, "ml-100k", "i2i", tmp_path / "c.jsonl", mix=0, holdout=0.1, seed=2)
     total = sum(sum(v.values()) for v in r.counts.values())
     assert total == 270 * 4
@@ -178,6 +189,48 @@ def test_i2i_holdout_by_unordered_pair(ml100k, tmp_path):
             _, a, b = row["messages"][0]["content"].split()
             assert seen.setdefault(frozenset((a, b)), part) == part
             assert "because" in row["messages"][1]["content"]
+
+
+def test_i2i_mixed_with_sid_alignment_1_to_1(ml100k, tmp_path):
+    """TwiSTAR E.1.3: explanations mixed 1:1 with SID/text alignment examples (App. A.2)."""
+    import re
+
+    with ml100k.write() as con:     # a SID run as `factory sids` stores it (codes made up)
+        con.execute("insert into sid_runs (run_id, dataset, encoder, params, params_hash,"
+                    " n_items, n_levels, collision_rate, usage) values ('sids-1', 'ml-100k',"
+                    " 'e', '{}', 'h', 0, 3, 0, '{}')")
+        con.execute("insert into item_sids_all select dataset, 'sids-1', item_id,"
+                    " [k % 7, k % 5, k // 35], '<|sid_begin|><s_a_' || (k % 7) || '><s_b_'"
+                    " || (k % 5) || '><s_c_' || (k // 35) || '><|sid_end|>', 't'"
+                    " from (select dataset, item_id, row_number() over (order by item_id) as k"
+                    "       from items)")
+        items = [i for (i,) in con.execute("select item_id from items where dataset ="
+                                           " 'ml-100k' order by item_id limit 41").fetchall()]
+        for a, b in zip(items, items[1:]):
+            _insert_explanation(con, a, b, 0, "kept")
+        sids = dict(con.execute("select item_id, sid from item_sids").fetchall())
+        titles = dict(con.execute("select item_id, title from items").fetchall())
+    r = export_sft(ml100k, "ml-100k", "i2i", tmp_path / "a.parquet", fmt="parquet", mix=1.0,
+                   holdout=0.0, seed=5)
+    assert r.counts["train"] == {"collaborative": 40, "alignment": 40}
+    assert r.counts["valid"] == r.counts["test"] == {}
+    rows = pq.read_table(tmp_path / "a.train.parquet").to_pylist()
+    sid_format = re.compile(r"^<\|sid_begin\|>(<s_[a-z]_\d+>)+<\|sid_end\|>$")
+    for row in rows:
+        user, answer = (m["content"] for m in row["messages"])
+        if row["kind"] != "alignment":
+            continue
+        sid = sids[row["item_id"]]
+        assert sid_format.match(sid)
+        if answer == sid:                                   # text -> SID
+            assert user.startswith("Which semantic ID has the item " + titles[row["item_id"]])
+        else:                                               # SID -> text
+            assert user == f"Describe the item {sid}." and answer.startswith(
+                titles[row["item_id"]])
+    # a ratio the pool cannot fill without repeats takes whole passes first
+    r2 = export_sft(ml100k, "ml-100k", "i2i", tmp_path / "b.jsonl", mix=80.0, holdout=0.0)
+    assert r2.counts["train"]["alignment"] == 3200 and r2.notes["alignment_passes"] == 2
+    assert r2.notes["alignment_pool"] == 2 * len(sids)
 
 
 def test_take_and_mix_parsing():

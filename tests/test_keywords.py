@@ -61,6 +61,14 @@ def test_keywords_end_to_end(ml100k, openai_server):
         assert kws[0] == "drama" and "family film" in kws and "four" not in kws
         assert all(k == k.lower().strip() for k in kws)
     assert not _rows(ml100k, "select 1 from item_keywords where item_id = '1'")
+    traces = _rows(ml100k, "select entity, prompt, response, output, verdict, reason"
+                           " from traces where job = 'keywords' order by entity")
+    assert len(traces) == LIMIT
+    for (entity, prompt, response, output, verdict, reason), row in zip(traces, rows,
+                                                                       strict=True):
+        assert entity == row[0] and verdict == row[2] and prompt.startswith("Title: ")
+        assert response.startswith("Keywords: ") or response == MALFORMED_CONTENT
+        assert output == (", ".join(row[1]) if row[1] else None) and reason == row[3]
     prompt = openai_server.records[0].body["messages"][-1]["content"]
     assert "Your task is to extract up to ten keywords from the given profile of the movie " \
            "above." in prompt and prompt.startswith("Title: ")

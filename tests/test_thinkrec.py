@@ -102,6 +102,16 @@ def test_thinkrec_end_to_end(ml100k, openai_server):
     turns = _rows(ml100k, "select count(*), count(distinct (user_id, position)) from"
                           " thinkrec_turns")[0]
     assert turns[1] == SAMPLE and turns[0] == sum(t[6] + 1 for t in traces)
+    view = _rows(ml100k, "select t.entity, t.prompt, t.output, t.verdict, t.input_tokens,"
+                         " (select sum(input_tokens) from thinkrec_turns r join llm_calls c"
+                         "  on c.key = r.call_key where r.user_id = t.user_id"
+                         "  and r.position = t.position) from traces t where t.job = 'thinkrec'")
+    assert len(view) == SAMPLE
+    for entity, prompt, output, verdict, tokens, turn_tokens in view:
+        assert "@" in entity and prompt.startswith("A user has given high ratings")
+        assert verdict in ("kept", "rejected", "failed")
+        assert (output is not None) == (verdict != "failed")
+        assert tokens == turn_tokens       # summed over the conversation's turns
     # a re-run replays every turn from the cache and writes the same traces
     sent = len(openai_server.records)
     before = _rows(ml100k, "select * exclude (created_at, run_id) from thinkrec_traces"

@@ -123,10 +123,11 @@ def i2i_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, *, mi
     from factory.prompts import load_prompt
 
     rows = con.execute(
-        "select item_i, item_j, sample_index, prompt, explanation, run_id"
-        " from i2i_explanations where dataset = ? and pairs_split = ? and verdict = 'kept'"
-        " and (? is null or model = ?)"
-        " order by item_i, item_j, sample_index, model, template_hash",
+        "select e.item_i, e.item_j, e.sample,"
+        "  json_extract_string(c.request, '$.messages[#-1].content'), e.explanation, e.run_id"
+        " from i2i_explanations e join llm_calls c on c.key = e.call_key"
+        " where e.dataset = ? and e.pairs_split = ? and e.verdict = 'kept'"
+        " and (? is null or e.model = ?) order by e.item_i, e.item_j, e.sample, e.work_key",
         [dataset, split, model, model]).fetchall()
     if not rows:
         raise FactoryError(
@@ -192,7 +193,7 @@ def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, 
         "  and p.split = t.split and p.user_id = t.user_id and p.position = t.position"
         " where t.dataset = ? and t.split = ? and t.verdict = 'kept' and p.part = 'train'"
         " and (? is null or t.model = ?) and not (? and t.label_revealed)"
-        " order by t.user_id, t.position, t.model, t.template_hash",
+        " order by t.user_id, t.position, t.work_key",
         [dataset, split, model, model, exclude_revealed]).fetchall()
     notes: dict[str, Any] = {"reasoning_share": share, "history": history, "noun": noun,
                              "exclude_revealed": exclude_revealed}
