@@ -300,10 +300,11 @@ JOB_MODULES: list[str] = [
     "jobs.sids",
     "jobs.i2i_eval",
     "jobs.gvm",
-    "jobs.user_groups",
-    "jobs.export_sft",
+    "jobs.explain_i2i",
     "jobs.keywords",
     "jobs.thinkrec",
+    "jobs.user_groups",
+    "jobs.export_sft",
 ]
 
 for _module in PLATFORM_MODULES + JOB_MODULES:

@@ -206,7 +206,7 @@ def test_i2i_mixed_with_sid_alignment_1_to_1(ml100k, tmp_path):
                     "       from items)")
         items = [i for (i,) in con.execute("select item_id from items where dataset ="
                                            " 'ml-100k' order by item_id limit 41").fetchall()]
-        for a, b in zip(items, items[1:]):
+        for a, b in zip(items, items[1:], strict=False):
             _insert_explanation(con, a, b, 0, "kept")
         sids = dict(con.execute("select item_id, sid from item_sids").fetchall())
         titles = dict(con.execute("select item_id, title from items").fetchall())

@@ -282,6 +282,32 @@ def _quiet_gguf_conversion() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
+@functools.lru_cache(maxsize=1)
+def _load_transformers(name: str, where: str, gguf: str | None) -> tuple[Any, Any]:
+    """(tokenizer, model), loaded once per process: several jobs (or the test suite) in one
+    process share the model instead of converting the GGUF again for each TeacherJob."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")       # never download from a hub
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        with _quiet_gguf_conversion():
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FactoryError(f"cannot load {name!r} with transformers (offline): "
+                           f"{first}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return tokenizer, model
+
+
 class TransformersBackend(_InProcessBackend):
     """In-process generation with Hugging Face transformers (CPU or GPU), batched."""
 
@@ -306,27 +332,7 @@ class TransformersBackend(_InProcessBackend):
         return self.model, None
 
     def _load(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")       # never download from a hub
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        where, gguf = self._location()
-        kwargs = {"gguf_file": gguf} if gguf else {}
-        try:
-            with _quiet_gguf_conversion():
-                tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-                model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise FactoryError(f"cannot load {self.model!r} with transformers (offline): "
-                               f"{first}") from None
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model.eval()
-        self._tokenizer, self._model = tokenizer, model
+        self._tokenizer, self._model = _load_transformers(self.model, *self._location())
 
     def _generate(self, requests: list[Request]) -> list[Reply | Exception]:
         """One generate call per group of identical sampling parameters."""
