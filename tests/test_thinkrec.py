@@ -158,3 +158,36 @@ def test_bad_input(ml100k, openai_server):
     with pytest.raises(FactoryError, match="no yes/no labels"):
         run_thinkrec(ml100k, "ml-100k", options(openai_server))
     assert not openai_server.records
+
+
+def test_shards_split_instances_and_keep_conversations_whole(ml100k, openai_server):
+    openai_server.responder = thinkrec_teacher
+    for shard in ((0, 2), (1, 2)):
+        run_thinkrec(ml100k, "ml-100k", options(openai_server, shard=shard), sample=12,
+                     max_reflections=2)
+    traces = _rows(ml100k, "select user_id, position, reflections, verdict from"
+                           " thinkrec_traces")
+    assert len({(u, p) for u, p, _, _ in traces}) == len(traces) == 12
+    turns = _rows(ml100k, "select count(*) from thinkrec_turns")[0][0]
+    assert turns == sum(r + 1 for _, _, r, _ in traces)
+
+
+def test_cli_dry_run_then_run_then_sql(ml100k, openai_server):
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    openai_server.responder = thinkrec_teacher
+    base = ["--warehouse", str(ml100k.path), "thinkrec", "--dataset", "ml-100k", "--sample",
+            "4", "--max-reflections", "1", "--teacher-url", openai_server.url,
+            "--teacher-model", "m", "--seed", "1"]
+    res = CliRunner().invoke(app, [*base, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert not openai_server.records and not _rows(ml100k, "select * from thinkrec_traces")
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["--warehouse", str(ml100k.path), "sql", "--format", "json",
+                                   "select * from traces where dataset='ml-100k' and"
+                                   " job='thinkrec' and verdict='kept' limit 5"])
+    assert res.exit_code == 0 and all(json.loads(line)["verdict"] == "kept"
+                                      for line in res.stdout.splitlines())

@@ -88,3 +88,17 @@ def test_user_groups_bad_input(ml100k, tmp_path):
     with ml100k.read() as con:
         assert con.execute("select count(*) from job_runs where job = 'user-groups'"
                            " and status = 'failed'").fetchone()[0] == 1
+
+
+def test_cli(ml100k):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "factory", "--warehouse", str(ml100k.path), "user-groups",
+            "--dataset", "ml-100k", "--groups", "2", "--dim", "8"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "gate: global" in first.stderr
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
+    assert again.returncode == 1 and len(lines) == 1 and "--replace" in lines[0]
