@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from factory.errors import FactoryError
 from factory.quality import count_tokens
 from factory.teacher import Sampling, TeacherOptions
 from factory.testing.openai_server import MALFORMED_CONTENT
+from factory.warehouse import Warehouse
 from jobs.explain_i2i import parse_explanation, run_explain_i2i
 
 PAIRS = 12
@@ -53,13 +56,23 @@ def teacher(body: dict) -> str:
     return MALFORMED_CONTENT if body["seed"] % 2 else "<think>never finished"
 
 
-@pytest.fixture()
-def mined(ml100k):
+@pytest.fixture(scope="module")
+def mined_file(ml100k_warehouse, tmp_path_factory) -> Path:
+    """ml-100k with one mining run (top-1 partner per item), mined once for the module."""
     from factory.i2i import MineParams
     from jobs.mine_i2i import run_mine
 
-    run_mine(ml100k, "ml-100k", MineParams(top_k=1))
-    return ml100k
+    path = tmp_path_factory.mktemp("mined") / "mined.duckdb"
+    shutil.copy(ml100k_warehouse, path)
+    run_mine(Warehouse(path), "ml-100k", MineParams(top_k=1))
+    return path
+
+
+@pytest.fixture()
+def mined(mined_file, tmp_path) -> Warehouse:
+    path = tmp_path / "mined.duckdb"
+    shutil.copy(mined_file, path)
+    return Warehouse(path)
 
 
 def _rows(wh, sql, params=None):
