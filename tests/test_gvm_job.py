@@ -99,6 +99,16 @@ def test_gvm_finds_the_style_that_recommends_well_and_reruns_for_free(toy: Wareh
         assert con.execute("select bool_and(cached) from gvm_chains where run_id = ?",
                            [again]).fetchone() == (True,)
         assert get_template(con, "discovered", "toy").name == again
+        # every chain and the abstraction are in `traces`, with verdicts matching the chains
+        verdicts = dict(con.execute(
+            "select verdict, count(*) from traces where job = 'gvm' and run_id = ?"
+            " group by 1", [run]).fetchall())
+        assert sum(verdicts.values()) == 25 * 4
+        assert verdicts["rejected"] == chains[3] and verdicts.get("failed", 0) == chains[1]
+        assert con.execute("select count(*) from traces where job = 'gvm-abstract'"
+                           " and run_id = ? and verdict = 'kept'", [run]).fetchone() == (1,)
+        assert con.execute("select count(*) from traces where job = 'gvm' and reason is null"
+                           " and verdict <> 'kept'").fetchone() == (0,)
 
 
 def test_weak_data_completes_and_says_so(toy: Warehouse) -> None:
