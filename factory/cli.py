@@ -31,6 +31,10 @@ app = typer.Typer(
 ingest_app = typer.Typer(help="Load a dataset into the warehouse (one transaction).",
                          no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
+#: Job modules add their verbs here (`export cache`, `export sft`, ...).
+export_app = typer.Typer(help="Write warehouse data as files other tools read.",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 _state: dict[str, Any] = {}
 
@@ -290,7 +294,7 @@ def _print_rows(columns: list[str], rows: list[tuple], fmt: OutFormat, max_rows:
 #: Each module exposes `register(app)`; keep its top-level imports light.
 #: Platform command groups kept outside this file (teacher check, runs, merge).
 PLATFORM_MODULES: list[str] = ["factory.teacher.commands"]
-JOB_MODULES: list[str] = ["jobs.describe_items"]
+JOB_MODULES: list[str] = ["jobs.describe_items", "jobs.export_cache", "jobs.train"]
 
 for _module in PLATFORM_MODULES + JOB_MODULES:
     importlib.import_module(_module).register(app)

@@ -1,0 +1,1 @@
+"""Writers of warehouse data as files that other tools read (training caches, ...)."""
