@@ -6,7 +6,6 @@ embeddings that do not fit in memory still train.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,10 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-FORMAT = "factory-cache"
-VERSION = 1
-SPLITS = ("train", "valid", "test")
-FLOAT_DTYPES = ("float16", "float32")
+from train.format import FLOAT_DTYPES, FORMAT, SPLITS, VERSION, sha256_file
 
 
 class TrainError(Exception):
@@ -57,14 +53,6 @@ class Batch:
                      self.target.to(device, non_blocking=True), r)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Cache:
     """An exported cache directory, validated on open (sha256 of every file when `verify`)."""
 
@@ -94,7 +82,7 @@ class Cache:
             f = self.path / name
             if not f.is_file():
                 raise CacheError(f"{self.path}: manifest lists {name}, which is missing")
-            if verify and _sha256(f) != digest:
+            if verify and sha256_file(f) != digest:
                 raise CacheError(f"{f}: sha256 differs from the manifest (changed or truncated)")
         self.steps_meta: dict | None = m.get("steps")
         self.chain_meta: dict | None = m.get("chain")

@@ -10,7 +10,6 @@ later item. Optional arrays come from providers aligned to the rows: item text e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -28,10 +27,9 @@ import pyarrow.parquet as pq
 from factory import __version__
 from factory.errors import FactoryError
 from factory.warehouse import Warehouse, require_split
+from train.format import FLOAT_DTYPES, FORMAT, VERSION, sha256_file
+from train.format import SPLITS as PARTS
 
-FORMAT, VERSION = "factory-cache", 1
-PARTS = ("train", "valid", "test")
-FLOAT_DTYPES = ("float16", "float32")
 #: rows asked of a step provider at a time, so H for millions of users never sits in memory
 CHUNK_ROWS = 4096
 
@@ -111,14 +109,6 @@ def build_parts(users: list[str], train: list[list[int]], valid: list[list[int]]
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_chunked(path: Path, part: str, users: list[str], fetch: Callable, shape_tail: tuple,
                    dtype: str, what: str) -> None:
     """Ask `fetch` for CHUNK_ROWS rows at a time and write them into one .npy file."""
@@ -195,7 +185,7 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
             "n_items": n_items, "max_len": max_len, "item_text": text_meta,
             "steps": steps_meta, "chain": chain_meta,
             "rows": {name: int(len(p.target)) for name, p in parts.items()},
-            "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
+            "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "factory_version": __version__,
         }
