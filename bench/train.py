@@ -75,7 +75,7 @@ def run_ours(cache: Path, args: argparse.Namespace, out: Path) -> dict:
 
     cfg = Config(cache=str(cache), out=str(out), dim=50, layers=2, heads=1, dropout=0.2,
                  lr=1e-3, batch_size=128, epochs=args.epochs, patience=args.patience,
-                 threads=args.threads, seed=args.seed)
+                 threads=args.threads, seed=args.seed, max_minutes=args.max_minutes)
     return run(cfg, log=lambda m: print("  ours: " + m, flush=True))
 
 
@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--max-minutes", type=float, help="training time budget (ours)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work", type=Path, help="keep the warehouse and cache here")

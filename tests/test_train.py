@@ -133,6 +133,13 @@ def test_sasrec_overfits_a_deterministic_pattern(caches: dict[str, Path], tmp_pa
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_time_budget_stops_and_still_tests_the_best_epoch(caches: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    result = _run(tmp_path, caches["plain"], "budget", epochs=50, max_minutes=1e-9)
+    assert result["epochs_run"] == 1 and result["best_epoch"] == 1
+    assert "valid" in result["history"][0] and result["test"]["ndcg@10"] >= 0
+
+
 def test_sid_embeddings_are_summed_into_items(caches: dict[str, Path], tmp_path: Path) -> None:
     cache = Cache(caches["cycle"])
     model = build_model(Config(cache="", sid=True, dim=16), cache)

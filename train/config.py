@@ -33,6 +33,7 @@ class Config:
     eval_batch_size: int = 512
     epochs: int = 200
     patience: int = 20  # SCoTER Table 8; counted in evaluations
+    max_minutes: float | None = None  # stop after the epoch that passes this training time
     eval_every: int = 1
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
@@ -54,6 +55,8 @@ class Config:
                      "patience", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError("--max-minutes must be positive")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError("--device must be auto, cpu or cuda")
 
@@ -93,12 +96,15 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
         ("weight-decay", float, "Adam weight decay"), ("batch-size", int, "training batch"),
         ("eval-batch-size", int, "evaluation batch"), ("epochs", int, "most epochs"),
         ("patience", int, "evaluations without a better valid NDCG@10 before stopping"),
-        ("eval-every", int, "epochs between evaluations"), ("seed", int, "random seed"),
-        ("threads", int, "CPU threads for torch"),
+        ("eval-every", int, "epochs between evaluations"),
+        ("max-minutes", float, "stop after the epoch that passes this much training time "
+         "(the best epoch so far is still tested)"),
+        ("seed", int, "random seed"),
+        ("threads", int, "CPU threads for torch [all]"),
     ]:
-        attr = name.replace("-", "_")
-        p.add_argument(f"--{name}", type=typ, default=getattr(d, attr),
-                       help=f"{hlp} [{getattr(d, attr)}]")
+        default = getattr(d, name.replace("-", "_"))
+        p.add_argument(f"--{name}", type=typ, default=default,
+                       help=hlp if default is None else f"{hlp} [{default}]")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision")
     p.add_argument("--no-mask-history", dest="mask_history", action="store_false",

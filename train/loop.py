@@ -161,7 +161,9 @@ def run(cfg: Config, log: Log = print) -> dict[str, Any]:
                              perms["train"])
         train_seconds.append(time.perf_counter() - t0)
         row: dict[str, Any] = {"epoch": epoch, "seconds": train_seconds[-1], **losses}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+        over_time = (cfg.max_minutes is not None
+                     and sum(train_seconds) > 60 * cfg.max_minutes)
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or over_time:
             valid = evaluate(model, cache.splits["valid"], cfg, device, perms["valid"])
             row["valid"] = valid
             if valid["ndcg@10"] > best["ndcg"]:
@@ -178,6 +180,9 @@ def run(cfg: Config, log: Log = print) -> dict[str, Any]:
             + f", {train_seconds[-1]:.1f}s")
         if waited >= cfg.patience:
             log(f"early stop: no better valid NDCG@10 in {cfg.patience} evaluations")
+            break
+        if over_time:
+            log(f"time budget of {cfg.max_minutes:g} minutes spent: stopping")
             break
 
     model.load_state_dict(best["state"])
