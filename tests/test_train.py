@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_synthetic import synthetic_cache
 
-from tests.train_synthetic import synthetic_cache
 from train.config import ArgumentError, Config, parse_args
 from train.data import Cache, CacheError, batches, next_item_labels
 from train.fusion import ABLATIONS, ScoterFusion
