@@ -305,6 +305,8 @@ JOB_MODULES: list[str] = [
     "jobs.thinkrec",
     "jobs.user_groups",
     "jobs.export_sft",
+    "jobs.export_cache",
+    "jobs.train",
 ]
 
 for _module in PLATFORM_MODULES + JOB_MODULES:

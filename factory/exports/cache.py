@@ -1,0 +1,253 @@
+"""Export a leave-one-out split as a training cache (format: README.md, "Training caches").
+
+One row per user per part, built from `split_interactions` only:
+train = (train items except the last -> the last train item), valid = (all train items ->
+the valid item), test = (train + valid items -> the test item); histories keep the most
+recent `max_len` items, left-padded with 0. A history never contains its own target or any
+later item. Optional arrays come from providers aligned to the rows: item text embeddings
+(`ItemTextSource`) and step-wise reasoning embeddings H_i (`StepSource`, SCoTER 3.3.1).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory import __version__
+from factory.errors import FactoryError
+from factory.warehouse import Warehouse, require_split
+from train.format import FLOAT_DTYPES, FORMAT, VERSION, sha256_file
+from train.format import SPLITS as PARTS
+
+#: rows asked of a step provider at a time, so H for millions of users never sits in memory
+CHUNK_ROWS = 4096
+
+
+@dataclass
+class ItemTextSource:
+    """Item text embeddings: `embed(item_ids, titles)` -> (n, D) in the order given."""
+
+    encoder: str
+    embed: Callable[[list[str], list[str | None]], np.ndarray]
+    dtype: str = "float16"
+
+
+@dataclass
+class StepSource:
+    """Step-wise reasoning H_i per row (SCoTER 3.3.1). `steps(part, user_ids)` returns
+    (len(user_ids), K, D) for those users' rows of that part; `chain(part, user_ids)`,
+    optional, returns one (len(user_ids), D) embedding of each whole chain (ablation
+    "w/o step-wise embedding"). `meta` is written to the manifest: K, D, encoder, template,
+    chain_source."""
+
+    meta: dict[str, Any]
+    steps: Callable[[str, list[str]], np.ndarray]
+    chain: Callable[[str, list[str]], np.ndarray] | None = None
+    dtype: str = "float16"
+
+
+@dataclass
+class Part:
+    seq: np.ndarray  # (rows, max_len) int32
+    target: np.ndarray  # (rows,) int32
+    user_ids: list[str]
+    history_len: np.ndarray  # (rows,) int32, before truncation
+
+
+def _pad_left(history: list[int], max_len: int) -> np.ndarray:
+    row = np.zeros(max_len, dtype=np.int32)
+    tail = history[-max_len:]
+    if tail:
+        row[max_len - len(tail):] = tail
+    return row
+
+
+def build_parts(users: list[str], train: list[list[int]], valid: list[list[int]],
+                test: list[list[int]], max_len: int) -> dict[str, Part]:
+    """The three leave-one-out parts from each user's chronological item indices."""
+    rows: dict[str, tuple[list, list, list, list]] = {p: ([], [], [], []) for p in PARTS}
+
+    def add(part: str, user: str, history: list[int], target: int) -> None:
+        if not history:
+            return  # nothing to condition on
+        seqs, targets, uids, lens = rows[part]
+        seqs.append(_pad_left(history, max_len))
+        targets.append(target)
+        uids.append(user)
+        lens.append(len(history))
+
+    for user, tr, va, te in zip(users, train, valid, test, strict=True):
+        if len(va) > 1 or len(te) > 1:
+            raise FactoryError(
+                f"user {user} has {len(va)} validation and {len(te)} test items: a cache needs "
+                "a leave-one-out split (one of each per user)")
+        if tr:
+            add("train", user, tr[:-1], tr[-1])
+        if va:
+            add("valid", user, tr, va[0])
+        if te:
+            add("test", user, tr + va, te[0])
+    out = {}
+    for part, (seqs, targets, uids, lens) in rows.items():
+        out[part] = Part(
+            seq=np.stack(seqs) if seqs else np.zeros((0, max_len), np.int32),
+            target=np.asarray(targets, dtype=np.int32),
+            user_ids=uids,
+            history_len=np.asarray(lens, dtype=np.int32),
+        )
+    return out
+
+
+def _write_chunked(path: Path, part: str, users: list[str], fetch: Callable, shape_tail: tuple,
+                   dtype: str, what: str) -> None:
+    """Ask `fetch` for CHUNK_ROWS rows at a time and write them into one .npy file."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype,
+                                    shape=(len(users), *shape_tail))
+    for start in range(0, len(users), CHUNK_ROWS):
+        chunk = users[start:start + CHUNK_ROWS]
+        got = np.asarray(fetch(part, chunk))
+        if got.shape != (len(chunk), *shape_tail):
+            raise FactoryError(f"{what} provider returned shape {got.shape} for {len(chunk)} "
+                               f"{part} rows; expected {(len(chunk), *shape_tail)}")
+        if not np.isfinite(got).all():
+            raise FactoryError(f"{what} provider returned NaN or infinite values ({part})")
+        arr[start:start + len(chunk)] = got.astype(dtype)
+    arr.flush()
+    del arr
+
+
+def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
+                parts: dict[str, Part], max_len: int, item_text: ItemTextSource | None = None,
+                steps: StepSource | None = None, replace: bool = False) -> dict[str, Any]:
+    """Write the cache directory atomically (a temporary sibling renamed at the end); returns
+    the manifest. `items` has item_idx (1..n), item_id, title and optionally sid."""
+    out = Path(out)
+    if out.exists() and not replace:
+        raise FactoryError(f"{out} exists; pass --replace to overwrite it")
+    n_items = items.num_rows
+    if n_items == 0:
+        raise FactoryError("no items to export")
+    idx = items["item_idx"].to_numpy()
+    if not np.array_equal(idx, np.arange(1, n_items + 1)):
+        raise FactoryError("items must be numbered 1..n in order")
+    for dtype in {s.dtype for s in (item_text, steps) if s is not None}:
+        if dtype not in FLOAT_DTYPES:
+            raise FactoryError(f"embedding dtype must be float16 or float32, not {dtype}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pq.write_table(items, tmp / "items.parquet")
+        text_meta = None
+        if item_text is not None:
+            vecs = np.asarray(item_text.embed(items["item_id"].to_pylist(),
+                                              items["title"].to_pylist()))
+            if vecs.ndim != 2 or vecs.shape[0] != n_items or not np.isfinite(vecs).all():
+                raise FactoryError(f"item text embeddings: got shape {vecs.shape}, expected "
+                                   f"({n_items}, D) of finite values")
+            full = np.zeros((n_items + 1, vecs.shape[1]), dtype=item_text.dtype)
+            full[1:] = vecs
+            np.save(tmp / "item_text.npy", full)
+            text_meta = {"encoder": item_text.encoder, "dim": int(vecs.shape[1])}
+        for name, part in parts.items():
+            if np.isin(part.target, 0).any() or (part.seq[:, -1] == 0).any():
+                raise FactoryError(f"{name}: a row has no target or an empty history")
+            np.save(tmp / f"{name}.seq.npy", part.seq.astype(np.int32))
+            np.save(tmp / f"{name}.target.npy", part.target.astype(np.int32))
+            pq.write_table(pa.table({
+                "row": pa.array(np.arange(len(part.user_ids), dtype=np.int64)),
+                "user_id": pa.array(part.user_ids, pa.string()),
+                "history_len": pa.array(part.history_len, pa.int32()),
+            }), tmp / f"{name}.users.parquet")
+            if steps is not None:
+                k, d = int(steps.meta["K"]), int(steps.meta["D"])
+                _write_chunked(tmp / f"{name}.steps.npy", name, part.user_ids, steps.steps,
+                               (k, d), steps.dtype, "step")
+                if steps.chain is not None:
+                    _write_chunked(tmp / f"{name}.chain.npy", name, part.user_ids,
+                                   steps.chain, (d,), steps.dtype, "chain")
+        steps_meta = None if steps is None else {**steps.meta, "dtype": steps.dtype}
+        chain_meta = (None if steps is None or steps.chain is None
+                      else {"D": int(steps.meta["D"]), "dtype": steps.dtype,
+                            "encoder": steps.meta.get("encoder")})
+        manifest = {
+            "format": FORMAT, "version": VERSION, "dataset": dataset, "split": split,
+            "n_items": n_items, "max_len": max_len, "item_text": text_meta,
+            "steps": steps_meta, "chain": chain_meta,
+            "rows": {name: int(len(p.target)) for name, p in parts.items()},
+            "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "factory_version": __version__,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_split(con: duckdb.DuckDBPyConnection, dataset: str, split: str
+               ) -> tuple[pa.Table, list[str], list[list[int]], list[list[int]], list[list[int]]]:
+    """Items (numbered 1..n by item_id) and each user's train/valid/test item indices in
+    chronological order, straight from `split_interactions`."""
+    require_split(con, dataset, split)
+    rows = con.execute(
+        "select c.item_id, i.title from (select distinct item_id from split_interactions"
+        "  where dataset = $d and split = $s) c"
+        " left join items i on i.dataset = $d and i.item_id = c.item_id order by c.item_id",
+        {"d": dataset, "s": split},
+    ).fetchall()
+    items = pa.table({
+        "item_idx": pa.array(np.arange(1, len(rows) + 1, dtype=np.int32)),
+        "item_id": pa.array([r[0] for r in rows], pa.string()),
+        "title": pa.array([r[1] for r in rows], pa.string()),
+    })
+    con.register("_cache_items", items.select(["item_idx", "item_id"]))
+    try:
+        rows = con.execute(
+            "select si.user_id,"
+            " coalesce(list(m.item_idx order by si.position) filter (where si.part = 'train'),"
+            "  []) as tr,"
+            " coalesce(list(m.item_idx order by si.position) filter (where si.part = 'valid'),"
+            "  []) as va,"
+            " coalesce(list(m.item_idx order by si.position) filter (where si.part = 'test'),"
+            "  []) as te"
+            " from split_interactions si join _cache_items m using (item_id)"
+            " where si.dataset = $d and si.split = $s group by si.user_id order by si.user_id",
+            {"d": dataset, "s": split},
+        ).fetchall()
+    finally:
+        con.unregister("_cache_items")
+    users = [r[0] for r in rows]
+    return items, users, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
+
+
+def export_cache(wh: Warehouse, dataset: str, split: str, out: Path, max_len: int, *,
+                 item_text: ItemTextSource | None = None, steps: StepSource | None = None,
+                 replace: bool = False) -> dict[str, Any]:
+    """Read the split (one short read), then write the cache; returns the manifest."""
+    if max_len < 1:
+        raise FactoryError("--max-len must be at least 1")
+    with wh.read() as con:
+        items, users, train, valid, test = read_split(con, dataset, split)
+    if not users:
+        raise FactoryError(f"split {split!r} of {dataset!r} has no interactions")
+    parts = build_parts(users, train, valid, test, max_len)
+    if not len(parts["train"].target):
+        raise FactoryError(f"split {split!r} of {dataset!r} has no user with two training "
+                           "items: nothing to train on")
+    return write_cache(out, dataset=dataset, split=split, items=items, parts=parts,
+                       max_len=max_len, item_text=item_text, steps=steps, replace=replace)

@@ -1,0 +1,141 @@
+"""`factory export cache` and `factory train` against a real warehouse (ml-100k)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from factory.cli import app
+from factory.errors import FactoryError
+from factory.exports.cache import StepSource, export_cache
+from factory.splits import make_temporal_split
+from factory.warehouse import Warehouse
+from train.data import Cache
+
+runner = CliRunner()
+
+
+def _cli(wh: Warehouse, *args: str):
+    return runner.invoke(app, ["--warehouse", str(wh.path), *args])
+
+
+def _fails(result, match: str) -> None:
+    assert isinstance(result.exception, FactoryError), result.output
+    assert match in str(result.exception)
+
+
+def test_export_writes_leave_one_out_rows_without_leakage(ml100k: Warehouse,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    result = _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--max-len", "20",
+                  "--out", str(out))
+    assert result.exit_code == 0, result.output
+    cache = Cache(out)
+    assert cache.max_len == 20 and cache.steps_meta is None
+    items = pq.read_table(out / "items.parquet").to_pydict()
+    idx_of = dict(zip(items["item_id"], items["item_idx"], strict=True))
+    with ml100k.read() as con:
+        rows = con.execute(
+            "select user_id, part, list(item_id order by position) from split_interactions"
+            " where dataset = 'ml-100k' and split = 'loo' group by all").fetchall()
+        cached = con.execute("select dataset, split, max_len, n_items, run_id"
+                             " from train_caches").fetchall()
+    assert cached[0][:4] == ("ml-100k", "loo", 20, cache.n_items)
+    parts = {(u, p): [idx_of[i] for i in items_] for u, p, items_ in rows}
+    users = {part: pq.read_table(out / f"{part}.users.parquet").to_pydict()
+             for part in ("train", "valid", "test")}
+    for part in ("train", "valid", "test"):
+        split = cache.splits[part]
+        for row, user in enumerate(users[part]["user_id"]):
+            train, valid, test = (parts.get((user, p), []) for p in ("train", "valid", "test"))
+            history, target = {
+                "train": (train[:-1], train[-1]),
+                "valid": (train, valid[0] if valid else None),
+                "test": (train + valid, test[0] if test else None),
+            }[part]
+            seq = [int(i) for i in split.seq[row] if i]
+            assert seq == history[-20:]
+            assert int(split.target[row]) == target
+            assert users[part]["history_len"][row] == len(history)
+            # nothing at or after the target is ever in the history
+            later = {"train": [train[-1], *valid, *test], "valid": [*valid, *test],
+                     "test": test}[part]
+            assert not set(seq) & set(later)
+
+
+def test_export_refuses_what_it_cannot_write(ml100k: Warehouse, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    assert _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--out", str(out)
+                ).exit_code == 0
+    _fails(_cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--out", str(out)),
+           "pass --replace")
+    assert _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--out", str(out),
+                "--replace").exit_code == 0
+    _fails(_cli(ml100k, "export", "cache", "--dataset", "nope", "--out", str(out)),
+           "unknown dataset 'nope'")
+    with ml100k.write() as con:
+        make_temporal_split(con, "ml-100k", "time", window_months=7, train_months=5,
+                            valid_months=1)
+    _fails(_cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--split", "time",
+                "--out", str(tmp_path / "t")), "leave-one-out split")
+    assert not (tmp_path / "t").exists()
+    with ml100k.read() as con:
+        statuses = con.execute("select status, count(*) from job_runs where job ="
+                               " 'export-cache' group by 1 order by 1").fetchall()
+    assert statuses == [("failed", 2), ("succeeded", 2)]
+
+
+def test_step_provider_is_aligned_and_checked(ml100k: Warehouse, tmp_path: Path) -> None:
+    asked: list[tuple[str, int]] = []
+
+    def steps(part: str, user_ids: list[str]) -> np.ndarray:
+        asked.append((part, len(user_ids)))
+        return np.stack([np.full((2, 4), int(u), np.float32) for u in user_ids])
+
+    source = StepSource(meta={"K": 2, "D": 4, "encoder": "test", "template": "t",
+                              "chain_source": "test"}, steps=steps)
+    manifest = export_cache(ml100k, "ml-100k", "loo", tmp_path / "c", 10, steps=source)
+    assert manifest["steps"]["K"] == 2 and manifest["steps"]["dtype"] == "float16"
+    cache = Cache(tmp_path / "c")
+    users = pq.read_table(tmp_path / "c" / "valid.users.parquet")["user_id"].to_pylist()
+    assert cache.splits["valid"].steps[5, 1, 0] == float(users[5])
+    assert {p for p, _ in asked} == {"train", "valid", "test"}
+
+    bad = StepSource(meta={"K": 3, "D": 4}, steps=steps)
+    with pytest.raises(FactoryError, match="expected"):
+        export_cache(ml100k, "ml-100k", "loo", tmp_path / "bad", 10, steps=bad)
+    assert not (tmp_path / "bad").exists()
+    assert not list(tmp_path.glob(".bad.*"))  # the temporary directory is gone too
+
+
+def test_factory_train_records_the_run(ml100k: Warehouse, tmp_path: Path) -> None:
+    _fails(_cli(ml100k, "train", "--dataset", "ml-100k"), "no exported cache")
+    assert _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--max-len", "10",
+                "--out", str(tmp_path / "c")).exit_code == 0
+    out = tmp_path / "run"
+    result = _cli(ml100k, "train", "--dataset", "ml-100k", "--epochs", "1", "--dim", "16",
+                  "--threads", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    with ml100k.read() as con:
+        row = con.execute("select status, cache_path, fusion, best_epoch, epochs_run,"
+                          " seconds_per_epoch, test->>'ndcg@10', out_dir, params->>'dim'"
+                          " from train_runs").fetchone()
+        job = con.execute("select status from job_runs where job = 'train'").fetchone()
+    assert row[:5] == ("succeeded", str(tmp_path / "c"), "none", 1, 1)
+    assert row[5] > 0 and 0 <= float(row[6]) <= 1 and row[7] == str(out) and row[8] == "16"
+    assert job == ("succeeded",)
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 1
+
+    _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--fusion", "scoter"),
+           "no exported cache with reasoning steps")
+    _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--max-len", "50"),
+           "max_len 50")
+    _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--lr", "fast"),
+           "training option: argument --lr")
+    _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--cache", str(tmp_path)),
+           "not an exported cache")

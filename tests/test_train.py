@@ -1,0 +1,246 @@
+"""train/: metrics, reader, model, SCoTER fusion and ablations, on tiny synthetic caches."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from train_synthetic import synthetic_cache
+
+from train.config import ArgumentError, Config, parse_args
+from train.data import Cache, CacheError, batches, next_item_labels
+from train.fusion import ABLATIONS, ScoterFusion
+from train.loop import build_model, run
+from train.metrics import metrics_from_ranks, target_ranks
+
+REPO = Path(__file__).resolve().parent.parent
+torch.set_num_threads(2)
+FAST = {"dim": 32, "batch_size": 64, "threads": 2, "lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("caches")
+    return {
+        "oracle": synthetic_cache(root / "oracle", steps="oracle"),
+        "cycle": synthetic_cache(root / "cycle", pattern="cycle", sid_levels=2),
+        "plain": synthetic_cache(root / "plain"),
+    }
+
+
+def _run(tmp_path: Path, cache: Path, name: str, **kw) -> dict:
+    cfg = Config(cache=str(cache), out=str(tmp_path / name), **{**FAST, **kw})
+    return run(cfg, log=lambda _msg: None)
+
+
+# -- metrics -----------------------------------------------------------------------------
+def test_metrics_match_hand_computed_ranks() -> None:
+    scores = torch.tensor([
+        [0.0, 0.9, 0.1, 0.5, 0.3],  # target 3 (0.5): only 0.9 above -> rank 1
+        [0.0, 0.2, 0.8, 0.4, 0.6],  # target 1 (0.2): 3 above -> rank 3
+        [0.0, 0.7, 0.7, 0.1, 0.2],  # target 2 ties with item 1: pessimistic rank 1
+        [0.0, 0.1, 0.2, 0.3, 0.9],  # target 4 is top -> rank 0
+    ])
+    ranks = target_ranks(scores, torch.tensor([3, 1, 2, 4]))
+    assert ranks.tolist() == [1, 3, 1, 0]
+    m = metrics_from_ranks(ranks, ks=(1, 2, 4))
+    assert m["recall@1"] == pytest.approx(1 / 4)
+    assert m["recall@2"] == pytest.approx(3 / 4)
+    assert m["recall@4"] == pytest.approx(1.0)
+    assert m["ndcg@1"] == pytest.approx(1 / 4)
+    assert m["ndcg@2"] == pytest.approx((1 / math.log2(3) * 2 + 1) / 4)
+    assert m["ndcg@4"] == pytest.approx((2 / math.log2(3) + 1 / math.log2(5) + 1) / 4)
+
+
+def test_constant_scores_earn_nothing() -> None:
+    ranks = target_ranks(torch.zeros(3, 50), torch.tensor([1, 2, 3]))
+    assert metrics_from_ranks(ranks)["recall@20"] == 0.0
+
+
+# -- standing alone ----------------------------------------------------------------------
+def test_train_imports_no_duckdb_factory_or_llm_libraries() -> None:
+    code = ("import sys, train, train.data, train.model, train.fusion, train.loop, "
+            "train.metrics, train.config, train.__main__; "
+            "print(','.join(sorted(m.split('.')[0] for m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    loaded = set(out.stdout.strip().split(","))
+    forbidden = {"duckdb", "factory", "jobs", "transformers", "sentence_transformers", "openai",
+                 "llama_cpp", "vllm", "peft", "typer"}
+    assert not loaded & forbidden, loaded & forbidden
+
+
+# -- reader and leakage ------------------------------------------------------------------
+def test_training_labels_are_strictly_after_their_inputs() -> None:
+    seq = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    labels = next_item_labels(seq, torch.tensor([8, 6]))
+    assert labels.tolist() == [[0, 0, 6, 7, 8], [2, 3, 4, 5, 6]]
+
+
+def test_model_is_causal_and_rows_are_independent(caches: dict[str, Path]) -> None:
+    cache = Cache(caches["oracle"])
+    model = build_model(Config(cache="", fusion="scoter", dim=32), cache).eval()
+    seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8]])
+    changed = seq.clone()
+    changed[0, 5:] = torch.tensor([20, 21, 22])
+    with torch.no_grad():
+        a, b = model.backbone(seq), model.backbone(changed)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6)  # the past never sees the future
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+    split = cache.splits["test"]
+    batch = next(batches(split, 16, reasoning="steps"))
+    with torch.no_grad():
+        together = model.scores(batch.seq, batch.reasoning)
+        alone = model.scores(batch.seq[3:4], batch.reasoning[3:4])
+    assert torch.allclose(together[3:4], alone, atol=1e-5)  # no batch leak at ranking time
+
+
+def test_reader_rows_never_contain_their_target(caches: dict[str, Path]) -> None:
+    cache = Cache(caches["plain"])
+    for split in cache.splits.values():
+        seq, target = np.asarray(split.seq), np.asarray(split.target)
+        assert not (seq == target[:, None]).any()
+    train_rows, valid_rows = cache.splits["train"], cache.splits["valid"]
+    # valid history = train history + train target: the valid target is later than all of it
+    assert np.array_equal(np.asarray(valid_rows.seq)[:, -1], np.asarray(train_rows.target))
+
+
+def test_reasoning_rows_follow_their_batch_rows(caches: dict[str, Path]) -> None:
+    split = Cache(caches["oracle"]).splits["valid"]
+    order = np.array([5, 2, 9, 0])
+    perm = np.random.default_rng(0).permutation(len(split))
+    batch = next(batches(split, 4, reasoning="steps", order=order, reasoning_rows=perm))
+    assert batch.rows.tolist() == [0, 2, 5, 9]
+    want = np.asarray(split.steps[perm[[0, 2, 5, 9]]], dtype=np.float32)
+    assert np.array_equal(batch.reasoning.numpy(), want)
+
+
+# -- learning ------------------------------------------------------------------------------
+def test_sasrec_overfits_a_deterministic_pattern(caches: dict[str, Path], tmp_path: Path) -> None:
+    result = _run(tmp_path, caches["cycle"], "cycle", epochs=8)
+    assert result["test"]["ndcg@10"] > 0.9
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < losses[0] / 2
+    out = Path(result["out"])
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == result["best_epoch"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_time_budget_stops_and_still_tests_the_best_epoch(caches: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    result = _run(tmp_path, caches["plain"], "budget", epochs=50, max_minutes=1e-9)
+    assert result["epochs_run"] == 1 and result["best_epoch"] == 1
+    assert "valid" in result["history"][0] and result["test"]["ndcg@10"] >= 0
+
+
+def test_sid_embeddings_are_summed_into_items(caches: dict[str, Path], tmp_path: Path) -> None:
+    cache = Cache(caches["cycle"])
+    model = build_model(Config(cache="", sid=True, dim=16), cache)
+    assert len(model.backbone.sid_emb) == 2
+    items = torch.tensor([1, 2])
+    expected = model.backbone.item_emb(items) + sum(
+        emb(model.backbone.sid[items, lvl]) for lvl, emb in enumerate(model.backbone.sid_emb))
+    assert torch.allclose(model.backbone.item_vectors(items), expected)
+    assert _run(tmp_path, caches["cycle"], "sid", sid=True, epochs=2)["epochs_run"] == 2
+    with pytest.raises(CacheError, match="sid column"):
+        build_model(Config(cache="", sid=True), Cache(caches["plain"]))
+
+
+def test_informative_steps_beat_the_baseline_and_shuffled_steps_do_not(
+        caches: dict[str, Path], tmp_path: Path) -> None:
+    cache = caches["oracle"]  # histories are random; the last step embeds the target's text
+    base = _run(tmp_path, cache, "base", epochs=15)["test"]["ndcg@10"]
+    fused = _run(tmp_path, cache, "fused", epochs=15, fusion="scoter")["test"]["ndcg@10"]
+    shuffled = _run(tmp_path, cache, "shuffled", epochs=15, fusion="scoter",
+                    shuffle_steps=True)["test"]["ndcg@10"]
+    assert base < 0.25
+    assert fused > base + 0.5
+    assert shuffled < base + 0.08
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_each_ablation_runs(ablation: str, caches: dict[str, Path], tmp_path: Path) -> None:
+    result = _run(tmp_path, caches["oracle"], ablation, epochs=2, fusion="scoter",
+                  ablate=[ablation])
+    assert set(result["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
+    assert ("nce" in result["history"][0]) == (ablation != "contrastive")
+    fusion = build_model(Config(cache="", fusion="scoter", ablate=[ablation], dim=32),
+                         Cache(caches["oracle"])).fusion
+    assert isinstance(fusion, ScoterFusion)
+    if ablation == "position":
+        assert fusion.step_pos is None
+    elif ablation in ("mean", "last", "single"):
+        assert fusion.step_pos.shape == (1, 32)
+    else:
+        assert fusion.step_pos.shape == (3, 32)
+
+
+def test_collapsed_steps_are_the_mean_or_the_last() -> None:
+    h = torch.randn(2, 3, 8)
+    mean = ScoterFusion(8, 16, 3, heads=2, ablate=frozenset({"mean", "position"}))
+    last = ScoterFusion(8, 16, 3, heads=2, ablate=frozenset({"last", "position"}))
+    last.adapter.load_state_dict(mean.adapter.state_dict())
+    assert torch.allclose(mean.steps(h), mean.adapter(h.mean(1, keepdim=True)))
+    assert torch.allclose(last.steps(h), mean.adapter(h[:, -1:]))
+
+
+# -- command line and errors ---------------------------------------------------------------
+def test_argument_errors() -> None:
+    with pytest.raises(ArgumentError, match="exclude each other"):
+        parse_args(["--cache", "x", "--fusion", "scoter", "--ablate", "mean,last"])
+    with pytest.raises(ArgumentError, match="unknown ablation"):
+        parse_args(["--cache", "x", "--fusion", "scoter", "--ablate", "steps"])
+    with pytest.raises(ArgumentError, match="need --fusion scoter"):
+        parse_args(["--cache", "x", "--ablate", "position"])
+    with pytest.raises(ArgumentError, match="--epochs must be at least 1"):
+        parse_args(["--cache", "x", "--epochs", "0"])
+    cfg = parse_args(["--cache", "x", "--fusion", "scoter", "--ablate", "position",
+                      "--ablate", "contrastive"])
+    assert cfg.ablate == ["contrastive", "position"]
+
+
+def test_cache_errors(caches: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="no manifest.json"):
+        Cache(tmp_path)
+    bad = synthetic_cache(tmp_path / "bad")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(CacheError, match="cache version 99"):
+        Cache(bad)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    np.save(bad / "test.target.npy", np.ones(300, dtype=np.int32))
+    with pytest.raises(CacheError, match="sha256 differs"):
+        Cache(bad)
+    Cache(bad, verify=False)  # shapes still check out
+    np.save(bad / "test.target.npy", np.ones(299, dtype=np.int32))
+    with pytest.raises(CacheError, match=r"shape \(299,\), expected \(300\)"):
+        Cache(bad, verify=False)
+    with pytest.raises(CacheError, match="needs step embeddings"):
+        _run(tmp_path, caches["plain"], "nosteps", fusion="scoter", epochs=1)
+
+
+def test_python_m_train(caches: dict[str, Path], tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "cli"
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "--cache", str(caches["oracle"]), "--fusion", "scoter",
+         "--ablate", "position", "--epochs", "2", "--dim", "16", "--threads", "1",
+         "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "recall@10" in done.stdout and "best epoch" in done.stdout
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["params"]["ablate"] == ["position"] and result["epochs_run"] == 2
+    assert (out / "curves.png").is_file()
+    bad = subprocess.run([sys.executable, "-m", "train", "--cache", str(tmp_path)],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "no manifest.json" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "train", "--cache", "x", "--fusion", "gnn"],
+                           capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr

@@ -1,0 +1,129 @@
+"""Run configuration and its command line (shared by `python -m train` and `factory train`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from train.fusion import ABLATIONS, check_ablations
+
+
+@dataclass
+class Config:
+    cache: str
+    out: str | None = None  # default: runs/<cache name>-<variant>-<time>
+    backbone: str = "sasrec"
+    fusion: str = "none"  # none | scoter
+    ablate: list[str] = field(default_factory=list)
+    shuffle_steps: bool = False  # control: give each row another user's reasoning
+    sid: bool = False  # sum semantic-ID embeddings into item embeddings
+    dim: int = 64
+    layers: int = 2
+    heads: int = 1
+    ffn_dim: int | None = None  # default: dim, as in SASRec
+    dropout: float = 0.2
+    fusion_heads: int = 4  # SCoTER-H: 4, SCoTER-T: 6
+    fusion_dropout: float = 0.1  # SCoTER Table 8
+    lam: float = 0.1  # SCoTER eq. 8
+    temperature: float = 0.1  # eq. 6; the paper gives no value
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    epochs: int = 200
+    patience: int = 20  # SCoTER Table 8; counted in evaluations
+    max_minutes: float | None = None  # stop after the epoch that passes this training time
+    eval_every: int = 1
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # mixed precision on CUDA only
+    threads: int | None = None
+    mask_history: bool = True  # rank only items outside the user's history
+    verify: bool = True  # check every cache file's sha256 on open
+    save_model: bool = False
+
+    def check(self) -> None:
+        if self.backbone != "sasrec":
+            raise ValueError(f"unknown backbone {self.backbone!r} (known: sasrec)")
+        if self.fusion not in ("none", "scoter"):
+            raise ValueError(f"unknown fusion {self.fusion!r} (known: none, scoter)")
+        check_ablations(frozenset(self.ablate))
+        if self.fusion == "none" and (self.ablate or self.shuffle_steps):
+            raise ValueError("--ablate and --shuffle-steps need --fusion scoter")
+        for name in ("dim", "layers", "heads", "batch_size", "eval_batch_size", "epochs",
+                     "patience", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError("--max-minutes must be positive")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("--device must be auto, cpu or cuda")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ArgumentError(ValueError):
+    """Bad command-line arguments (raised instead of argparse's exit)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise ArgumentError(message)
+
+
+def parser(require_cache: bool = True) -> argparse.ArgumentParser:
+    d = Config(cache="")
+    p = _Parser(prog="python -m train",
+                description="Train SASRec, optionally with SCoTER reasoning fusion, on an "
+                            "exported cache; full-catalog leave-one-out evaluation.")
+    p.add_argument("--cache", required=require_cache, help="exported cache directory")
+    p.add_argument("--out", help="output directory [runs/<cache>-<variant>-<time>]")
+    p.add_argument("--backbone", default=d.backbone, choices=["sasrec"])
+    p.add_argument("--fusion", default=d.fusion, choices=["none", "scoter"])
+    p.add_argument("--ablate", action="append", default=[], metavar="|".join(ABLATIONS),
+                   help="SCoTER Table 4 ablation; repeat or comma-separate to combine")
+    p.add_argument("--shuffle-steps", action="store_true",
+                   help="control: each row gets another user's reasoning")
+    p.add_argument("--sid", action="store_true", help="add semantic-ID embeddings")
+    for name, typ, hlp in [
+        ("dim", int, "model and item dimension"), ("layers", int, "transformer blocks"),
+        ("heads", int, "self-attention heads"), ("ffn-dim", int, "FFN width [dim]"),
+        ("dropout", float, "backbone dropout"), ("fusion-heads", int, "cross-attention heads"),
+        ("fusion-dropout", float, "fusion dropout"), ("lam", float, "InfoNCE weight lambda"),
+        ("temperature", float, "InfoNCE temperature tau"), ("lr", float, "Adam learning rate"),
+        ("weight-decay", float, "Adam weight decay"), ("batch-size", int, "training batch"),
+        ("eval-batch-size", int, "evaluation batch"), ("epochs", int, "most epochs"),
+        ("patience", int, "evaluations without a better valid NDCG@10 before stopping"),
+        ("eval-every", int, "epochs between evaluations"),
+        ("max-minutes", float, "stop after the epoch that passes this much training time "
+         "(the best epoch so far is still tested)"),
+        ("seed", int, "random seed"),
+        ("threads", int, "CPU threads for torch [all]"),
+    ]:
+        default = getattr(d, name.replace("-", "_"))
+        p.add_argument(f"--{name}", type=typ, default=default,
+                       help=hlp if default is None else f"{hlp} [{default}]")
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision")
+    p.add_argument("--no-mask-history", dest="mask_history", action="store_false",
+                   help="also rank items already in the user's history")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of the cache files")
+    p.add_argument("--save-model", action="store_true", help="write model.pt (best epoch)")
+    return p
+
+
+def parse_args(argv: list[str], require_cache: bool = True) -> Config:
+    """A checked Config from command-line arguments; ArgumentError on anything wrong."""
+    ns = vars(parser(require_cache).parse_args(argv))
+    ns["ablate"] = sorted({a.strip() for arg in ns["ablate"] for a in arg.split(",")
+                           if a.strip()})
+    ns["cache"] = ns["cache"] or ""
+    cfg = Config(**ns)
+    try:
+        cfg.check()
+    except ValueError as exc:
+        raise ArgumentError(str(exc)) from None
+    return cfg

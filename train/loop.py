@@ -1,0 +1,230 @@
+"""Training loop: seeded, early stopping on validation NDCG@10, deterministic evaluation,
+CPU by default and CUDA (with mixed precision) when present; writes metrics and curves."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.config import Config
+from train.data import Cache, CacheError, Split, TrainError, batches, next_item_labels
+from train.fusion import ScoterFusion
+from train.metrics import metrics_from_ranks, target_ranks
+from train.model import Recommender, SASRec
+
+Log = Callable[[str], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda asked for, but torch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def reasoning_kind(cfg: Config) -> str:
+    if cfg.fusion == "none":
+        return "none"
+    return "chain" if "single" in cfg.ablate else "steps"
+
+
+def build_model(cfg: Config, cache: Cache) -> Recommender:
+    sid = None
+    if cfg.sid:
+        if cache.sid is None:
+            raise CacheError(f"{cache.path}: --sid needs a sid column in items.parquet")
+        sid = torch.from_numpy(cache.sid)
+    backbone = SASRec(cache.n_items, cache.max_len, cfg.dim, cfg.layers, cfg.heads,
+                      cfg.ffn_dim, cfg.dropout, sid)
+    fusion = None
+    kind = reasoning_kind(cfg)
+    if kind != "none":
+        meta = cache.steps_meta if kind == "steps" else cache.chain_meta
+        if meta is None:
+            what = ("step embeddings (steps)" if kind == "steps"
+                    else "whole-chain embeddings (chain), needed by --ablate single")
+            raise CacheError(f"{cache.path}: --fusion scoter needs {what}; this cache has none")
+        fusion = ScoterFusion(int(meta["D"]), cfg.dim, int(meta.get("K", 1)), cfg.fusion_heads,
+                              cfg.fusion_dropout, frozenset(cfg.ablate))
+    return Recommender(backbone, fusion, cfg.lam, cfg.temperature)
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(model: Recommender, split: Split, cfg: Config, device: torch.device,
+             reasoning_rows: np.ndarray | None = None) -> dict[str, float]:
+    """Full-catalog ranking of each row's target; rows in file order, no dropout."""
+    model.eval()
+    ranks = []
+    for batch in batches(split, cfg.eval_batch_size, reasoning=reasoning_kind(cfg),
+                         reasoning_rows=reasoning_rows):
+        batch = batch.to(device)
+        with _autocast(device, cfg.amp):
+            scores = model.scores(batch.seq, batch.reasoning).float()
+        if cfg.mask_history:
+            scores.scatter_(1, batch.seq, float("-inf"))
+        ranks.append(target_ranks(scores, batch.target).cpu())
+    return metrics_from_ranks(torch.cat(ranks)) if ranks else {}
+
+
+def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.device,
+                opt: torch.optim.Optimizer, scaler: Any, rng: np.random.Generator,
+                reasoning_rows: np.ndarray | None) -> dict[str, float]:
+    model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in batches(split, cfg.batch_size, reasoning=reasoning_kind(cfg),
+                         order=rng.permutation(len(split)), reasoning_rows=reasoning_rows):
+        batch = batch.to(device)
+        labels = next_item_labels(batch.seq, batch.target)
+        with _autocast(device, cfg.amp):
+            out = model.losses(batch.seq, labels, batch.target, batch.reasoning)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(out["loss"]).backward()
+        scaler.step(opt)
+        scaler.update()
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _permutations(cache: Cache, cfg: Config) -> dict[str, np.ndarray | None]:
+    """The shuffled-steps control: a fixed random other row's reasoning for every row."""
+    if not cfg.shuffle_steps:
+        return {s: None for s in cache.splits}
+    rng = np.random.default_rng(cfg.seed + 1)
+    return {s: rng.permutation(len(split)) for s, split in cache.splits.items()}
+
+
+def default_out(cfg: Config) -> Path:
+    variant = cfg.backbone if cfg.fusion == "none" else f"{cfg.backbone}-{cfg.fusion}"
+    if cfg.ablate:
+        variant += "-no-" + "-".join(cfg.ablate)
+    if cfg.shuffle_steps:
+        variant += "-shuffled"
+    return Path("runs") / f"{Path(cfg.cache).name}-{variant}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run(cfg: Config, log: Log = print) -> dict[str, Any]:
+    """Train, early-stop on valid NDCG@10, test the best epoch; write metrics.json and
+    curves.png (and model.pt with save_model) into the output directory."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    cache = Cache(cfg.cache, verify=cfg.verify)
+    if len(cache.splits["train"]) == 0 or len(cache.splits["valid"]) == 0:
+        raise CacheError(f"{cache.path}: the train and valid splits must have rows")
+    device = pick_device(cfg.device)
+    model = build_model(cfg, cache).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    perms = _permutations(cache, cfg)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"ndcg": -1.0, "epoch": 0, "state": None, "valid": {}}
+    train_seconds: list[float] = []
+    waited = 0
+    log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device}: "
+        f"{len(cache.splits['train']):,} train rows, {cache.n_items:,} items, "
+        f"max_len {cache.max_len}")
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        losses = train_epoch(model, cache.splits["train"], cfg, device, opt, scaler, rng,
+                             perms["train"])
+        train_seconds.append(time.perf_counter() - t0)
+        row: dict[str, Any] = {"epoch": epoch, "seconds": train_seconds[-1], **losses}
+        over_time = (cfg.max_minutes is not None
+                     and sum(train_seconds) > 60 * cfg.max_minutes)
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or over_time:
+            valid = evaluate(model, cache.splits["valid"], cfg, device, perms["valid"])
+            row["valid"] = valid
+            if valid["ndcg@10"] > best["ndcg"]:
+                best = {"ndcg": valid["ndcg@10"], "epoch": epoch, "valid": valid,
+                        "state": copy.deepcopy(model.state_dict())}
+                waited = 0
+            else:
+                waited += 1
+        history.append(row)
+        log(f"epoch {epoch}: loss {losses.get('loss', float('nan')):.4f}"
+            + (f" (nce {losses['nce']:.4f})" if "nce" in losses else "")
+            + (f", valid R@10 {row['valid']['recall@10']:.4f} N@10 "
+               f"{row['valid']['ndcg@10']:.4f}" if "valid" in row else "")
+            + f", {train_seconds[-1]:.1f}s")
+        if waited >= cfg.patience:
+            log(f"early stop: no better valid NDCG@10 in {cfg.patience} evaluations")
+            break
+        if over_time:
+            log(f"time budget of {cfg.max_minutes:g} minutes spent: stopping")
+            break
+
+    model.load_state_dict(best["state"])
+    test = evaluate(model, cache.splits["test"], cfg, device, perms["test"])
+    result = {
+        "cache": str(cache.path), "dataset": cache.manifest.get("dataset"),
+        "split": cache.manifest.get("split"), "out": str(out), "device": str(device),
+        "best_epoch": best["epoch"], "epochs_run": len(history),
+        "seconds_per_epoch": float(np.mean(train_seconds)),
+        "valid": best["valid"], "test": test, "params": cfg.as_dict(), "history": history,
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    plot_curves(history, best["epoch"], out / "curves.png")
+    if cfg.save_model:
+        torch.save(best["state"], out / "model.pt")
+    return result
+
+
+def plot_curves(history: list[dict[str, Any]], best_epoch: int, path: Path) -> None:
+    """Training losses and validation Recall/NDCG@10 per epoch (PNG, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    epochs = [h["epoch"] for h in history]
+    fused = any("nce" in h for h in history)
+    for key in ("loss", "rec", "nce") if fused else ("loss",):
+        if any(key in h for h in history):
+            ax1.plot(epochs, [h.get(key, np.nan) for h in history], label=key)
+    ax1.set_xlabel("epoch")
+    ax1.set_title("training loss")
+    ax1.legend()
+    evals = [h for h in history if "valid" in h]
+    for key in ("recall@10", "ndcg@10"):
+        ax2.plot([h["epoch"] for h in evals], [h["valid"][key] for h in evals], marker=".",
+                 label=f"valid {key}")
+    ax2.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
+    ax2.set_xlabel("epoch")
+    ax2.set_title("validation (full ranking)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
