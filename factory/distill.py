@@ -234,3 +234,241 @@ def resolve_chains(con: duckdb.DuckDBPyConnection, spec: str, dataset: str) -> C
                            f"verdict, reason, count(*) from chains where chain_set = "
                            f"'{chain_set}' group by all\")")
     return ChainSet(chain_set, source, row[0], row[1], row[2], tuple(row[3]), spec)
+
+
+def latest_teach_run(con: duckdb.DuckDBPyConnection, dataset: str) -> str:
+    row = con.execute(
+        "select run_id from job_runs where job = 'distill-teach' and dataset = ?"
+        " and status = 'succeeded' order by started_at desc limit 1", [dataset]).fetchone()
+    if row is None:
+        raise FactoryError(f"no successful `distill teach` run for {dataset!r}: run "
+                           f"`factory distill teach --dataset {dataset}` first")
+    return row[0]
+
+
+# -- teach and generate ---------------------------------------------------------------------
+#: DeepSeek-R1's recommended sampling (the paper's teacher); room for its thinking
+TEACHER_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 2048}
+#: the student writes one deterministic chain per sequence
+STUDENT_SAMPLING = {"temperature": 0.0, "max_tokens": 1024}
+
+
+def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: list[str],
+               options: Any, template_name: str | None = None, max_history: int = MAX_HISTORY,
+               student_run: str | None = None) -> Any:
+    """Alg. 2 line 6 (source 'teacher') or line 12 ('student'): one chain per sequence."""
+    from factory.console import console
+    from factory.prompts import load_prompt
+    from factory.teacher import Sampling, TeacherJob, Work
+
+    prompt = load_prompt(PROMPT)
+    record = None
+    with wh.read() as con:
+        if source == "student":
+            record = student_record(con, student_run)
+            if record["dataset"] != dataset:
+                raise FactoryError(f"student {student_run} was trained on "
+                                   f"{record['dataset']!r}, not {dataset!r}")
+            if record["prompt_hash"] != prompt.hash:
+                raise FactoryError(
+                    f"prompt {PROMPT} changed since student {student_run} was trained "
+                    f"(hash {record['prompt_hash']}, now {prompt.hash}); train it again")
+            split, template_name = record["split"], record["template"]
+            steps = tuple(record["template_steps"])
+            max_history = int(record["max_history"])
+        else:
+            from factory.templates import get_template
+
+            steps = get_template(con, template_name, dataset).steps
+        seqs = load_sequences(con, dataset, split, parts, max_history)
+        items = item_entries(con, dataset, {i for s in seqs for i in s.history})
+    if not seqs:
+        raise FactoryError(f"no {'/'.join(parts)} sequences with history in {dataset!r} "
+                           f"split {split!r}")
+    if record is not None:
+        options = options.with_(model=_student_model_option(options, record))
+    defaults = Sampling(**(TEACHER_SAMPLING if source == "teacher" else STUDENT_SAMPLING))
+    if not defaults.merged(options.sampling).temperature:
+        options = options.with_(parse_retries=0)  # greedy: a new draw repeats the answer
+    params = {"dataset": dataset, "split": split, "parts": parts, "template": template_name,
+              "steps": list(steps), "max_history": max_history, "prompt": PROMPT,
+              "student": student_run}
+    job = TeacherJob(wh, f"distill-{'teach' if source == 'teacher' else 'generate'}",
+                     dataset=dataset, options=options, params=params, defaults=defaults)
+    if record is not None:
+        use_student_backend(job, record)
+    chain_set = chain_set_id(source, {
+        "dataset": dataset, "split": split, "model": job.backend.model,
+        "prompt_hash": prompt.hash, "template": template_name, "steps": list(steps),
+        "sampling": job.sampling.as_dict(), "max_history": max_history})
+    job.params["chain_set"] = chain_set
+    fixed = {"chain_set": chain_set, "dataset": dataset, "split": split, "source": source,
+             "template": template_name, "template_steps": list(steps)}
+    works = [Work(id=s.key, vars=prompt_vars(s, steps, items), data=s) for s in seqs]
+    with job:
+        report = job.run(works, prompt=prompt, parse=chain_parser(steps), table="chains",
+                         row=lambda o: chain_row(o, fixed))
+    if report.dry_run:
+        return report
+    report.print_summary(
+        f"{source} chains for {dataset} ({', '.join(parts)}), template {template_name}",
+        f"select verdict, reason, count(*) from chains where chain_set = '{chain_set}' "
+        "group by all order by 3 desc")
+    with wh.read() as con:
+        verdicts = con.execute(
+            "select verdict, count(*) from chains where chain_set = ? group by 1 order by 1",
+            [chain_set]).fetchall()
+        reasons = con.execute(
+            "select reason, count(*) from chains where chain_set = ? and verdict <> 'kept'"
+            " group by 1 order by 2 desc, 1 limit 3", [chain_set]).fetchall()
+    console.print(f"  chain set {chain_set}: "
+                  + ", ".join(f"{v} {n:,}" for v, n in verdicts))
+    for reason, n in reasons:
+        console.print(f"    {n:,} x {reason}")
+    console.print(f"  next: --chains {source}:{student_run if record else report.run_id}")
+    return report
+
+
+def _student_model_option(options: Any, record: dict[str, Any]) -> str:
+    """The model a student is asked for: its model id (a vLLM server must serve the adapter
+    under that name, so that the cache key names this student and no other)."""
+    if options.model and options.model != record["model_id"]:
+        raise FactoryError(f"--teacher-model {options.model!r}: a student is addressed by its "
+                           f"model id {record['model_id']!r} (serve the adapter under that "
+                           "name: --lora-modules <model id>=<adapter dir>)")
+    return record["model_id"]
+
+
+def use_student_backend(job: Any, record: dict[str, Any]) -> None:
+    """In-process backends load the base model and the student's LoRA adapter; an OpenAI-
+    compatible server (vLLM with --lora-modules) is reached as it is."""
+    name = job.options.backend_name
+    if name == "openai":
+        return
+    from factory.student_backends import StudentTransformersBackend, StudentVLLMBackend
+
+    cls = StudentTransformersBackend if name == "transformers" else StudentVLLMBackend
+    job.backend = cls(record, job.options.concurrency)
+    job.concurrency = job.options.concurrency or job.backend.default_concurrency
+
+
+# -- student --------------------------------------------------------------------------------
+def training_pairs(con: duckdb.DuckDBPyConnection, chain_set: str
+                   ) -> list[tuple[list[dict[str, str]], str]]:
+    """(prompt messages exactly as the teacher got them, the chain in Fig. 11 format) for
+    every kept training chain."""
+    from factory.chains import KEPT, ParsedChain, render_chain
+
+    rows = con.execute(
+        "select c.user_id, l.request, c.template_steps, c.overall, c.steps, c.summary"
+        " from chains c left join llm_calls l on l.key = c.call_key"
+        " where c.chain_set = ? and c.verdict = 'kept' and c.part = 'train'"
+        " order by c.user_id", [chain_set]).fetchall()
+    pairs = []
+    for user, request, names, overall, steps, summary in rows:
+        if request is None:
+            raise FactoryError(f"the teacher call of user {user}'s chain is not in llm_calls "
+                               "(was a shard merged without its calls?)")
+        messages = json.loads(request)["messages"]
+        answer = render_chain(names, ParsedChain(KEPT, None, overall, tuple(steps), summary))
+        pairs.append((messages, answer))
+    return pairs
+
+
+def train_student(wh: Any, *, dataset: str, chains: str | None, base: str, opts: Any,
+                  out: Any) -> dict[str, Any]:
+    """Alg. 2 line 9: LoRA SFT on the kept teacher chains; the model registry row."""
+    from pathlib import Path
+
+    from factory import student as sft
+    from factory.console import console, summary
+    from factory.prompts import load_prompt
+    from factory.runs import finish_run, start_run
+    from factory.step_cache import files_dir
+
+    prompt = load_prompt(PROMPT)
+    with wh.read() as con:
+        from factory.warehouse import require_dataset
+
+        require_dataset(con, dataset)
+        spec = chains or f"teacher:{latest_teach_run(con, dataset)}"
+        if not spec.startswith("teacher:"):
+            raise FactoryError(f"--chains {spec!r}: a student learns from teacher:<run> chains")
+        cs = resolve_chains(con, spec, dataset)
+        teach = con.execute("select params from job_runs where params->>'chain_set' = ?"
+                            " order by started_at desc limit 1", [cs.chain_set]).fetchone()
+        max_history = int(json.loads(teach[0])["max_history"]) if teach else MAX_HISTORY
+        prompt_hash = con.execute("select any_value(prompt_hash) from chains where chain_set = ?"
+                                  " and verdict = 'kept'", [cs.chain_set]).fetchone()[0]
+        pairs = training_pairs(con, cs.chain_set)
+    if prompt_hash != prompt.hash:
+        raise FactoryError(f"the chains of {spec} were written with another version of prompt "
+                           f"{PROMPT} ({prompt_hash}, now {prompt.hash}); run distill teach "
+                           "again")
+    resolved = sft.resolve_base(base)
+    if not opts.device:
+        import torch
+
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    params = {"dataset": dataset, "chains": spec, "chain_set": cs.chain_set, "base": base,
+              "training": sft.options_dict(opts)}
+    with wh.write() as con:
+        run_id = start_run(con, "distill-student", dataset, params)
+    directory = Path(out) if out else files_dir(wh.path) / "models" / run_id
+    try:
+        with console.status(f"loading base model {base}"):
+            model, tokenizer = sft.load_base(resolved, opts.device)
+        examples, too_long = sft.encode_pairs(tokenizer, pairs, opts.max_length)
+        if not examples:
+            raise FactoryError(f"all {len(pairs)} kept chains are longer than --max-length "
+                               f"{opts.max_length} tokens")
+        total = opts.planned_steps(len(examples))
+        from factory.console import progress
+
+        with progress() as bar:
+            task = bar.add_task("LoRA SFT", total=total)
+            model, losses = sft.train_lora(
+                model, tokenizer, examples, opts,
+                on_step=lambda step, loss: bar.update(task, completed=step,
+                                                      description=f"LoRA SFT loss {loss:.3f}"))
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {
+            "run_id": run_id, "dataset": dataset, "split": cs.split, "chain_set": cs.chain_set,
+            "template": cs.template, "template_steps": list(cs.steps),
+            "prompt_name": PROMPT, "prompt_hash": prompt.hash, "max_history": max_history,
+            "base": base, "base_location": resolved.location, "base_gguf": resolved.gguf_file,
+            "model_id": f"student/{run_id}",
+            "lora": {"r": opts.lora.r, "alpha": opts.lora.alpha, "dropout": opts.lora.dropout,
+                     "target_modules": opts.lora.target_modules},
+            "training": {k: v for k, v in sft.options_dict(opts).items() if k != "lora"},
+            "n_chains": len(pairs), "n_train": len(examples), "n_too_long": too_long,
+            "steps": len(losses), "loss_curve": losses,
+            "final_loss": losses[-1] if losses else None,
+            "loss_plot": str((directory / "loss.png").resolve()),
+            "title": f"student {run_id}: {base} + LoRA r={opts.lora.r}",
+        }
+        record = sft.save_student(directory, model, tokenizer, losses, record)
+        record.pop("title")
+        with wh.write() as con:
+            con.execute(
+                f"insert into student_models ({', '.join(record)}) values "
+                f"({', '.join('?' for _ in record)})",
+                [json.dumps(v) if k in ("lora", "training") else v for k, v in record.items()])
+            finish_run(con, run_id, "succeeded", {"n_chains": len(pairs),
+                                                  "n_train": len(examples),
+                                                  "n_too_long": too_long, "steps": len(losses),
+                                                  "final_loss": record["final_loss"]})
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        with wh.write() as con:
+            finish_run(con, run_id, status, None, str(exc) or type(exc).__name__)
+        raise
+    summary(f"trained student {run_id}", {
+        "base": base, "teacher chains": spec, "examples": len(examples),
+        "left out (too long)": too_long, "optimizer steps": len(losses),
+        "loss first -> last": f"{losses[0]:.3f} -> {losses[-1]:.3f}",
+        "adapter": record["adapter_dir"], "loss curve": record["loss_plot"],
+    }, f"select run_id, base, n_train, final_loss from student_models where run_id = "
+       f"'{run_id}'")
+    console.print(f"  next: factory distill generate --dataset {dataset} --student {run_id}")
+    return record

@@ -214,6 +214,20 @@ class StepCache:
         return np.asarray(self._c[part][self.rows(part, user_ids)])
 
 
+def refuse_other_encoder(path: Path, encoder: str) -> None:
+    """Before writing into an existing directory: say what is there instead of overwriting."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return  # CacheWriter gives the plain "exists" error
+    try:
+        there = json.loads(manifest.read_text(encoding="utf-8")).get("encoder")
+    except ValueError:
+        return
+    if there != encoder:
+        raise FactoryError(f"{path} holds step embeddings from encoder {there!r}, not "
+                           f"{encoder!r}; pass --replace to overwrite it or choose another --out")
+
+
 def open_cache(path: Path, encoder: str | None = None, verify: bool = True) -> StepCache:
     """Open a cache directory, refusing one that is incomplete, modified or built with
     another encoder than `encoder`."""

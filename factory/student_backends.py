@@ -1,0 +1,94 @@
+"""In-process backends for a distilled student: its base model with its LoRA adapter.
+
+They are the teacher platform's transformers and vLLM backends with a different loader, so
+`distill generate` gets the same batching, cache, provenance, resume and sharding as every
+teacher job. The backend's model id is the student's registry `model_id`, which is what the
+request cache keys on: answers of one student are never mistaken for another's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from factory.errors import FactoryError
+from factory.step_cache import file_sha256
+from factory.student import Base, load_base
+from factory.teacher.backends import TransformersBackend, VLLMBackend
+
+
+def _adapter(record: dict[str, Any]) -> Path:
+    """The adapter directory, checked against the checksum the registry holds."""
+    adapter = Path(record["adapter_dir"])
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FactoryError(f"student {record['run_id']}: its adapter is gone ({weights})")
+    if file_sha256(weights) != record["adapter_sha256"]:
+        raise FactoryError(f"student {record['run_id']}: {weights} changed since training "
+                           "(checksum differs from the registry)")
+    return adapter
+
+
+class StudentTransformersBackend(TransformersBackend):
+    """transformers + peft: the base model with the adapter merged in, batched generation."""
+
+    def __init__(self, record: dict[str, Any], batch_size: int | None = None):
+        super().__init__(record["model_id"], batch_size)
+        self.record = record
+
+    def describe(self) -> str:
+        return f"transformers student {self.record['run_id']} ({self.record['base']} + LoRA)"
+
+    def _load(self) -> None:
+        import torch
+        from peft import PeftModel
+
+        adapter = _adapter(self.record)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        base = Base(self.record["base"], self.record["base_location"], self.record["base_gguf"])
+        model, tokenizer = load_base(base, device)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.eval()
+        tokenizer.padding_side = "left"
+        self._tokenizer, self._model = tokenizer, model
+
+
+class _LoraLLM:
+    """A vLLM engine that applies one LoRA adapter to every generate call."""
+
+    def __init__(self, llm: Any, lora: Any):
+        self.llm, self.lora = llm, lora
+
+    def get_tokenizer(self) -> Any:
+        return self.llm.get_tokenizer()
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.llm.generate(*args, lora_request=self.lora, **kwargs)
+
+
+class StudentVLLMBackend(VLLMBackend):
+    """Offline vLLM with LoRA enabled (GPU); the base must be a model directory or name."""
+
+    def __init__(self, record: dict[str, Any], batch_size: int | None = None):
+        super().__init__(record["model_id"], batch_size)
+        self.record = record
+
+    def describe(self) -> str:
+        return f"vllm student {self.record['run_id']} ({self.record['base']} + LoRA)"
+
+    def _load(self) -> None:
+        if self.record["base_gguf"]:
+            raise FactoryError(f"the vllm backend cannot put a LoRA adapter on the GGUF base "
+                               f"{self.record['base']!r}; train the student with --base <model "
+                               "dir>, or use --backend transformers")
+        adapter = _adapter(self.record)
+        try:
+            from vllm import LLM
+            from vllm.lora.request import LoRARequest
+        except ImportError:
+            raise FactoryError("the vllm backend needs `pip install 'factory[vllm]'` and a "
+                               "GPU") from None
+        rank = int(self.record["lora"]["r"])  # vLLM takes powers of two from 8 up
+        llm = LLM(model=self.record["base_location"], enable_lora=True,
+                  max_lora_rank=1 << max(3, (rank - 1).bit_length()))
+        self._llm = _LoraLLM(llm, LoRARequest(self.record["model_id"], 1, str(adapter)))

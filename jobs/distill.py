@@ -1,0 +1,108 @@
+"""`factory distill teach | student | generate`: SCoTER structured distillation (3.3.1, Alg. 2).
+
+    teach     the teacher writes template-consistent chains for training sequences (line 6)
+    student   LoRA fine-tuning of a small causal LM on the kept (history -> chain) pairs (l. 9)
+    generate  the student writes chains for every sequence of the chosen parts (line 12)
+
+teach and generate go through the teacher platform (cache, provenance, resume, --shard), so a
+killed or sharded run resumes and merges like every teacher job. Chains land in `chains`
+(one row per sequence, with its verdict) and `chain_steps` (one row per kept step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from factory.teacher.options import TeacherOptions, teacher_options
+
+app = typer.Typer(help="SCoTER structured distillation: teacher chains, student, student "
+                  "chains.", no_args_is_help=True)
+
+SplitOpt = typer.Option("loo", "--split", help="Leave-one-out split whose rows are the "
+                        "sequences.")
+MaxHistoryOpt = typer.Option(20, "--max-history", min=1, help="Most recent history items "
+                             "shown per sequence (SCoTER: 20).")
+
+
+@app.command("teach")
+@teacher_options
+def teach(
+    dataset: str = typer.Option(..., "--dataset"),
+    template: str = typer.Option("discovered", "--template", help="Template name: "
+                                 "discovered (the dataset's latest GVM pattern), two-step, "
+                                 "three-step, five-step, paper-<dataset>, or a gvm run id."),
+    split: str = SplitOpt,
+    max_history: int = MaxHistoryOpt,
+    *,
+    teacher: TeacherOptions,
+) -> None:
+    """The teacher writes a chain for each training sequence, from its history only."""
+    from factory.cli import warehouse
+    from factory.distill import run_chains
+
+    run_chains(warehouse(), "teacher", dataset=dataset, split=split, parts=["train"],
+               template_name=template, max_history=max_history, options=teacher)
+
+
+@app.command("generate")
+@teacher_options
+def generate(
+    dataset: str = typer.Option(..., "--dataset"),
+    student: str = typer.Option(..., "--student", help="A `distill student` run id."),
+    splits: str = typer.Option("train,valid,test", "--splits", help="Parts to write chains "
+                               "for, comma-separated."),
+    *,
+    teacher: TeacherOptions,
+) -> None:
+    """The student writes chains for every sequence (transformers in-process with its LoRA
+    adapter; --backend vllm on a GPU; or --teacher-url of a vLLM server that serves the
+    adapter under the student's model id, see jobs/slurm/distill_generate.sbatch)."""
+    from factory.cli import warehouse
+    from factory.distill import run_chains
+
+    parts = [p.strip() for p in splits.split(",") if p.strip()]
+    run_chains(warehouse(), "student", dataset=dataset, split=None, parts=parts,
+               student_run=student, options=teacher)
+
+
+@app.command("student")
+def student(
+    dataset: str = typer.Option(..., "--dataset"),
+    chains: str = typer.Option(None, "--chains", help="teacher:<distill teach run> [default: "
+                               "the dataset's latest successful teach run]."),
+    base: str = typer.Option("smollm2", "--base", help="smollm2 (the embedded SmolLM2-135M-"
+                             "Instruct GGUF), a local model directory, or a cached name."),
+    lora_r: int = typer.Option(8, "--lora-r", min=1),
+    lora_alpha: int = typer.Option(None, "--lora-alpha", min=1, help="[default: 2 x r]"),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0.0, max=0.9),
+    epochs: float = typer.Option(1.0, "--epochs", min=0.01),
+    max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after N optimizer "
+                                  "steps (before the epochs end)."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1),
+    lr: float = typer.Option(2e-4, "--lr", min=0.0),
+    max_length: int = typer.Option(2048, "--max-length", min=16, help="Examples longer than "
+                                   "this many tokens are left out (counted), never cut."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 [default: cuda "
+                               "when available]."),
+    out: Path = typer.Option(None, "--out", help="Directory for the adapter and loss curve "
+                             "[default: <warehouse>.files/models/<run>]."),
+) -> None:
+    """Fine-tune a student with LoRA on the kept teacher chains (chat format)."""
+    from factory.cli import warehouse
+    from factory.distill import train_student
+    from factory.student import LoraOptions, TrainOptions
+
+    opts = TrainOptions(epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                        grad_accum=grad_accum, lr=lr, max_length=max_length, seed=seed,
+                        device=device or "",
+                        lora=LoraOptions(r=lora_r, alpha=lora_alpha or 2 * lora_r,
+                                         dropout=lora_dropout))
+    train_student(warehouse(), dataset=dataset, chains=chains, base=base, opts=opts, out=out)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="distill")

@@ -1,0 +1,145 @@
+"""`factory embed-steps`: H_i = [e_i1; ...; e_iK] for every kept chain (SCoTER 3.3.1).
+
+Each step text c_ij goes through the shared embedding service (factory.embeddings), so a
+text seen before by the same encoder, in any job, is read from the cache, and identical step
+texts are encoded once. The matrices are written to a cache directory beside the warehouse
+(format: factory/step_cache.py) and indexed in `step_embeddings` / `step_caches`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+#: sequences embedded and written per block (bounded memory on 100k-sequence runs)
+BLOCK = 4096
+
+
+def embed_steps(
+    dataset: str = typer.Option(..., "--dataset"),
+    chains: str = typer.Option(..., "--chains", help="teacher:<run> or student:<run>."),
+    encoder: str = typer.Option(None, "--encoder", help="Sentence-transformers model dir or "
+                                "name [default: the embedded all-MiniLM-L6-v2]."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 or float32."),
+    whole_chain: bool = typer.Option(False, "--whole-chain", help="Also store one embedding "
+                                     "of each whole chain (ablation: w/o step-wise "
+                                     "embedding)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Encoder batch size."),
+    out: Path = typer.Option(None, "--out", help="Cache directory [default: "
+                             "<warehouse>.files/steps/<run>]."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite --out if it exists."),
+) -> None:
+    """Embed every reasoning step of a chain set into H_i matrices (K x D per sequence)."""
+    from factory.cli import warehouse
+
+    build_step_cache(warehouse(), dataset=dataset, chains=chains, encoder=encoder, dtype=dtype,
+                     whole_chain=whole_chain, batch_size=batch_size, out=out, replace=replace)
+
+
+def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None, dtype: str,
+                     whole_chain: bool, batch_size: int, out: Path | None,
+                     replace: bool) -> dict[str, Any]:
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+
+    from factory.console import summary
+    from factory.distill import PARTS, resolve_chains
+    from factory.embeddings import Embedder
+    from factory.errors import FactoryError
+    from factory.runs import finish_run, start_run
+    from factory.step_cache import DTYPES, CacheWriter, files_dir, refuse_other_encoder
+    from factory.warehouse import require_dataset
+
+    if dtype not in DTYPES:
+        raise FactoryError(f"--dtype must be float16 or float32, not {dtype!r}")
+    with wh.read() as con:
+        require_dataset(con, dataset)
+        cs = resolve_chains(con, chains, dataset)
+        rows = con.execute(
+            "select part, user_id, steps from chains where chain_set = ? and verdict = 'kept'"
+            " order by part, user_id", [cs.chain_set]).fetchall()
+    embedder = Embedder(wh, encoder, batch_size=batch_size)
+    if out is not None and out.exists() and not replace:
+        refuse_other_encoder(out, embedder.encoder_id)
+    k = len(cs.steps)
+    by_part: dict[str, list[tuple[str, list[str]]]] = {}
+    for part, user, steps in rows:
+        if len(steps) != k:
+            raise FactoryError(f"chain of {part} user {user} has {len(steps)} steps, the "
+                               f"template {k}")
+        by_part.setdefault(part, []).append((user, steps))
+    params = {"dataset": dataset, "chains": chains, "chain_set": cs.chain_set,
+              "encoder": embedder.encoder_id, "dtype": dtype, "whole_chain": whole_chain}
+    with wh.write() as con:
+        run_id = start_run(con, "embed-steps", dataset, params)
+    target = Path(out) if out else files_dir(wh.path) / "steps" / run_id
+    meta = {"cache_id": run_id, "dataset": dataset, "split": cs.split, "chains": chains,
+            "chain_set": cs.chain_set, "chain_source": cs.source, "template": cs.template,
+            "template_steps": list(cs.steps), "encoder": embedder.encoder_id,
+            "D": embedder.dim, "K": k, "dtype": dtype}
+    writer = None
+    try:
+        writer = CacheWriter(target, meta, replace=replace)
+        for part in (p for p in PARTS if p in by_part):
+            seqs = by_part[part]
+            pw = writer.part(part, [u for u, _ in seqs], with_chain=whole_chain)
+            for start in range(0, len(seqs), BLOCK):
+                block = seqs[start:start + BLOCK]
+                flat = [t for _, steps in block for t in steps]
+                h = embedder.embed(flat, label=f"{part} steps").reshape(len(block), k, -1)
+                chain = (embedder.embed(["\n\n".join(s) for _, s in block],
+                                        label=f"{part} chains") if whole_chain else None)
+                pw.write(start, h, chain)
+        stats = embedder.stats
+        unique = len({t for _, _, steps in rows for t in steps})
+        counts = {"sequences": len(rows), "steps": len(rows) * k, "unique_texts": unique,
+                  "cache_hits": stats.cache_hits, "encoded": stats.encoded}
+        manifest = writer.commit(counts)
+        writer = None
+        index = pa.table({
+            "cache_id": pa.array([run_id] * len(rows), pa.string()),
+            "dataset": pa.array([dataset] * len(rows), pa.string()),
+            "split": pa.array([cs.split] * len(rows), pa.string()),
+            "part": pa.array([p for p in PARTS for _ in by_part.get(p, [])], pa.string()),
+            "user_id": pa.array([u for p in PARTS for u, _ in by_part.get(p, [])], pa.string()),
+            "chain_set": pa.array([cs.chain_set] * len(rows), pa.string()),
+            "file": pa.array([f"{p}.H.npy" for p in PARTS for _ in by_part.get(p, [])],
+                             pa.string()),
+            "row": pa.array(np.concatenate([np.arange(len(by_part.get(p, [])), dtype=np.int64)
+                                            for p in PARTS])),
+        })
+        with wh.write() as con:
+            con.register("_step_index", index)
+            con.execute("insert into step_embeddings select * from _step_index")
+            con.unregister("_step_index")
+            con.execute(
+                "insert into step_caches (cache_id, dataset, split, chains, chain_set,"
+                " chain_source, template, template_steps, encoder, dim, k, dtype, dir, rows,"
+                " n_steps, n_unique, checksum, manifest) values"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [run_id, dataset, cs.split, chains, cs.chain_set, cs.source, cs.template,
+                 list(cs.steps), embedder.encoder_id, meta["D"], k, dtype,
+                 str(target.resolve()), json.dumps(manifest["rows"]), counts["steps"], unique, manifest["checksum"], json.dumps(manifest)])
+            finish_run(con, run_id, "succeeded", counts)
+    except BaseException as exc:
+        if writer is not None:
+            writer.abort()
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        with wh.write() as con:
+            finish_run(con, run_id, status, None, str(exc) or type(exc).__name__)
+        raise
+    summary(f"step embeddings of {chains} ({dataset})", {
+        "sequences": ", ".join(f"{p} {n:,}" for p, n in manifest["rows"].items()),
+        "K x D": f"{k} x {meta['D']} {dtype}", "step texts": counts["steps"],
+        "distinct": unique, "from the cache": stats.cache_hits,
+        "encoded now": stats.encoded, "directory": str(target), "run": run_id,
+    }, f"select part, count(*) from step_embeddings where cache_id = '{run_id}' group by 1")
+    return manifest
+
+
+def register(app: typer.Typer) -> None:
+    app.command("embed-steps")(embed_steps)
