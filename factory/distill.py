@@ -52,7 +52,8 @@ class Seq:
 
 
 def _order(user_id: str) -> str:
-    """A stable pseudo-random order, so --limit takes a spread of users, not the lowest ids."""
+    """A stable pseudo-random order of users, so --limit takes a spread of users (with all
+    their parts together), not the lowest ids."""
     return hashlib.sha1(user_id.encode()).hexdigest()
 
 
@@ -82,7 +83,7 @@ def load_sequences(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
         for part in parts:
             if histories[part]:
                 out.append(Seq(part, str(user), tuple(histories[part][-max_history:])))
-    out.sort(key=lambda s: (PARTS.index(s.part), _order(s.user_id), s.user_id))
+    out.sort(key=lambda s: (_order(s.user_id), s.user_id, PARTS.index(s.part)))
     return out
 
 
@@ -472,3 +473,53 @@ def train_student(wh: Any, *, dataset: str, chains: str | None, base: str, opts:
        f"'{run_id}'")
     console.print(f"  next: factory distill generate --dataset {dataset} --student {run_id}")
     return record
+
+
+# -- step caches of a chain set -------------------------------------------------------------
+def kept_chains(con: duckdb.DuckDBPyConnection, chain_set: str
+                ) -> list[tuple[str, str, list[str]]]:
+    """(part, user_id, step texts) of every kept chain, in part then user order."""
+    rows = con.execute(
+        "select part, user_id, steps from chains where chain_set = ? and verdict = 'kept'",
+        [chain_set]).fetchall()
+    return sorted(rows, key=lambda r: (PARTS.index(r[0]), r[1]))
+
+
+def chains_digest(rows: Iterable[tuple[str, str, list[str]]]) -> str:
+    """A fingerprint of the chains a cache was built from: a changed chain makes it stale."""
+    h = hashlib.sha256()
+    for part, user, steps in rows:
+        h.update(json.dumps([part, user, steps], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def find_step_cache(con: duckdb.DuckDBPyConnection, spec: str, dataset: str,
+                    encoder: str | None = None, verify: bool = True) -> Any:
+    """The newest step cache of a chain set, checked to be complete and current: built with
+    `encoder` (when given), files matching their checksums, chains unchanged since."""
+    from pathlib import Path
+
+    from factory.step_cache import open_cache
+
+    cs = resolve_chains(con, spec, dataset)
+    rows = con.execute("select cache_id, dir, encoder from step_caches where chain_set = ?"
+                       " order by created_at desc", [cs.chain_set]).fetchall()
+    if not rows:
+        raise FactoryError(f"no step embeddings of {spec}: run `factory embed-steps "
+                           f"--dataset {dataset} --chains {spec}` first")
+    if encoder is not None:
+        matching = [r for r in rows if r[2] == encoder]
+        if not matching:
+            built = ", ".join(sorted({r[2] for r in rows}))
+            raise FactoryError(f"the step embeddings of {spec} were built with encoder {built}, "
+                               f"not {encoder}; run embed-steps with that --encoder")
+        rows = matching
+    cache_id, directory, built_with = rows[0]
+    cache = open_cache(Path(directory), encoder or built_with, verify=verify)
+    if cache.manifest.get("cache_id") != cache_id:
+        raise FactoryError(f"step cache {directory} is stale: it holds "
+                           f"{cache.manifest.get('cache_id')}, the warehouse indexes {cache_id}")
+    if cache.manifest.get("chains_sha256") != chains_digest(kept_chains(con, cs.chain_set)):
+        raise FactoryError(f"step cache {cache_id} is stale: the chains of {spec} changed "
+                           "since it was built; run `factory embed-steps` again")
+    return cache

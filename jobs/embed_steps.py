@@ -47,7 +47,7 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
     import pyarrow as pa
 
     from factory.console import summary
-    from factory.distill import PARTS, resolve_chains
+    from factory.distill import PARTS, chains_digest, kept_chains, resolve_chains
     from factory.embeddings import Embedder
     from factory.errors import FactoryError
     from factory.runs import finish_run, start_run
@@ -59,9 +59,7 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
     with wh.read() as con:
         require_dataset(con, dataset)
         cs = resolve_chains(con, chains, dataset)
-        rows = con.execute(
-            "select part, user_id, steps from chains where chain_set = ? and verdict = 'kept'"
-            " order by part, user_id", [cs.chain_set]).fetchall()
+        rows = kept_chains(con, cs.chain_set)
     embedder = Embedder(wh, encoder, batch_size=batch_size)
     if out is not None and out.exists() and not replace:
         refuse_other_encoder(out, embedder.encoder_id)
@@ -80,7 +78,7 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
     meta = {"cache_id": run_id, "dataset": dataset, "split": cs.split, "chains": chains,
             "chain_set": cs.chain_set, "chain_source": cs.source, "template": cs.template,
             "template_steps": list(cs.steps), "encoder": embedder.encoder_id,
-            "D": embedder.dim, "K": k, "dtype": dtype}
+            "D": embedder.dim, "K": k, "dtype": dtype, "chains_sha256": chains_digest(rows)}
     writer = None
     try:
         writer = CacheWriter(target, meta, replace=replace)
@@ -123,7 +121,8 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [run_id, dataset, cs.split, chains, cs.chain_set, cs.source, cs.template,
                  list(cs.steps), embedder.encoder_id, meta["D"], k, dtype,
-                 str(target.resolve()), json.dumps(manifest["rows"]), counts["steps"], unique, manifest["checksum"], json.dumps(manifest)])
+                 str(target.resolve()), json.dumps(manifest["rows"]), counts["steps"],
+                 unique, manifest["checksum"], json.dumps(manifest)])
             finish_run(con, run_id, "succeeded", counts)
     except BaseException as exc:
         if writer is not None:
