@@ -396,8 +396,9 @@ def train_student(wh: Any, *, dataset: str, chains: str | None, base: str, opts:
         if not spec.startswith("teacher:"):
             raise FactoryError(f"--chains {spec!r}: a student learns from teacher:<run> chains")
         cs = resolve_chains(con, spec, dataset)
-        teach = con.execute("select params from job_runs where params->>'chain_set' = ?"
-                            " order by started_at desc limit 1", [cs.chain_set]).fetchone()
+        teach = con.execute("select params from job_runs where job = 'distill-teach' and"
+                            " params->>'chain_set' = ? order by started_at desc limit 1",
+                            [cs.chain_set]).fetchone()
         max_history = int(json.loads(teach[0])["max_history"]) if teach else MAX_HISTORY
         prompt_hash = con.execute("select any_value(prompt_hash) from chains where chain_set = ?"
                                   " and verdict = 'kept'", [cs.chain_set]).fetchone()[0]
@@ -417,12 +418,13 @@ def train_student(wh: Any, *, dataset: str, chains: str | None, base: str, opts:
         run_id = start_run(con, "distill-student", dataset, params)
     directory = Path(out) if out else files_dir(wh.path) / "models" / run_id
     try:
-        with console.status(f"loading base model {base}"):
-            model, tokenizer = sft.load_base(resolved, opts.device)
+        tokenizer = sft.load_tokenizer(resolved)
         examples, too_long = sft.encode_pairs(tokenizer, pairs, opts.max_length)
         if not examples:
             raise FactoryError(f"all {len(pairs)} kept chains are longer than --max-length "
                                f"{opts.max_length} tokens")
+        with console.status(f"loading base model {base}"):
+            model = sft.load_model(resolved, opts.device)
         total = opts.planned_steps(len(examples))
         from factory.console import progress
 
@@ -446,10 +448,9 @@ def train_student(wh: Any, *, dataset: str, chains: str | None, base: str, opts:
             "steps": len(losses), "loss_curve": losses,
             "final_loss": losses[-1] if losses else None,
             "loss_plot": str((directory / "loss.png").resolve()),
-            "title": f"student {run_id}: {base} + LoRA r={opts.lora.r}",
         }
-        record = sft.save_student(directory, model, tokenizer, losses, record)
-        record.pop("title")
+        record = sft.save_student(directory, model, tokenizer, losses, record,
+                                  f"student {run_id}: {base} + LoRA r={opts.lora.r}")
         with wh.write() as con:
             con.execute(
                 f"insert into student_models ({', '.join(record)}) values "

@@ -64,30 +64,49 @@ def resolve_base(name: str) -> Base:
     return Base(name, name)  # a model name: must already be in the local Hugging Face cache
 
 
-def load_base(base: Base, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) offline; bfloat16 on a GPU that has it, float32 otherwise."""
+def _offline_transformers() -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    dtype = (torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported()
-             else torch.float32)
+    return transformers
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def load_tokenizer(base: Base) -> Any:
+    """The base model's tokenizer (cheap next to the weights: examples are checked first)."""
+    transformers = _offline_transformers()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base.location, **base.kwargs())
-        model = AutoModelForCausalLM.from_pretrained(base.location, dtype=dtype,
-                                                     **base.kwargs())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base.location, **base.kwargs())
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FactoryError(f"cannot load base model {base.name!r} offline: {first}") from None
+        raise FactoryError(f"cannot load the tokenizer of {base.name!r} offline: "
+                           f"{_first_line(exc)}") from None
     if tokenizer.chat_template is None:
         raise FactoryError(f"base model {base.name!r} has no chat template; use an instruct "
                            "model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return tokenizer
+
+
+def load_model(base: Base, device: str) -> Any:
+    """The base weights offline; bfloat16 on a GPU that has it, float32 otherwise."""
+    import torch
+
+    transformers = _offline_transformers()
+    dtype = (torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported()
+             else torch.float32)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            base.location, dtype=dtype, **base.kwargs())
+    except (OSError, ValueError) as exc:
+        raise FactoryError(f"cannot load base model {base.name!r} offline: "
+                           f"{_first_line(exc)}") from None
+    return model.to(device)
 
 
 @dataclass
@@ -218,7 +237,7 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], opts: TrainO
 
 
 def save_student(out: Path, model: Any, tokenizer: Any, losses: list[float],
-                 record: dict[str, Any]) -> dict[str, Any]:
+                 record: dict[str, Any], title: str) -> dict[str, Any]:
     """Adapter + tokenizer, loss.json, loss.png and student.json in `out`; returns the
     record with the adapter's path and checksum."""
     adapter = out / "adapter"
@@ -228,7 +247,7 @@ def save_student(out: Path, model: Any, tokenizer: Any, losses: list[float],
     record = {**record, "adapter_dir": str(adapter.resolve()),
               "adapter_sha256": file_sha256(weights)}
     (out / "loss.json").write_text(json.dumps(losses), encoding="utf-8")
-    plot_loss(losses, out / "loss.png", record.get("title", "student LoRA SFT"))
+    plot_loss(losses, out / "loss.png", title)
     (out / "student.json").write_text(json.dumps(record, indent=2, default=str),
                                       encoding="utf-8")
     return record

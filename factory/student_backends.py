@@ -13,7 +13,7 @@ from typing import Any
 
 from factory.errors import FactoryError
 from factory.step_cache import file_sha256
-from factory.student import Base, load_base
+from factory.student import Base, load_model, load_tokenizer
 from factory.teacher.backends import TransformersBackend, VLLMBackend
 
 
@@ -46,7 +46,9 @@ class StudentTransformersBackend(TransformersBackend):
         adapter = _adapter(self.record)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         base = Base(self.record["base"], self.record["base_location"], self.record["base_gguf"])
-        model, tokenizer = load_base(base, device)
+        # the tokenizer saved beside the adapter: the same one, without parsing the GGUF again
+        tokenizer = load_tokenizer(Base(self.record["base"], str(adapter)))
+        model = load_model(base, device)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.eval()
         tokenizer.padding_side = "left"

@@ -88,6 +88,9 @@ def fake_student(con: Any, run_id: str, teach_chain_set: str, adapter_dir: Path,
     model_id = f"student/{run_id}"
     tpl = con.execute("select any_value(template), any_value(template_steps) from chains"
                       " where chain_set = ?", [teach_chain_set]).fetchone()
+    if tpl[0] is None:  # no teacher chains: any template will do
+        tpl = ("three-step", ["User Profile Summary", "User Interest Extraction",
+                              "Item Recommendation"])
     con.execute(
         "insert into student_models (run_id, dataset, split, chain_set, template,"
         " template_steps, prompt_name, prompt_hash, max_history, base, base_location,"
