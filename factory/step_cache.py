@@ -194,10 +194,10 @@ class StepCache:
                 out.append(r)
         if missing:
             raise FactoryError(
-                f"step cache {self.manifest.get('cache_id', self.path)} has no {part} chain "
-                f"for {len(missing)} sequence(s) (e.g. user {missing[0]}): the chain run "
-                f"{self.manifest.get('chain_run')} left them rejected or failed; re-run "
-                "`factory distill generate` (it resumes) and then `factory embed-steps`")
+                f"step cache {self.manifest.get('cache_id', self.path)} "
+                f"({self.manifest.get('chains')}) has no {part} chain for {len(missing)} "
+                f"sequence(s) (e.g. user {missing[0]}): none was kept for them; run `factory "
+                "distill generate` for them (it resumes), then `factory embed-steps`")
         return np.asarray(out, dtype=np.int64)
 
     def gather(self, part: str, user_ids: Iterable[str]) -> np.ndarray:
@@ -256,3 +256,15 @@ def open_cache(path: Path, encoder: str | None = None, verify: bool = True) -> S
             raise FactoryError(f"step cache {path} is stale: {name} does not match the "
                                "checksum in its manifest; rebuild it with embed-steps")
     return StepCache(path, manifest)
+
+
+def step_source(cache: StepCache) -> Any:
+    """The cache as the training-cache exporter's StepSource (H_i aligned to its rows)."""
+    from factory.exports.cache import StepSource
+
+    m = cache.manifest
+    meta = {key: m[key] for key in ("K", "D", "encoder", "template", "template_steps",
+                                    "chain_source", "chains", "chain_set", "cache_id")}
+    return StepSource(meta=meta, steps=cache.gather,
+                      chain=cache.gather_chain if m.get("whole_chain") else None,
+                      dtype=m["dtype"])
