@@ -280,7 +280,8 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
         else:
             from factory.templates import get_template
 
-            steps = get_template(con, template_name, dataset).steps
+            template = get_template(con, template_name, dataset)
+            steps, template_name = template.steps, template.name  # 'discovered' -> its run
         seqs = load_sequences(con, dataset, split, parts, max_history)
         items = item_entries(con, dataset, {i for s in seqs for i in s.history})
     if not seqs:

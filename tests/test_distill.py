@@ -188,3 +188,20 @@ def test_valid_and_test_chains_need_a_leave_one_out_split(ml100k: Warehouse) -> 
         assert load_sequences(con, "ml-100k", "two", ["train"])  # train rows need no LOO
         with pytest.raises(FactoryError, match="unknown split part 'dev'"):
             load_sequences(con, "ml-100k", "loo", ["dev"])
+
+
+def test_discovered_template_is_the_latest_gvm_pattern(ml100k: Warehouse,
+                                                       server: OpenAIServer) -> None:
+    from factory.templates import add_discovered
+
+    steps = ["Purchase pattern recognition", "Genre interest mapping", "Item Recommendation"]
+    with ml100k.write() as con:
+        add_discovered(con, "gvm-run-1", "ml-100k", steps, "mined in a test")
+    ok(ml100k.path, "distill", "teach", "--dataset", "ml-100k", "--teacher-url", server.url,
+       "--teacher-model", "m", "--limit", "1")
+    with ml100k.read() as con:
+        assert con.execute("select template, template_steps, verdict from chains").fetchone() \
+            == ("gvm-run-1", steps, "kept")
+    prompt = server.records[0].body["messages"][-1]["content"]
+    assert ("**Reasoning Pattern (High-level Steps):** Purchase pattern recognition → Genre "
+            "interest mapping → Item Recommendation") in prompt
