@@ -79,14 +79,14 @@ def test_lora_student_trains_registers_and_generates(ml100k: Warehouse) -> None:
         ok(wh, "distill", "teach", "--dataset", "ml-100k", "--template", "three-step",
            "--teacher-url", server.url, "--teacher-model", "t", "--limit", "3",
            "--max-history", "5")
-    # every kept chain is longer than 16 tokens: a failed run, recorded as such
-    assert "all 3 kept chains are longer than --max-length 16 tokens" in error_of(
-        wh, "distill", "student", "--dataset", "ml-100k", "--max-length", "16")
+    # a base model that is neither shipped nor in the local cache: a failed run, recorded
+    assert "cannot load the tokenizer of 'no-such/model' offline" in error_of(
+        wh, "distill", "student", "--dataset", "ml-100k", "--base", "no-such/model")
     with ml100k.read() as con:
         failed = con.execute("select run_id, status from job_runs where job ="
                              " 'distill-student'").fetchone()
     assert failed[1] == "failed"
-    assert f"distill student run {failed[0]} failed: all 3 kept chains" in error_of(
+    assert f"distill student run {failed[0]} failed: cannot load the tokenizer" in error_of(
         wh, "distill", "generate", "--dataset", "ml-100k", "--student", failed[0])
 
     ok(wh, "distill", "student", "--dataset", "ml-100k", "--max-steps", "2", "--batch-size",
