@@ -78,7 +78,7 @@ def test_lora_student_trains_registers_and_generates(ml100k: Warehouse) -> None:
     with OpenAIServer(ChainTeacher()) as server:
         ok(wh, "distill", "teach", "--dataset", "ml-100k", "--template", "three-step",
            "--teacher-url", server.url, "--teacher-model", "t", "--limit", "3",
-           "--max-history", "5")
+           "--max-history", "3")
     # a base model that is neither shipped nor in the local cache: a failed run, recorded
     assert "cannot load the tokenizer of 'no-such/model' offline" in error_of(
         wh, "distill", "student", "--dataset", "ml-100k", "--base", "no-such/model")
@@ -98,7 +98,7 @@ def test_lora_student_trains_registers_and_generates(ml100k: Warehouse) -> None:
                              [rec["run_id"]]).fetchone()[0]
     assert status == "succeeded"
     assert (rec["base"], rec["base_gguf"], rec["template"], rec["max_history"]) == (
-        "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "three-step", 5)
+        "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "three-step", 3)
     assert (rec["n_chains"], rec["n_train"] + rec["n_too_long"], rec["steps"]) == (3, 3, 2)
     assert len(rec["loss_curve"]) == 2 and all(0 < x < 20 for x in rec["loss_curve"])
     assert json.loads(rec["lora"])["r"] == 4 and json.loads(rec["training"])["max_steps"] == 2
