@@ -183,7 +183,8 @@ class StepCache:
     def rows(self, part: str, user_ids: Iterable[str]) -> np.ndarray:
         """Row numbers of these users' sequences; a user without a chain is an error."""
         if part not in self._rows:
-            self._rows[part] = {u: i for i, u in enumerate(self.users(part))}
+            known = part in self.manifest["rows"]  # a part without any kept chain has no file
+            self._rows[part] = {u: i for i, u in enumerate(self.users(part))} if known else {}
         index = self._rows[part]
         out, missing = [], []
         for u in user_ids:

@@ -71,7 +71,8 @@ def factory(wh: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def fake_student(con: Any, run_id: str, teach_chain_set: str, adapter_dir: Path,
-                 status: str = "succeeded", error: str | None = None) -> str:
+                 status: str = "succeeded", error: str | None = None,
+                 dataset: str = "ml-100k") -> str:
     """A registry row as `distill student` writes it, for generate runs served by the test
     server (the adapter is never loaded there). Returns the student's model id."""
     from factory.distill import MAX_HISTORY, PROMPT
@@ -79,7 +80,7 @@ def fake_student(con: Any, run_id: str, teach_chain_set: str, adapter_dir: Path,
     from factory.step_cache import file_sha256
 
     con.execute("insert into job_runs (run_id, job, dataset, params, status, error) values"
-                " (?, 'distill-student', 'ml-100k', '{}', ?, ?)", [run_id, status, error])
+                " (?, 'distill-student', ?, '{}', ?, ?)", [run_id, dataset, status, error])
     if status != "succeeded":
         return ""
     adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -95,9 +96,9 @@ def fake_student(con: Any, run_id: str, teach_chain_set: str, adapter_dir: Path,
         "insert into student_models (run_id, dataset, split, chain_set, template,"
         " template_steps, prompt_name, prompt_hash, max_history, base, base_location,"
         " base_gguf, model_id, adapter_dir, adapter_sha256, lora, training, n_chains, n_train,"
-        " n_too_long, steps, loss_curve) values (?, 'ml-100k', 'loo', ?, ?, ?, ?, ?, ?,"
+        " n_too_long, steps, loss_curve) values (?, ?, 'loo', ?, ?, ?, ?, ?, ?,"
         " 'smollm2', '/nowhere', 'x.gguf', ?, ?, ?, ?, '{}', 1, 1, 0, 1, [1.0])",
-        [run_id, teach_chain_set, tpl[0], tpl[1], PROMPT, load_prompt(PROMPT).hash,
+        [run_id, dataset, teach_chain_set, tpl[0], tpl[1], PROMPT, load_prompt(PROMPT).hash,
          MAX_HISTORY, model_id, str(adapter_dir), file_sha256(weights),
          json.dumps({"r": 8})])
     return model_id
