@@ -296,9 +296,8 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
               "steps": list(steps), "max_history": max_history, "prompt": PROMPT,
               "student": student_run}
     job = TeacherJob(wh, f"distill-{'teach' if source == 'teacher' else 'generate'}",
-                     dataset=dataset, options=options, params=params, defaults=defaults)
-    if record is not None:
-        use_student_backend(job, record)
+                     dataset=dataset, options=options, params=params, defaults=defaults,
+                     backend=student_backend(options, record) if record else None)
     chain_set = chain_set_id(source, {
         "dataset": dataset, "split": split, "model": job.backend.model,
         "prompt_hash": prompt.hash, "template": template_name, "steps": list(steps),
@@ -341,17 +340,16 @@ def _student_model_option(options: Any, record: dict[str, Any]) -> str:
     return record["model_id"]
 
 
-def use_student_backend(job: Any, record: dict[str, Any]) -> None:
+def student_backend(options: Any, record: dict[str, Any]) -> Any:
     """In-process backends load the base model and the student's LoRA adapter; an OpenAI-
-    compatible server (vLLM with --lora-modules) is reached as it is."""
-    name = job.options.backend_name
+    compatible server (vLLM with --lora-modules) is reached as any teacher (None)."""
+    name = options.backend_name
     if name == "openai":
-        return
+        return None
     from factory.student_backends import StudentTransformersBackend, StudentVLLMBackend
 
     cls = StudentTransformersBackend if name == "transformers" else StudentVLLMBackend
-    job.backend = cls(record, job.options.concurrency)
-    job.concurrency = job.options.concurrency or job.backend.default_concurrency
+    return cls(record, options.concurrency)
 
 
 # -- student --------------------------------------------------------------------------------

@@ -72,8 +72,20 @@ def test_student_without_teacher_chains(ml100k: Warehouse) -> None:
         ml100k.path, "distill", "student", "--dataset", "ml-100k")
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread: on a CPU shared with other work, two OpenMP threads spin against
+    each other (a training step measured 27 s with two threads, 4 s with one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_lora_student_trains_registers_and_generates(ml100k: Warehouse) -> None:
+def test_lora_student_trains_registers_and_generates(ml100k: Warehouse, one_thread) -> None:
     wh = ml100k.path
     with OpenAIServer(ChainTeacher()) as server:
         ok(wh, "distill", "teach", "--dataset", "ml-100k", "--template", "three-step",

@@ -150,12 +150,14 @@ class TeacherJob:
     """One job run against the teacher. Use as a context manager; call run() once per round.
 
     `defaults` are the job's sampling defaults (from its paper); the user's options override
-    them field by field.
+    them field by field. `backend` replaces the one the options name (a distilled student:
+    a base model with its adapter, see factory.student_backends).
     """
 
     def __init__(self, wh: Warehouse, job: str, *, dataset: str | None,
                  options: TeacherOptions, params: Mapping[str, Any] | None = None,
-                 defaults: Sampling | None = None, batch: int = 1000, flush_s: float = 1.0):
+                 defaults: Sampling | None = None, batch: int = 1000, flush_s: float = 1.0,
+                 backend: Backend | None = None):
         self.wh = wh
         self.job = job
         self.dataset = dataset
@@ -165,7 +167,7 @@ class TeacherJob:
         self.batch = batch
         self.flush_s = flush_s
         self._key = api_key()
-        self.backend: Backend = make_backend(
+        self.backend: Backend = backend or make_backend(
             options.backend_name, options.url, options.model, self._key, options.timeout,
             options.concurrency)
         self.concurrency = options.concurrency or self.backend.default_concurrency
