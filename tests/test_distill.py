@@ -205,3 +205,20 @@ def test_discovered_template_is_the_latest_gvm_pattern(ml100k: Warehouse,
     prompt = server.records[0].body["messages"][-1]["content"]
     assert ("**Reasoning Pattern (High-level Steps):** Purchase pattern recognition → Genre "
             "interest mapping → Item Recommendation") in prompt
+
+
+def test_chains_join_the_traces_view(ml100k: Warehouse, server: OpenAIServer) -> None:
+    teach(ml100k, server, "--limit", "1")
+    server.teacher.mode = "swapped"
+    ok(ml100k.path, "distill", "teach", "--dataset", "ml-100k", "--template", "two-step",
+       "--teacher-url", server.url, "--teacher-model", "teacher-m", "--limit", "1")
+    with ml100k.read() as con:
+        rows = con.execute("select job, verdict, output, reason, response, prompt, model"
+                           " from traces where job like 'distill%' order by verdict").fetchall()
+    assert [r[:2] for r in rows] == [("distill-teach", "kept"), ("distill-teach", "rejected")]
+    kept, rejected = rows
+    assert kept[2].splitlines()[0].startswith("User Profile Summary: Step 1 looks at")
+    assert len(kept[2].splitlines()) == 3 and kept[6] == "teacher-m"
+    assert "Purchase History in Chronological Order" in kept[5]
+    assert rejected[2] is None and rejected[3].startswith("steps out of order")
+    assert "**User Interest Mining:**" in rejected[4]          # the raw answer stays visible
