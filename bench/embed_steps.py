@@ -10,6 +10,7 @@ reading H matrices back the way training does.
    from the memory-mapped cache, against reading the same rows into memory in one go.
 
     python bench/embed_steps.py [--sequences 2000] [--k 5] [--read-sequences 100000]
+                                [--threads 1]
 """
 
 from __future__ import annotations
@@ -175,7 +176,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--read-sequences", type=int, default=100_000)
     ap.add_argument("--read-batch", type=int, default=256, help="training batch size")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads [default: "
+                    "torch's]; 1 on a CPU shared with other work, where OpenMP threads spin "
+                    "against each other and wall times swing several-fold")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     bench_throughput(args.sequences, args.k, args.batch_size, args.repeat)
     bench_reading(args.read_sequences, args.k, 384, args.read_batch)
 
