@@ -32,23 +32,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.errors import FactoryError
+from train.format import FLOAT_DTYPES, sha256_file
 
 FORMAT, VERSION = "factory-steps", 1
 PARTS = ("train", "valid", "test")
-DTYPES = ("float16", "float32")
+DTYPES = FLOAT_DTYPES  # the training cache's: H files are copied into it as they are
 
 
 def files_dir(warehouse_path: Path) -> Path:
     """Where a warehouse's large files live: `factory.duckdb` -> `factory.files/`."""
     return warehouse_path.parent / f"{warehouse_path.stem}.files"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def combined_checksum(files: dict[str, str]) -> str:
@@ -129,7 +122,7 @@ class CacheWriter:
         """Close the files, write the manifest, move the directory into place."""
         for w in self.parts.values():
             w.close()
-        files = {f.name: file_sha256(f) for f in sorted(self.tmp.iterdir())}
+        files = {f.name: sha256_file(f) for f in sorted(self.tmp.iterdir())}
         manifest = {
             "format": FORMAT, "version": VERSION, **self.meta,
             "rows": {name: len(w.users) for name, w in self.parts.items()},
@@ -253,7 +246,7 @@ def open_cache(path: Path, encoder: str | None = None, verify: bool = True) -> S
         f = path / name
         if not f.is_file():
             raise FactoryError(f"step cache {path} is incomplete: {name} is missing")
-        if verify and file_sha256(f) != digest:
+        if verify and sha256_file(f) != digest:
             raise FactoryError(f"step cache {path} is stale: {name} does not match the "
                                "checksum in its manifest; rebuild it with embed-steps")
     return StepCache(path, manifest)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import FactoryError
-from factory.step_cache import file_sha256
 from factory.teacher.backends import EMBEDDED_GGUF, _quiet_gguf_conversion, embedded_model_dir
+from train.format import sha256_file
 
 SMOLLM2 = "smollm2"
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
@@ -240,7 +240,7 @@ def save_student(out: Path, model: Any, tokenizer: Any, losses: list[float],
     tokenizer.save_pretrained(adapter)
     weights = adapter / "adapter_model.safetensors"
     record = {**record, "adapter_dir": str(adapter.resolve()),
-              "adapter_sha256": file_sha256(weights)}
+              "adapter_sha256": sha256_file(weights)}
     (out / "loss.json").write_text(json.dumps(losses), encoding="utf-8")
     plot_loss(losses, out / "loss.png", title)
     (out / "student.json").write_text(json.dumps(record, indent=2, default=str),

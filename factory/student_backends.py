@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import FactoryError
-from factory.step_cache import file_sha256
 from factory.student import Base, load_model, load_tokenizer
 from factory.teacher.backends import TransformersBackend, VLLMBackend
+from train.format import sha256_file
 
 
 def _adapter(record: dict[str, Any]) -> Path:
@@ -23,7 +23,7 @@ def _adapter(record: dict[str, Any]) -> Path:
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         raise FactoryError(f"student {record['run_id']}: its adapter is gone ({weights})")
-    if file_sha256(weights) != record["adapter_sha256"]:
+    if sha256_file(weights) != record["adapter_sha256"]:
         raise FactoryError(f"student {record['run_id']}: {weights} changed since training "
                            "(checksum differs from the registry)")
     return adapter

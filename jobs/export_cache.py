@@ -18,6 +18,10 @@ def export_cache_cmd(
     max_len: int = typer.Option(50, "--max-len", min=1, help="Most recent items kept per "
                                 "history (SCoTER: 20; published ML-1M SASRec: 200)."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing directory."),
+    chains: str = typer.Option(None, "--chains", help="teacher:<run> or student:<run>: add "
+                               "their step embeddings H_i (built by `factory embed-steps`)."),
+    step_encoder: str = typer.Option(None, "--step-encoder", help="Encoder id the step "
+                                     "embeddings must come from [default: the newest cache]."),
 ) -> None:
     """Export train/valid/test rows (histories, targets, items) for `python -m train`."""
     from factory.cli import warehouse
@@ -27,12 +31,28 @@ def export_cache_cmd(
 
     wh = warehouse()
     out = (out or Path("caches") / f"{dataset}-{split}-L{max_len}").resolve()
-    params = {"split": split, "out": str(out), "max_len": max_len, "replace": replace}
+    params = {"split": split, "out": str(out), "max_len": max_len, "replace": replace,
+              "chains": chains, "step_encoder": step_encoder}
+    steps = None
+    if chains:
+        from factory.distill import find_step_cache
+        from factory.errors import FactoryError
+        from factory.step_cache import step_source
+
+        with wh.read() as con:
+            require_split(con, dataset, split)
+            cache = find_step_cache(con, chains, dataset, step_encoder)
+        if cache.manifest["split"] != split:
+            raise FactoryError(f"the chains of {chains} follow split "
+                               f"{cache.manifest['split']!r}, not {split!r}")
+        steps = step_source(cache)
+        params["step_cache"] = cache.manifest["cache_id"]
     with wh.write() as con:
         require_split(con, dataset, split)
         run_id = start_run(con, "export-cache", dataset, params)
     try:
-        manifest = export_cache(wh, dataset, split, out, max_len, replace=replace)
+        manifest = export_cache(wh, dataset, split, out, max_len, steps=steps,
+                                replace=replace)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         with wh.write() as con:

@@ -77,7 +77,7 @@ def fake_student(con: Any, run_id: str, teach_chain_set: str, adapter_dir: Path,
     server (the adapter is never loaded there). Returns the student's model id."""
     from factory.distill import MAX_HISTORY, PROMPT
     from factory.prompts import load_prompt
-    from factory.step_cache import file_sha256
+    from train.format import sha256_file
 
     con.execute("insert into job_runs (run_id, job, dataset, params, status, error) values"
                 " (?, 'distill-student', ?, '{}', ?, ?)", [run_id, dataset, status, error])
@@ -99,6 +99,6 @@ def fake_student(con: Any, run_id: str, teach_chain_set: str, adapter_dir: Path,
         " n_too_long, steps, loss_curve) values (?, ?, 'loo', ?, ?, ?, ?, ?, ?,"
         " 'smollm2', '/nowhere', 'x.gguf', ?, ?, ?, ?, '{}', 1, 1, 0, 1, [1.0])",
         [run_id, dataset, teach_chain_set, tpl[0], tpl[1], PROMPT, load_prompt(PROMPT).hash,
-         MAX_HISTORY, model_id, str(adapter_dir), file_sha256(weights),
+         MAX_HISTORY, model_id, str(adapter_dir), sha256_file(weights),
          json.dumps({"r": 8})])
     return model_id
