@@ -1,9 +1,11 @@
 """End to end on a tiny dataset: student chains for every sequence -> embed-steps ->
-`factory export cache --chains` -> H_i aligned with the cache rows."""
+`factory export cache --chains` -> H_i aligned with the cache rows -> `python -m train`."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,11 @@ def test_exported_steps_are_aligned_with_the_rows(tiny: Warehouse, tmp_path: Pat
         assert h.shape == (len(users), 2, 384) and len(users) == 6
         for row, user in enumerate(users):
             np.testing.assert_array_equal(h[row], own[own_users.index(user)])
+    # train/ consumes it: SCoTER fusion over these H matrices, one tiny epoch
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--cache", str(out), "--fusion", "scoter", "--epochs",
+         "1", "--dim", "16", "--layers", "1", "--heads", "1", "--fusion-heads", "1",
+         "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
