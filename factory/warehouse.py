@@ -80,6 +80,7 @@ class Warehouse:
         try:
             if not self._migrated:
                 self._migrate(con)
+                self._recover(con)
             con.begin()
             try:
                 yield con
@@ -106,6 +107,15 @@ class Warehouse:
             yield con
         finally:
             con.close()
+
+    def _recover(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Once per process, on the first write: mark dead runs and fold the answers their
+        journals hold into llm_calls, before anything looks at either."""
+        from factory.runs import reap_dead_runs
+        from factory.teacher.journal import import_journals
+
+        reap_dead_runs(con)
+        import_journals(self, con)
 
     # -- schema ------------------------------------------------------------------------
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:

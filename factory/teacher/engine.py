@@ -73,7 +73,7 @@ class Outcome:
     """What happened to one work item: a parsed value, or a failure saying why."""
 
     work: Work
-    status: str                 # ok | failed
+    status: str                 # ok | failed | truncated (cut by max_tokens or a filter)
     value: Any                  # the parser's result (None when failed)
     text: str | None            # the raw answer text used (None when none came back)
     error: str | None
@@ -100,7 +100,8 @@ class Report:
 
     items: int = 0
     ok: int = 0
-    failed: int = 0
+    failed: int = 0              # failures of every kind, truncated answers included
+    truncated: int = 0           # of which: answers cut at max_tokens or by a content filter
     cached: int = 0              # items answered entirely from the cache
     not_done: int = 0            # items left when the run stopped early
     requests: int = 0            # requests sent (parse-retry draws included)
@@ -125,6 +126,8 @@ class Report:
             "tokens in/out": f"{self.input_tokens:,} / {self.output_tokens:,}",
             "cost": cost, "seconds": round(self.seconds, 1), "run": self.run_id,
         }
+        if self.truncated:
+            rows["truncated (not kept)"] = self.truncated
         if self.not_done:
             rows["not done"] = self.not_done
         if self.stopped:
@@ -308,7 +311,7 @@ class TeacherJob:
 
     def _add(self, r: Report) -> None:
         t = self.totals
-        for name in ("items", "ok", "failed", "cached", "not_done", "requests", "attempts",
+        for name in ("items", "ok", "failed", "truncated", "cached", "not_done", "requests", "attempts",
                      "input_tokens", "output_tokens"):
             setattr(t, name, getattr(t, name) + getattr(r, name))
         t.cost_usd = None if r.cost_usd is None or t.cost_usd is None else t.cost_usd + r.cost_usd
@@ -435,6 +438,11 @@ class _RunState:
             if call.error is not None:
                 return self._outcome(work, first, req, draw + 1, all_cached, error=call.error)
             assert call.answer is not None
+            cut = truncation(call.answer, req.param_dict().get("max_tokens") or (
+                self.max_out if self.job.backend.local else None))
+            if cut:     # a redraw at the same budget would be cut again: don't pay for it
+                return self._outcome(work, first, req, draw + 1, all_cached, error=cut,
+                                     text=call.answer.text, status="truncated")
             try:
                 value = self.parse(call.answer.text)
             except ValueError as exc:
@@ -446,8 +454,10 @@ class _RunState:
                              error=f"answer rejected by the parser {draws} times; last: {problem}")
 
     def _outcome(self, work: Work, first: Request, last: Request, draws: int, cached: bool,
-                 value: Any = None, text: str | None = None, error: str | None = None) -> Outcome:
-        return Outcome(work=work, status="failed" if error else "ok", value=value, text=text,
+                 value: Any = None, text: str | None = None, error: str | None = None,
+                 status: str | None = None) -> Outcome:
+        status = status or ("failed" if error else "ok")
+        return Outcome(work=work, status=status, value=value, text=text,
                        error=error, work_key=first.key, call_key=last.key, draws=draws,
                        cached=cached, meta=self.meta)
 
@@ -578,6 +588,7 @@ class _RunState:
             r.ok += 1
         else:
             r.failed += 1
+            r.truncated += outcome.status == "truncated"
         if outcome.cached:
             r.cached += 1
         elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -626,6 +637,21 @@ class _RunState:
             with self.job.wh.write() as con:
                 write_calls(con, calls)
             raise
+
+
+def truncation(answer: CachedAnswer, limit: int | None) -> str | None:
+    """Why `answer` is incomplete (cut at max_tokens `limit`, stopped by a content filter,
+    or a reasoning block never closed), or None when it is whole."""
+    budget = (f"cut at max_tokens={limit}; raise --max-tokens" if limit else
+              "cut at the server's token limit (no max_tokens sent); set --max-tokens")
+    if answer.finish_reason == "length":
+        return budget
+    if answer.finish_reason == "content_filter":
+        return "stopped by the provider's content filter (finish_reason content_filter)"
+    text = answer.text
+    if text.count("<think>") > text.count("</think>"):
+        return f"reasoning block (<think>) never closed: {budget}"
+    return None
 
 
 def _json_or_none(body: str | None, key: str | None) -> str | None:
