@@ -311,8 +311,8 @@ class TeacherJob:
 
     def _add(self, r: Report) -> None:
         t = self.totals
-        for name in ("items", "ok", "failed", "truncated", "cached", "not_done", "requests", "attempts",
-                     "input_tokens", "output_tokens"):
+        for name in ("items", "ok", "failed", "truncated", "cached", "not_done", "requests",
+                     "attempts", "input_tokens", "output_tokens"):
             setattr(t, name, getattr(t, name) + getattr(r, name))
         t.cost_usd = None if r.cost_usd is None or t.cost_usd is None else t.cost_usd + r.cost_usd
         t.seconds += r.seconds
