@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -18,7 +19,7 @@ import typer
 from rich.markup import escape
 
 from factory.console import console, summary
-from factory.errors import FactoryError
+from factory.errors import FactoryError, Interrupted
 from factory.settings import warehouse_path
 from factory.warehouse import Warehouse
 
@@ -303,16 +304,36 @@ for _module in PLATFORM_MODULES + JOB_MODULES:
     importlib.import_module(_module).register(app)
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (Slurm's time limit, scancel, docker stop, systemd) stops like Ctrl-C."""
+    raise Interrupted("interrupted (SIGTERM); everything committed so far is kept", "SIGTERM")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except FactoryError as exc:
         # escape: a message like "pip install 'factory[vllm]'" is not rich markup
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]; everything committed so far is kept")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
+    except SystemExit as exc:      # Typer turns KeyboardInterrupt into exit 130, silently
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        _interrupted(cause)
+
+
+def _interrupted(exc: BaseException) -> None:
+    """One line saying what was kept; exit 130 (SIGINT) or 143 (SIGTERM), as shells do."""
+    name = getattr(exc, "signal_name", "SIGINT")
+    line = str(exc) or f"interrupted ({name}); everything committed so far is kept"
+    console.print(f"[yellow]{escape(line)}[/]", highlight=False, soft_wrap=True)
+    sys.exit(143 if name == "SIGTERM" else 130)
 
 
 if __name__ == "__main__":

@@ -3,3 +3,11 @@
 
 class FactoryError(Exception):
     """A user-facing error: bad input, missing data, unknown names. Printed as one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the job stopped cleanly; the message says what was kept."""
+
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
+        super().__init__(message)
+        self.signal_name = signal_name

@@ -6,12 +6,16 @@ import json
 import os
 import secrets
 import socket
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import duckdb
 
 from factory.settings import code_version
+
+#: a run of another host with no heartbeat for this long is taken for dead
+STALE_S = float(os.environ.get("FACTORY_RUN_STALE_S", "600"))
 
 
 def new_run_id(job: str) -> str:
@@ -50,9 +54,55 @@ def heartbeat(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
                 [run_id]).fetchall()
 
 
+@dataclass(frozen=True)
+class LiveRun:
+    run_id: str
+    host: str | None
+    pid: int | None
+    shard: tuple[int, int] | None
+    heartbeat_age_s: float
+
+
+def live_runs(con: duckdb.DuckDBPyConnection, job: str, dataset: str | None) -> list[LiveRun]:
+    """Other runs of `job` on `dataset` that are running and alive."""
+    rows = con.execute(
+        "select run_id, host, pid, pid_started, params->>'$.teacher.shard',"
+        " date_diff('millisecond', heartbeat_at, current_timestamp) / 1000.0"
+        " from job_runs where status = 'running' and job = ? and dataset is not distinct from ?"
+        " and pid is not null", [job, dataset]).fetchall()
+    me = (socket.gethostname(), os.getpid())
+    found = []
+    for run_id, host, pid, started, shard, age in rows:
+        if (host, pid) == me:
+            continue
+        if host == socket.gethostname():
+            if process_started(pid) != started:
+                continue
+        elif age is None or age > STALE_S:
+            continue
+        i, _, n = (shard or "").partition("/")
+        found.append(LiveRun(run_id, host, pid, (int(i), int(n)) if n else None, age or 0.0))
+    return found
+
+
 def reap_dead_runs(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Mark 'running' runs whose process is gone as 'died'; returns their ids."""
-    return []
+    here = socket.gethostname()
+    dead = []
+    for run_id, host, pid, started, age in con.execute(
+            "select run_id, host, pid, pid_started,"
+            " date_diff('millisecond', heartbeat_at, current_timestamp) / 1000.0"
+            " from job_runs where status = 'running' and pid is not null").fetchall():
+        if host == here:
+            if pid != os.getpid() and process_started(pid) != started:
+                dead.append(run_id)
+        elif age is None or age > STALE_S:
+            dead.append(run_id)
+    if dead:
+        con.execute("update job_runs set status = 'died', finished_at = current_timestamp,"
+                    " error = 'its process is gone' where run_id in (select unnest(?))",
+                    [dead]).fetchall()
+    return dead
 
 
 def finish_run(

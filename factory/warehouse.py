@@ -53,8 +53,10 @@ class Warehouse:
         self._migrated = False
 
     # -- connections -------------------------------------------------------------------
-    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + self.lock_timeout
+    def _connect(self, read_only: bool,
+                 lock_timeout: float | None = None) -> duckdb.DuckDBPyConnection:
+        wait = self.lock_timeout if lock_timeout is None else lock_timeout
+        deadline = time.monotonic() + wait
         delay = 0.05
         while True:
             try:
@@ -66,17 +68,20 @@ class Warehouse:
                 if time.monotonic() > deadline:
                     raise FactoryError(
                         f"warehouse {self.path} is locked by another process "
-                        f"(waited {self.lock_timeout:.0f}s)"
+                        f"(waited {wait:.0f}s)"
                     ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
     @contextmanager
-    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One transaction: committed when the block ends, rolled back on any exception."""
+    def write(self, lock_timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One transaction: committed when the block ends, rolled back on any exception.
+
+        `lock_timeout` overrides how long to wait for another process's lock (a job's batch
+        writes wait briefly and retry later rather than stall its requests)."""
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = self._connect(read_only=False)
+        con = self._connect(read_only=False, lock_timeout=lock_timeout)
         try:
             if not self._migrated:
                 self._migrate(con)

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import os
+import signal
 import threading
 import time
 from collections import deque
@@ -28,14 +31,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 from rich.progress import TextColumn
 
 from factory.console import console, progress, summary
-from factory.errors import FactoryError
+from factory.errors import FactoryError, Interrupted
 from factory.prompts import Prompt
-from factory.runs import finish_run, start_run
+from factory.runs import finish_run, live_runs, start_run
 from factory.teacher.backends import Backend, TransformersBackend, make_backend
 from factory.teacher.cost import PriceTable, Pricing
+from factory.teacher.journal import Journal, journal_dir
 from factory.teacher.keys import api_key, redact
 from factory.teacher.limits import (
     JobError,
@@ -55,6 +60,10 @@ PROVENANCE_COLUMNS = ("work_key", "call_key", "run_id", "prompt_name", "prompt_h
 #: early stop: look at the last WINDOW requests once MIN_SEEN have finished
 FAILURE_WINDOW, FAILURE_MIN_SEEN, FAILURE_SHARE = 50, 20, 0.5
 LOOKUP_CHUNK = 2000
+STOP_GRACE_S = 10.0       # after SIGINT/SIGTERM, how long requests in flight may still land
+HEARTBEAT_S = 30.0        # a run that stores nothing for this long still says it is alive
+STORE_LOCK_WAIT_S = 1.0   # a batch write waits this long for a lock, then retries later
+STORE_TIMEOUT_S = 600.0   # keep retrying a warehouse that cannot be written this long
 
 
 @dataclass(frozen=True)
@@ -180,11 +189,14 @@ class TeacherJob:
             raise FactoryError(
                 f"--max-cost needs a price for model {self.backend.model!r}: add it to the "
                 "price table (--price-table / FACTORY_PRICE_TABLE)")
+        self.stall_timeout = options.stall_timeout or 5 * options.timeout
+        self.store_timeout = float(os.environ.get("FACTORY_STORE_TIMEOUT", STORE_TIMEOUT_S))
+        self.journal: Journal | None = None
         self.run_id: str | None = None
         self.spent = 0.0
         self.totals = Report()
         self._prompts: list[Prompt] = []
-        self._started = False
+        self._all_stored = True
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> TeacherJob:
@@ -193,9 +205,11 @@ class TeacherJob:
         params = {**self.params, "teacher": self.options.as_params(),
                   "sampling": self.sampling.as_dict()}
         with self.wh.write() as con:
+            self._refuse_concurrent(con)
             self.run_id = start_run(con, self.job, self.dataset, params)
             con.execute("update job_runs set backend = ?, model = ? where run_id = ?",
                         [self.backend.name, self.backend.model, self.run_id]).fetchall()
+        self.journal = Journal(journal_dir(self.wh.path) / f"{self.run_id}.jsonl")
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -205,11 +219,36 @@ class TeacherJob:
         if exc_type is None:
             status, error = ("stopped", totals.stopped) if totals.stopped else ("succeeded", None)
         elif issubclass(exc_type, KeyboardInterrupt):
-            status, error = "interrupted", "interrupted"
+            status, error = "interrupted", str(exc) or "interrupted"
         else:
             status, error = "failed", redact(str(exc) or exc_type.__name__, self._key)
-        with self.wh.write() as con:
-            finish_run(con, self.run_id, status, totals.counts(), error)
+        try:
+            with self.wh.write() as con:
+                finish_run(con, self.run_id, status, totals.counts(), error)
+        except Exception as store_exc:
+            if exc_type is None:       # else the error already on its way says more
+                raise FactoryError(
+                    f"could not record the end of run {self.run_id}: "
+                    f"{_first_line(store_exc)}; its answers are stored or in "
+                    f"{journal_dir(self.wh.path)}, and the next command marks it died"
+                ) from None
+        finally:
+            if self.journal is not None:    # everything stored: the journal is not needed
+                self.journal.close(delete=self._all_stored)
+
+    def _refuse_concurrent(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Two live runs of the same work would pay for the same requests: refuse."""
+        mine = self.options.shard
+        for other in live_runs(con, self.job, self.dataset):
+            theirs = other.shard
+            if mine and theirs and mine[1] == theirs[1] and mine[0] != theirs[0]:
+                continue                      # disjoint shards of the same split
+            raise FactoryError(
+                f"another {self.job} run on {self.dataset or 'this warehouse'} is running "
+                f"({other.run_id}, pid {other.pid} on {other.host}, last sign of life "
+                f"{other.heartbeat_age_s:.0f}s ago): two runs would pay for the same "
+                "requests. Wait for it or stop it; to work in parallel, give each process "
+                "its own --shard i/N")
 
     # -- the one call a job makes -----------------------------------------------------------
     def run(self, works: Iterable[Work], *, prompt: Prompt, parse: Callable[[str], Any],
@@ -236,9 +275,11 @@ class TeacherJob:
             try:
                 state.finish()
             finally:
+                self._all_stored = self._all_stored and state.stored_everything()
                 self._add(state.report)
-        if state.write_error:
-            raise state.write_error
+        if state.interrupted:
+            line = state.interrupt_line()
+            raise Interrupted(line, state.interrupted)
         if state.fatal:
             raise FactoryError(state.fatal)
         return state.report
@@ -333,10 +374,10 @@ class _RunState:
         self.cache: dict[str, CachedAnswer] = {}
         self.inflight: dict[str, asyncio.Future[_Call | None]] = {}
         self.flushes: set[asyncio.Task[None]] = set()
-        self.write_error: BaseException | None = None
+        self.tasks: list[asyncio.Task[None]] = []
         self.write_mutex = threading.Lock()
         self.backend_started = False
-        self.calls: list[dict[str, Any]] = []     # llm_calls rows not yet stored
+        self.calls: list[dict[str, Any]] = []     # llm_calls rows not yet stored (journaled)
         self.outcomes: list[Outcome] = []         # job rows not yet stored
         self.report = Report(items=len(items), cost_usd=0.0 if job.pricing.known else None,
                              run_id=job.run_id)
@@ -344,14 +385,24 @@ class _RunState:
         self.reserved = 0.0
         self.stop_reason: str | None = None
         self.fatal: str | None = None
+        self.interrupted: str | None = None       # the signal's name
+        self.dropped = 0                          # requests cancelled in flight
         self.last_error: str | None = None
+        self.store_failing_since: float | None = None
+        self.store_error: str | None = None
+        self.store_retry_at = 0.0
+        self.store_failures = 0
+        self.store_kind: str | None = None
+        self.last_heartbeat = time.monotonic()
         self.meta = {"run_id": job.run_id, "prompt_name": prompt.name,
                      "prompt_hash": prompt.hash, "backend": job.backend.name,
                      "model": job.backend.model}
         self.rpm = RateLimiter(opts.rpm) if opts.rpm else None
         self.tpm = RateLimiter(opts.tpm) if opts.tpm else None
         self.max_out = job.sampling.max_tokens or TransformersBackend.DEFAULT_MAX_TOKENS
+        self.max_buffer = max(10 * job.batch, 4 * job.concurrency)
         self.started = time.perf_counter()
+        self.last_answer = time.monotonic()
 
     # -- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -363,29 +414,113 @@ class _RunState:
         self.write_lock = asyncio.Lock()
         bar = progress(TextColumn("{task.fields[stats]}"))
         self.bar = bar
+        restore = self._catch_signals()
         with bar:
             self.task = bar.add_task(job.job, total=len(self.items), stats="")
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(job.concurrency)]
+            self.tasks = [asyncio.create_task(self._produce(queue, len(workers))), *workers]
             self.done = asyncio.Event()
             flusher = asyncio.create_task(self._flush_every())
             try:
-                await self._produce(queue, len(workers))
-                await asyncio.gather(*workers)
+                results = await asyncio.gather(*self.tasks, return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)
+                          and not isinstance(r, asyncio.CancelledError)]
+                if errors:
+                    raise errors[0]
             finally:
-                for w in workers:
-                    w.cancel()
+                self._cancel_all()
                 self.done.set()              # a flush in progress is finished, not cancelled
-                await asyncio.gather(*workers, flusher, *self.flushes, return_exceptions=True)
+                await asyncio.gather(*self.tasks, flusher, *self.flushes,
+                                     return_exceptions=True)
                 await job.backend.aclose()
+                restore()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """The last flushes: keep retrying a warehouse that cannot be written yet (a reader
+        holds it, a query runs long) until it can, or until giving up is the only choice."""
+        while not self.stored_everything():
             await self._flush()
+            if self.stored_everything() or self.fatal or self.store_kind == "disk":
+                return
+            if self.interrupted and self.store_failing_since is not None and (
+                    time.monotonic() - self.store_failing_since > self.grace()):
+                return
+            await asyncio.sleep(max(0.0, self.store_retry_at - time.monotonic()))
+
+    def _catch_signals(self) -> Callable[[], None]:
+        """SIGINT and SIGTERM (Slurm's time limit, scancel, docker stop) both stop cleanly:
+        no new requests, FACTORY_STOP_GRACE seconds for those in flight, then the rest is
+        cancelled; a second signal cancels at once. Returns what restores the old handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        loop = asyncio.get_running_loop()
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in saved:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+        def restore() -> None:
+            for sig, handler in saved.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
+        return restore
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.interrupted:
+            self._cancel_all()
+            return
+        self.interrupted = sig.name
+        self._stop(f"interrupted ({sig.name})")
+        asyncio.get_running_loop().call_later(self.grace(), self._cancel_all)
+
+    @staticmethod
+    def grace() -> float:
+        return float(os.environ.get("FACTORY_STOP_GRACE", STOP_GRACE_S))
+
+    def _cancel_all(self) -> None:
+        """Cancel the producer and the workers: requests in flight (and their retries) end."""
+        pending = [t for t in self.tasks if not t.done()]
+        if pending:
+            self.dropped += len(self.inflight)
+        for task in pending:
+            task.cancel()
+
+    def _halt(self, reason: str) -> None:
+        """Stop now: a fatal error; nothing more is worth waiting for."""
+        self.fatal = self.fatal or reason
+        self._stop(reason)
+        self._cancel_all()
 
     def finish(self) -> None:
         """Store what the loop had not stored yet (also after Ctrl-C) and close the counts."""
         self.report.not_done = len(self.items) - self.report.ok - self.report.failed
         self.report.seconds = time.perf_counter() - self.started
         calls, outcomes = self._take()
-        if calls or outcomes:
+        if not (calls or outcomes):
+            return
+        try:
             self._write(calls, outcomes)
+        except Exception as exc:
+            self._put_back(calls, outcomes)
+            raise FactoryError(self._unstored_line(_first_line(exc))) from None
+
+    def stored_everything(self) -> bool:
+        return not (self.calls or self.outcomes)
+
+    def interrupt_line(self) -> str:
+        r = self.report
+        dropped = (f"; {self.dropped:,} request(s) in flight were dropped and will be re-sent"
+                   if self.dropped else "")
+        return (f"interrupted ({self.interrupted}): {r.ok + r.failed:,} of {r.items:,} items "
+                f"stored{dropped}; re-run the same command to resume")
+
+    def _unstored_line(self, reason: str) -> str:
+        journal = self.job.journal
+        where = f" are safe in {journal.path}" if journal is not None else " are kept"
+        return (f"could not store results in {self.job.wh.path} ({reason}); the "
+                f"{len(self.calls):,} answers received since the last store{where}; re-run "
+                "the same command to resume: it imports them first and re-sends nothing "
+                "already answered")
 
     async def _lookup(self, keys: list[str]) -> None:
         """Add cached answers for `keys` (a thread, serialised with the writes: one process
@@ -470,6 +605,8 @@ class _RunState:
             return await asyncio.shield(self.inflight[req.key])
         if self.job.options.cache_only:
             return _Call(None, "not in the cache (--cache-only)", cached=True)
+        while len(self.calls) >= self.max_buffer and not self.stop_reason:
+            await asyncio.sleep(0.05)     # the warehouse is behind: no new requests meanwhile
         if self.stop_reason:
             return None
         estimate = self.job.pricing.cost(req.estimated_input_tokens(), self.max_out) or 0.0
@@ -481,18 +618,21 @@ class _RunState:
         future: asyncio.Future[_Call | None] = asyncio.get_running_loop().create_future()
         self.inflight[req.key] = future
         self.reserved += estimate
+        call: _Call | None = None
         try:
             call = await self._send(req)
-        finally:
+        finally:                   # cancelled: items waiting on the same request stop too
             self.reserved -= estimate
             del self.inflight[req.key]
-        future.set_result(call)
+            future.set_result(call)
         return call
 
     async def _send(self, req: Request) -> _Call | None:
         attempts = 0
         started = time.perf_counter()
         estimate = req.estimated_input_tokens() + self.max_out
+        backend = self.job.backend
+        timeout = self.job.options.timeout
 
         def count_attempt() -> None:
             nonlocal attempts
@@ -503,7 +643,14 @@ class _RunState:
                 await self.rpm.acquire(1)
             if self.tpm:
                 await self.tpm.acquire(estimate)
-            reply = await self.job.backend.complete(req)
+            if backend.local:      # in-process: a batch, not a connection that can hang
+                reply = await backend.complete(req)
+            else:                  # the whole attempt, a body trickling in included
+                try:
+                    reply = await asyncio.wait_for(backend.complete(req), timeout)
+                except asyncio.TimeoutError:
+                    raise TransientError(
+                        f"no complete answer within --timeout {timeout:g}s") from None
             if self.tpm:
                 used = (reply.input_tokens or 0) + (reply.output_tokens or 0)
                 self.tpm.adjust(used - estimate)
@@ -511,9 +658,10 @@ class _RunState:
 
         async with self.start_lock:     # load a local model only when a request needs it
             if not self.backend_started:
-                console.print(f"starting {self.job.backend.describe()}")
-                await self.job.backend.start()
+                console.print(f"starting {backend.describe()}")
+                await backend.start()
                 self.backend_started = True
+                self.last_answer = time.monotonic()
         error: str | None = None
         reply: Reply | None = None
         body: str | None = None
@@ -526,16 +674,14 @@ class _RunState:
         except RequestError as exc:
             error, body = str(exc), exc.body
         except JobError as exc:
-            self.fatal = redact(str(exc), self.job._key)
-            self._stop(self.fatal)
+            self._halt(redact(str(exc), self.job._key) or "fatal teacher error")
             return None
         key = self.job._key
         error = redact(error, key)
         self.report.requests += 1
         self.report.attempts += attempts
-        self.recent.append(error is None)
         row: dict[str, Any] = {
-            "key": req.key, "model": req.model, "backend": self.job.backend.name,
+            "key": req.key, "model": req.model, "backend": backend.name,
             "sample": req.sample, "draw": req.draw, "request": req.canonical_json(),
             "attempts": attempts, "run_id": self.job.run_id,
         }
@@ -543,7 +689,8 @@ class _RunState:
             self.last_error = error
             row.update(status="failed", error=error, response=_json_or_none(body, key),
                        latency_s=time.perf_counter() - started)
-            self.calls.append(row)
+            self._record(row)
+            self.recent.append(False)
             self._check_failures()
             return _Call(None, error, cached=False)
         cost = self.job.pricing.cost(reply.input_tokens, reply.output_tokens)
@@ -552,7 +699,9 @@ class _RunState:
                    input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
                    latency_s=reply.latency_s, cost_usd=cost,
                    price_version=self.job.pricing.version if cost is not None else None)
-        self.calls.append(row)
+        self._record(row)
+        self.recent.append(True)
+        self.last_answer = time.monotonic()
         self.report.input_tokens += reply.input_tokens or 0
         self.report.output_tokens += reply.output_tokens or 0
         if cost is not None:
@@ -566,15 +715,30 @@ class _RunState:
         self.cache[req.key] = answer
         return _Call(answer, None, cached=False)
 
+    def _record(self, row: dict[str, Any]) -> None:
+        """Journal a received row before anything else happens to it, then buffer it."""
+        self.calls.append(row)
+        journal = self.job.journal
+        if journal is None:
+            return
+        try:
+            journal.append(row)
+        except OSError as exc:
+            self._stop(f"cannot write the answer journal {journal.path}: {exc.strerror or exc}")
+            return
+        if journal.full:
+            self._stop(f"disk full at {journal.path.parent}: no new requests; the answers "
+                       "in flight land in the journal's reserved space")
+
     def _check_failures(self) -> None:
+        """Stop when most of the recent requests failed after all their retries."""
         if len(self.recent) < FAILURE_MIN_SEEN:
             return
         failed = self.recent.count(False)
         if failed > FAILURE_SHARE * len(self.recent):
-            self.fatal = (f"stopped: {failed} of the last {len(self.recent)} requests failed "
-                          f"({self.job.backend.describe()}); last error: {self.last_error}. "
-                          "Everything done so far is kept; a re-run resumes")
-            self._stop(self.fatal)
+            self._halt(f"stopped: {failed} of the last {len(self.recent)} requests failed "
+                       f"({self.job.backend.describe()}); last error: {self.last_error}. "
+                       "Everything done so far is kept; a re-run resumes")
 
     def _stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -593,31 +757,79 @@ class _RunState:
             r.cached += 1
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         cost = "" if r.cost_usd is None else f" · ${r.cost_usd:.4f}"
+        behind = f" · {len(self.calls):,} waiting to be stored" if self.store_error else ""
         self.bar.update(self.task, advance=1, stats=(
             f"cached {r.cached:,} · failed {r.failed:,} · {r.requests / elapsed:,.1f} req/s · "
-            f"{r.output_tokens / elapsed:,.0f} tok/s{cost}"))
+            f"{r.output_tokens / elapsed:,.0f} tok/s{cost}{behind}"))
 
     async def _flush_every(self) -> None:
         while not self.done.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.done.wait(), self.job.flush_s)
+            self._watch_stall()
             await self._flush()
+
+    def _watch_stall(self) -> None:
+        stall = self.job.stall_timeout
+        if self.inflight and time.monotonic() - self.last_answer > stall:
+            self._halt(f"stopped: no answer from {self.job.backend.describe()} for "
+                       f"{stall:g}s (--stall-timeout); everything received is kept; a re-run "
+                       "resumes")
 
     async def _flush(self) -> None:
         async with self.write_lock:
+            if time.monotonic() < self.store_retry_at:
+                return
             calls, outcomes = self._take()
-            if not (calls or outcomes) or self.write_error:
+            beat = time.monotonic() - self.last_heartbeat > HEARTBEAT_S
+            if not (calls or outcomes or beat):
                 return
             try:
                 await asyncio.to_thread(self._write, calls, outcomes)
-            except Exception as exc:  # stop the run; run() re-raises it once the loop ends
-                self.write_error = exc
-                self._stop(f"could not store results: {exc}")
+            except Exception as exc:
+                self._put_back(calls, outcomes)
+                self._store_failed(exc)
+            else:
+                self._store_ok()
+
+    def _store_ok(self) -> None:
+        if self.store_error:
+            console.print(f"stored again after {self.store_failures} failed attempt(s) "
+                          f"({self.store_error})")
+        self.store_failing_since, self.store_error, self.store_failures = None, None, 0
+        self.store_kind = None
+        self.last_heartbeat = time.monotonic()
+
+    def _store_failed(self, exc: BaseException) -> None:
+        """Keep everything, retry with backoff; stop on a full disk, a bug, or too long."""
+        now = time.monotonic()
+        reason = _first_line(exc)
+        kind = self.store_kind = _store_failure_kind(exc)
+        if self.store_failing_since is None:
+            self.store_failing_since = now
+            console.print(f"[yellow]cannot store results yet[/] ({reason}); keeping them and "
+                          "retrying", highlight=False)
+        self.store_error = reason
+        self.store_failures += 1
+        self.store_retry_at = now + min(0.25 * 2 ** self.store_failures, 10.0)
+        waited = now - self.store_failing_since
+        if kind == "bug":
+            self._halt(f"could not store the job's rows: {reason}")
+        elif kind == "disk":
+            self._stop(f"disk full: {reason}")
+        elif waited > self.job.store_timeout:
+            self._halt(self._unstored_line(f"{reason}; tried for {waited:.0f}s, "
+                                           "FACTORY_STORE_TIMEOUT"))
 
     def _take(self) -> tuple[list[dict[str, Any]], list[Outcome]]:
         calls, outcomes = self.calls, self.outcomes
         self.calls, self.outcomes = [], []
         return calls, outcomes
+
+    def _put_back(self, calls: list[dict[str, Any]], outcomes: list[Outcome]) -> None:
+        """A batch that could not be stored goes back in front of what came since."""
+        self.calls[:0] = calls
+        self.outcomes[:0] = outcomes
 
     def _write(self, calls: list[dict[str, Any]], outcomes: list[Outcome]) -> None:
         """One short transaction. If the job's rows cannot be stored (a bug in its row() or
@@ -626,17 +838,38 @@ class _RunState:
             self._write_locked(calls, outcomes)
 
     def _write_locked(self, calls: list[dict[str, Any]], outcomes: list[Outcome]) -> None:
+        rows = [{**self.row(o), **o.provenance()} for o in outcomes]
+        wh, lock_wait = self.job.wh, STORE_LOCK_WAIT_S
         try:
-            rows = [{**self.row(o), **o.provenance()} for o in outcomes]
-            with self.job.wh.write() as con:
+            with wh.write(lock_timeout=lock_wait) as con:
                 write_calls(con, calls)
                 upsert(con, self.table, rows)
-                con.execute("update job_runs set counts = ? where run_id = ?",
+                con.execute("update job_runs set counts = ?, heartbeat_at = current_timestamp"
+                            " where run_id = ?",
                             [json.dumps(self.report.counts()), self.job.run_id]).fetchall()
-        except Exception:
-            with self.job.wh.write() as con:
-                write_calls(con, calls)
+        except Exception as exc:
+            if _store_failure_kind(exc) == "bug" and calls:
+                with wh.write(lock_timeout=lock_wait) as con:
+                    write_calls(con, calls)
             raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _store_failure_kind(exc: BaseException) -> str:
+    """'disk' (no space), 'retry' (a lock, I/O, memory: may pass) or 'bug' (the job's rows
+    do not fit its table: retrying cannot help)."""
+    text = str(exc).lower()
+    if "no space left" in text or "disk full" in text or (
+            isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return "disk"
+    if isinstance(exc, (FactoryError, OSError, duckdb.IOException, duckdb.TransactionException,
+                        duckdb.OutOfMemoryException, duckdb.InterruptException)):
+        return "retry"
+    return "bug"
 
 
 def truncation(answer: CachedAnswer, limit: int | None) -> str | None:

@@ -1,9 +1,175 @@
-"""Per-run answer journals beside the warehouse (implemented in the durability work)."""
+"""Per-run answer journals: every teacher answer is on disk the moment it is received.
+
+The warehouse is written in batches (one short DuckDB transaction a second) and can be
+unavailable for a while: another process holds the lock, a query runs long, the disk is full.
+So the engine first appends each `llm_calls` row it receives, as one JSON line, to
+`<warehouse>.files/journal/<run_id>.jsonl` (one write() per answer, fsync'ed by a background
+thread within FSYNC_S), and folds the rows into `llm_calls` with its normal flushes. When the
+run ends with everything stored, the journal is deleted. When it does not (kill -9, OOM, a
+node lost, a store that gave up), the next command that opens the warehouse for writing
+imports the journals of runs that are no longer alive (`import_journals`, called from
+`Warehouse.write()` after dead runs are marked), so a resumed run finds those answers in the
+cache and re-sends only what was in flight.
+
+Disk full: the journal reserves RESERVE_BYTES ahead of its end (fallocate, keeping the file
+size), so answers already in flight still land when the disk fills; when the reservation
+cannot grow the journal says so (`full`) and the engine stops sending new requests.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+
+from factory.teacher.store import write_calls
+
+if TYPE_CHECKING:
+    from factory.warehouse import Warehouse
+
+RESERVE_BYTES = 8 << 20       # room kept ahead of the journal's end (~500 large answers)
+FSYNC_S = 0.2                 # the longest an answer waits in the page cache
+IMPORT_BATCH = 5000           # rows per upsert when importing a journal
+_FALLOC_FL_KEEP_SIZE = 1
 
 
-def import_journals(wh: Any, con: Any) -> int:
-    return 0
+def journal_dir(warehouse_path: Path) -> Path:
+    """`factory.duckdb` -> `factory.files/journal/` (beside the other large files)."""
+    return warehouse_path.parent / f"{warehouse_path.stem}.files" / "journal"
+
+
+def _fallocate() -> Any:
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return None
+    fn = getattr(ctypes.CDLL(libc_name, use_errno=True), "fallocate", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return fn
+
+
+class Journal:
+    """An append-only JSON-lines file of llm_calls rows for one run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._size = os.fstat(self._fd).st_size
+        self._reserved = self._size
+        self._falloc = _fallocate()
+        self.full = False             # the disk has no room for more than the reservation
+        self.rows = 0
+        self._dirty = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._reserve()
+        self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
+                                        name="teacher-journal-fsync")
+        self._syncer.start()
+
+    def _reserve(self) -> None:
+        """Keep RESERVE_BYTES of disk allocated past the end (where the filesystem can)."""
+        if self._falloc is None or self._reserved - self._size >= RESERVE_BYTES // 2:
+            return
+        want = self._size + RESERVE_BYTES
+        if self._falloc(self._fd, _FALLOC_FL_KEEP_SIZE, 0, want) == 0:
+            self._reserved = want
+            return
+        err = ctypes.get_errno()
+        if err == errno.ENOSPC:
+            self.full = True
+        elif err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            self._falloc = None       # e.g. some network filesystems: no reservation there
+
+    def append(self, row: dict[str, Any]) -> None:
+        """One answer, on disk (page cache) when this returns; raises OSError if it is not."""
+        data = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode()
+        with self._lock:
+            written = os.write(self._fd, data)
+            if written != len(data):       # a short write: the disk filled mid-line
+                self.full = True
+                raise OSError(errno.ENOSPC, "journal write cut short (disk full)")
+            self._size += written
+            self.rows += 1
+            self._reserve()
+        self._dirty.set()
+
+    def _sync_loop(self) -> None:
+        while not self._closed.is_set():
+            if self._dirty.wait(FSYNC_S):
+                self._dirty.clear()
+                self.sync()
+
+    def sync(self) -> None:
+        with contextlib.suppress(OSError):    # closed under us, or the filesystem cannot
+            os.fsync(self._fd)
+
+    def close(self, delete: bool = False) -> None:
+        """Stop the fsync thread; with `delete`, remove the file (all rows are stored)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._dirty.set()
+        self._syncer.join()
+        with self._lock:
+            if not delete:
+                self.sync()
+                os.ftruncate(self._fd, self._size)    # give the reservation back
+            os.close(self._fd)
+        if delete:
+            self.path.unlink(missing_ok=True)
+
+
+def read_journal(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a journal; a last line cut by a kill is skipped."""
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+def _alive_runs(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {r for (r,) in con.execute(
+        "select run_id from job_runs where status = 'running'").fetchall()}
+
+
+def import_journals(wh: Warehouse, con: duckdb.DuckDBPyConnection,
+                    directory: Path | None = None) -> int:
+    """Fold the journals of runs that are no longer running into llm_calls; returns rows.
+
+    Runs still running are left to fold their own journal. A journal is deleted only after
+    its rows are committed (an upsert never replaces an 'ok' answer with a failure).
+    """
+    directory = directory or journal_dir(wh.path)
+    if not directory.is_dir():
+        return 0
+    running = _alive_runs(con)
+    imported = 0
+    for path in sorted(directory.glob("*.jsonl")):
+        if path.stem in running:
+            continue
+        batch: list[dict[str, Any]] = []
+        for row in read_journal(path):
+            batch.append(row)
+            if len(batch) >= IMPORT_BATCH:
+                write_calls(con, batch)
+                imported += len(batch)
+                batch = []
+        write_calls(con, batch)
+        imported += len(batch)
+        path.unlink()
+    return imported

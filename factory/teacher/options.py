@@ -56,7 +56,8 @@ class TeacherOptions:
     concurrency: int | None = None          # None: the backend's default
     rpm: int | None = None
     tpm: int | None = None
-    timeout: float = 120.0
+    timeout: float = 120.0                  # seconds per whole HTTP attempt
+    stall_timeout: float | None = None      # no answer at all for this long: stop (5 x timeout)
     attempts: int = 6                       # HTTP attempts per request, retries included
     backoff: float = 0.5                    # first retry waits up to this long (doubling)
     parse_retries: int = 2                  # extra draws when the parser rejects an answer
@@ -113,7 +114,11 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("rpm", int, typer.Option(None, "--rpm", min=1, help="Requests per minute limit.")),
     ("tpm", int, typer.Option(None, "--tpm", min=1, help="Tokens per minute limit.")),
     ("timeout", float, typer.Option(120.0, "--timeout", min=0.01,
-                                    help="Seconds per HTTP attempt.")),
+                                    help="Seconds per HTTP attempt, the whole answer "
+                                    "included.")),
+    ("stall_timeout", float, typer.Option(
+        None, "--stall-timeout", min=0.01, help="Stop cleanly when no answer arrives for this "
+        "many seconds while requests are in flight [default: 5 x --timeout].")),
     ("attempts", int, typer.Option(6, "--attempts", min=1, help="HTTP attempts per request "
                                    "(retries on 408/409/429/5xx, timeouts, dropped "
                                    "connections).")),
@@ -148,7 +153,8 @@ def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
         url=values["teacher_url"] or None, model=values["teacher_model"] or None,
         backend=backend.value if backend is not None else None,
         concurrency=values["concurrency"], rpm=values["rpm"], tpm=values["tpm"],
-        timeout=values["timeout"], attempts=values["attempts"],
+        timeout=values["timeout"], stall_timeout=values["stall_timeout"],
+        attempts=values["attempts"],
         sampling=Sampling(values["temperature"], values["top_p"], values["max_tokens"],
                           values["seed"]),
         price_table=values["price_table"], dry_run=values["dry_run"],

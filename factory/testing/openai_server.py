@@ -39,8 +39,11 @@ from typing import Any
 
 Responder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
 
-#: every fault the server can inject
+#: the faults drawn at random by default
 FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed", "empty", "badjson")
+#: ... and those only injected when asked for: `trickle` sends the headers at once and then
+#: the body one byte every `trickle_s`; `hang` accepts the request and never answers
+SLOW_FAULT_KINDS = ("trickle", "hang")
 #: what a "malformed" answer says: no words, so any sensible parser rejects it
 MALFORMED_CONTENT = "~~~#%$@~~~"
 
@@ -70,6 +73,7 @@ class Faults:
     seed: int = 0
     retry_after: float = 0.05
     slow_s: float = 2.0
+    trickle_s: float = 0.25
 
     def draw(self, key: str, nth: int) -> str | None:
         if self.rate <= 0:
@@ -86,6 +90,7 @@ class Record:
     body: dict[str, Any]
     outcome: str           # ok | a fault kind | held | unauthorized | 400 | error
     delivered: bool = True
+    done: bool = False     # the handler finished (answered, failed or gave up)
 
 
 @dataclass
@@ -106,6 +111,8 @@ class OpenAIServer:
         self._admitted_ok = 0
         self._hold_after: int | None = None
         self._released = threading.Event()
+        self._stopping = threading.Event()
+        self._log: Any = None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -119,6 +126,7 @@ class OpenAIServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self.release()
         if self._httpd is not None:
             self._httpd.shutdown()
@@ -181,6 +189,16 @@ class OpenAIServer:
             record = Record(key, body, outcome)
             self.records.append(record)
             return record
+
+    def log_to(self, path: str) -> None:
+        """Also append `<outcome> <delivered> <key>` per finished request to `path` (line
+        buffered), so a benchmark can count what was answered across a job's kill."""
+        self._log = open(path, "a", buffering=1, encoding="ascii")  # noqa: SIM115
+
+    def _logged(self, record: Record) -> None:
+        if self._log is not None:
+            with self._lock:
+                self._log.write(f"{record.outcome} {int(record.delivered)} {record.key}\n")
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -245,6 +263,8 @@ class _Handler(BaseHTTPRequestHandler):
         if state.latency:
             time.sleep(state.latency)
         record.delivered = self._respond(record, body)
+        record.done = True
+        state._logged(record)
 
     def _respond(self, record: Record, body: dict[str, Any]) -> bool:
         state, outcome = self.server_state, record.outcome
@@ -266,6 +286,10 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if outcome == "badjson":
             return self._send(200, b'{"choices": [ this is not json')
+        if outcome == "hang":
+            state._stopping.wait()
+            self.close_connection = True
+            return False
         if outcome == "slow":
             time.sleep(faults.slow_s)
         try:
@@ -287,7 +311,28 @@ class _Handler(BaseHTTPRequestHandler):
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
-        return self._send(200, json.dumps(payload).encode())
+        data = json.dumps(payload).encode()
+        if outcome == "trickle":
+            return self._trickle(data, faults.trickle_s)
+        return self._send(200, data)
+
+    def _trickle(self, payload: bytes, every_s: float) -> bool:
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.flush()
+            for i in range(len(payload)):
+                if self.server_state._stopping.wait(every_s):
+                    self.close_connection = True
+                    return False
+                self.wfile.write(payload[i:i + 1])
+                self.wfile.flush()
+            return True
+        except OSError:
+            self.close_connection = True
+            return False
 
 
 def main() -> None:
@@ -295,11 +340,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--fault-rate", type=float, default=0.0)
+    parser.add_argument("--fault-kinds", default=",".join(FAULT_KINDS),
+                        help=f"comma-separated, of {', '.join(FAULT_KINDS + SLOW_FAULT_KINDS)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log", help="append one line per finished request to this file")
     args = parser.parse_args()
     sys.setswitchinterval(0.0005)      # many handler threads wake at once: hand the GIL over fast
+    kinds = tuple(k for k in args.fault_kinds.split(",") if k)
     server = OpenAIServer(latency=args.latency, faults=Faults(rate=args.fault_rate,
-                                                             seed=args.seed))
+                                                             kinds=kinds, seed=args.seed))
+    if args.log:
+        server.log_to(args.log)
     server.start(args.port)
     print(server.url, flush=True)
     try:
