@@ -80,3 +80,49 @@ time.sleep(3600)"
     assert len(rows) == 4 and len({u for u, _, _ in rows}) == 4   # disjoint shards
     assert {(v, m) for _, v, m in rows} == {("kept", model_id)}
     assert runs == [("0/2",), ("1/2",)]
+
+
+def test_a_time_limited_task_passes_sigterm_to_the_job(ml100k: Warehouse, tmp_path: Path) -> None:
+    """Slurm signals the batch shell (--signal=B:TERM@120); the shell hands SIGTERM to the job,
+    which stores what came back, marks its run interrupted and exits 143."""
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    root = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    executable(bin_dir / "factory", f'#!/bin/sh\nPYTHONPATH="{path}" exec "{sys.executable}"'
+                                    ' -m factory "$@"\n')
+    executable(bin_dir / "vllm", f'''#!/bin/sh
+while [ "$1" != "--port" ]; do shift; done
+PYTHONPATH="{path}" exec "{sys.executable}" -c "
+import time
+from factory.testing.openai_server import OpenAIServer
+OpenAIServer(latency=0.2).start(port=$2)
+time.sleep(3600)"
+''')
+    env = {**os.environ, "FACTORY_WAREHOUSE": str(ml100k.path),
+           "SHARD_DIR": str(tmp_path / "shards"), "FACTORY_BIN": str(bin_dir / "factory"),
+           "VLLM_BIN": str(bin_dir / "vllm"), "GPUS": "1", "SLURM_ARRAY_TASK_COUNT": "1",
+           "SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_ID": "8", "PORT": str(free_port()),
+           "FACTORY_JOB": "describe-items --dataset ml-100k", "MODEL": "m",
+           "EXTRA_ARGS": "--limit 600", "SERVER_WAIT": "120", "CONCURRENCY": "4",
+           "FACTORY_STOP_GRACE": "2"}
+    task = subprocess.Popen(["bash", str(SLURM / "teacher_array.sbatch")], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    journal = tmp_path / "shards"
+    deadline = time.monotonic() + 120
+    while not list(journal.glob("*.files/journal/*.jsonl")):
+        assert task.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2)
+    task.send_signal(signal.SIGTERM)
+    out, _ = task.communicate(timeout=60)
+    assert task.returncode == 143, out
+    assert "interrupted (SIGTERM)" in out
+    shard = next(journal.glob("*.duckdb"))
+    with Warehouse(shard).read() as con:
+        status, ok_items = con.execute(
+            "select status, counts->>'ok' from job_runs where job = 'describe-items'").fetchone()
+    assert status == "interrupted" and 0 < int(ok_items) < 600
