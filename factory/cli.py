@@ -69,7 +69,7 @@ def _run_ingest(name: str, load: Any, core: int, max_len: int | None,
 
     wh = warehouse()
     if not replace and wh.path.exists():
-        with wh.read() as con:
+        with wh.write() as con:   # a writer: brings an older file up to date
             if dataset_exists(con, name):
                 raise FactoryError(
                     f"dataset {name!r} already exists; pass --replace to overwrite it"
@@ -252,12 +252,22 @@ def sql_cmd(
     write: bool = typer.Option(False, "--write", help="Allow statements that change data."),
     max_rows: int = typer.Option(1000, help="Rows shown in table format."),
 ) -> None:
-    """Run SQL against the warehouse; read-only unless --write."""
+    """Run SQL against the warehouse; read-only unless --write.
+
+    Without --write nothing is written anywhere: only SELECT (SHOW, DESCRIBE, SUMMARIZE
+    included) and EXPLAIN run, on a read-only connection with locked settings; reading
+    other files (read_parquet, read_csv) works.
+    """
     import duckdb
+
+    from factory.sqlguard import check_read_only, lock_down
 
     wh = warehouse()
     ctx = wh.write() if write else wh.read()
     with ctx as con:
+        if not write:
+            check_read_only(con, query)
+            lock_down(con)
         try:
             cur = con.execute(query)
         except duckdb.Error as exc:
@@ -270,6 +280,19 @@ def sql_cmd(
         columns = [d[0] for d in cur.description]
         rows = cur.fetchall()
     _print_rows(columns, rows, fmt, max_rows)
+
+
+@app.command("migrate")
+def migrate_cmd() -> None:
+    """Bring the warehouse's schema up to this factory's (readers never do)."""
+    wh = warehouse()
+    applied = wh.migrate()
+    if not applied:
+        console.print(f"warehouse {wh.path} is up to date; nothing to migrate")
+        return
+    summary(f"migrated {wh.path}",
+            {"applied": ", ".join(f"{v:03d}_{name}" for v, name in applied)},
+            "select * from schema_migrations order by version")
 
 
 def _print_rows(columns: list[str], rows: list[tuple], fmt: OutFormat, max_rows: int) -> None:

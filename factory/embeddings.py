@@ -107,8 +107,11 @@ class Embedder:
         batch_size: int = 64,
         write_every: int = 1024,
         device: str | None = None,
+        read_only: bool = False,
     ) -> None:
         self.warehouse = warehouse
+        #: read the cache but never add to it (for read commands such as `gvm plot`)
+        self.read_only = read_only
         self.source, self.encoder_id = resolve_encoder(encoder)
         self.batch_size = batch_size
         self.write_every = write_every
@@ -160,7 +163,7 @@ class Embedder:
         return dict(zip(got["text_sha256"].to_pylist(), mat, strict=True))
 
     def _store(self, keys: list[str], vecs: np.ndarray) -> None:
-        if self.warehouse is None:
+        if self.warehouse is None or self.read_only:
             return
         n, dim = vecs.shape
         vectors = pa.ListArray.from_arrays(

@@ -3,6 +3,9 @@
 DuckDB allows one writing process per file, and a writer blocks readers in other processes.
 Jobs therefore hold a connection only for a short batch (`Warehouse.write()`), so that
 `factory sql` in another terminal gets in between batches; connects retry on a held lock.
+Readers (`Warehouse.read()`) open the file read-only and never migrate: they work on a
+read-only mount and beside other processes' read-only connections; only writers (and
+`factory migrate`) bring an older file up to date.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class Warehouse:
             if lock_timeout is None else lock_timeout
         )
         self._migrated = False
+        self._schema_checked = False
+        #: (version, name) of the migrations this object applied to the file.
+        self.applied: list[tuple[int, str]] = []
 
     # -- connections -------------------------------------------------------------------
     def _connect(self, read_only: bool,
@@ -98,20 +104,30 @@ class Warehouse:
 
     @contextmanager
     def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection. Brings an older file up to date first."""
+        """A read-only connection. Never migrates and never writes: works on a read-only
+        mount and beside other processes' read-only connections. A file whose schema is
+        older than this factory is refused with the command that upgrades it."""
         if not self.path.exists():
             raise FactoryError(
                 f"no warehouse at {self.path}: ingest a dataset first "
                 "(e.g. `factory ingest movielens --variant 100k`) or pass --warehouse"
             )
-        if not self._migrated:
-            with self.write():
-                pass
         con = self._connect(read_only=True)
         try:
+            if not (self._migrated or self._schema_checked):
+                self._check_schema(con)
             yield con
         finally:
             con.close()
+
+    def migrate(self) -> list[tuple[int, str]]:
+        """Open for writing and apply every missing migration; returns (version, name) of
+        those applied (empty when the file was already current)."""
+        if not self.path.exists():
+            raise FactoryError(f"no warehouse at {self.path}: nothing to migrate")
+        with self.write():
+            pass
+        return list(self.applied)
 
     def _recover(self, con: duckdb.DuckDBPyConnection) -> None:
         """Once per process, on the first write: mark dead runs and fold the answers their
@@ -123,6 +139,39 @@ class Warehouse:
         import_journals(self, con)
 
     # -- schema ------------------------------------------------------------------------
+    def _newer_error(self, newest_applied: int, newest_known: int) -> FactoryError:
+        return FactoryError(
+            f"warehouse {self.path} has schema version {newest_applied}, newer than this "
+            f"factory ({newest_known}); upgrade factory to read it"
+        )
+
+    def _check_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        """For readers: the file's schema must be exactly what this factory expects.
+        Reads schema_migrations only; a file that needs migrating is refused, not changed."""
+        known = migrations()
+        newest_known = known[-1][0] if known else 0
+        has_table = con.execute(
+            "select count(*) from duckdb_tables()"
+            " where database_name = current_database() and schema_name = 'main'"
+            " and table_name = 'schema_migrations'"
+        ).fetchone()[0]
+        applied = (
+            {v for (v,) in con.execute("select version from schema_migrations").fetchall()}
+            if has_table else set()
+        )
+        if applied and max(applied) > newest_known:
+            raise self._newer_error(max(applied), newest_known)
+        missing = [f"{v:03d}_{name}" for v, name, _ in known if v not in applied]
+        if missing:
+            have = f"schema version {max(applied)}" if applied else "no factory schema"
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more"
+                                              if len(missing) > 3 else "")
+            raise FactoryError(
+                f"warehouse {self.path} is older than this factory ({have}; missing {shown}); "
+                "upgrade it with `factory migrate` (same --warehouse); readers never change it"
+            )
+        self._schema_checked = True   # not _migrated: the first write() still recovers
+
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         con.execute(
             "create table if not exists schema_migrations ("
@@ -133,10 +182,7 @@ class Warehouse:
         known = migrations()
         newest_known = known[-1][0] if known else 0
         if applied and max(applied) > newest_known:
-            raise FactoryError(
-                f"warehouse {self.path} has schema version {max(applied)}, newer than this "
-                f"factory ({newest_known}); upgrade factory to read it"
-            )
+            raise self._newer_error(max(applied), newest_known)
         for version, name, sql in known:
             if version in applied:
                 continue
@@ -150,6 +196,7 @@ class Warehouse:
             except duckdb.Error as exc:
                 con.rollback()
                 raise FactoryError(f"migration {version:03d}_{name} failed: {exc}") from exc
+            self.applied.append((version, name))
         self._migrated = True
 
 

@@ -50,11 +50,13 @@ def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
         seconds[phase] = round(seconds.get(phase, 0.0) + time.perf_counter() - started, 3)
 
 
-def encoder_for(wh: Warehouse, encoder: str | None, label: str) -> tuple[Any, Encode]:
-    """The shared, cached sentence encoder and an Encode function over it."""
+def encoder_for(wh: Warehouse, encoder: str | None, label: str,
+                read_only: bool = False) -> tuple[Any, Encode]:
+    """The shared, cached sentence encoder and an Encode function over it (read_only: the
+    cache is read, never added to)."""
     from factory.embeddings import Embedder
 
-    embedder = Embedder(wh, encoder)
+    embedder = Embedder(wh, encoder, read_only=read_only)
     return embedder, lambda texts: embedder.embed(texts, label=label)
 
 
@@ -289,7 +291,7 @@ def plot_cmd(dataset: str = DatasetOpt,
         params = json.loads(con.execute("select params from job_runs where run_id = ?",
                                         [run_id]).fetchone()[0])
     chosen = encoder or (None if params.get("encoder") == "default" else params.get("encoder"))
-    _, encode = encoder_for(wh, chosen, "path embeddings")
+    _, encode = encoder_for(wh, chosen, "path embeddings", read_only=True)   # a reader
     n = plot(wh, run_id, encode, out, projection, params.get("seed", 0))
     summary(f"wrote {out}", {"paths": n, "projection": projection, "run": run_id})
 
