@@ -40,9 +40,10 @@ app.add_typer(export_app, name="export")
 _state: dict[str, Any] = {}
 
 
-def warehouse() -> Warehouse:
-    """The warehouse chosen by --warehouse / FACTORY_WAREHOUSE (default ./factory.duckdb)."""
-    return Warehouse(_state.get("warehouse") or warehouse_path())
+def warehouse(reader: bool = False) -> Warehouse:
+    """The warehouse chosen by --warehouse / FACTORY_WAREHOUSE (default ./factory.duckdb).
+    `reader`: for commands that only read (they never upgrade an older file)."""
+    return Warehouse(_state.get("warehouse") or warehouse_path(), reader=reader)
 
 
 @app.callback()
@@ -211,7 +212,7 @@ def datasets_cmd() -> None:
     """One line per dataset: users, items, interactions, average length, splits, core."""
     from rich.table import Table
 
-    with warehouse().read() as con:
+    with warehouse(reader=True).read() as con:
         rows = con.execute(
             "select d.name, d.source, d.n_users, d.n_items, d.n_interactions,"
             " d.n_interactions / nullif(d.n_users, 0),"
@@ -262,7 +263,7 @@ def sql_cmd(
 
     from factory.sqlguard import check_read_only, lock_down
 
-    wh = warehouse()
+    wh = warehouse(reader=not write)
     ctx = wh.write() if write else wh.read()
     with ctx as con:
         if not write:

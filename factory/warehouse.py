@@ -47,8 +47,12 @@ def _is_lock_error(exc: Exception) -> bool:
 class Warehouse:
     """A DuckDB file with the factory schema. Cheap to construct; connects on demand."""
 
-    def __init__(self, path: str | os.PathLike[str], lock_timeout: float | None = None):
+    def __init__(self, path: str | os.PathLike[str], lock_timeout: float | None = None,
+                 reader: bool = False):
+        """`reader`: a command that only reads; it refuses an older schema rather than
+        upgrading it (a writer's first read() upgrades the file first)."""
         self.path = Path(path)
+        self.reader = reader
         self.lock_timeout = (
             float(os.environ.get("FACTORY_LOCK_TIMEOUT", "60"))
             if lock_timeout is None else lock_timeout
@@ -115,7 +119,13 @@ class Warehouse:
         con = self._connect(read_only=True)
         try:
             if not (self._migrated or self._schema_checked):
-                self._check_schema(con)
+                if not self.reader and self._missing(con):
+                    con.close()            # a writer that reads first: upgrade, then read
+                    with self.write():
+                        pass
+                    con = self._connect(read_only=True)
+                else:
+                    self._check_schema(con)
             yield con
         finally:
             con.close()
@@ -144,6 +154,18 @@ class Warehouse:
             f"warehouse {self.path} has schema version {newest_applied}, newer than this "
             f"factory ({newest_known}); upgrade factory to read it"
         )
+
+    def _missing(self, con: duckdb.DuckDBPyConnection) -> bool:
+        """Whether the file lacks migrations this factory has (a newer file: False)."""
+        has_table = con.execute(
+            "select count(*) from duckdb_tables()"
+            " where database_name = current_database() and schema_name = 'main'"
+            " and table_name = 'schema_migrations'").fetchone()[0]
+        if not has_table:
+            return True
+        applied = {v for (v,) in con.execute("select version from schema_migrations").fetchall()}
+        return any(v not in applied for v, _, _ in migrations()) and max(applied) <= max(
+            v for v, _, _ in migrations())
 
     def _check_schema(self, con: duckdb.DuckDBPyConnection) -> None:
         """For readers: the file's schema must be exactly what this factory expects.

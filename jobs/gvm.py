@@ -270,7 +270,7 @@ def show_cmd(dataset: str = DatasetOpt, run: str = RunOpt,
     from factory.cli import stdout_console, warehouse
     from factory.gvm.report import resolve_run, show
 
-    with warehouse().read() as con:
+    with warehouse(reader=True).read() as con:
         show(con, resolve_run(con, dataset, run), stdout_console(), paths)
 
 
@@ -285,7 +285,7 @@ def plot_cmd(dataset: str = DatasetOpt,
     from factory.console import summary
     from factory.gvm.report import plot, resolve_run
 
-    wh = warehouse()
+    wh = warehouse(reader=True)
     with wh.read() as con:
         run_id = resolve_run(con, dataset, run)
         params = json.loads(con.execute("select params from job_runs where run_id = ?",
@@ -304,7 +304,7 @@ def templates_cmd() -> None:
     from factory.cli import stdout_console, warehouse
     from factory.templates import list_templates
 
-    with warehouse().read() as con:
+    with warehouse(reader=True).read() as con:
         found = list_templates(con)
     table = Table("name", "kind", "dataset", "steps", "source")
     for t in found:

@@ -115,7 +115,7 @@ def test_reader_refuses_an_older_schema_and_factory_migrate_upgrades(tiny: Path)
     assert "002_run_liveness" in line and str(path) in line
     for args in (("runs",), ("datasets",), ("gvm", "templates")):
         assert "factory migrate" in str(cli(path, *args))
-    with pytest.raises(FactoryError, match="factory migrate"), Warehouse(path).read():
+    with pytest.raises(FactoryError, match="factory migrate"), Warehouse(path, reader=True).read():
         pass
     assert snapshot(path.parent) == before          # the bytes of the file are unchanged
 
@@ -285,3 +285,14 @@ def test_sql_reads_other_files_with_settings_locked(tiny: Path) -> None:
 
     wrote = factory(path, "sql", "--write", "delete from datasets")   # --write still writes
     assert wrote.returncode == 0, wrote.stderr
+
+
+def test_a_writer_that_reads_first_upgrades_an_older_file(tiny: Path) -> None:
+    """Jobs read their inputs before they write: their first read upgrades the file (only
+    the commands that only read refuse it)."""
+    make_older(tiny)
+    wh = Warehouse(tiny)
+    with wh.read() as con:
+        assert con.execute("select max(version) from schema_migrations").fetchone()[0] >= 2
+        assert con.execute("select count(*) from job_runs where pid is null").fetchone()[0] == 1
+    assert wh.applied == [(2, "run_liveness")]

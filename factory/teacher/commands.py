@@ -71,7 +71,7 @@ def runs_cmd(
            " date_diff('second', started_at, coalesce(finished_at, current_timestamp)),"
            " model, prompt_name, counts, error from job_runs"
            + (" where job = ?" if job else "") + " order by started_at desc limit ?")
-    with warehouse().read() as con:
+    with warehouse(reader=True).read() as con:
         rows = con.execute(sql, ([job] if job else []) + [last]).fetchall()
     if not rows:
         console.print("no job runs yet")
