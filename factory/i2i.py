@@ -325,19 +325,33 @@ def mine(
     running statistics. `on_chunk(done, total)` reports progress over all chunked stages."""
     with Miner(params, memory_limit=memory_limit, threads=threads,
                chunk_occurrences=chunk_occurrences) as miner:
-        chunks = miner.load(train, users, items)
-        total = chunks * (2 if params.score == "swing" else 1)
-        done = 0
+        try:
+            chunks = miner.load(train, users, items)
+            total = chunks * (2 if params.score == "swing" else 1)
+            done = 0
 
-        def tick() -> None:
-            nonlocal done
-            done += 1
-            if on_chunk:
-                on_chunk(done, total)
+            def tick() -> None:
+                nonlocal done
+                done += 1
+                if on_chunk:
+                    on_chunk(done, total)
 
-        miner.count_pairs(tick)
-        if params.score == "swing":
-            miner.swing(tick)
-        miner.stats["chunks"] = chunks
-        for batch in miner.results():
-            yield batch, miner.stats
+            miner.count_pairs(tick)
+            if params.score == "swing":
+                miner.swing(tick)
+            miner.stats["chunks"] = chunks
+            for batch in miner.results():
+                yield batch, miner.stats
+        except duckdb.OutOfMemoryException as exc:
+            raise FactoryError(out_of_memory(exc, memory_limit, threads)) from None
+
+
+def out_of_memory(exc: BaseException, memory_limit: str, threads: int | None) -> str:
+    """One line for a miner that hit its DuckDB memory limit. DuckDB's own hint says `SET
+    memory_limit`, which a factory user cannot type: name the options instead. (An error of
+    the caller's, e.g. storing a batch, never reaches the generator, so this is the miner's.)"""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    detail = detail.removeprefix("Out of Memory Error: ")
+    threads_hint = f" (now {threads})" if threads else ""
+    return (f"mining ran out of memory at --memory-limit {memory_limit} ({detail}); raise "
+            f"--memory-limit or lower --threads{threads_hint}")

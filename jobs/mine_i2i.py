@@ -47,11 +47,16 @@ def run_mine(wh: Warehouse, dataset: str, params: MineParams, *,
             def on_chunk(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            for batch, stats in mine(train, users, items, params, memory_limit=memory_limit,
-                                     threads=threads, on_chunk=on_chunk):
-                _store(wh, dataset, run_id, params, batch)
-                stored += batch.num_rows
-                counts.update(stats)
+            try:
+                for batch, stats in mine(train, users, items, params,
+                                         memory_limit=memory_limit, threads=threads,
+                                         on_chunk=on_chunk):
+                    _store(wh, dataset, run_id, params, batch)
+                    stored += batch.num_rows
+                    counts.update(stats)
+            except FactoryError:
+                bar.live.transient = True       # the error is the one line to read
+                raise
         counts["pairs"] = stored
         counts["seconds"] = round(time.perf_counter() - started, 2)
         with wh.write() as con:

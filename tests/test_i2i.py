@@ -134,3 +134,27 @@ def test_cli_error_is_one_line(tiny: Warehouse) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("error: unknown split 'temporal' for dataset 'tiny' "
                                    "(known: loo)")
+
+
+def test_out_of_memory_is_one_line_naming_the_option_and_keeps_what_was_stored(
+        ml100k: Warehouse) -> None:
+    kept = run_mine(ml100k, "ml-100k", MineParams())
+    proc = subprocess.run(
+        [sys.executable, "-m", "factory", "--warehouse", str(ml100k.path), "mine-i2i",
+         "--dataset", "ml-100k", "--window", "3", "--memory-limit", "1MB"],
+        capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT),
+                                                      "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 1
+    line = proc.stderr.strip()
+    assert line.startswith("error: mining ran out of memory at --memory-limit 1MB (")
+    assert line.endswith("raise --memory-limit or lower --threads")
+    assert "\n" not in line and "SET memory_limit" not in line
+    with ml100k.read() as con:
+        runs = con.execute("select status, error from job_runs where job = 'mine-i2i'"
+                           " order by started_at").fetchall()
+        pairs = con.execute("select run_id, count(*) from i2i_pairs_all group by run_id"
+                            ).fetchall()
+    assert runs[0] == ("succeeded", None)
+    assert runs[1][0] == "failed" and runs[1][1] == line.removeprefix("error: ")
+    assert pairs == [(kept["run_id"], kept["pairs"])]

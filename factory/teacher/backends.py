@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import FactoryError
-from factory.teacher.keys import redact
+from factory.teacher.keys import Secrets, safe_url, split_url
 from factory.teacher.limits import JobError, RequestError, TransientError, parse_retry_after
 from factory.teacher.request import Reply, Request
 
@@ -82,6 +82,11 @@ class OpenAIBackend(Backend):
         self.url = url
         self.timeout = timeout
         self._key = api_key
+        #: the run's secrets: replies and errors leave this backend with them removed
+        self.secrets = Secrets.of_run(api_key, url)
+        # a query in the URL (`?api-version=...`, `?api-key=...`) is sent with every request;
+        # left in the base URL it would swallow the path appended to it
+        self._base_url, self._query = split_url(url)
         self._n_clients = max(
             1, -(-(concurrency or self.default_concurrency) // self.CONNECTIONS_PER_CLIENT))
         self.clients: list[Any] = []
@@ -94,14 +99,13 @@ class OpenAIBackend(Backend):
         from openai import AsyncOpenAI
 
         # Local servers (vLLM, llama.cpp) accept any key; the client insists on one.
-        self.clients = [AsyncOpenAI(base_url=self.url, api_key=self._key or "no-key",
-                                    max_retries=0, timeout=self.timeout)
+        self.clients = [AsyncOpenAI(base_url=self._base_url, api_key=self._key or "no-key",
+                                    default_query=self._query or None, max_retries=0,
+                                    timeout=self.timeout)
                         for _ in range(self._n_clients)]
         self._next = itertools.cycle(self.clients)
 
     def describe(self) -> str:
-        from factory.teacher.keys import safe_url
-
         return f"openai {self.model} at {safe_url(self.url)}"
 
     async def complete(self, request: Request) -> Reply:
@@ -116,7 +120,7 @@ class OpenAIBackend(Backend):
             raise TransientError(f"timed out after {self.timeout:g}s") from None
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc
-            detail = redact(str(cause), self._key) or type(cause).__name__
+            detail = self.secrets.redact(str(cause)) or type(cause).__name__
             raise TransientError(f"connection error: {detail}") from None
         except openai.APIStatusError as exc:
             raise self._classify(exc) from None
@@ -128,20 +132,24 @@ class OpenAIBackend(Backend):
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise TransientError("malformed response body (not a chat completion)",
-                                 body=redact(body[:500], self._key)) from None
+                                 body=_head(self.secrets.redact(body))) from None
+        secrets = self.secrets
         return Reply(
-            text=message.get("content") or "",
+            # the answer text is data: only the known secrets are removed from it
+            text=secrets.redact_values(message.get("content") or "") or "",
             finish_reason=choice.get("finish_reason"),
             input_tokens=usage.get("prompt_tokens"),
             output_tokens=usage.get("completion_tokens"),
-            raw=body,
+            raw=secrets.redact(body) or "",
             latency_s=latency,
         )
 
     def _classify(self, exc: Any) -> Exception:
         status = exc.status_code
-        body = redact(exc.response.text[:500] if exc.response is not None else None, self._key)
-        message = redact(f"HTTP {status}: {exc.message}", self._key)
+        # redact before cutting: a cut through a secret would keep its first part
+        body = _head(self.secrets.redact(exc.response.text if exc.response is not None
+                                         else None))
+        message = self.secrets.redact(f"HTTP {status}: {exc.message}")
         if status in (401, 403):
             return JobError(f"the teacher refused the credentials (HTTP {status}); check "
                             "FACTORY_TEACHER_API_KEY / OPENAI_API_KEY")
@@ -157,6 +165,10 @@ class OpenAIBackend(Backend):
         for client in self.clients:
             await client.close()
         self.clients = []
+
+
+def _head(text: str | None, limit: int = 500) -> str | None:
+    return text[:limit] if text else text
 
 
 # -- in-process backends --------------------------------------------------------------------

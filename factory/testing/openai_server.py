@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 Responder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
 
@@ -91,6 +92,7 @@ class Record:
     outcome: str           # ok | a fault kind | held | unauthorized | 400 | error
     delivered: bool = True
     done: bool = False     # the handler finished (answered, failed or gave up)
+    path: str = ""         # as requested, query included
 
 
 @dataclass
@@ -103,6 +105,9 @@ class OpenAIServer:
     api_key: str | None = None
     #: answer 400 with the received headers echoed back (a careless server leaking the key)
     echo_headers_with_400: bool = False
+    #: answer 400 quoting the bearer key in its message (no "Bearer" before it), encoded as
+    #: PHP and Go servers do: `/` as `\/`, `&<>` and non-ASCII as `\uXXXX`, `"` as `\"`
+    echo_key_with_400: bool = False
     records: list[Record] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -177,7 +182,7 @@ class OpenAIServer:
             self._seen[key] += 1
             if not authorized:
                 outcome = "unauthorized"
-            elif self.echo_headers_with_400:
+            elif self.echo_headers_with_400 or self.echo_key_with_400:
                 outcome = "400"
             else:
                 outcome = self.faults.draw(key, nth) or "ok"
@@ -239,7 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(status, json.dumps(body).encode(), headers)
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        if self.path.rstrip("/").endswith("/models"):
+        if urlsplit(self.path).path.rstrip("/").endswith("/models"):
             self._send(200, json.dumps({"object": "list", "data": []}).encode())
         else:
             self._error(404, f"no route {self.path}")
@@ -248,7 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server_state
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        if not self.path.rstrip("/").endswith("/chat/completions"):
+        if not urlsplit(self.path).path.rstrip("/").endswith("/chat/completions"):
             self._error(404, f"no route {self.path}")
             return
         try:
@@ -260,6 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         authorized = state.api_key is None or auth == f"Bearer {state.api_key}"
         record = state._admit(key, body, authorized)
+        record.path = self.path
         if state.latency:
             time.sleep(state.latency)
         record.delivered = self._respond(record, body)
@@ -271,6 +277,13 @@ class _Handler(BaseHTTPRequestHandler):
         faults = state.faults
         if outcome == "unauthorized":
             return self._error(401, "invalid api key")
+        if outcome == "400" and state.echo_key_with_400:
+            token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            message = {"error": {"message": f"invalid request for key {token}", "code": 400}}
+            escaped = json.dumps(message).replace("/", "\\/")
+            for c in "&<>":
+                escaped = escaped.replace(c, f"\\u{ord(c):04x}")
+            return self._send(400, escaped.encode())
         if outcome == "400":
             echoed = "; ".join(f"{k}: {v}" for k, v in self.headers.items())
             return self._error(400, f"bad request; you sent headers {echoed}")
