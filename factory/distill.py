@@ -26,6 +26,7 @@ import duckdb
 
 from factory.chains import REJECTED, parse_chain
 from factory.errors import FactoryError
+from factory.verdicts import FAILED, outcome_verdict
 from factory.warehouse import require_split
 
 PROMPT = "scoter_distill"
@@ -139,15 +140,14 @@ def chain_row(outcome: Any, fixed: dict[str, Any]) -> dict[str, Any]:
     seq: Seq = outcome.work.data
     row = {**fixed, "part": seq.part, "user_id": seq.user_id, "history": list(seq.history),
            "overall": None, "steps": None, "summary": None}
+    verdict, reason = outcome_verdict(outcome)    # kept | truncated | failed
+    row.update(verdict=verdict, reason=reason)
     if outcome.ok:
         chain = outcome.value
-        row.update(verdict="kept", reason=None, overall=chain.overall,
-                   steps=list(chain.steps), summary=chain.summary)
-    elif outcome.error and outcome.error.startswith(_PARSER_GAVE_UP):
+        row.update(overall=chain.overall, steps=list(chain.steps), summary=chain.summary)
+    elif verdict == FAILED and outcome.error.startswith(_PARSER_GAVE_UP):
         row.update(verdict=REJECTED, reason=outcome.error.partition("last: ")[2]
                    or outcome.error)
-    else:
-        row.update(verdict="failed", reason=outcome.error)
     return row
 
 
@@ -258,9 +258,10 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
                options: Any, template_name: str | None = None, max_history: int = MAX_HISTORY,
                student_run: str | None = None) -> Any:
     """Alg. 2 line 6 (source 'teacher') or line 12 ('student'): one chain per sequence."""
-    from factory.console import console
+    from factory.console import console, summary
     from factory.prompts import load_prompt
     from factory.teacher import Sampling, TeacherJob, Work
+    from factory.verdicts import report_rows
 
     prompt = load_prompt(PROMPT)
     record = None
@@ -311,10 +312,10 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
                          row=lambda o: chain_row(o, fixed))
     if report.dry_run:
         return report
-    report.print_summary(
-        f"{source} chains for {dataset} ({', '.join(parts)}), template {template_name}",
-        f"select verdict, reason, count(*) from chains where chain_set = '{chain_set}' "
-        "group by all order by 3 desc")
+    summary(f"{source} chains for {dataset} ({', '.join(parts)}), template {template_name}",
+            report_rows(report),
+            f"select verdict, reason, count(*) from chains where chain_set = '{chain_set}' "
+            "group by all order by 3 desc")
     with wh.read() as con:
         verdicts = con.execute(
             "select verdict, count(*) from chains where chain_set = ? group by 1 order by 1",

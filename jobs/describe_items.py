@@ -25,8 +25,10 @@ _SENTENCE_END = re.compile(
 def parse_description(text: str) -> str:
     """The answer as one clean sentence; ValueError (-> a new draw) when it is not one.
 
-    Whitespace is collapsed and wrapping quotes dropped; an answer cut off by the token limit
-    keeps its complete sentences. Nothing is invented: an unusable answer is rejected.
+    Whitespace is collapsed and wrapping quotes dropped; an unfinished last sentence is
+    dropped and the complete ones kept. (An answer cut at the token limit never gets here:
+    the teacher engine records it as truncated.) Nothing is invented: an unusable answer is
+    rejected.
     """
     sentence = " ".join(text.split()).strip("\"'“” ")
     if not sentence:
@@ -50,8 +52,10 @@ def describe_items(dataset: str = typer.Option(..., "--dataset", help="Dataset n
     import json
 
     from factory.cli import warehouse
+    from factory.console import summary
     from factory.prompts import load_prompt
     from factory.teacher import Sampling, TeacherJob, Work
+    from factory.verdicts import report_rows
     from factory.warehouse import require_dataset
 
     wh = warehouse()
@@ -75,10 +79,10 @@ def describe_items(dataset: str = typer.Option(..., "--dataset", help="Dataset n
         report = job.run(works, prompt=prompt, parse=parse_description, table=TABLE,
                          row=lambda o: {"dataset": dataset, "item_id": o.work.id,
                                         "description": o.value})
-    report.print_summary(
-        f"described {report.ok:,} items of {dataset}",
-        f"select item_id, description, status, error from {TABLE} where dataset = '{dataset}'"
-        f" and run_id = '{report.run_id}'")
+    if not report.dry_run:
+        summary(f"described {report.ok:,} items of {dataset}", report_rows(report),
+                f"select item_id, description, status, error from {TABLE} where dataset ="
+                f" '{dataset}' and run_id = '{report.run_id}'")
 
 
 def register(app: typer.Typer) -> None:

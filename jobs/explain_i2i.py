@@ -46,6 +46,7 @@ def explain_i2i(
 ) -> None:
     """Ask the teacher why users who buy item i also buy item j; filter and store."""
     from factory.cli import warehouse
+    from factory.verdicts import report_rows
 
     result = run_explain_i2i(warehouse(), dataset, teacher, samples=samples, pairs=pairs,
                              min_tokens=min_tokens, duplicate_cosine=duplicate_cosine,
@@ -53,8 +54,8 @@ def explain_i2i(
     report = result["report"]
     if report.dry_run:
         return
-    rows = {**report.rows(), "pairs": result["pairs"],
-            "pairs skipped (item without text)": result["skipped"]}
+    rows = report_rows(report, **{"pairs": result["pairs"],
+                                  "pairs skipped (item without text)": result["skipped"]})
     rows.update({f"verdict {k}": v for k, v in result["verdicts"].items()})
     summary(f"explained I2I pairs of {dataset}", rows,
             f"select verdict, reason, count(*) from {TABLE} where dataset = '{dataset}'"
@@ -80,8 +81,9 @@ def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sam
     from factory.errors import FactoryError
     from factory.itemtext import load_items
     from factory.prompts import load_prompt
-    from factory.quality import FAILED, count_tokens, judge_text
+    from factory.quality import count_tokens, judge_text
     from factory.teacher import Sampling, TeacherJob, Work
+    from factory.verdicts import outcome_verdict
     from factory.warehouse import require_dataset
 
     prompt = load_prompt(PROMPT)
@@ -113,8 +115,9 @@ def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sam
         item_i, item_j, split, pairs_run, score = o.work.data
         base = {"dataset": dataset, "item_i": item_i, "item_j": item_j, "pairs_split": split,
                 "pairs_run": pairs_run, "pair_score": score, "explanation": o.value}
-        if not o.ok:
-            return {**base, "n_tokens": None, "verdict": FAILED, "reason": o.error}
+        if not o.ok:    # failed, or truncated: never judged, never kept
+            verdict, reason = outcome_verdict(o)
+            return {**base, "n_tokens": None, "verdict": verdict, "reason": reason}
         v = judge_text(o.value, items[item_i].title, items[item_j].title, min_tokens)
         return {**base, "n_tokens": count_tokens(o.value), "verdict": v.verdict,
                 "reason": v.reason}

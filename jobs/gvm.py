@@ -174,16 +174,20 @@ def _summary(wh: Warehouse, run_id: str, report: Any, totals: Any,
              counts: dict[str, Any]) -> None:
     """`report`: the Generate round; `totals`: every round of the job (cost)."""
     from factory.console import summary
+    from factory.verdicts import truncated_note
 
     rows: dict[str, Any] = {
         "sequences": counts["sequences"],
-        "answers": f"{report.ok:,} parsed, {report.failed:,} failed, {report.cached:,} from "
-                   f"cache, {report.requests:,} requests sent",
+        "answers": f"{report.ok:,} parsed, {report.failed - report.truncated:,} failed, "
+                   f"{report.truncated:,} truncated, {report.cached:,} from cache, "
+                   f"{report.requests:,} requests sent",
         "paths": f"{counts['kept']:,} kept, {counts['pruned']:,} near-duplicates pruned",
         "Recall@20 (all kept chains)": f"{counts['hits']:,} hits / {counts['chains']:,}",
         "clusters": f"{counts['clusters']} (k={counts['k']})",
         "verdict": counts["verdict"],
     }
+    if totals.truncated:      # Generate and the abstraction: never kept, never redrawn
+        rows["truncated (not kept)"] = truncated_note(totals.truncated)
     if counts["template"]:
         with wh.read() as con:
             (steps,) = con.execute("select steps from templates where name = ?",

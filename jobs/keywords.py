@@ -31,11 +31,12 @@ def keywords(
 ) -> None:
     """Extract up to ten keywords per item with the teacher; stored in item_keywords."""
     from factory.cli import warehouse
+    from factory.verdicts import report_rows
 
     report, skipped = run_keywords(warehouse(), dataset, teacher, noun=noun)
     if not report.dry_run:
         summary(f"keywords for {report.ok:,} items of {dataset}",
-                {**report.rows(), "items without text (skipped)": skipped},
+                report_rows(report, **{"items without text (skipped)": skipped}),
                 f"select item_id, keywords, verdict, reason from {TABLE} where dataset ="
                 f" '{dataset}' and run_id = '{report.run_id}'")
 
@@ -48,6 +49,7 @@ def run_keywords(wh: Warehouse, dataset: str, teacher: TeacherOptions, *,
     from factory.itemtext import item_noun, load_items
     from factory.prompts import load_prompt
     from factory.teacher import Sampling, TeacherJob, Work
+    from factory.verdicts import outcome_verdict
     from factory.warehouse import require_dataset
 
     prompt = load_prompt(PROMPT)
@@ -69,8 +71,9 @@ def run_keywords(wh: Warehouse, dataset: str, teacher: TeacherOptions, *,
                            "description to extract keywords from")
 
     def row(o: Outcome) -> dict:
+        verdict, reason = outcome_verdict(o)
         return {"dataset": dataset, "item_id": o.work.id, "keywords": o.value,
-                "verdict": "kept" if o.ok else "failed", "reason": o.error}
+                "verdict": verdict, "reason": reason}
 
     params = {"dataset": dataset, "noun": noun, "items": len(items),
               "items_without_text": skipped}

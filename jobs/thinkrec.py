@@ -7,7 +7,9 @@ with the label, a reflect turn (one of B.3's three wordings, rotating) reveals t
 asks again, up to `--max-reflections`; the last explanation is the trace. Every turn is a
 row of `thinkrec_turns`; every instance a row of `thinkrec_traces` recording the
 conversation, the attempts, and whether the label was revealed. A teacher that never answers
-in the format makes a failed trace, and one still wrong at the limit a rejected one.
+in the format makes a failed trace, and one still wrong at the limit a rejected one. A turn
+cut short (max_tokens, a content filter, an unclosed <think>) ends the conversation: the
+trace is truncated, its reason names the turn and the budget, and it is never kept.
 
 The rounds depend on earlier answers, so only the first round is cut by `--shard` and
 `--limit`; later rounds continue exactly the conversations the first round started.
@@ -55,6 +57,7 @@ def thinkrec(
 ) -> None:
     """Synthesise reasoning traces: predict, reflect on a revealed label until right."""
     from factory.cli import warehouse
+    from factory.verdicts import report_rows
 
     result = run_thinkrec(warehouse(), dataset, teacher, sample=sample,
                           max_reflections=max_reflections, split=split, history=history,
@@ -62,7 +65,7 @@ def thinkrec(
     report = result["report"]
     if report.dry_run:
         return
-    rows = {**report.rows(), "instances": result["instances"]}
+    rows = report_rows(report, instances=result["instances"])
     rows.update({f"traces {k}": v for k, v in result["traces"].items()})
     if result["history_without_keywords"]:
         rows["history items without keywords"] = result["history_without_keywords"]
@@ -176,6 +179,8 @@ def reflect_variant(user_id: str, position: int, reflection: int) -> int:
 def _trace(conv: dict[str, Any], dataset: str, split: str, first: Prompt,
            reflect: Prompt) -> dict[str, Any]:
     """The instance's row: the whole conversation and how it ended."""
+    from factory.verdicts import outcome_verdict
+
     i: Instance = conv["instance"]
     turns: list[Outcome] = conv["turns"]
     last = turns[-1]
@@ -186,8 +191,9 @@ def _trace(conv: dict[str, Any], dataset: str, split: str, first: Prompt,
     for m, o in zip([m for m in messages if m["role"] == "assistant"], turns, strict=False):
         m.update(call_key=o.call_key, prediction=o.value.label)
     reflections = len(turns) - 1
-    if not last.ok:
-        verdict, reason = "failed", f"turn {reflections}: {last.error}"
+    if not last.ok:     # failed or truncated: the conversation ends there, never kept
+        verdict, reason = outcome_verdict(last)
+        reason = f"turn {reflections}: {reason}"
     elif last.value.answer == i.label:
         verdict, reason = "kept", None
     else:
@@ -205,7 +211,7 @@ def _trace(conv: dict[str, Any], dataset: str, split: str, first: Prompt,
         "call_keys": [o.call_key for o in turns], "prompt_name": first.name,
         "prompt_hash": first.hash, "reflect_hash": reflect.hash,
         "backend": last.meta["backend"], "model": last.meta["model"],
-        "draws": sum(o.draws for o in turns), "status": "ok" if last.ok else "failed",
+        "draws": sum(o.draws for o in turns), "status": last.status,
     }
 
 

@@ -35,8 +35,9 @@ def _items_in(prompt: str) -> tuple[str, str]:
 def teacher(body: dict) -> str:
     """Deterministic answers by pair and seed (the engine sends a distinct seed per sample
     and per re-draw): a long explanation naming the items (twice as likely, so some pairs get
-    it twice: a near-duplicate); one too short; a refusal; one that names neither item; and
-    malformed answers that must be re-drawn."""
+    it twice: a near-duplicate); one too short; a refusal; one that names neither item;
+    malformed answers that must be re-drawn; and a reasoning block that never ends (truncated,
+    never re-drawn)."""
     prompt = body["messages"][-1]["content"]
     a, b = _items_in(prompt)
     kind = hashlib.sha256(f"{a}|{b}|{body['seed']}".encode()).digest()[0] % 6
@@ -104,8 +105,11 @@ def test_explain_end_to_end(mined, openai_server):
                                       "near-duplicate"))
             if reason.startswith("too short"):
                 assert count_tokens(text) < 30
+        elif verdict == "truncated":      # "<think>never finished": not re-drawn
+            assert status == "truncated" and text is None and "never closed" in reason
         else:
             assert status == "failed" and "rejected by the parser" in reason
+    assert verdicts["truncated"]
     reasons = {r[6].split(":")[0].split(" of ")[0] for r in rows if r[5] == "rejected"}
     assert {"too short", "refusal", "names neither item", "near-duplicate"} <= reasons
     # a near-duplicate is always a later sample of a pair with an earlier kept one
@@ -126,7 +130,7 @@ def test_explain_end_to_end(mined, openai_server):
     for entity, prompt, response, output, verdict, _, model, phash, out_tokens, run in traces:
         assert " -> " in entity and prompt.startswith("In collaborative filtering, item ")
         assert model == "teacher-test" and phash and run == report.run_id
-        if verdict != "failed":
+        if verdict not in ("failed", "truncated"):
             assert response and out_tokens > 0 and output in response
 
 

@@ -43,9 +43,11 @@ def test_keywords_explain_and_thinkrec_on_smollm2(ml100k):
                            " order by job")
     assert [j for j, *_ in traces].count("explain-i2i") == 1
     for job, verdict, reason, out_tokens in traces:
-        assert verdict in ("kept", "rejected", "failed")
+        assert verdict in ("kept", "rejected", "failed", "truncated")
         assert (reason is None) == (verdict == "kept")
         if job == "explain-i2i" and verdict == "rejected":
             assert reason.startswith(("too short", "refusal", "names neither"))
+        if verdict == "truncated":      # 8 tokens cut most answers: never kept, never redrawn
+            assert "max_tokens=8; raise --max-tokens" in reason
         if verdict != "failed":
             assert 0 < out_tokens <= 8 * (2 if job == "thinkrec" else 1)

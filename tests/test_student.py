@@ -123,12 +123,12 @@ def test_lora_student_trains_registers_and_generates(ml100k: Warehouse, one_thre
     assert json.loads((adapter.parent / "loss.json").read_text()) == rec["loss_curve"]
 
     # the student (base + adapter, in-process) writes a chain; 8 tokens cannot hold three
-    # steps, so the verdict says what is missing; greedy decoding is not re-drawn
+    # steps, so the chain is truncated and the reason names the budget; never re-drawn
     ok(wh, "distill", "generate", "--dataset", "ml-100k", "--student", rec["run_id"],
        "--splits", "test", "--limit", "1", "--max-tokens", "8")
     with ml100k.read() as con:
         row = con.execute("select c.part, c.verdict, c.reason, c.backend, c.model, c.draws,"
                           " l.output_tokens from chains c join llm_calls l on l.key = c.call_key"
                           " where c.source = 'student'").fetchone()
-    assert row[0:2] == ("test", "rejected") and row[2].startswith("missing")
+    assert row[0:2] == ("test", "truncated") and "max_tokens=8; raise --max-tokens" in row[2]
     assert row[3:] == ("transformers", rec["model_id"], 1, 8)

@@ -44,7 +44,7 @@ def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int =
               f"of {p['dataset']} (split {p['split']}, seed {p['seed']}), teacher {backend} "
               f"{model}")
     tally = con.execute(
-        "select case when status = 'failed' then 'failed' when pruned then 'pruned'"
+        "select case when status <> 'ok' then status when pruned then 'pruned'"
         " else 'kept' end, count(*), count(distinct user_id), avg(score), sum(score)"
         " from gvm_chains where run_id = ? and template = ? group by 1 order by 1",
         [run_id, FREE]).fetchall()
@@ -54,10 +54,10 @@ def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int =
                       "-" if hits is None else f"{int(hits):,}")
     out.print(table)
     reasons = con.execute(
-        "select error, count(*) from gvm_chains where run_id = ? and status = 'failed'"
-        " group by 1 order by 2 desc limit 5", [run_id]).fetchall()
-    for reason, n in reasons:
-        out.print(f"  failed {n:,}x: {reason}")
+        "select status, error, count(*) from gvm_chains where run_id = ? and status <> 'ok'"
+        " group by all order by 3 desc limit 5", [run_id]).fetchall()
+    for status, reason, n in reasons:     # failed, or truncated (never kept)
+        out.print(f"  {status} {n:,}x: {reason}")
     clusters = con.execute(
         "select cluster, n, hits, quality, ci_low, ci_high, eligible, chosen, exemplars"
         " from gvm_clusters where run_id = ? order by eligible desc, quality desc, n desc",
