@@ -449,3 +449,13 @@ def test_distill_cut_chains_are_truncated_not_rejected_nor_redrawn(ml100k, tmp_p
            "distill-student-x", "--teacher-url", server.url, "--limit", "9")
         assert server.count() == 9
         _check_chains(ml100k, "student", 1024)
+
+
+def test_an_answer_without_finish_reason_that_used_the_whole_budget_is_truncated() -> None:
+    from factory.teacher.engine import truncation
+    from factory.teacher.store import CachedAnswer
+
+    assert truncation(CachedAnswer("Keywords: drama, ", None, 10, 64), 64) == (
+        "cut at max_tokens=64; raise --max-tokens")
+    assert truncation(CachedAnswer("Keywords: drama.", None, 10, 12), 64) is None
+    assert truncation(CachedAnswer("Keywords: drama.", "stop", 10, 64), 64) is None

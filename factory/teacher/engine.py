@@ -877,7 +877,9 @@ def truncation(answer: CachedAnswer, limit: int | None) -> str | None:
     or a reasoning block never closed), or None when it is whole."""
     budget = (f"cut at max_tokens={limit}; raise --max-tokens" if limit else
               "cut at the server's token limit (no max_tokens sent); set --max-tokens")
-    if answer.finish_reason == "length":
+    if answer.finish_reason == "length" or (     # servers that send no finish_reason
+            answer.finish_reason is None and limit and answer.output_tokens is not None
+            and answer.output_tokens >= limit):
         return budget
     if answer.finish_reason == "content_filter":
         return "stopped by the provider's content filter (finish_reason content_filter)"
