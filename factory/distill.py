@@ -211,6 +211,8 @@ def resolve_chains(con: duckdb.DuckDBPyConnection, spec: str, dataset: str) -> C
             found = con.execute(
                 "select chain_set from chains where source = 'student' and dataset = ?"
                 " and model = (select model_id from student_models where run_id = ?)"
+                " and chain_set in (select params->>'chain_set' from job_runs"
+                " where job = 'distill-generate' and status = 'succeeded')"
                 " group by chain_set order by max(created_at) desc limit 1",
                 [dataset, run_id]).fetchone()
             if found is None:
@@ -397,7 +399,8 @@ def train_student(wh: Any, *, dataset: str, chains: str | None, base: str, opts:
             raise FactoryError(f"--chains {spec!r}: a student learns from teacher:<run> chains")
         cs = resolve_chains(con, spec, dataset)
         teach = con.execute("select params from job_runs where job = 'distill-teach' and"
-                            " params->>'chain_set' = ? order by started_at desc limit 1",
+                            " params->>'chain_set' = ? and status = 'succeeded'"
+                            " order by started_at desc limit 1",
                             [cs.chain_set]).fetchone()
         max_history = int(json.loads(teach[0])["max_history"]) if teach else MAX_HISTORY
         prompt_hash = con.execute("select any_value(prompt_hash) from chains where chain_set = ?"

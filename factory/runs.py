@@ -1,4 +1,18 @@
-"""Job runs: every job records what it was asked, what it did and how it ended."""
+"""Job runs: every job records what it was asked, what it did and how it ended.
+
+A run is 'running' only while its process lives. Each run records its host, pid and the
+pid's start time (`start_run`), and shows a sign of life (`heartbeat`) as it writes. A run
+whose process is gone is *dead*:
+
+- same host: its pid is gone, or now belongs to another process (another start time);
+- another host (or no pid recorded): no sign of life for FACTORY_RUN_STALE_S seconds
+  (default 600): a node lost, a job killed elsewhere.
+
+A live process on this host is never taken for dead, however long it stays silent.
+`reap_dead_runs` (called once per process on its first write connection) marks dead runs
+'died'; read-only commands show them as died without writing (`run_state`, `liveness`).
+Status: running | succeeded | stopped | failed | interrupted | died.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +20,22 @@ import json
 import os
 import secrets
 import socket
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import duckdb
 
+from factory.errors import FactoryError
 from factory.settings import code_version
 
-#: a run of another host with no heartbeat for this long is taken for dead
-STALE_S = float(os.environ.get("FACTORY_RUN_STALE_S", "600"))
+STALE_ENV = "FACTORY_RUN_STALE_S"
+DEFAULT_STALE_S = 600.0
+#: statuses a run ends with; 'died' is set by another process, the others by the run itself
+FINISHED = ("succeeded", "stopped", "failed", "interrupted")
 
 
 def new_run_id(job: str) -> str:
@@ -37,72 +57,239 @@ def start_run(
     return run_id
 
 
+def _stat(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time in clock ticks since boot) of `pid` from /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], float(fields[19])
+
+
 def process_started(pid: int) -> float | None:
     """When process `pid` started (clock ticks since boot, from /proc), None if unknown or
     gone: with the pid it identifies a process even after the pid is reused."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
+def _process(pid: int) -> tuple[bool, float | None]:
+    """(alive, start time or None) of `pid` on this host; a zombie is not alive."""
+    stat = _stat(pid)
+    if stat is not None:
+        return stat[0] not in ("Z", "X", "x"), stat[1]
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return float(stat.rsplit(")", 1)[1].split()[19])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, None
+    except (PermissionError, OSError):
+        return True, None          # exists (another user's), or we cannot tell: alive
+    return True, None
 
 
 def heartbeat(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
-    """A sign of life: running runs without one for long are taken for dead."""
-    con.execute("update job_runs set heartbeat_at = current_timestamp where run_id = ?",
-                [run_id]).fetchall()
+    """A sign of life: running runs without one for long are taken for dead. A run that was
+    taken for dead by mistake (it only stayed silent too long) is running again."""
+    (revived,) = con.execute(
+        "update job_runs set heartbeat_at = current_timestamp, status = 'running',"
+        " finished_at = null, error = null where run_id = ? and status = 'died'",
+        [run_id]).fetchone()
+    if revived:
+        con.execute("update train_runs set status = 'running', finished_at = null,"
+                    " error = null where run_id = ? and status = 'died'", [run_id]).fetchall()
+    else:
+        con.execute("update job_runs set heartbeat_at = current_timestamp where run_id = ?",
+                    [run_id]).fetchall()
+
+
+@contextmanager
+def keep_alive(wh: Any, run_id: str, every_s: float | None = None) -> Iterator[None]:
+    """Heartbeat `run_id` from a thread while a long step that does not write runs (training,
+    clustering). A beat that finds the warehouse locked is skipped; the next one tries again."""
+    every = every_s if every_s is not None else max(1.0, min(60.0, stale_after_s() / 10))
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                con = duckdb.connect(str(wh.path))
+            except duckdb.Error:
+                continue
+            try:
+                heartbeat(con, run_id)
+            except duckdb.Error:
+                pass
+            finally:
+                con.close()
+
+    thread = threading.Thread(target=beat, name=f"heartbeat {run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# -- liveness --------------------------------------------------------------------------------
+def stale_after_s() -> float:
+    """Seconds without a sign of life after which a run on another host counts as dead."""
+    text = os.environ.get(STALE_ENV, "").strip()
+    if not text:
+        return DEFAULT_STALE_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise FactoryError(f"{STALE_ENV}={text!r}: expected seconds, e.g. 600") from None
+    if value <= 0:
+        raise FactoryError(f"{STALE_ENV}={text!r}: must be positive")
+    return value
 
 
 @dataclass(frozen=True)
-class LiveRun:
+class RunLiveness:
+    """What a job_runs row says about its process (see `liveness`)."""
+
     run_id: str
+    job: str
+    dataset: str | None
+    status: str
     host: str | None
     pid: int | None
-    shard: tuple[int, int] | None
-    heartbeat_age_s: float
+    pid_started: float | None
+    heartbeat_age_s: float | None   # since the last heartbeat, or the start when it has none
+    shard: str | None = None        # the teacher's --shard i/N, if any
+
+    @property
+    def death(self) -> str | None:
+        return death(self)
+
+    @property
+    def state(self) -> str:
+        return run_state(self)
 
 
-def live_runs(con: duckdb.DuckDBPyConnection, job: str, dataset: str | None) -> list[LiveRun]:
-    """Other runs of `job` on `dataset` that are running and alive."""
+def _get(row: RunLiveness | Mapping[str, Any], name: str) -> Any:
+    return row.get(name) if isinstance(row, Mapping) else getattr(row, name, None)
+
+
+def _is_own(host: str | None, pid: int | None, pid_started: float | None) -> bool:
+    if host != socket.gethostname() or pid != os.getpid():
+        return False
+    mine = process_started(os.getpid())
+    return pid_started is None or mine is None or abs(mine - pid_started) < 0.5
+
+
+def death(row: RunLiveness | Mapping[str, Any]) -> str | None:
+    """Why a 'running' row's process is dead (how it was found), or None when it may live.
+
+    `row` has status, host, pid, pid_started, heartbeat_age_s (a RunLiveness or a mapping).
+    Reads /proc and the environment; writes nothing."""
+    if _get(row, "status") != "running":
+        return None
+    host, pid = _get(row, "host"), _get(row, "pid")
+    pid_started, age = _get(row, "pid_started"), _get(row, "heartbeat_age_s")
+    if _is_own(host, pid, pid_started):
+        return None
+    if host is not None and pid is not None and host == socket.gethostname():
+        alive, started = _process(int(pid))
+        if not alive:
+            return f"pid check: process {pid} on {host} is gone"
+        if pid_started is not None and started is not None and abs(started - pid_started) >= 0.5:
+            return f"pid check: pid {pid} on {host} now belongs to another process"
+        return None
+    bound = stale_after_s()
+    if age is not None and age > bound:
+        where = f" on {host}" if host else ""
+        return (f"heartbeat: no sign of life{where} for {age:.0f}s "
+                f"(over {STALE_ENV}={bound:g})")
+    return None
+
+
+def run_state(row: RunLiveness | Mapping[str, Any]) -> str:
+    """The status to show: 'died' for a 'running' run whose process is dead, else the stored
+    status. For read-only commands: nothing is written."""
+    status = _get(row, "status")
+    return "died" if status == "running" and death(row) else status
+
+
+def state_sql(alias: str = "") -> str:
+    """A SQL expression for the status to show, by heartbeat only (SQL cannot check a pid):
+    'died' for a 'running' run silent for longer than FACTORY_RUN_STALE_S. Prefer `run_state`
+    in Python, which also checks the pids of this host."""
+    a = f"{alias}." if alias else ""
+    return (f"case when {a}status = 'running' and date_diff('millisecond',"
+            f" coalesce({a}heartbeat_at, {a}started_at), current_timestamp::timestamp)"
+            f" > {stale_after_s() * 1000:.0f} then 'died' else {a}status end")
+
+
+def liveness(con: duckdb.DuckDBPyConnection, where: str = "true",
+             params: list[Any] | None = None, *, database: str | None = None
+             ) -> list[RunLiveness]:
+    """RunLiveness of the job_runs rows matching `where` (SQL over job_runs' columns).
+    `database`: an attached database (a shard), whose job_runs may predate the liveness
+    columns; those rows then have no host/pid and are judged by their start time."""
+    source = f'"{database}".main.job_runs' if database else "job_runs"
+    have = {c for (c,) in con.execute(
+        "select column_name from duckdb_columns() where table_name = 'job_runs'"
+        " and schema_name = 'main' and database_name = coalesce(?, current_database())",
+        [database]).fetchall()}
+
+    def col(name: str) -> str:
+        return name if name in have else f"null as {name}"
+
+    beat = "heartbeat_at" if "heartbeat_at" in have else "null"
     rows = con.execute(
-        "select run_id, host, pid, pid_started, params->>'$.teacher.shard',"
-        " date_diff('millisecond', heartbeat_at, current_timestamp) / 1000.0"
-        " from job_runs where status = 'running' and job = ? and dataset is not distinct from ?"
-        " and pid is not null", [job, dataset]).fetchall()
-    me = (socket.gethostname(), os.getpid())
-    found = []
-    for run_id, host, pid, started, shard, age in rows:
-        if (host, pid) == me:
-            continue
-        if host == socket.gethostname():
-            if process_started(pid) != started:
-                continue
-        elif age is None or age > STALE_S:
-            continue
-        i, _, n = (shard or "").partition("/")
-        found.append(LiveRun(run_id, host, pid, (int(i), int(n)) if n else None, age or 0.0))
-    return found
+        f"select run_id, job, dataset, status, {col('host')}, {col('pid')},"
+        f" {col('pid_started')},"
+        f" date_diff('millisecond', coalesce({beat}, started_at),"
+        f" current_timestamp::timestamp) / 1000.0,"
+        f" try_cast(params as json)->'teacher'->>'shard'"
+        f" from {source} where {where} order by started_at, run_id", params or []).fetchall()
+    return [RunLiveness(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else int(r[5]),
+                        r[6], None if r[7] is None else float(r[7]), r[8]) for r in rows]
+
+
+def live_runs(con: duckdb.DuckDBPyConnection, job: str, dataset: str | None
+              ) -> list[RunLiveness]:
+    """The other live runs of `job` on `dataset` (not this process's own): 'running' rows
+    whose process is alive by the rules above. Each has run_id, host, pid, shard (the
+    teacher's --shard, or None) and heartbeat_age_s. Writes nothing."""
+    rows = liveness(con, "job = ? and dataset is not distinct from ? and status = 'running'",
+                    [job, dataset])
+    return [r for r in rows if not _is_own(r.host, r.pid, r.pid_started) and death(r) is None]
 
 
 def reap_dead_runs(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Mark 'running' runs whose process is gone as 'died'; returns their ids."""
-    here = socket.gethostname()
-    dead = []
-    for run_id, host, pid, started, age in con.execute(
-            "select run_id, host, pid, pid_started,"
-            " date_diff('millisecond', heartbeat_at, current_timestamp) / 1000.0"
-            " from job_runs where status = 'running' and pid is not null").fetchall():
-        if host == here:
-            if pid != os.getpid() and process_started(pid) != started:
-                dead.append(run_id)
-        elif age is None or age > STALE_S:
-            dead.append(run_id)
-    if dead:
-        con.execute("update job_runs set status = 'died', finished_at = current_timestamp,"
-                    " error = 'its process is gone' where run_id in (select unnest(?))",
-                    [dead]).fetchall()
-    return dead
+    """Mark 'running' runs whose process is dead as 'died' (finished_at, and an error line
+    saying how it was found); returns their ids. Never this process's own runs."""
+    reaped = []
+    for row in liveness(con, "status = 'running'"):
+        why = death(row)
+        if why is None:
+            continue
+        con.execute(   # it ended after its last sign of life, the best estimate we have
+            "update job_runs set status = 'died', error = ?,"
+            " finished_at = coalesce(heartbeat_at, current_timestamp)"
+            " where run_id = ? and status = 'running'", [f"died ({why})", row.run_id]).fetchall()
+        reaped.append(row.run_id)
+    _reap_train_runs(con)
+    return reaped
+
+
+def _reap_train_runs(con: duckdb.DuckDBPyConnection) -> None:
+    """train_runs rows share their run_id with job_runs: a 'running' one whose job run died
+    died too."""
+    if not con.execute("select 1 from duckdb_tables() where table_name = 'train_runs'"
+                       " and schema_name = 'main' and database_name = current_database()"
+                       ).fetchone():
+        return
+    con.execute(
+        "update train_runs t set status = 'died',"
+        " finished_at = coalesce(j.finished_at, current_timestamp), error = j.error"
+        " from job_runs j where j.run_id = t.run_id and t.status = 'running'"
+        " and j.status = 'died'").fetchall()
 
 
 def finish_run(

@@ -6,8 +6,8 @@
 
 Manual (App. F two/three/five-step) and the paper's own mined patterns ship with the schema;
 `factory gvm` adds one `discovered` template per successful run. The name 'discovered'
-means the dataset's most recent one, so later jobs follow the latest mining by default and
-can pin a run by giving its name.
+means the dataset's most recent one of a run that succeeded, so later jobs follow the
+latest mining by default and can pin a run by giving its name.
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ def get_template(con: duckdb.DuckDBPyConnection, name: str,
     if name == DISCOVERED:
         if dataset is None:
             raise FactoryError("template 'discovered' needs a dataset")
+        # not a template of a run that is still running, died or failed after storing it:
+        # that is no one's latest mining (a template without a job_runs row counts)
         row = con.execute(
-            f"select {_COLUMNS} from templates where kind = 'discovered' and dataset = ?"
+            f"select {_COLUMNS} from templates t where kind = 'discovered' and dataset = ?"
+            " and not exists (select 1 from job_runs j where j.run_id = t.run_id"
+            " and j.status <> 'succeeded')"
             " order by created_at desc, name desc limit 1", [dataset]).fetchone()
         if row is None:
             raise FactoryError(f"no discovered template for dataset {dataset!r}: run "

@@ -18,7 +18,7 @@ import typer
 from factory.console import console, progress, summary
 from factory.errors import FactoryError
 from factory.i2i import SCORES, MineParams, load_training, mine
-from factory.runs import finish_run, start_run
+from factory.runs import finish_run, heartbeat, start_run
 from factory.warehouse import Warehouse, require_split
 
 
@@ -82,6 +82,7 @@ def _store(wh: Warehouse, dataset: str, run_id: str, params: MineParams,
             " from _batch",
             [dataset, run_id, params.split, params.score],
         )
+        heartbeat(con, run_id)
 
 
 def _publish(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str,

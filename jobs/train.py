@@ -52,7 +52,7 @@ def train_cmd(
     """Train SASRec [--fusion scoter] on the dataset's newest exported cache; every other
     option is passed to `python -m train` (see its --help)."""
     from factory.cli import warehouse
-    from factory.runs import start_run
+    from factory.runs import keep_alive, start_run
     from factory.warehouse import require_split
     from train.config import ArgumentError, parse_args
     from train.data import TrainError
@@ -81,7 +81,8 @@ def train_cmd(
              json.dumps(cfg.as_dict()), cfg.out],
         )
     try:
-        result = run(cfg, log=lambda msg: console.print(msg, markup=False, highlight=False))
+        with keep_alive(wh, run_id):       # a sign of life while training, for other hosts
+            result = run(cfg, log=lambda msg: console.print(msg, markup=False, highlight=False))
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         _finish(wh, run_id, status, error=str(exc) or type(exc).__name__)

@@ -225,7 +225,7 @@ def test_show_and_plot(ml100k: Warehouse, tmp_path) -> None:
     from rich.console import Console
 
     from factory.gvm.report import plot, resolve_run, show
-    from factory.runs import start_run
+    from factory.runs import finish_run, start_run
 
     with ml100k.write() as con:
         run = start_run(con, "gvm", "ml-100k", {"dataset": "ml-100k", "users": 40,
@@ -236,6 +236,8 @@ def test_show_and_plot(ml100k: Warehouse, tmp_path) -> None:
     validate_run(ml100k, run, [FREE], bow, ids, vectors)
     mine_run(ml100k, run, "ml-100k", bow, method="kmeans", k_min=2, k_max=4,
              min_cluster_size=10, n_exemplars=3, seed=0)
+    with ml100k.write() as con:
+        finish_run(con, run, "succeeded")            # show without --run: the latest finished
     buffer = io.StringIO()
     with ml100k.read() as con:
         assert resolve_run(con, "ml-100k", None) == run

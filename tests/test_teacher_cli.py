@@ -183,8 +183,9 @@ def test_a_killed_job_resumes_without_resending_anything_answered(ml100k, openai
         ("ok", 40)]
     runs = rows(ml100k, "select status, counts->>'ok', counts->>'cached' from job_runs"
                         " where job = 'describe-items' order by started_at")
-    # the killed run never finished; its counts are those of its last stored batch
-    assert runs == [("running", "15", "0"), ("succeeded", "40", "15")]
+    # the killed run never finished: the re-run found it dead; its counts are those of its
+    # last stored batch
+    assert runs == [("died", "15", "0"), ("succeeded", "40", "15")]
 
 
 def test_ctrl_c_keeps_what_was_answered_and_marks_the_run_interrupted(ml100k, openai_server):

@@ -17,7 +17,8 @@ from factory.warehouse import Warehouse, require_dataset
 
 def resolve_run(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str | None,
                 job: str = "gvm") -> str:
-    """`run_id` checked against the dataset, or the dataset's latest run of `job`."""
+    """`run_id` checked against the dataset, or the dataset's latest succeeded run of `job`
+    (never one still running, killed or failed: that one has not been mined)."""
     require_dataset(con, dataset)
     if run_id:
         if not con.execute("select 1 from job_runs where run_id = ? and job = ? and"
@@ -25,9 +26,14 @@ def resolve_run(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str | None
             raise FactoryError(f"no {job} run {run_id!r} for dataset {dataset!r}")
         return run_id
     row = con.execute("select run_id from job_runs where job = ? and dataset = ?"
-                      " order by started_at desc, run_id desc limit 1", [job, dataset]).fetchone()
+                      " and status = 'succeeded' order by started_at desc, run_id desc limit 1",
+                      [job, dataset]).fetchone()
     if row is None:
-        raise FactoryError(f"no {job} run for dataset {dataset!r}: run "
+        others = con.execute("select count(*) from job_runs where job = ? and dataset = ?",
+                             [job, dataset]).fetchone()[0]
+        seen = (f" ({others} that did not finish: pass --run to see one; `factory runs "
+                f"--job {job}` lists them)" if others else "")
+        raise FactoryError(f"no finished {job} run for dataset {dataset!r}{seen}: run "
                            f"`factory gvm --dataset {dataset}` first")
     return row[0]
 
@@ -36,9 +42,12 @@ def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int =
     """Print a run's chains, clusters (size, quality, interval, paths), verdict and template."""
     from rich.table import Table
 
+    from factory.runs import liveness
+
     status, params, backend, model = con.execute(
         "select status, params, backend, model from job_runs where run_id = ?",
         [run_id]).fetchone()
+    status = next((r.state for r in liveness(con, "run_id = ?", [run_id])), status)
     p = json.loads(params)
     out.print(f"[bold]{run_id}[/] ({status}): {p['users']} users x {p['samples']} samples "
               f"of {p['dataset']} (split {p['split']}, seed {p['seed']}), teacher {backend} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -61,38 +62,61 @@ def runs_cmd(
     job: str = typer.Option(None, "--job", help="Only runs of this job."),
     last: int = typer.Option(20, "--last", min=1, help="How many of the latest runs."),
 ) -> None:
-    """Job runs, newest first: status, requests, cached, failed, tokens, cost."""
+    """Job runs, newest first: status (a dead run shows as died), requests, cached, failed,
+    tokens, cost."""
     from rich.table import Table
 
     from factory.cli import stdout_console, warehouse
     from factory.console import console
+    from factory.runs import liveness
 
     sql = ("select run_id, job, dataset, status, started_at,"
            " date_diff('second', started_at, coalesce(finished_at, current_timestamp)),"
+           " date_diff('second', started_at, coalesce(finished_at, heartbeat_at, started_at)),"
            " model, prompt_name, counts, error from job_runs"
-           + (" where job = ?" if job else "") + " order by started_at desc limit ?")
+           + (" where job = ?" if job else "") + " order by started_at desc, run_id desc limit ?")
     with warehouse(reader=True).read() as con:
         rows = con.execute(sql, ([job] if job else []) + [last]).fetchall()
+        alive = {r.run_id: r for r in liveness(
+            con, "status = 'running' and run_id in (select unnest(?::varchar[]))",
+            [[r[0] for r in rows]])}
     if not rows:
         console.print("no job runs yet")
         return
-    table = Table("run", "status", "dataset", "started", "s", "model", "prompt", "items",
-                  "requests", "cached", "failed", "tokens in/out", "cost", "error")
+    table = Table(_uncut_column("run", max(len(r[0]) for r in rows)),
+                  _uncut_column("status", len("running (beat 9999s ago)")), "dataset",
+                  "started", "s", "model", "prompt", "items", "requests", "cached", "failed",
+                  "tokens in/out", "cost", "error")
 
     def n(counts: dict, name: str) -> str:
         value = counts.get(name)
         return "-" if value is None else f"{value:,}"
 
-    for run_id, _job, dataset, status, started, secs, model, prompt, counts, error in rows:
+    for (run_id, _job, dataset, status, started, secs, secs_seen, model, prompt, counts,
+         error) in rows:
         c = json.loads(counts) if counts else {}
         cost = c.get("cost_usd")
         tokens = (f"{c['input_tokens']:,} / {c['output_tokens']:,}"
                   if "input_tokens" in c else "-")
+        live = alive.get(run_id)
+        if live is not None:
+            why = live.death
+            if why:                    # dead but not marked yet (this command writes nothing)
+                status, secs, error = "died", secs_seen, f"died ({why})"
+            elif live.heartbeat_age_s is not None:
+                status = f"running (beat {live.heartbeat_age_s:.0f}s ago)"
         table.add_row(run_id, status, dataset or "-", f"{started:%Y-%m-%d %H:%M}", str(secs),
                       model or "-", prompt or "-", n(c, "items"), n(c, "requests"),
                       n(c, "cached"), n(c, "failed"), tokens,
-                      "-" if cost is None else f"${cost:.4f}", (error or "")[:60])
+                      "-" if cost is None else f"${cost:.4f}", (error or "")[:80])
     stdout_console().print(table)
+
+
+def _uncut_column(header: str, width: int) -> Any:
+    """A table column that is never shortened (run ids are copied into other commands)."""
+    from rich.table import Column
+
+    return Column(header, no_wrap=True, min_width=width, overflow="fold")
 
 
 def merge_cmd(

@@ -49,7 +49,7 @@ from factory.teacher.limits import (
     TransientError,
     with_retries,
 )
-from factory.teacher.options import TeacherOptions
+from factory.teacher.options import TeacherOptions, parse_shard
 from factory.teacher.request import Reply, Request, Sampling
 from factory.teacher.store import CachedAnswer, cached_answers, upsert, write_calls
 from factory.warehouse import Warehouse
@@ -240,7 +240,7 @@ class TeacherJob:
         """Two live runs of the same work would pay for the same requests: refuse."""
         mine = self.options.shard
         for other in live_runs(con, self.job, self.dataset):
-            theirs = other.shard
+            theirs = parse_shard(other.shard)
             if mine and theirs and mine[1] == theirs[1] and mine[0] != theirs[0]:
                 continue                      # disjoint shards of the same split
             raise FactoryError(
