@@ -30,6 +30,7 @@ import duckdb
 
 from factory.errors import FactoryError
 from factory.runs import FINISHED, death, liveness
+from factory.teacher.journal import import_journals
 from factory.warehouse import Warehouse
 
 #: tables of runs: their status goes running -> died -> one of FINISHED, never back
@@ -219,6 +220,9 @@ def merge_warehouses(wh: Warehouse, shards: list[Path]) -> dict[str, dict[str, i
             dead = check_shard(con, ALIAS, shard)
             try:
                 results[str(shard)] = merge_shard(con, ALIAS, dead)
+                journaled = import_journals(wh, con, shard)   # answers its dead runs held
+                if journaled:
+                    results[str(shard)]["llm_calls from journals"] = journaled
             except duckdb.Error as exc:
                 done = f" ({len(results)} shard(s) before it were merged)" if results else ""
                 raise FactoryError(f"cannot merge {shard}: {_first_line(exc)}; nothing of it "

@@ -261,3 +261,37 @@ def test_a_second_run_of_the_same_work_is_refused(ml100k):
     assert second.returncode == 1
     assert "another describe-items run on ml-100k is running" in second.stdout + second.stderr
     assert len(keys) == len(set(keys)) == 200
+
+
+def test_merge_folds_in_the_journal_of_a_shard_whose_job_was_killed(ml100k, tmp_path):
+    """A shard task killed -9 between flushes: merge brings its journaled answers into the
+    main warehouse (without changing the shard), so nothing it was paid for is lost."""
+    shard = Warehouse(tmp_path / "shard-0.duckdb")
+    shutil.copy(ml100k.path, shard.path)
+    with OpenAIServer() as server:
+        server.hold_after(30)
+        job = subprocess.Popen(job_cmd(shard, server, "--limit", "60", "--concurrency", "4",
+                                       "--shard", "0/1"),
+                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        journal = tmp_path / "shard-0.files" / "journal"
+
+        def journaled() -> int:
+            return sum(p.read_bytes().count(b"\n") for p in journal.glob("*.jsonl"))
+
+        try:
+            wait_until(lambda: journaled() >= 30, "30 journaled answers", job)
+            job.kill()
+            job.wait(timeout=30)
+        finally:
+            if job.poll() is None:
+                job.kill()
+            server.release()
+    before = sorted(p.name for p in journal.iterdir())
+    merged = subprocess.run([sys.executable, "-m", "factory", "--warehouse", str(ml100k.path),
+                             "merge", str(shard.path)], env=env(), capture_output=True,
+                            text=True, timeout=120)
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    assert rows(ml100k, "select count(*) from llm_calls where status = 'ok'") == [(30,)]
+    assert rows(ml100k, "select status from job_runs where job = 'describe-items'") == [
+        ("died",)]
+    assert sorted(p.name for p in journal.iterdir()) == before     # the shard is not changed

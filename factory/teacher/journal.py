@@ -148,16 +148,18 @@ def _alive_runs(con: duckdb.DuckDBPyConnection) -> set[str]:
 
 
 def import_journals(wh: Warehouse, con: duckdb.DuckDBPyConnection,
-                    directory: Path | None = None) -> int:
+                    shard: Path | None = None) -> int:
     """Fold the journals of runs that are no longer running into llm_calls; returns rows.
 
     Runs still running are left to fold their own journal. A journal is deleted only after
-    its rows are committed (an upsert never replaces an 'ok' answer with a failure).
+    its rows are committed (an upsert never replaces an 'ok' answer with a failure). With
+    `shard` (a merge; its runs were checked dead or finished), that warehouse's journals are
+    imported too, and left in place: merging never changes a shard.
     """
-    directory = directory or journal_dir(wh.path)
+    directory = journal_dir(shard or wh.path)
     if not directory.is_dir():
         return 0
-    running = _alive_runs(con)
+    running = set() if shard else _alive_runs(con)
     imported = 0
     for path in sorted(directory.glob("*.jsonl")):
         if path.stem in running:
@@ -171,5 +173,6 @@ def import_journals(wh: Warehouse, con: duckdb.DuckDBPyConnection,
                 batch = []
         write_calls(con, batch)
         imported += len(batch)
-        path.unlink()
+        if not shard:
+            path.unlink()
     return imported
