@@ -295,3 +295,12 @@ def test_merge_folds_in_the_journal_of_a_shard_whose_job_was_killed(ml100k, tmp_
     assert rows(ml100k, "select status from job_runs where job = 'describe-items'") == [
         ("died",)]
     assert sorted(p.name for p in journal.iterdir()) == before     # the shard is not changed
+
+
+def test_waiting_on_the_rate_limit_is_not_a_stall(ml100k, openai_server):
+    """Requests held back by --rpm are not on the wire: the stall clock does not run for them."""
+    result = subprocess.run(job_cmd(ml100k, openai_server, "--limit", "7", "--rpm", "30",
+                                    "--timeout", "1", "--stall-timeout", "1"),
+                            env=env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert rows(ml100k, "select count(*) from item_descriptions where status = 'ok'") == [(7,)]

@@ -402,7 +402,8 @@ class _RunState:
         self.max_out = job.sampling.max_tokens or TransformersBackend.DEFAULT_MAX_TOKENS
         self.max_buffer = max(10 * job.batch, 4 * job.concurrency)
         self.started = time.perf_counter()
-        self.last_answer = time.monotonic()
+        self.last_answer = time.monotonic()        # or when the first request went out
+        self.on_wire = 0                          # requests sent and not yet answered
 
     # -- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -643,14 +644,19 @@ class _RunState:
                 await self.rpm.acquire(1)
             if self.tpm:
                 await self.tpm.acquire(estimate)
-            if backend.local:      # in-process: a batch, not a connection that can hang
-                reply = await backend.complete(req)
-            else:                  # the whole attempt, a body trickling in included
-                try:
+            if not self.on_wire:   # the stall clock runs only while a request is out
+                self.last_answer = time.monotonic()
+            self.on_wire += 1
+            try:
+                if backend.local:  # in-process: a batch, not a connection that can hang
+                    reply = await backend.complete(req)
+                else:              # the whole attempt, a body trickling in included
                     reply = await asyncio.wait_for(backend.complete(req), timeout)
-                except asyncio.TimeoutError:
-                    raise TransientError(
-                        f"no complete answer within --timeout {timeout:g}s") from None
+            except asyncio.TimeoutError:
+                raise TransientError(
+                    f"no complete answer within --timeout {timeout:g}s") from None
+            finally:
+                self.on_wire -= 1
             if self.tpm:
                 used = (reply.input_tokens or 0) + (reply.output_tokens or 0)
                 self.tpm.adjust(used - estimate)
@@ -771,7 +777,7 @@ class _RunState:
 
     def _watch_stall(self) -> None:
         stall = self.job.stall_timeout
-        if self.inflight and time.monotonic() - self.last_answer > stall:
+        if self.on_wire and time.monotonic() - self.last_answer > stall:
             self._halt(f"stopped: no answer from {self.job.backend.describe()} for "
                        f"{stall:g}s (--stall-timeout); everything received is kept; a re-run "
                        "resumes")
