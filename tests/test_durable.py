@@ -135,7 +135,7 @@ def test_failed_writes_keep_every_answer_until_they_succeed(ml100k, openai_serve
     from factory.teacher import engine
 
     real = engine._RunState._write_locked
-    failures = {"left": 4}
+    failures = {"left": 3}
 
     def flaky(self, calls, outcomes):
         if failures["left"] > 0:
