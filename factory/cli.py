@@ -263,6 +263,8 @@ def sql_cmd(
 
     from factory.sqlguard import check_read_only, lock_down
 
+    if not query.strip() or not query.strip().strip(";").strip():
+        raise FactoryError("no SQL given: e.g. factory sql \"select * from datasets\"")
     wh = warehouse(reader=not write)
     ctx = wh.write() if write else wh.read()
     with ctx as con:

@@ -142,11 +142,16 @@ class Warehouse:
     def _recover(self, con: duckdb.DuckDBPyConnection) -> None:
         """Once per process, on the first write: mark dead runs and fold the answers their
         journals hold into llm_calls, before anything looks at either."""
+        from factory.console import console
         from factory.runs import reap_dead_runs
         from factory.teacher.journal import import_journals
 
-        reap_dead_runs(con)
-        import_journals(self, con)
+        for run_id in reap_dead_runs(con):
+            console.print(f"marked run {run_id} died: its process is gone (see job_runs.error)")
+        imported = import_journals(self, con)
+        if imported:
+            console.print(f"imported {imported:,} answers from the journals of runs that "
+                          "stopped before storing them")
 
     # -- schema ------------------------------------------------------------------------
     def _newer_error(self, newest_applied: int, newest_known: int) -> FactoryError:

@@ -304,3 +304,72 @@ def test_waiting_on_the_rate_limit_is_not_a_stall(ml100k, openai_server):
                             env=env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert rows(ml100k, "select count(*) from item_descriptions where status = 'ok'") == [(7,)]
+
+
+def test_sigterm_while_a_reader_blocks_the_store_exits_143_naming_the_journal(ml100k):
+    """SIGTERM while another process holds the warehouse: no minute-long lock waits, exit 143,
+    one line naming the journal; the re-run imports it and re-sends nothing answered."""
+    with OpenAIServer(latency=0.05) as server:
+        cmd = job_cmd(ml100k, server, "--limit", "600", "--concurrency", "8")
+        job = subprocess.Popen(cmd, env=env(FACTORY_STOP_GRACE="2"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        reader = None
+        try:
+            wait_until(lambda: server.count("ok") >= 20, "20 answers", job)
+            reader = subprocess.Popen(
+                [sys.executable, "-c", "import duckdb, time;"
+                 f" con = duckdb.connect({str(ml100k.path)!r}, read_only=True);"
+                 " print('held', flush=True); time.sleep(120)"],
+                stdout=subprocess.PIPE, text=True)
+            assert reader.stdout.readline().strip() == "held"
+            answered_then = server.count("ok")
+            wait_until(lambda: server.count("ok") >= answered_then + 40, "40 more", job)
+            job.send_signal(signal.SIGTERM)
+            out, _ = job.communicate(timeout=40)    # the old engine waited 60 s per lock
+        finally:
+            for p in (job, reader):
+                if p is not None and p.poll() is None:
+                    p.kill()
+        assert job.returncode == 143, out
+        last = [ln for ln in out.splitlines() if ln.strip()][-1]
+        assert "interrupted (SIGTERM)" in out and "safe in" in out, out
+        assert "Traceback" not in out, last
+        before = answered(server)
+        seen = len(server.records)
+        rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert "marked run" in rerun.stdout + rerun.stderr
+        resent = [r for r in server.records[seen:] if r.key in before]
+    assert resent == []
+    assert rows(ml100k, "select count(*) from item_descriptions where status = 'ok'") == [(600,)]
+
+
+def test_a_run_where_every_item_failed_is_a_failure(ml100k):
+    """19 requests to a port nobody listens on (below the early stop's minimum): exit 1, run
+    failed, the failures stored; a Slurm array must not count it as a success."""
+    result = subprocess.run(
+        [sys.executable, "-m", "factory", "--warehouse", str(ml100k.path), "describe-items",
+         "--dataset", "ml-100k", "--limit", "19", "--attempts", "1", "--teacher-url",
+         "http://127.0.0.1:9/v1", "--teacher-model", "m"],
+        env=env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "all 19 items failed" in result.stdout + result.stderr
+    assert rows(ml100k, "select status from job_runs where job = 'describe-items'") == [
+        ("failed",)]
+    assert rows(ml100k, "select count(*) from item_descriptions where status = 'failed'") == [
+        (19,)]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["sql", ""], "no SQL given"),
+    (["describe-items", "--dataset", "ml-100k", "--teacher-url", "http://[::1",
+      "--teacher-model", "m"], "is not a URL"),
+    (["describe-items", "--dataset", "ml-100k", "--teacher-url", "garbage",
+      "--teacher-model", "m"], "is not an http(s) URL"),
+])
+def test_bad_input_is_one_line(ml100k, args, says):
+    result = subprocess.run([sys.executable, "-m", "factory", "--warehouse", str(ml100k.path),
+                             *args], env=env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    lines = [ln for ln in (result.stdout + result.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and says in lines[0], lines

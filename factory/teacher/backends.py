@@ -440,11 +440,28 @@ class VLLMBackend(_InProcessBackend):
         return replies
 
 
+def _check_url(url: str) -> None:
+    """An http(s) URL with a host, or one line saying what is wrong with it."""
+    from urllib.parse import urlsplit
+
+    from factory.teacher.keys import redact, safe_url
+
+    try:
+        parts = urlsplit(url)
+        parts.port      # noqa: B018 - raises on a bad port or a broken IPv6 address
+    except ValueError as exc:
+        raise FactoryError(f"--teacher-url {redact(url)!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FactoryError(f"--teacher-url {safe_url(url)!r} is not an http(s) URL with a host, "
+                           "e.g. http://127.0.0.1:8000/v1")
+
+
 def make_backend(name: str, url: str | None, model: str | None, api_key: str | None,
                  timeout: float, concurrency: int | None) -> Backend:
     if name == "openai":
         if not url:
             raise FactoryError("the openai backend needs --teacher-url (or FACTORY_TEACHER_URL)")
+        _check_url(url)
         if not model:
             raise FactoryError("the openai backend needs --teacher-model "
                                "(or FACTORY_TEACHER_MODEL)")

@@ -197,6 +197,7 @@ class TeacherJob:
         self.totals = Report()
         self._prompts: list[Prompt] = []
         self._all_stored = True
+        self._last_failure: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> TeacherJob:
@@ -216,14 +217,21 @@ class TeacherJob:
         if self.run_id is None:
             return
         totals = self.totals
-        if exc_type is None:
+        nothing = exc_type is None and totals.items and not totals.ok and not totals.not_done
+        if nothing:     # every item failed: not a success, whatever the early stop saw
+            cut = f" ({totals.truncated:,} cut: raise --max-tokens)" if totals.truncated else ""
+            error = f"all {totals.items:,} items failed{cut}; last: {self._last_failure}"
+            status = "failed"
+        elif exc_type is None:
             status, error = ("stopped", totals.stopped) if totals.stopped else ("succeeded", None)
         elif issubclass(exc_type, KeyboardInterrupt):
             status, error = "interrupted", str(exc) or "interrupted"
         else:
             status, error = "failed", redact(str(exc) or exc_type.__name__, self._key)
+        # after a signal there is only a grace period: don't wait a minute for a lock
+        wait = _RunState.grace() if exc_type is not None else None
         try:
-            with self.wh.write() as con:
+            with self.wh.write(lock_timeout=wait) as con:
                 finish_run(con, self.run_id, status, totals.counts(), error)
         except Exception as store_exc:
             if exc_type is None:       # else the error already on its way says more
@@ -235,6 +243,9 @@ class TeacherJob:
         finally:
             if self.journal is not None:    # everything stored: the journal is not needed
                 self.journal.close(delete=self._all_stored)
+        if nothing:
+            raise FactoryError(f"{self.job}: {error}; the failures are stored (see the job's "
+                               "table); fix the cause and re-run")
 
     def _refuse_concurrent(self, con: duckdb.DuckDBPyConnection) -> None:
         """Two live runs of the same work would pay for the same requests: refuse."""
@@ -269,19 +280,24 @@ class TeacherJob:
         if self.options.cache_only:
             self._require_cached(items)
         state = _RunState(self, items, prompt, parse, table, row)
+        unstored = None
         try:
             asyncio.run(state.run())
         finally:
             try:
                 state.finish()
+            except FactoryError as exc:
+                if not state.interrupted:    # a signal's line says it, with the exit code
+                    raise
+                unstored = str(exc)
             finally:
                 self._all_stored = self._all_stored and state.stored_everything()
                 self._add(state.report)
         if state.interrupted:
-            line = state.interrupt_line()
-            raise Interrupted(line, state.interrupted)
+            raise Interrupted(state.interrupt_line(unstored), state.interrupted)
         if state.fatal:
             raise FactoryError(state.fatal)
+        self._last_failure = state.last_failure or self._last_failure
         return state.report
 
     # -- helpers ----------------------------------------------------------------------------
@@ -388,6 +404,7 @@ class _RunState:
         self.interrupted: str | None = None       # the signal's name
         self.dropped = 0                          # requests cancelled in flight
         self.last_error: str | None = None
+        self.last_failure: str | None = None      # the last item's failure, any kind
         self.store_failing_since: float | None = None
         self.store_error: str | None = None
         self.store_retry_at = 0.0
@@ -508,10 +525,16 @@ class _RunState:
     def stored_everything(self) -> bool:
         return not (self.calls or self.outcomes)
 
-    def interrupt_line(self) -> str:
+    def interrupt_line(self, unstored: str | None = None) -> str:
         r = self.report
         dropped = (f"; {self.dropped:,} request(s) in flight were dropped and will be re-sent"
                    if self.dropped else "")
+        if unstored:
+            journal = self.job.journal
+            return (f"interrupted ({self.interrupted}) while the warehouse could not be "
+                    f"written ({self.store_error}): the answers not stored are safe in "
+                    f"{journal.path if journal else 'the journal'}{dropped}; re-run the same "
+                    "command to resume: it imports them first")
         return (f"interrupted ({self.interrupted}): {r.ok + r.failed:,} of {r.items:,} items "
                 f"stored{dropped}; re-run the same command to resume")
 
@@ -758,6 +781,7 @@ class _RunState:
             r.ok += 1
         else:
             r.failed += 1
+            self.last_failure = outcome.error
             r.truncated += outcome.status == "truncated"
         if outcome.cached:
             r.cached += 1

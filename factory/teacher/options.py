@@ -109,8 +109,9 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("backend", BackendName, typer.Option(
         None, "--backend", help="[default: openai with a URL, else transformers]")),
     ("concurrency", int, typer.Option(
-        None, "--concurrency", min=1, help="Requests in flight (remote) or batch size "
-        "(in-process) [default: 16 / 8 / 256 for openai / transformers / vllm].")),
+        None, "--concurrency", min=1, max=4096, help="Requests in flight (remote) or batch "
+        "size (in-process), at most 4096 [default: 16 / 8 / 256 for openai / transformers / "
+        "vllm].")),
     ("rpm", int, typer.Option(None, "--rpm", min=1, help="Requests per minute limit.")),
     ("tpm", int, typer.Option(None, "--tpm", min=1, help="Tokens per minute limit.")),
     ("timeout", float, typer.Option(120.0, "--timeout", min=0.01,
