@@ -198,6 +198,7 @@ class TeacherJob:
         self._prompts: list[Prompt] = []
         self._all_stored = True
         self._last_failure: str | None = None
+        self._answers = 0            # answers obtained (sent or cached), over all rounds
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> TeacherJob:
@@ -217,8 +218,9 @@ class TeacherJob:
         if self.run_id is None:
             return
         totals = self.totals
-        nothing = exc_type is None and totals.items and not totals.ok and not totals.not_done
-        if nothing:     # every item failed: not a success, whatever the early stop saw
+        nothing = (exc_type is None and totals.items and not totals.ok and not totals.not_done
+                   and not self._answers)
+        if nothing:     # no answer at all: a broken endpoint, whatever the early stop saw
             cut = f" ({totals.truncated:,} cut: raise --max-tokens)" if totals.truncated else ""
             error = f"all {totals.items:,} items failed{cut}; last: {self._last_failure}"
             status = "failed"
@@ -624,6 +626,7 @@ class _RunState:
     async def _ask(self, req: Request) -> _Call | None:
         hit = self.cache.get(req.key)      # with --refresh, only answers from this run
         if hit is not None:
+            self.job._answers += 1
             return _Call(hit, None, cached=True)
         if req.key in self.inflight:               # the same request from another item
             return await asyncio.shield(self.inflight[req.key])
@@ -730,6 +733,7 @@ class _RunState:
                    price_version=self.job.pricing.version if cost is not None else None)
         self._record(row)
         self.recent.append(True)
+        self.job._answers += 1
         self.last_answer = time.monotonic()
         self.report.input_tokens += reply.input_tokens or 0
         self.report.output_tokens += reply.output_tokens or 0
