@@ -3,9 +3,12 @@
 TwiSTAR sec. 3 and E.1: embed each item's text (title and categories by default), quantise
 with L levels of k-means, each level clustering the residuals the previous one left
 (eq. 2), SID = the L codes (eq. 3), written as tokens `<|sid_begin|><s_a_12><s_b_4><s_c_200>
-<|sid_end|>` (App. A.2). Items whose L codes collide get an extra disambiguation code
-(SCoTER A.1); when any collision exists every item gets that level (0 where unique), so all
-SIDs keep one length, and the level takes the next letter (`<s_d_1>`).
+<|sid_end|>` (App. A.2). Each level runs spherical k-means on the directions of the centred
+residuals (Euclidean k-means on raw residuals let one near-origin centroid take most items at
+levels 2-3: issue 12); `--balanced` caps every code at ceil(n/K) items. Collisions (equal L
+codes): `strict` (default, A.2's exactly-L-token format) keeps the item nearest its codeword
+and moves the others to the nearest last-level code free under their prefix; `extra-level`
+appends a disambiguation code to every item (TIGER; SCoTER A.1's RQ-VAE baseline), `<s_d_1>`.
 
 Embeddings come from the shared service (factory/embeddings.py), so a re-run, or another job
 embedding the same texts, encodes nothing again. An item with none of the chosen fields is
