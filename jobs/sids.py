@@ -3,9 +3,12 @@
 TwiSTAR sec. 3 and E.1: embed each item's text (title and categories by default), quantise
 with L levels of k-means, each level clustering the residuals the previous one left
 (eq. 2), SID = the L codes (eq. 3), written as tokens `<|sid_begin|><s_a_12><s_b_4><s_c_200>
-<|sid_end|>` (App. A.2). Items whose L codes collide get an extra disambiguation code
-(SCoTER A.1); when any collision exists every item gets that level (0 where unique), so all
-SIDs keep one length, and the level takes the next letter (`<s_d_1>`).
+<|sid_end|>` (App. A.2). Each level runs spherical k-means on the directions of the centred
+residuals (Euclidean k-means on raw residuals let one near-origin centroid take most items at
+levels 2-3: issue 12); `--balanced` caps every code at ceil(n/K) items. Collisions (equal L
+codes): `strict` (default, A.2's exactly-L-token format) keeps the item nearest its codeword
+and moves the others to the nearest last-level code free under their prefix; `extra-level`
+appends a disambiguation code to every item (TIGER; SCoTER A.1's RQ-VAE baseline), `<s_d_1>`.
 
 Embeddings come from the shared service (factory/embeddings.py), so a re-run, or another job
 embedding the same texts, encodes nothing again. An item with none of the chosen fields is
@@ -35,6 +38,8 @@ from factory.warehouse import Warehouse, require_dataset
 TEXT_FIELDS = ("title", "categories", "brand", "description")
 SID_BEGIN, SID_END = "<|sid_begin|>", "<|sid_end|>"
 MAX_LEVELS = 25  # letters a..y for code levels, leaving one for the disambiguation level
+METHODS = ("cosine", "euclidean")
+COLLISIONS = ("strict", "extra-level")
 
 
 def item_text(row: dict[str, Any], fields: list[str]) -> str:
@@ -55,26 +60,183 @@ def sid_string(codes: list[int]) -> str:
     ) + SID_END
 
 
-def residual_kmeans(
-    x: np.ndarray, levels: int, k: int, seed: int
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    """(codes (n, levels), one (k, d) codebook per level, final residuals (n, d))."""
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
+def _unit(a: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(a, axis=1, keepdims=True)
+    return a / np.maximum(norm, 1e-12)
 
-    residual = x.astype(np.float32, copy=True)
+
+def balanced_assign(sim: np.ndarray, cap: int) -> np.ndarray:
+    """Capacity-constrained assignment: every item to its most similar code that still has
+    room (at most `cap` items a code). Rounds: items bid for their best open code, a code
+    keeps its most similar bidders up to its room, the rest bid again without the full codes."""
+    n, k = sim.shape
+    labels = np.full(n, -1, dtype=np.int64)
+    load = np.zeros(k, dtype=np.int64)
+    full = np.zeros(k, dtype=bool)
+    todo = np.arange(n)
+    while len(todo):
+        s = sim[todo].copy()
+        s[:, full] = -np.inf
+        best = s.argmax(1)
+        score = s[np.arange(len(todo)), best]
+        order = np.lexsort((-score, best))            # by code, most similar first
+        ranked = best[order]
+        starts = np.searchsorted(ranked, ranked, side="left")
+        rank = np.arange(len(order)) - starts
+        take = rank < (cap - load[ranked])
+        labels[todo[order[take]]] = ranked[take]
+        np.add.at(load, ranked[take], 1)
+        full = load >= cap
+        todo = todo[order[~take]]
+    return labels
+
+
+def spherical_kmeans(u: np.ndarray, k: int, seed: int, *, balanced: bool = False,
+                     iters: int = 50) -> np.ndarray:
+    """Codes of unit rows `u` by k-means on the sphere: k-means++ seeding in cosine distance,
+    cosine assignment to unit-norm centroids (capacity ceil(n/k) with `balanced`)."""
+    rng = np.random.default_rng(seed)
+    n = len(u)
+    first = int(rng.integers(n))
+    chosen = [first]
+    dist = np.maximum(1.0 - u @ u[first], 0.0)
+    for _ in range(k - 1):
+        total = dist.sum()
+        pick = int(rng.choice(n, p=dist / total)) if total > 1e-12 else int(rng.integers(n))
+        chosen.append(pick)
+        dist = np.minimum(dist, np.maximum(1.0 - u @ u[pick], 0.0))
+    centroids = u[chosen].copy()
+    cap = -(-n // k)
+    labels = np.full(n, -1, dtype=np.int64)
+    for _ in range(iters):
+        sim = u @ centroids.T
+        new = balanced_assign(sim, cap) if balanced else sim.argmax(1)
+        if (new == labels).all():
+            break
+        labels = new
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, u)
+        empty = np.flatnonzero(np.bincount(labels, minlength=k) == 0)
+        if len(empty):                 # reseed empty codes with the worst-fitting items
+            fit = sim[np.arange(n), labels]
+            sums[empty] = u[np.argsort(fit, kind="stable")[:len(empty)]]
+        centroids = _unit(sums)
+    return labels
+
+
+def residual_kmeans(
+    x: np.ndarray, levels: int, k: int, seed: int, *, method: str = "cosine",
+    balanced: bool = False,
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """(codes (n, levels), one (k, d) codebook per level, final residuals (n, d)).
+
+    `cosine` (default): each level clusters the directions of the centred residuals by
+    spherical k-means; a code's codeword is the mean residual of its items, so
+    x = sum of codewords + residual. `euclidean`: the earlier sklearn KMeans on raw
+    residuals (n_init=1), kept to reproduce old runs: in high dimension its residuals are
+    near-orthogonal and one centroid near the origin takes most items (issue 12)."""
+    if method not in METHODS:
+        raise FactoryError(f"unknown quantiser {method!r} (choose from {', '.join(METHODS)})")
+    if method == "euclidean" and balanced:
+        raise FactoryError("--balanced needs the cosine quantiser")
+    residual = x.astype(np.float64 if method == "cosine" else np.float32, copy=True)
     codes = np.zeros((len(x), levels), dtype=np.int32)
     books = []
     for level in range(levels):
-        km = KMeans(n_clusters=k, n_init=1, max_iter=100, random_state=seed + level)
-        with warnings.catch_warnings():
-            # fewer distinct residuals than k (duplicate texts): some codes stay unused
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            codes[:, level] = km.fit_predict(residual)
-        book = km.cluster_centers_.astype(np.float32)
+        if method == "euclidean":
+            codes[:, level], book = _sklearn_level(residual, k, seed + level)
+        else:
+            codes[:, level] = spherical_kmeans(_unit(residual - residual.mean(0)), k,
+                                               seed + level, balanced=balanced)
+            book = np.zeros((k, x.shape[1]))
+            np.add.at(book, codes[:, level], residual)
+            book /= np.maximum(np.bincount(codes[:, level], minlength=k), 1)[:, None]
         residual -= book[codes[:, level]]
-        books.append(book)
-    return codes, books, residual
+        books.append(book.astype(np.float32))
+    return codes, books, residual.astype(np.float32)
+
+
+def _sklearn_level(residual: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    km = KMeans(n_clusters=k, n_init=1, max_iter=100, random_state=seed)
+    with warnings.catch_warnings():
+        # fewer distinct residuals than k (duplicate texts): some codes stay unused
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        labels = km.fit_predict(residual)
+    return labels, km.cluster_centers_.astype(np.float32)
+
+
+def level_stats(codes: np.ndarray, k: int) -> list[dict[str, Any]]:
+    """Per level: codes used of K, largest bucket share, code entropy (bits) and perplexity
+    (2**entropy: the number of equally used codes with the same entropy), and the share of
+    items whose prefix up to this level is shared with another item."""
+    n = len(codes)
+    out = []
+    for level in range(codes.shape[1]):
+        counts = np.bincount(codes[:, level], minlength=k)
+        p = counts[counts > 0] / n
+        entropy = float(-(p * np.log2(p)).sum())
+        _, inv, sizes = np.unique(codes[:, :level + 1], axis=0, return_inverse=True,
+                                  return_counts=True)
+        out.append({"level": level, "used": int((counts > 0).sum()), "of": k,
+                    "largest_share": round(float(counts.max() / n), 4),
+                    "entropy_bits": round(entropy, 3), "perplexity": round(2 ** entropy, 1),
+                    "prefix_collision_rate": round(float((sizes[inv.reshape(-1)] > 1).mean()),
+                                                   4)})
+    return out
+
+
+def colliding_items(codes: np.ndarray) -> int:
+    _, group, sizes = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    return int((sizes[group.reshape(-1)] > 1).sum())
+
+
+def resolve_strict(codes: np.ndarray, books: list[np.ndarray],
+                   residual: np.ndarray) -> tuple[np.ndarray, int]:
+    """TwiSTAR A.2's strict L tokens: within a group of items with equal codes the item
+    nearest its last codeword keeps the code; each other one moves to the nearest last-level
+    codeword not used by an item with the same first L-1 codes. Returns (codes, items moved).
+    Raises when more items share the first L-1 codes than the last level has codes."""
+    codes = codes.copy()
+    _, group, sizes = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    if not (sizes > 1).any():
+        return codes, 0
+    last = books[-1]
+    k = len(last)
+    before = residual + last[codes[:, -1]]         # what the last level quantised
+    _, prefix = np.unique(codes[:, :-1], axis=0, return_inverse=True) if codes.shape[1] > 1 \
+        else (None, np.zeros(len(codes), dtype=np.int64))
+    prefix = prefix.reshape(-1)
+    norm = np.linalg.norm(residual, axis=1)
+    moved = 0
+    for p in np.unique(prefix[sizes[group] > 1]):
+        members = np.flatnonzero(prefix == p)
+        if len(members) > k:
+            raise FactoryError(
+                f"{len(members)} items share their first {codes.shape[1] - 1} codes but the "
+                f"last level has {k} codes: strict SIDs are impossible; raise --codebook-size "
+                "or use --collisions extra-level")
+        order = members[np.lexsort((norm[members], group[members]))]
+        taken: set[int] = set()
+        losers = []
+        for i in order:
+            c = int(codes[i, -1])
+            if c in taken:
+                losers.append(i)
+            else:
+                taken.add(c)
+        for i in sorted(losers, key=lambda j: norm[j]):
+            dist = np.linalg.norm(last - before[i], axis=1)
+            for c in np.argsort(dist, kind="stable"):
+                if int(c) not in taken:
+                    codes[i, -1] = c
+                    taken.add(int(c))
+                    moved += 1
+                    break
+    return codes, moved
 
 
 def disambiguate(codes: np.ndarray, residual: np.ndarray) -> tuple[np.ndarray, int]:
@@ -111,14 +273,33 @@ def sid_prefix_agreement(
     return (row[1], row[2]) if row[0] else None
 
 
-def _params(levels: int, k: int, fields: list[str], seed: int, encoder: str) -> dict[str, Any]:
+def _params(levels: int, k: int, fields: list[str], seed: int, encoder: str, method: str,
+            balanced: bool, collisions: str) -> dict[str, Any]:
+    kmeans = ("spherical k-means on centred unit residuals, k-means++ seeding, max_iter=50"
+              if method == "cosine" else "sklearn KMeans n_init=1 max_iter=100")
     return {"levels": levels, "codebook_size": k, "text_fields": fields, "seed": seed,
-            "encoder": encoder, "kmeans": "sklearn KMeans n_init=1 max_iter=100"}
+            "encoder": encoder, "kmeans": kmeans, "quantiser": method, "balanced": balanced,
+            "collisions": collisions}
+
+
+def suggested_codebook_size(n_items: int) -> int:
+    """The power of two nearest to at most 2*sqrt(n): K^2 <= 4n keeps every level's codes
+    shared by several items (the factory's rule of thumb, not a paper's)."""
+    return max(2, 1 << int(np.floor(np.log2(2 * np.sqrt(n_items)))))
+
+
+def codebook_warning(n_items: int, k: int) -> str | None:
+    if k * k <= 4 * n_items:
+        return None
+    return (f"--codebook-size {k} is large for {n_items:,} items (K^2 = {k * k:,} >> items: "
+            f"{n_items / k:.1f} items per first-level code, so later levels split groups of a "
+            f"few items); about {suggested_codebook_size(n_items)} suits this catalogue")
 
 
 def run_sids(wh: Warehouse, dataset: str, *, levels: int = 3, codebook_size: int = 256,
              fields: list[str] | None = None, encoder: str | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, method: str = "cosine", balanced: bool = False,
+             collisions: str = "strict") -> dict[str, Any]:
     """Embed, quantise, store and publish SIDs for every item of `dataset`."""
     fields = fields or ["title", "categories"]
     bad = [f for f in fields if f not in TEXT_FIELDS]
@@ -129,6 +310,13 @@ def run_sids(wh: Warehouse, dataset: str, *, levels: int = 3, codebook_size: int
         raise FactoryError(f"--levels must be between 1 and {MAX_LEVELS}")
     if codebook_size < 2:
         raise FactoryError("--codebook-size must be at least 2")
+    if collisions not in COLLISIONS:
+        raise FactoryError(f"unknown --collisions {collisions!r} "
+                           f"(choose from {', '.join(COLLISIONS)})")
+    if method not in METHODS:
+        raise FactoryError(f"unknown --quantiser {method!r} (choose from {', '.join(METHODS)})")
+    if method == "euclidean" and balanced:
+        raise FactoryError("--balanced needs the cosine quantiser")
     started = time.perf_counter()
     with wh.read() as con:
         require_dataset(con, dataset)
@@ -141,8 +329,12 @@ def run_sids(wh: Warehouse, dataset: str, *, levels: int = 3, codebook_size: int
     if codebook_size > len(items):
         raise FactoryError(f"--codebook-size {codebook_size} is larger than the {len(items)} "
                            f"items of {dataset!r}; use at most {len(items)}")
+    if collisions == "strict" and codebook_size ** levels < len(items):
+        raise FactoryError(f"--collisions strict needs K^L >= items: {codebook_size}^{levels} < "
+                           f"{len(items)}; raise --codebook-size or use --collisions extra-level")
     embedder = Embedder(wh, encoder)
-    params = _params(levels, codebook_size, fields, seed, embedder.encoder_id)
+    params = _params(levels, codebook_size, fields, seed, embedder.encoder_id, method,
+                     balanced, collisions)
     with wh.write() as con:
         run_id = start_run(con, "sids", dataset, params)
     counts: dict[str, Any] = {"run_id": run_id}
@@ -152,17 +344,27 @@ def run_sids(wh: Warehouse, dataset: str, *, levels: int = 3, codebook_size: int
             text = item_text(row, fields)
             texts.append(text or row["item_id"])
         counts["items_without_text"] = sum(1 for row in items if not item_text(row, fields))
+        counts["duplicate_texts"] = len(texts) - len(set(texts))
         vecs = embedder.embed(texts, label="embedding item texts")
         counts.update(texts=embedder.stats.seen, cache_hits=embedder.stats.cache_hits,
                       encoded=embedder.stats.encoded)
         with console.status(f"residual k-means: {levels} levels x {codebook_size} codes"):
-            base, books, residual = residual_kmeans(vecs, levels, codebook_size, seed)
-        codes, colliding = disambiguate(base, residual)
-        usage = [int(len(np.unique(base[:, level]))) for level in range(levels)]
+            base, books, residual = residual_kmeans(vecs, levels, codebook_size, seed,
+                                                    method=method, balanced=balanced)
+        colliding = colliding_items(base)
+        stats = level_stats(base, codebook_size)
+        if collisions == "strict":
+            codes, moved = resolve_strict(base, books, residual)
+            extra = None
+        else:
+            codes, _ = disambiguate(base, residual)
+            moved = 0
+            extra = int(codes[:, levels].max()) if colliding else None
         counts.update(
             items=len(items), levels=codes.shape[1], collisions=colliding,
-            collision_rate=colliding / len(items), codes_used=usage,
-            max_disambiguation_code=int(codes[:, levels].max()) if colliding else None,
+            collision_rate=colliding / len(items), codes_used=[s["used"] for s in stats],
+            level_stats=stats, collision_mode=collisions, moved_to_free_code=moved,
+            max_disambiguation_code=extra, warning=codebook_warning(len(items), codebook_size),
             seconds=round(time.perf_counter() - started, 2),
         )
         with wh.write() as con:
@@ -211,11 +413,14 @@ def _publish(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str,
             con.execute(f"delete from {table} where run_id = ?", [old])
     con.execute(
         "insert into sid_runs (run_id, dataset, encoder, params, params_hash, n_items,"
-        " n_levels, collision_rate, usage) values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " n_levels, collision_rate, usage, collisions, colliding_items, moved_items,"
+        " level_stats) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [run_id, dataset, params["encoder"], json.dumps(params, sort_keys=True), digest,
          counts["items"], counts["levels"], counts["collision_rate"],
          json.dumps([{"level": lvl, "used": used, "of": k}
-                     for lvl, used in enumerate(counts["codes_used"])])],
+                     for lvl, used in enumerate(counts["codes_used"])]),
+         counts["collision_mode"], counts["collisions"], counts["moved_to_free_code"],
+         json.dumps(counts["level_stats"])],
     )
     return {"replaced_runs": replaced}
 
@@ -232,22 +437,45 @@ def register(app: typer.Typer) -> None:
         encoder: str = typer.Option(None, "--encoder", help="sentence-transformers model "
                                     "path or name [default: embedded all-MiniLM-L6-v2]."),
         seed: int = typer.Option(0, "--seed"),
+        collisions: str = typer.Option(
+            "strict", "--collisions", help="strict: exactly L tokens (TwiSTAR A.2), a "
+            "colliding item moves to the nearest free last-level code; extra-level: one more "
+            "disambiguation token for every item (TIGER, SCoTER's RQ-VAE baseline A.1)."),
+        balanced: bool = typer.Option(False, "--balanced", help="Capacity-constrained "
+                                      "assignment: at most ceil(items/K) items per code."),
+        quantiser: str = typer.Option("cosine", "--quantiser", help="cosine: spherical "
+                                      "k-means on centred residual directions; euclidean: the "
+                                      "pre-issue-12 sklearn k-means (collapses; for comparison)."),
     ) -> None:
-        """Semantic IDs by residual k-means over item text (TwiSTAR 3, E.1; SCoTER A.1)."""
+        """Semantic IDs by residual k-means over item text (TwiSTAR 3, E.1, A.2; SCoTER A.1)."""
         from factory.cli import warehouse
 
         wh = warehouse()
         fields = [f.strip() for f in text_fields.split(",") if f.strip()]
         c = run_sids(wh, dataset, levels=levels, codebook_size=codebook_size, fields=fields,
-                     encoder=encoder, seed=seed)
+                     encoder=encoder, seed=seed, method=quantiser, balanced=balanced,
+                     collisions=collisions)
+        if c["warning"]:
+            console.print(f"[yellow]warning:[/yellow] {c['warning']}")
         rows: dict[str, Any] = {
             "items": c["items"],
             "texts encoded / from cache": f"{c['encoded']:,} / {c['cache_hits']:,}",
-            "codes used per level": ", ".join(f"{u}/{codebook_size}" for u in c["codes_used"]),
-            "collision rate": f"{c['collision_rate']:.2%} ({c['collisions']:,} items)",
-            "SID length": f"{c['levels']} codes"
-                          + (" (with disambiguation level)" if c["levels"] > levels else ""),
         }
+        if c["duplicate_texts"]:
+            rows["items whose text an earlier item has"] = c["duplicate_texts"]
+        for st in c["level_stats"]:
+            rows[f"level {st['level'] + 1}"] = (
+                f"codes used {st['used']}/{st['of']}, largest code {st['largest_share']:.1%} "
+                f"of items, perplexity {st['perplexity']:g} ({st['entropy_bits']:.2f} bits), "
+                f"prefix shared by {st['prefix_collision_rate']:.1%}")
+        rows["collision rate (full L codes)"] = (
+            f"{c['collision_rate']:.2%} ({c['collisions']:,} items)")
+        if collisions == "strict":
+            rows["SID length"] = (f"{c['levels']} codes (strict; {c['moved_to_free_code']:,} "
+                                  "items moved to the nearest free last-level code)")
+        else:
+            rows["SID length"] = f"{c['levels']} codes" + (
+                " (with disambiguation level)" if c["levels"] > levels else "")
         if c["items_without_text"]:
             rows["items without text (embedded by id)"] = c["items_without_text"]
         with wh.read() as con:

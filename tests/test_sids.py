@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -9,12 +10,22 @@ import numpy as np
 import pytest
 from tiny_data import add_dataset, fake_model, random_sequences
 
+from factory.embeddings import Embedder
 from factory.errors import FactoryError
 from factory.i2i import MineParams
 from factory.warehouse import Warehouse
 from jobs.i2i_eval import draw_candidates, export_jsonl, run_eval
 from jobs.mine_i2i import pair_summary, run_mine
-from jobs.sids import disambiguate, residual_kmeans, run_sids, sid_string
+from jobs.sids import (
+    balanced_assign,
+    codebook_warning,
+    disambiguate,
+    level_stats,
+    residual_kmeans,
+    resolve_strict,
+    run_sids,
+    sid_string,
+)
 
 SID_RE = re.compile(r"^<\|sid_begin\|>(<s_[a-z]_\d+>)+<\|sid_end\|>$")
 
@@ -51,7 +62,7 @@ def test_residual_kmeans_and_disambiguation() -> None:
 
 def test_sids_job_store_cache_and_rerun(tiny: Warehouse, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_model(monkeypatch)
-    first = run_sids(tiny, "tiny", levels=2, codebook_size=4)
+    first = run_sids(tiny, "tiny", levels=2, codebook_size=4, collisions="extra-level")
     assert first["encoded"] == first["items"] == 25 and first["cache_hits"] == 0
     with tiny.read() as con:
         rows = con.execute("select item_id, codes, sid from item_sids where dataset = 'tiny'"
@@ -63,7 +74,7 @@ def test_sids_job_store_cache_and_rerun(tiny: Warehouse, monkeypatch: pytest.Mon
     assert all(SID_RE.match(sid) and len(codes) == first["levels"] for _, codes, sid in rows)
     assert first["codes_used"][0] <= 4
 
-    again = run_sids(tiny, "tiny", levels=2, codebook_size=4)
+    again = run_sids(tiny, "tiny", levels=2, codebook_size=4, collisions="extra-level")
     assert again["cache_hits"] == 25 and again["encoded"] == 0
     assert again["replaced_runs"] == [first["run_id"]]
     with tiny.read() as con:
@@ -84,6 +95,9 @@ def test_sids_job_store_cache_and_rerun(tiny: Warehouse, monkeypatch: pytest.Mon
     ({"codebook_size": 26}, "--codebook-size 26 is larger than the 25 items of 'tiny'"),
     ({"levels": 0}, "--levels must be between"),
     ({"fields": ["title", "plot"]}, "unknown text field"),
+    ({"levels": 2, "codebook_size": 4}, r"strict needs K\^L >= items: 4\^2 < 25"),
+    ({"collisions": "suffix"}, "unknown --collisions 'suffix'"),
+    ({"method": "euclidean", "balanced": True}, "--balanced needs the cosine quantiser"),
 ])
 def test_sids_bad_input(tiny: Warehouse, kwargs: dict, message: str) -> None:
     with pytest.raises(FactoryError, match=message):
@@ -126,7 +140,7 @@ def test_i2i_eval_store_and_export(tiny: Warehouse, monkeypatch: pytest.MonkeyPa
         assert r["item_i"] not in r["candidates"]
         assert r["candidate_titles"][r["answer_index"]] == f"Movie {r['item_j']}"
         assert "sid_i" not in r
-    run_sids(tiny, "tiny", levels=2, codebook_size=4)
+    run_sids(tiny, "tiny", levels=2, codebook_size=4, collisions="extra-level")
     again = run_eval(tiny, "tiny", seed=1)
     assert again["replaced_runs"] == [first["run_id"]]
     export_jsonl(tiny, again["run_id"], out)
@@ -150,3 +164,112 @@ def test_sids_with_real_encoder(tiny: Warehouse) -> None:
         enc = con.execute("select encoder from sid_runs").fetchone()[0]
         assert enc.startswith("all-MiniLM-L6-v2#")
         assert con.execute("select count(distinct sid) from item_sids").fetchone()[0] == 25
+
+
+# --- issue 12: SIDs that spread, A.2's strict format, stats stored with the run -----------
+
+STRICT_RE = re.compile(r"^<\|sid_begin\|><s_a_\d+><s_b_\d+><s_c_\d+><\|sid_end\|>$")
+
+
+def _gauss(key: str, dim: int = 384) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).normal(size=dim)
+
+
+def topic_encode(texts: list[str]) -> np.ndarray:
+    """Sentence-embedding-like fake: a large component every text shares, one direction per
+    category, an item-specific part from the title. It collapses the old quantiser as MiniLM
+    did (ml-100k, 3x64: largest level-3 code 48% of items; 3x256: 81% at levels 2 and 3)."""
+    out = []
+    for text in texts:
+        fields = dict(p.split(": ", 1) for p in text.split("; ") if ": " in p)
+        cats = [c for c in fields.get("categories", "").split(", ") if c]
+        v = (1.5 * _gauss("common") + sum(_gauss("cat:" + c) for c in cats) / max(len(cats), 1)
+             ** 0.5 + 0.8 * _gauss("title:" + fields.get("title", text)))
+        out.append(v / np.linalg.norm(v))
+    return np.asarray(out, dtype=np.float32)
+
+
+@pytest.fixture()
+def topics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Embedder, "_encode", lambda self, texts: topic_encode(list(texts)))
+
+
+def _stored(wh: Warehouse) -> tuple[list, dict]:
+    with wh.read() as con:
+        rows = con.execute("select item_id, codes, sid from item_sids where dataset = 'ml-100k'"
+                           ).fetchall()
+        run = con.execute("select n_levels, collisions, colliding_items, moved_items,"
+                          " level_stats, collision_rate from sid_runs").fetchone()
+    keys = ("n_levels", "collisions", "colliding_items", "moved_items", "level_stats",
+            "collision_rate")
+    return rows, dict(zip(keys, run, strict=True))
+
+
+def test_ml100k_sids_spread_strict_and_stored(ml100k: Warehouse, topics: None) -> None:
+    """ml-100k (1,349 items) at a catalogue-appropriate K=64: no level where one code holds
+    more than 10% of items; A.2's 3 tokens, no two items share a SID; stats stored."""
+    c = run_sids(ml100k, "ml-100k", levels=3, codebook_size=64)
+    assert c["items"] == 1349 and c["warning"] is None
+    shares = [st["largest_share"] for st in c["level_stats"]]
+    assert max(shares) <= 0.10, shares
+    assert c["collision_rate"] < 0.10
+    assert all(st["perplexity"] > 32 for st in c["level_stats"])
+    rows, run = _stored(ml100k)
+    assert len(rows) == 1349 and len({sid for _, _, sid in rows}) == 1349
+    assert all(STRICT_RE.match(sid) and len(codes) == 3 for _, codes, sid in rows)
+    assert run["n_levels"] == 3 and run["collisions"] == "strict"
+    assert run["colliding_items"] == c["collisions"] > 0 and run["moved_items"] > 0
+    assert json.loads(run["level_stats"]) == c["level_stats"]
+
+
+def test_ml100k_large_k_warns_and_still_spreads(ml100k: Warehouse, topics: None) -> None:
+    """The issue's 3x256 on ml-100k: levels 2-3 held 60% / 80% of items; now none above 5%."""
+    c = run_sids(ml100k, "ml-100k", levels=3, codebook_size=256)
+    assert "K^2 = 65,536 >> items" in c["warning"] and "about 64 suits" in c["warning"]
+    assert max(st["largest_share"] for st in c["level_stats"]) <= 0.05
+    assert c["collision_rate"] < 0.05
+    rows, _ = _stored(ml100k)
+    assert len({sid for _, _, sid in rows}) == 1349
+    assert all(STRICT_RE.match(sid) for _, _, sid in rows)
+
+
+def test_ml100k_extra_level_and_balanced(ml100k: Warehouse, topics: None) -> None:
+    c = run_sids(ml100k, "ml-100k", levels=3, codebook_size=64, collisions="extra-level",
+                 balanced=True)
+    cap = -(-1349 // 64)
+    assert all(st["largest_share"] <= cap / 1349 for st in c["level_stats"])
+    rows, run = _stored(ml100k)
+    assert run["n_levels"] == 4 and run["collisions"] == "extra-level"
+    assert len({sid for _, _, sid in rows}) == 1349
+    assert all(len(codes) == 4 and "<s_d_" in sid for _, codes, sid in rows)
+
+
+def test_old_quantiser_collapses_for_comparison(ml100k: Warehouse, topics: None) -> None:
+    c = run_sids(ml100k, "ml-100k", levels=3, codebook_size=64, method="euclidean",
+                 collisions="extra-level")
+    assert max(st["largest_share"] for st in c["level_stats"]) > 0.3
+
+
+def test_resolve_strict_nearest_free_code() -> None:
+    last = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]], dtype=np.float32)
+    books = [np.zeros((4, 2), np.float32), last]
+    codes = np.array([[0, 0], [0, 0], [0, 0], [1, 0]])
+    residual = np.array([[0.1, 0.0], [0.9, 0.2], [0.2, 0.8], [0.0, 0.0]], dtype=np.float32)
+    out, moved = resolve_strict(codes, books, residual)
+    # item 0 is nearest its codeword and keeps code 0; 1 and 2 go to their nearest free code
+    assert out.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0]] and moved == 2
+    crowded = np.zeros((5, 2), dtype=np.int64)
+    with pytest.raises(FactoryError, match="5 items share their first 1 codes"):
+        resolve_strict(crowded, books, np.zeros((5, 2), np.float32))
+
+
+def test_level_stats_balanced_assign_and_warning() -> None:
+    codes = np.array([[0, 0], [0, 1], [1, 0], [1, 0]])
+    st = level_stats(codes, 2)
+    assert st[0] == {"level": 0, "used": 2, "of": 2, "largest_share": 0.5,
+                     "entropy_bits": 1.0, "perplexity": 2.0, "prefix_collision_rate": 1.0}
+    assert st[1]["largest_share"] == 0.75 and st[1]["prefix_collision_rate"] == 0.5
+    sim = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.0], [0.7, 0.6]])
+    assert balanced_assign(sim, 2).tolist() == [0, 0, 1, 1]
+    assert codebook_warning(1349, 64) is None and codebook_warning(1349, 256)
