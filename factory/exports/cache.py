@@ -145,8 +145,10 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
     idx = items["item_idx"].to_numpy()
     if not np.array_equal(idx, np.arange(1, n_items + 1)):
         raise FactoryError("items must be numbered 1..n in order")
-    if ("sid" in items.column_names) != (sid_meta is not None):
-        raise FactoryError("a sid column and its sid_meta go together")
+    if sid_meta is not None and "sid" not in items.column_names:
+        raise FactoryError("sid_meta without a sid column")
+    if sid_meta is None and "sid" in items.column_names:
+        sid_meta = {"run_id": None, "levels": len(items["sid"][0].as_py())}
     for dtype in {s.dtype for s in (item_text, steps) if s is not None}:
         if dtype not in FLOAT_DTYPES:
             raise FactoryError(f"embedding dtype must be float16 or float32, not {dtype}")
@@ -246,18 +248,18 @@ def resolve_sids_run(con: duckdb.DuckDBPyConnection, dataset: str, run: str | No
     """`run` checked to be a stored `sids` run of `dataset`, or the dataset's latest
     (view `sid_latest`) when `run` is None."""
     if run is None:
-        row = con.execute("select run_id from sid_latest where dataset = ?", [dataset]
-                          ).fetchone()
-        if row is None:
+        rows = con.execute("select run_id from sid_latest where dataset = ?", [dataset]
+                           ).fetchall()
+        if not rows:
             raise FactoryError(f"dataset {dataset!r} has no semantic IDs; run `factory sids "
                                f"--dataset {dataset}` first")
-        return row[0]
-    row = con.execute("select dataset from sid_runs where run_id = ?", [run]).fetchone()
-    if row is None:
+        return rows[0][0]
+    rows = con.execute("select dataset from sid_runs where run_id = ?", [run]).fetchall()
+    if not rows:
         raise FactoryError(f"no sids run {run!r} (see `factory sql \"select run_id, dataset, "
                            "params from sid_runs\"`)")
-    if row[0] != dataset:
-        raise FactoryError(f"sids run {run!r} is of dataset {row[0]!r}, not {dataset!r}")
+    if rows[0][0] != dataset:
+        raise FactoryError(f"sids run {run!r} is of dataset {rows[0][0]!r}, not {dataset!r}")
     return run
 
 
@@ -274,7 +276,7 @@ def attach_sids(con: duckdb.DuckDBPyConnection, dataset: str, items: pa.Table,
             " on s.dataset = ? and s.run_id = ? and s.item_id = c.item_id", [dataset, run_id]
         ).fetchall()
         info = con.execute("select params, n_levels, collision_rate, encoder from sid_runs"
-                           " where run_id = ?", [run_id]).fetchone()
+                           " where run_id = ?", [run_id]).fetchall()[0]
     finally:
         con.unregister("_cache_item_ids")
     codes = dict(rows)
