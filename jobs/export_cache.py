@@ -22,6 +22,18 @@ def export_cache_cmd(
                                "their step embeddings H_i (built by `factory embed-steps`)."),
     step_encoder: str = typer.Option(None, "--step-encoder", help="Encoder id the step "
                                      "embeddings must come from [default: the newest cache]."),
+    sids: bool = typer.Option(False, "--sids", help="Add the dataset's latest semantic IDs "
+                              "(`factory sids`) as items.parquet's sid column, for "
+                              "`python -m train --sid`."),
+    sids_run: str = typer.Option(None, "--sids-run", help="Take the SIDs of this sids run "
+                                 "instead of the latest (implies --sids)."),
+    item_text: bool = typer.Option(False, "--item-text", help="Write item_text.npy: item "
+                                   "text embeddings through the shared embedding cache."),
+    encoder: str = typer.Option(None, "--encoder", help="Item text encoder: "
+                                "sentence-transformers model path or name [default: the "
+                                "embedded all-MiniLM-L6-v2]."),
+    text_fields: str = typer.Option("title,categories", "--text-fields", help="Item text "
+                                    "fields, as `factory sids` (shares its cached vectors)."),
 ) -> None:
     """Export train/valid/test rows (histories, targets, items) for `python -m train`."""
     from factory.cli import warehouse
@@ -31,8 +43,12 @@ def export_cache_cmd(
 
     wh = warehouse()
     out = (out or Path("caches") / f"{dataset}-{split}-L{max_len}").resolve()
+    fields = [f.strip() for f in text_fields.split(",") if f.strip()]
     params = {"split": split, "out": str(out), "max_len": max_len, "replace": replace,
-              "chains": chains, "step_encoder": step_encoder}
+              "chains": chains, "step_encoder": step_encoder, "sids": sids or bool(sids_run),
+              "sids_run": sids_run, "item_text": item_text,
+              "encoder": encoder if item_text else None,
+              "text_fields": fields if item_text else None}
     steps = None
     if chains:
         from factory.distill import find_step_cache
@@ -52,7 +68,9 @@ def export_cache_cmd(
         run_id = start_run(con, "export-cache", dataset, params)
     try:
         manifest = export_cache(wh, dataset, split, out, max_len, steps=steps,
-                                replace=replace)
+                                replace=replace, sids=sids, sids_run=sids_run,
+                                embed_item_text=item_text, text_encoder=encoder,
+                                text_fields=fields)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         with wh.write() as con:
@@ -62,17 +80,23 @@ def export_cache_cmd(
         con.execute("delete from train_caches where path = ?", [str(out)])
         con.execute(
             "insert into train_caches (path, dataset, split, max_len, n_items, rows, item_text,"
-            " steps, manifest, run_id) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " steps, manifest, run_id, sid) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [str(out), dataset, split, max_len, manifest["n_items"],
              json.dumps(manifest["rows"]), json.dumps(manifest["item_text"]),
-             json.dumps(manifest["steps"]), json.dumps(manifest), run_id],
+             json.dumps(manifest["steps"]), json.dumps(manifest), run_id,
+             json.dumps(manifest["sid"])],
         )
         finish_run(con, run_id, "succeeded", counts=manifest["rows"])
     rows = manifest["rows"]
     summary(f"exported {dataset}/{split} to {out}", {
         "items": manifest["n_items"], "max len": max_len,
         "rows": ", ".join(f"{k} {v:,}" for k, v in rows.items()),
-        "item text": "yes" if manifest["item_text"] else "no",
+        "item text": (f"yes ({manifest['item_text']['encoder']}, "
+                      f"{manifest['item_text']['dim']} dims)" if manifest["item_text"]
+                      else "no (--item-text)"),
+        "semantic IDs": (f"yes (sids run {manifest['sid']['run_id']}, "
+                         f"{manifest['sid']['levels']} codes per item)" if manifest["sid"]
+                         else "no (--sids)"),
         "reasoning steps": "yes" if manifest["steps"] else "no",
         "run": run_id,
     }, f"select * from train_caches where dataset = '{dataset}'")

@@ -18,9 +18,9 @@ from factory.errors import FactoryError
 
 
 def resolve_cache(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
-                  max_len: int | None, needs: str) -> str:
+                  max_len: int | None, needs: str, sid: bool = False) -> str:
     """The newest exported cache of (dataset, split[, max_len]) that still exists on disk and
-    carries what the run needs ("none", "steps" or "chain")."""
+    carries what the run needs ("none", "steps" or "chain"; semantic IDs with `sid`)."""
     rows = con.execute(
         "select path, manifest from train_caches where dataset = ? and split = ?"
         " and (? is null or max_len = ?) order by created_at desc",
@@ -30,12 +30,15 @@ def resolve_cache(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
         m = json.loads(manifest)
         if needs != "none" and m.get(needs) is None:
             continue
+        if sid and m.get("sid") is None:
+            continue
         if (Path(path) / "manifest.json").is_file():
             return path
     what = {"none": "", "steps": " with reasoning steps",
-            "chain": " with whole-chain embeddings"}[needs]
+            "chain": " with whole-chain embeddings"}[needs] + (" with semantic IDs" if sid
+                                                                else "")
     hint = (f"; run `factory export cache --dataset {dataset} --split {split}"
-            + (f" --max-len {max_len}" if max_len else "") + "`"
+            + (f" --max-len {max_len}" if max_len else "") + (" --sids" if sid else "") + "`"
             if needs == "none" else " (exported with a chain source)")
     raise FactoryError(f"no exported cache{what} for dataset {dataset!r}, split {split!r}"
                        + (f", max_len {max_len}" if max_len else "") + hint)
@@ -70,15 +73,17 @@ def train_cmd(
                 raise FactoryError(f"{cache}: not an exported cache (no manifest.json)")
             cfg.cache = str(cache.resolve())
         else:
-            cfg.cache = resolve_cache(con, dataset, split, max_len, reasoning_kind(cfg))
+            cfg.cache = resolve_cache(con, dataset, split, max_len, reasoning_kind(cfg),
+                                      sid=cfg.sid)
     with wh.write() as con:
         run_id = start_run(con, "train", dataset, cfg.as_dict())
         cfg.out = cfg.out or str((wh.path.parent / "runs" / run_id).resolve())
         con.execute(
             "insert into train_runs (run_id, dataset, split, cache_path, backbone, fusion,"
-            " ablate, params, status, out_dir) values (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+            " ablate, params, status, out_dir, protocol)"
+            " values (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
             [run_id, dataset, split, cfg.cache, cfg.backbone, cfg.fusion, cfg.ablate,
-             json.dumps(cfg.as_dict()), cfg.out],
+             json.dumps(cfg.as_dict()), cfg.out, cfg.protocol],
         )
     try:
         with keep_alive(wh, run_id):       # a sign of life while training, for other hosts
@@ -90,11 +95,18 @@ def train_cmd(
             raise FactoryError(str(exc)) from None
         raise
     _finish(wh, run_id, "succeeded", result=result)
-    test, valid = result["test"], result["valid"]
+    rows: dict[str, Any] = {}
+    for proto in sorted(result["protocols"], key=lambda p: p != result["protocol"]):
+        m = result["protocols"][proto]
+        star = ", chose the best epoch" if proto == result["protocol"] else ""
+        rows[f"test R@10 / N@10, {proto}{star}"] = (
+            f"{m['test']['recall@10']:.4f} / {m['test']['ndcg@10']:.4f}")
+        rows[f"valid R@10 / N@10, {proto}"] = (
+            f"{m['valid']['recall@10']:.4f} / {m['valid']['ndcg@10']:.4f}")
+    rows.update({f"protocol {p}": m["name"] for p, m in result["protocols"].items()})
     summary(f"trained {cfg.backbone}" + (f" + {cfg.fusion}" if cfg.fusion != "none" else "")
             + f" on {dataset}/{split}", {
-                "test recall@10": test["recall@10"], "test ndcg@10": test["ndcg@10"],
-                "valid ndcg@10": valid["ndcg@10"],
+                **rows,
                 "best epoch": f"{result['best_epoch']} of {result['epochs_run']}",
                 "seconds/epoch": result["seconds_per_epoch"], "output": result["out"],
                 "run": run_id,
@@ -106,14 +118,22 @@ def _finish(wh: Any, run_id: str, status: str, result: dict[str, Any] | None = N
     from factory.runs import finish_run
 
     r = result or {}
+    by = r.get("protocols", {})
+
+    def js(value: Any) -> str | None:
+        return None if value is None else json.dumps(value)
+
     with wh.write() as con:
         con.execute(
-            "update train_runs set status = ?, valid = ?, test = ?, best_epoch = ?,"
+            "update train_runs set status = ?, valid = ?, test = ?, valid_full = ?,"
+            " test_full = ?, valid_masked = ?, test_masked = ?, best_epoch = ?,"
             " epochs_run = ?, seconds_per_epoch = ?, error = ?,"
             " finished_at = current_timestamp where run_id = ?",
-            [status, json.dumps(r.get("valid")) if r else None,
-             json.dumps(r.get("test")) if r else None, r.get("best_epoch"),
-             r.get("epochs_run"), r.get("seconds_per_epoch"), error, run_id],
+            [status, js(r.get("valid")), js(r.get("test")),
+             js(by.get("full", {}).get("valid")), js(by.get("full", {}).get("test")),
+             js(by.get("masked", {}).get("valid")), js(by.get("masked", {}).get("test")),
+             r.get("best_epoch"), r.get("epochs_run"), r.get("seconds_per_epoch"), error,
+             run_id],
         )
         counts = {k: r[k] for k in ("best_epoch", "epochs_run")} if r else {}
         finish_run(con, run_id, status, counts=counts, error=error)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from tiny_data import fake_encode, fake_model
 from typer.testing import CliRunner
 
 from factory.cli import app
@@ -18,6 +22,7 @@ from factory.warehouse import Warehouse
 from train.data import Cache
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _cli(wh: Warehouse, *args: str):
@@ -129,6 +134,13 @@ def test_factory_train_records_the_run(ml100k: Warehouse, tmp_path: Path) -> Non
     assert row[:5] == ("succeeded", str(tmp_path / "c"), "none", 1, 1)
     assert row[5] > 0 and 0 <= float(row[6]) <= 1 and row[7] == str(out) and row[8] == "16"
     assert job == ("succeeded",)
+    with ml100k.read() as con:  # both protocols, named; valid/test are the default's
+        proto = con.execute("select protocol, test = test_full, test_masked->>'recall@10',"
+                            " test_full->>'recall@10', valid_masked is not null"
+                            " from train_runs").fetchone()
+    assert proto[:2] == ("full", True) and proto[4]
+    assert float(proto[2]) >= float(proto[3])
+    assert "full, chose the best epoch" in result.output and "masked" in result.output
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 1
 
     _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--fusion", "scoter"),
@@ -139,3 +151,84 @@ def test_factory_train_records_the_run(ml100k: Warehouse, tmp_path: Path) -> Non
            "training option: argument --lr")
     _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--cache", str(tmp_path)),
            "not an exported cache")
+
+
+def test_factory_train_refuses_a_diverged_run(ml100k: Warehouse, tmp_path: Path) -> None:
+    assert _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--max-len", "10",
+                "--out", str(tmp_path / "c")).exit_code == 0
+    _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--epochs", "1", "--dim", "8",
+                "--threads", "2", "--lr", "1e30", "--out", str(tmp_path / "run")),
+           "training diverged")
+    with ml100k.read() as con:
+        row = con.execute("select status, test, test_full, test_masked, best_epoch, error"
+                          " from train_runs").fetchone()
+    assert row[:5] == ("failed", None, None, None, None) and "diverged" in row[5]
+
+
+def _counting(embed, stats: list):
+    def wrapped(self, texts, label="embedding"):
+        out = embed(self, texts, label)
+        stats.append(self.stats)
+        return out
+    return wrapped
+
+
+def test_export_sids_and_item_text_feed_train_sid(ml100k: Warehouse, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from factory.embeddings import Embedder
+    from jobs.sids import item_text, run_sids
+
+    stats = []
+    monkeypatch.setattr(Embedder, "embed", _counting(Embedder.embed, stats))
+
+    fake_model(monkeypatch)
+    _fails(_cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--sids",
+                "--out", str(tmp_path / "none")), "has no semantic IDs")
+    first = run_sids(ml100k, "ml-100k", levels=2, codebook_size=8)
+    latest = run_sids(ml100k, "ml-100k", levels=2, codebook_size=8, seed=1)
+    out = tmp_path / "c"
+    result = _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--max-len", "10",
+                  "--sids", "--item-text", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert stats[-1].cache_hits == stats[-1].unique and stats[-1].encoded == 0  # sids' texts
+    assert "item text: yes" in result.output and "semantic IDs: yes" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sid"]["run_id"] == latest["run_id"]
+    assert manifest["item_text"]["text_fields"] == ["title", "categories"]
+    cache = Cache(out)
+    items = pq.read_table(out / "items.parquet").to_pydict()
+    with ml100k.read() as con:
+        want = dict(con.execute("select item_id, codes from item_sids_all where run_id = ?",
+                                [latest["run_id"]]).fetchall())
+        titles = dict(con.execute("select item_id, title from items where dataset ="
+                                  " 'ml-100k'").fetchall())
+        sid_col = con.execute("select sid->>'run_id' from train_caches").fetchone()[0]
+    assert sid_col == latest["run_id"]
+    assert items["sid"] == [want[i] for i in items["item_id"]]
+    assert cache.sid.shape == (cache.n_items + 1, latest["levels"])
+    # the text vectors are the encoder's, through the shared cache (the sids texts: hits)
+    with ml100k.read() as con:
+        cur = con.execute("select item_id, title, categories from items where item_id = ?",
+                          [items["item_id"][0]])
+        row = dict(zip([d[0] for d in cur.description], cur.fetchall()[0], strict=True))
+    text = item_text(row, ["title", "categories"])
+    assert text.startswith(f"title: {titles[row['item_id']]}")
+    np.testing.assert_allclose(cache.item_text[1].astype(np.float32), fake_encode([text])[0],
+                               atol=1e-3)
+    assert not cache.item_text[0].any()
+    pinned = _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--max-len", "10",
+                  "--sids-run", first["run_id"], "--out", str(tmp_path / "p"))
+    assert pinned.exit_code == 0, pinned.output
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text()
+                      )["sid"]["run_id"] == first["run_id"]
+    _fails(_cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--sids-run", "nope",
+                "--out", str(tmp_path / "x")), "no sids run 'nope'")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "--cache", str(out), "--sid", "--epochs", "1",
+         "--dim", "16", "--threads", "2", "--out", str(tmp_path / "run")],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["params"]["sid"] is True and saved["epochs_run"] == 1

@@ -244,3 +244,96 @@ def test_python_m_train(caches: dict[str, Path], tmp_path: Path) -> None:
     usage = subprocess.run([sys.executable, "-m", "train", "--cache", "x", "--fusion", "gnn"],
                            capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "invalid choice" in usage.stderr
+
+
+# -- issue 12: divergence, protocols, Table 8 settings ---------------------------------------
+def test_a_nan_score_never_ranks_a_target_first() -> None:
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([
+        [-inf, 0.1, nan, 0.3, 0.2],  # NaN target: last (rank 3 of 4 items), never first
+        [-inf, nan, 0.9, 0.3, 0.2],  # a NaN elsewhere counts against the target
+        [-inf, nan, nan, nan, nan],  # all NaN: last
+        [-inf, 0.1, inf, 0.3, 0.2],  # +inf target is ahead of every finite score
+    ])
+    ranks = target_ranks(scores, torch.tensor([2, 2, 1, 2]))
+    assert ranks.tolist() == [4, 1, 4, 0]
+    m = metrics_from_ranks(torch.tensor([4, 4]), ks=(1, 5))
+    assert m["recall@1"] == 0.0 and m["ndcg@1"] == 0.0
+    with pytest.raises(ValueError, match="negative"):
+        metrics_from_ranks(torch.tensor([-1]))
+
+
+def test_a_diverged_run_stops_with_one_line_and_writes_nothing(caches: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "nan"
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "--cache", str(caches["plain"]), "--lr", "1e30",
+         "--epochs", "2", "--dim", "16", "--threads", "1", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "diverged" in errors[0] and "nan" in errors[0]
+    assert "Traceback" not in done.stderr and "recall@10" not in done.stdout
+    assert not (out / "metrics.json").exists()
+
+
+def test_non_finite_scores_stop_the_evaluation(caches: dict[str, Path]) -> None:
+    from train.loop import DivergedError, evaluate
+
+    cache = Cache(caches["plain"])
+    model = build_model(Config(cache="", dim=16), cache)
+    with torch.no_grad():
+        model.backbone.item_emb.weight[5] = float("nan")
+    with pytest.raises(DivergedError, match="non-finite ranking scores"):
+        evaluate(model, cache.splits["valid"], Config(cache=""), torch.device("cpu"))
+
+
+def test_both_protocols_are_reported_and_full_ranking_is_the_default(
+        caches: dict[str, Path], tmp_path: Path) -> None:
+    assert Config(cache="").protocol == "full"
+    assert parse_args(["--cache", "x"]).protocol == "full"
+    assert parse_args(["--cache", "x", "--mask-history"]).protocol == "masked"
+    result = _run(tmp_path, caches["plain"], "both", epochs=3)
+    assert result["protocol"] == "full"
+    full, masked = result["protocols"]["full"], result["protocols"]["masked"]
+    assert "entire catalog" in full["name"] and "excluded" in masked["name"]
+    assert result["test"] == full["test"] and result["valid"] == full["valid"]
+    # masking the history can only lift the target: random histories make it differ
+    for split in ("valid", "test"):
+        assert masked[split]["recall@20"] >= full[split]["recall@20"]
+    assert masked["test"]["recall@20"] > full["test"]["recall@20"]
+    # early stopping follows the default protocol
+    evals = [h for h in result["history"] if "valid" in h]
+    best = max(evals, key=lambda h: h["valid_by_protocol"]["full"]["ndcg@10"])
+    assert result["best_epoch"] == best["epoch"]
+    saved = json.loads((Path(result["out"]) / "metrics.json").read_text())
+    assert saved["protocol"] == "full" and set(saved["protocols"]) == {"full", "masked"}
+    chosen = _run(tmp_path, caches["plain"], "masked", epochs=1, protocol="masked")
+    assert chosen["test"] == chosen["protocols"]["masked"]["test"]
+
+
+@pytest.mark.parametrize(("dim", "heads", "head_dim", "want"), [
+    (50, 4, None, 13),  # SCoTER Table 8: d=50, 4 cross-attention heads
+    (128, 6, None, 22),  # SCoTER-T: d_model 128, 6 heads
+    (128, 6, 64, 64),  # ... with TIGER's d_kv 64
+])
+def test_table8_fusion_settings_build_and_train(dim: int, heads: int, head_dim: int | None,
+                                                want: int, caches: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    kw = {"fusion": "scoter", "fusion_heads": heads, "fusion_head_dim": head_dim}
+    model = build_model(Config(cache="", dim=dim, **kw), Cache(caches["oracle"]))
+    assert model.fusion.head_dim == want
+    assert model.fusion.attn.q.weight.shape == (heads * want, dim)
+    result = _run(tmp_path, caches["oracle"], f"t8-{dim}-{heads}", epochs=1, dim=dim,
+                  **kw)
+    assert result["epochs_run"] == 1 and result["params"]["fusion_heads"] == heads
+
+
+def test_table8_command_line_parses() -> None:
+    cfg = parse_args(["--cache", "x", "--lr", "1e-4", "--weight-decay", "5e-5",
+                      "--batch-size", "512", "--epochs", "300", "--patience", "20",
+                      "--fusion", "scoter", "--fusion-heads", "4", "--dim", "50"])
+    assert (cfg.dim, cfg.fusion_heads, cfg.fusion_head_dim) == (50, 4, None)
+    with pytest.raises(ArgumentError, match="--heads"):
+        parse_args(["--cache", "x", "--dim", "50", "--heads", "4"])

@@ -10,11 +10,21 @@ from train.loop import run
 
 
 def format_metrics(result: dict) -> str:
+    """Both protocols, the one that chose the best epoch first and starred."""
     keys = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)]
-    lines = ["split  " + "  ".join(f"{k:>9}" for k in keys)]
-    for split in ("valid", "test"):
-        lines.append(f"{split:<5}  " + "  ".join(f"{result[split][k]:>9.4f}" for k in keys))
-    lines.append(f"best epoch {result['best_epoch']} of {result['epochs_run']}, "
+    lines = ["split  protocol " + "  ".join(f"{k:>9}" for k in keys)]
+    chosen = result["protocol"]
+    order = [chosen] + [p for p in result["protocols"] if p != chosen]
+    for proto in order:
+        for split in ("valid", "test"):
+            m = result["protocols"][proto][split]
+            lines.append(f"{split:<5}  {proto + ('*' if proto == chosen else ''):<8} "
+                         + "  ".join(f"{m[k]:>9.4f}" for k in keys))
+    for proto in order:
+        lines.append(f"{proto + ('*' if proto == chosen else ''):<8} "
+                     f"{result['protocols'][proto]['name']}")
+    lines.append(f"* selected the best epoch. "
+                 f"best epoch {result['best_epoch']} of {result['epochs_run']}, "
                  f"{result['seconds_per_epoch']:.2f} s/epoch on {result['device']}; "
                  f"written to {result['out']}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from train.fusion import ABLATIONS, check_ablations
+from train.metrics import PROTOCOLS
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Config:
     ffn_dim: int | None = None  # default: dim, as in SASRec
     dropout: float = 0.2
     fusion_heads: int = 4  # SCoTER-H: 4, SCoTER-T: 6
+    fusion_head_dim: int | None = None  # default: dim // fusion_heads, else ceil
     fusion_dropout: float = 0.1  # SCoTER Table 8
     lam: float = 0.1  # SCoTER eq. 8
     temperature: float = 0.1  # eq. 6; the paper gives no value
@@ -39,7 +41,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # mixed precision on CUDA only
     threads: int | None = None
-    mask_history: bool = True  # rank only items outside the user's history
+    protocol: str = "full"  # ranking that early-stops and heads the report (both reported)
     verify: bool = True  # check every cache file's sha256 on open
     save_model: bool = False
 
@@ -51,10 +53,17 @@ class Config:
         check_ablations(frozenset(self.ablate))
         if self.fusion == "none" and (self.ablate or self.shuffle_steps):
             raise ValueError("--ablate and --shuffle-steps need --fusion scoter")
-        for name in ("dim", "layers", "heads", "batch_size", "eval_batch_size", "epochs",
-                     "patience", "eval_every"):
+        for name in ("dim", "layers", "heads", "fusion_heads", "batch_size", "eval_batch_size",
+                     "epochs", "patience", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.fusion_head_dim is not None and self.fusion_head_dim < 1:
+            raise ValueError("--fusion-head-dim must be at least 1")
+        if self.dim % self.heads:
+            raise ValueError(f"--heads ({self.heads}) must divide --dim ({self.dim}) "
+                             "(the backbone's self-attention)")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError("--max-minutes must be positive")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -77,7 +86,8 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
     d = Config(cache="")
     p = _Parser(prog="python -m train",
                 description="Train SASRec, optionally with SCoTER reasoning fusion, on an "
-                            "exported cache; full-catalog leave-one-out evaluation.")
+                            "exported cache; leave-one-out evaluation by full ranking, "
+                            "reported with and without the history masked.")
     p.add_argument("--cache", required=require_cache, help="exported cache directory")
     p.add_argument("--out", help="output directory [runs/<cache>-<variant>-<time>]")
     p.add_argument("--backbone", default=d.backbone, choices=["sasrec"])
@@ -91,6 +101,8 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
         ("dim", int, "model and item dimension"), ("layers", int, "transformer blocks"),
         ("heads", int, "self-attention heads"), ("ffn-dim", int, "FFN width [dim]"),
         ("dropout", float, "backbone dropout"), ("fusion-heads", int, "cross-attention heads"),
+        ("fusion-head-dim", int, "width of each cross-attention head, independent of --dim "
+         "[dim // fusion-heads when it divides, else rounded up]"),
         ("fusion-dropout", float, "fusion dropout"), ("lam", float, "InfoNCE weight lambda"),
         ("temperature", float, "InfoNCE temperature tau"), ("lr", float, "Adam learning rate"),
         ("weight-decay", float, "Adam weight decay"), ("batch-size", int, "training batch"),
@@ -107,8 +119,15 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
                        help=hlp if default is None else f"{hlp} [{default}]")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision")
-    p.add_argument("--no-mask-history", dest="mask_history", action="store_false",
-                   help="also rank items already in the user's history")
+    p.add_argument("--protocol", default=d.protocol, choices=list(PROTOCOLS),
+                   help="ranking protocol that selects the best epoch and heads the report; "
+                        "both are always reported. full: the whole catalog, history "
+                        "included (SCoTER 4.1, TwiSTAR 5); masked: history items excluded "
+                        f"[{d.protocol}]")
+    p.add_argument("--mask-history", dest="protocol", action="store_const", const="masked",
+                   help="same as --protocol masked")
+    p.add_argument("--no-mask-history", dest="protocol", action="store_const", const="full",
+                   help=argparse.SUPPRESS)  # the old spelling of the default
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of the cache files")
     p.add_argument("--save-model", action="store_true", help="write model.pt (best epoch)")

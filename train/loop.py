@@ -18,10 +18,15 @@ import torch
 from train.config import Config
 from train.data import Cache, CacheError, Split, TrainError, batches, next_item_labels
 from train.fusion import ScoterFusion
-from train.metrics import metrics_from_ranks, target_ranks
+from train.metrics import PROTOCOL_NAMES, PROTOCOLS, metrics_from_ranks, target_ranks
 from train.model import Recommender, SASRec
 
 Log = Callable[[str], None]
+
+
+class DivergedError(TrainError):
+    """A non-finite training loss or ranking score: the run stops, nothing is ranked or
+    reported (as RecBole stops on "Training loss is nan")."""
 
 
 def seed_everything(seed: int) -> None:
@@ -61,7 +66,7 @@ def build_model(cfg: Config, cache: Cache) -> Recommender:
                     else "whole-chain embeddings (chain), needed by --ablate single")
             raise CacheError(f"{cache.path}: --fusion scoter needs {what}; this cache has none")
         fusion = ScoterFusion(int(meta["D"]), cfg.dim, int(meta.get("K", 1)), cfg.fusion_heads,
-                              cfg.fusion_dropout, frozenset(cfg.ablate))
+                              cfg.fusion_dropout, frozenset(cfg.ablate), cfg.fusion_head_dim)
     return Recommender(backbone, fusion, cfg.lam, cfg.temperature)
 
 
@@ -74,24 +79,35 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 @torch.no_grad()
 def evaluate(model: Recommender, split: Split, cfg: Config, device: torch.device,
-             reasoning_rows: np.ndarray | None = None) -> dict[str, float]:
-    """Full-catalog ranking of each row's target; rows in file order, no dropout."""
+             reasoning_rows: np.ndarray | None = None, where: str = ""
+             ) -> dict[str, dict[str, float]]:
+    """Full-catalog ranking of each row's target under both protocols (train.metrics):
+    {"full": metrics, "masked": metrics}; rows in file order, no dropout. A NaN or infinite
+    score for any item raises DivergedError: such a model is never ranked."""
     model.eval()
-    ranks = []
+    ranks: dict[str, list[torch.Tensor]] = {p: [] for p in PROTOCOLS}
     for batch in batches(split, cfg.eval_batch_size, reasoning=reasoning_kind(cfg),
                          reasoning_rows=reasoning_rows):
         batch = batch.to(device)
         with _autocast(device, cfg.amp):
             scores = model.scores(batch.seq, batch.reasoning).float()
-        if cfg.mask_history:
-            scores.scatter_(1, batch.seq, float("-inf"))
-        ranks.append(target_ranks(scores, batch.target).cpu())
-    return metrics_from_ranks(torch.cat(ranks)) if ranks else {}
+        bad = ~torch.isfinite(scores[:, 1:])  # column 0 (padding) is -inf by design
+        if bad.any():
+            n = int(bad.any(dim=1).sum())
+            raise DivergedError(f"training diverged: non-finite ranking scores for {n} "
+                                f"{split.name} rows{where}; the run is not ranked or "
+                                "reported (lower --lr?)")
+        ranks["full"].append(target_ranks(scores, batch.target).cpu())
+        scores.scatter_(1, batch.seq, float("-inf"))  # padding 0 is -inf already
+        ranks["masked"].append(target_ranks(scores, batch.target).cpu())
+    if not ranks["full"]:
+        return {p: {} for p in PROTOCOLS}
+    return {p: metrics_from_ranks(torch.cat(r)) for p, r in ranks.items()}
 
 
 def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.device,
                 opt: torch.optim.Optimizer, scaler: Any, rng: np.random.Generator,
-                reasoning_rows: np.ndarray | None) -> dict[str, float]:
+                reasoning_rows: np.ndarray | None, epoch: int = 0) -> dict[str, float]:
     model.train()
     sums: dict[str, float] = {}
     n = 0
@@ -101,12 +117,17 @@ def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.dev
         labels = next_item_labels(batch.seq, batch.target)
         with _autocast(device, cfg.amp):
             out = model.losses(batch.seq, labels, batch.target, batch.reasoning)
+        values = {k: float(v.detach()) for k, v in out.items()}
+        if not all(np.isfinite(v) for v in values.values()):
+            shown = ", ".join(f"{k} {v}" for k, v in values.items())
+            raise DivergedError(f"training diverged at epoch {epoch}, batch {n + 1}: {shown}; "
+                                "the run is not ranked or reported (lower --lr?)")
         opt.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         scaler.step(opt)
         scaler.update()
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
         n += 1
     return {k: v / max(n, 1) for k, v in sums.items()}
 
@@ -129,8 +150,9 @@ def default_out(cfg: Config) -> Path:
 
 
 def run(cfg: Config, log: Log = print) -> dict[str, Any]:
-    """Train, early-stop on valid NDCG@10, test the best epoch; write metrics.json and
-    curves.png (and model.pt with save_model) into the output directory."""
+    """Train, early-stop on valid NDCG@10 under `cfg.protocol`, test the best epoch under
+    both protocols; write metrics.json and curves.png (and model.pt with save_model) into
+    the output directory. A non-finite loss or score raises DivergedError (nothing written)."""
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -150,6 +172,7 @@ def run(cfg: Config, log: Log = print) -> dict[str, Any]:
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"ndcg": -1.0, "epoch": 0, "state": None, "valid": {}}
+    proto = cfg.protocol
     train_seconds: list[float] = []
     waited = 0
     log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device}: "
@@ -158,16 +181,17 @@ def run(cfg: Config, log: Log = print) -> dict[str, Any]:
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         losses = train_epoch(model, cache.splits["train"], cfg, device, opt, scaler, rng,
-                             perms["train"])
+                             perms["train"], epoch)
         train_seconds.append(time.perf_counter() - t0)
         row: dict[str, Any] = {"epoch": epoch, "seconds": train_seconds[-1], **losses}
         over_time = (cfg.max_minutes is not None
                      and sum(train_seconds) > 60 * cfg.max_minutes)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or over_time:
-            valid = evaluate(model, cache.splits["valid"], cfg, device, perms["valid"])
-            row["valid"] = valid
-            if valid["ndcg@10"] > best["ndcg"]:
-                best = {"ndcg": valid["ndcg@10"], "epoch": epoch, "valid": valid,
+            both = evaluate(model, cache.splits["valid"], cfg, device, perms["valid"],
+                            where=f" at epoch {epoch}")
+            row["valid"], row["valid_by_protocol"] = both[proto], both
+            if both[proto]["ndcg@10"] > best["ndcg"]:
+                best = {"ndcg": both[proto]["ndcg@10"], "epoch": epoch, "valid": both,
                         "state": copy.deepcopy(model.state_dict())}
                 waited = 0
             else:
@@ -176,32 +200,38 @@ def run(cfg: Config, log: Log = print) -> dict[str, Any]:
         log(f"epoch {epoch}: loss {losses.get('loss', float('nan')):.4f}"
             + (f" (nce {losses['nce']:.4f})" if "nce" in losses else "")
             + (f", valid R@10 {row['valid']['recall@10']:.4f} N@10 "
-               f"{row['valid']['ndcg@10']:.4f}" if "valid" in row else "")
+               f"{row['valid']['ndcg@10']:.4f} ({proto})" if "valid" in row else "")
             + f", {train_seconds[-1]:.1f}s")
         if waited >= cfg.patience:
-            log(f"early stop: no better valid NDCG@10 in {cfg.patience} evaluations")
+            log(f"early stop: no better valid NDCG@10 ({proto}) in {cfg.patience} evaluations")
             break
         if over_time:
             log(f"time budget of {cfg.max_minutes:g} minutes spent: stopping")
             break
 
     model.load_state_dict(best["state"])
-    test = evaluate(model, cache.splits["test"], cfg, device, perms["test"])
+    test = evaluate(model, cache.splits["test"], cfg, device, perms["test"],
+                    where=" (test)")
     result = {
         "cache": str(cache.path), "dataset": cache.manifest.get("dataset"),
         "split": cache.manifest.get("split"), "out": str(out), "device": str(device),
         "best_epoch": best["epoch"], "epochs_run": len(history),
         "seconds_per_epoch": float(np.mean(train_seconds)),
-        "valid": best["valid"], "test": test, "params": cfg.as_dict(), "history": history,
+        # valid/test: under `protocol`, which chose the best epoch; `protocols`: both
+        "protocol": proto, "valid": best["valid"][proto], "test": test[proto],
+        "protocols": {p: {"name": PROTOCOL_NAMES[p], "valid": best["valid"][p],
+                          "test": test[p]} for p in PROTOCOLS},
+        "params": cfg.as_dict(), "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    plot_curves(history, best["epoch"], out / "curves.png")
+    plot_curves(history, best["epoch"], out / "curves.png", proto)
     if cfg.save_model:
         torch.save(best["state"], out / "model.pt")
     return result
 
 
-def plot_curves(history: list[dict[str, Any]], best_epoch: int, path: Path) -> None:
+def plot_curves(history: list[dict[str, Any]], best_epoch: int, path: Path,
+                protocol: str = "full") -> None:
     """Training losses and validation Recall/NDCG@10 per epoch (PNG, no display needed)."""
     import matplotlib
 
@@ -223,7 +253,7 @@ def plot_curves(history: list[dict[str, Any]], best_epoch: int, path: Path) -> N
                  label=f"valid {key}")
     ax2.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
     ax2.set_xlabel("epoch")
-    ax2.set_title("validation (full ranking)")
+    ax2.set_title(f"validation ({protocol} ranking)")
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -2,6 +2,15 @@
 
 With a single held-out item, Recall@K equals HR@K. Ties count against the target (an item
 scored equal to it ranks ahead), so a model that scores everything alike gets no credit.
+Ranks are NaN-safe: a NaN score never ranks ahead of anything; a NaN target ranks last and
+a NaN elsewhere counts against the target. (A run never reports such ranks: the training
+loop stops on the first non-finite score; this is the second line of defence.)
+
+Two protocols, both reported by every run (README, "Training"):
+  full    every item of the catalog is ranked, the user's history included: "full ranking
+          over the entire item catalog" (SCoTER 4.1, TwiSTAR 5). The default.
+  masked  the items of the user's history are left out of the ranking (what SASRec's own
+          code, RecBole's defaults and generative-recommenders' eval do).
 """
 
 from __future__ import annotations
@@ -9,16 +18,28 @@ from __future__ import annotations
 import torch
 
 KS = (5, 10, 20)
+PROTOCOLS = ("full", "masked")
+PROTOCOL_NAMES = {
+    "full": "full ranking over the entire catalog, history included (SCoTER 4.1, TwiSTAR 5)",
+    "masked": "full ranking with the user's history items excluded",
+}
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each row's target among all columns; ties ranked pessimistically."""
-    target_scores = scores.gather(1, targets.view(-1, 1))
-    return (scores >= target_scores).sum(dim=1) - 1
+    """0-based rank of each row's target among all columns; ties ranked pessimistically.
+
+    An item counts ahead of the target unless its score is strictly lower, so a NaN on
+    either side counts against the target: a NaN target ranks last, never first."""
+    t = targets.view(-1, 1)
+    ahead = ~(scores < scores.gather(1, t))
+    ahead.scatter_(1, t, False)  # the target is not ahead of itself
+    return ahead.sum(dim=1)
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """Recall@K and NDCG@K averaged over users, from 0-based target ranks."""
+    if (ranks < 0).any():
+        raise ValueError("negative target rank")
     ranks = ranks.double()
     out: dict[str, float] = {}
     for k in ks:

@@ -5,7 +5,9 @@ train = (train items except the last -> the last train item), valid = (all train
 the valid item), test = (train + valid items -> the test item); histories keep the most
 recent `max_len` items, left-padded with 0. A history never contains its own target or any
 later item. Optional arrays come from providers aligned to the rows: item text embeddings
-(`ItemTextSource`) and step-wise reasoning embeddings H_i (`StepSource`, SCoTER 3.3.1).
+(`ItemTextSource`; `embedder_text_source` embeds through the shared embedding cache) and
+step-wise reasoning embeddings H_i (`StepSource`, SCoTER 3.3.1). Semantic IDs of a `sids`
+run become items.parquet's `sid` column (`attach_sids`), for `python -m train --sid`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ class ItemTextSource:
     encoder: str
     embed: Callable[[list[str], list[str | None]], np.ndarray]
     dtype: str = "float16"
+    meta: dict[str, Any] = field(default_factory=dict)  # more for the manifest's item_text
 
 
 @dataclass
@@ -129,7 +132,8 @@ def _write_chunked(path: Path, part: str, users: list[str], fetch: Callable, sha
 
 def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
                 parts: dict[str, Part], max_len: int, item_text: ItemTextSource | None = None,
-                steps: StepSource | None = None, replace: bool = False) -> dict[str, Any]:
+                steps: StepSource | None = None, replace: bool = False,
+                sid_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the cache directory atomically (a temporary sibling renamed at the end); returns
     the manifest. `items` has item_idx (1..n), item_id, title and optionally sid."""
     out = Path(out)
@@ -141,6 +145,10 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
     idx = items["item_idx"].to_numpy()
     if not np.array_equal(idx, np.arange(1, n_items + 1)):
         raise FactoryError("items must be numbered 1..n in order")
+    if sid_meta is not None and "sid" not in items.column_names:
+        raise FactoryError("sid_meta without a sid column")
+    if sid_meta is None and "sid" in items.column_names:
+        sid_meta = {"run_id": None, "levels": len(items["sid"][0].as_py())}
     for dtype in {s.dtype for s in (item_text, steps) if s is not None}:
         if dtype not in FLOAT_DTYPES:
             raise FactoryError(f"embedding dtype must be float16 or float32, not {dtype}")
@@ -158,7 +166,8 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
             full = np.zeros((n_items + 1, vecs.shape[1]), dtype=item_text.dtype)
             full[1:] = vecs
             np.save(tmp / "item_text.npy", full)
-            text_meta = {"encoder": item_text.encoder, "dim": int(vecs.shape[1])}
+            text_meta = {**item_text.meta, "encoder": item_text.encoder,
+                         "dim": int(vecs.shape[1]), "dtype": item_text.dtype}
         for name, part in parts.items():
             if np.isin(part.target, 0).any() or (part.seq[:, -1] == 0).any():
                 raise FactoryError(f"{name}: a row has no target or an empty history")
@@ -182,7 +191,7 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
                             "encoder": steps.meta.get("encoder")})
         manifest = {
             "format": FORMAT, "version": VERSION, "dataset": dataset, "split": split,
-            "n_items": n_items, "max_len": max_len, "item_text": text_meta,
+            "n_items": n_items, "max_len": max_len, "item_text": text_meta, "sid": sid_meta,
             "steps": steps_meta, "chain": chain_meta,
             "rows": {name: int(len(p.target)) for name, p in parts.items()},
             "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
@@ -235,14 +244,125 @@ def read_split(con: duckdb.DuckDBPyConnection, dataset: str, split: str
     return items, users, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
 
 
+def resolve_sids_run(con: duckdb.DuckDBPyConnection, dataset: str, run: str | None) -> str:
+    """`run` checked to be a stored `sids` run of `dataset`, or the dataset's latest
+    (view `sid_latest`) when `run` is None."""
+    if run is None:
+        rows = con.execute("select run_id from sid_latest where dataset = ?", [dataset]
+                           ).fetchall()
+        if not rows:
+            raise FactoryError(f"dataset {dataset!r} has no semantic IDs; run `factory sids "
+                               f"--dataset {dataset}` first")
+        return rows[0][0]
+    rows = con.execute("select dataset from sid_runs where run_id = ?", [run]).fetchall()
+    if not rows:
+        raise FactoryError(f"no sids run {run!r} (see `factory sql \"select run_id, dataset, "
+                           "params from sid_runs\"`)")
+    if rows[0][0] != dataset:
+        raise FactoryError(f"sids run {run!r} is of dataset {rows[0][0]!r}, not {dataset!r}")
+    return run
+
+
+def attach_sids(con: duckdb.DuckDBPyConnection, dataset: str, items: pa.Table,
+                run: str | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """`items` with a `sid` column (list<int32>: one code per level, disambiguation level
+    included) from the `sids` run `run` (default: the latest), and the manifest's `sid`
+    entry. Every item of the cache must have a SID of the same length."""
+    run_id = resolve_sids_run(con, dataset, run)
+    con.register("_cache_item_ids", items.select(["item_id"]))
+    try:
+        rows = con.execute(
+            "select c.item_id, s.codes from _cache_item_ids c left join item_sids_all s"
+            " on s.dataset = ? and s.run_id = ? and s.item_id = c.item_id", [dataset, run_id]
+        ).fetchall()
+        info = con.execute("select params, n_levels, collision_rate, encoder from sid_runs"
+                           " where run_id = ?", [run_id]).fetchall()[0]
+    finally:
+        con.unregister("_cache_item_ids")
+    codes = dict(rows)
+    missing = [i for i in items["item_id"].to_pylist() if codes.get(i) is None]
+    if missing:
+        raise FactoryError(f"sids run {run_id} has no SID for {len(missing):,} of the cache's "
+                           f"{items.num_rows:,} items (e.g. {missing[0]!r}); re-run "
+                           f"`factory sids --dataset {dataset}`")
+    column = [list(codes[i]) for i in items["item_id"].to_pylist()]
+    if len({len(c) for c in column}) != 1:
+        raise FactoryError(f"sids run {run_id}: SIDs of different lengths")
+    params = json.loads(info[0]) if isinstance(info[0], str) else info[0]
+    meta = {"run_id": run_id, "levels": len(column[0]), "n_levels": info[1],
+            "codebook_size": params.get("codebook_size"), "collision_rate": info[2],
+            "encoder": info[3]}
+    return items.append_column("sid", pa.array(column, pa.list_(pa.int32()))), meta
+
+
+def item_texts(con: duckdb.DuckDBPyConnection, dataset: str, item_ids: list[str],
+               fields: list[str]) -> tuple[list[str], int]:
+    """The text embedded for each item, as `factory sids` builds it (so a shared encoder
+    finds SID texts in the embedding cache): `title: ...; categories: ...` from `fields`;
+    an item with none of them is embedded by its id. Returns (texts, items without text)."""
+    from jobs.sids import TEXT_FIELDS, item_text
+
+    bad = [f for f in fields if f not in TEXT_FIELDS]
+    if bad:
+        raise FactoryError(f"unknown text field(s) {', '.join(bad)} "
+                           f"(choose from {', '.join(TEXT_FIELDS)})")
+    cur = con.execute("select item_id, title, categories, brand, description from items"
+                      " where dataset = ?", [dataset])
+    columns = [d[0] for d in cur.description]
+    rows = {r[0]: dict(zip(columns, r, strict=True)) for r in cur.fetchall()}
+    texts, without = [], 0
+    for item_id in item_ids:
+        text = item_text(rows.get(item_id, {}), fields)
+        without += not text
+        texts.append(text or item_id)
+    return texts, without
+
+
+def embedder_text_source(wh: Warehouse, texts: dict[str, str], encoder: str | None = None,
+                         *, fields: list[str] | None = None, without_text: int = 0,
+                         dtype: str = "float16") -> ItemTextSource:
+    """Item text embeddings through the shared embedding cache (factory/embeddings.py);
+    `texts` maps item_id -> text. Call it without holding a warehouse connection."""
+    from factory.embeddings import Embedder
+
+    embedder = Embedder(wh, encoder)
+
+    def embed(item_ids: list[str], _titles: list[str | None]) -> np.ndarray:
+        return embedder.embed([texts[i] for i in item_ids], label="embedding item texts")
+
+    return ItemTextSource(encoder=embedder.encoder_id, embed=embed, dtype=dtype,
+                          meta={"text_fields": fields, "items_without_text": without_text})
+
+
 def export_cache(wh: Warehouse, dataset: str, split: str, out: Path, max_len: int, *,
                  item_text: ItemTextSource | None = None, steps: StepSource | None = None,
-                 replace: bool = False) -> dict[str, Any]:
-    """Read the split (one short read), then write the cache; returns the manifest."""
+                 replace: bool = False, sids: bool = False, sids_run: str | None = None,
+                 text_encoder: str | None = None, text_fields: list[str] | None = None,
+                 embed_item_text: bool = False) -> dict[str, Any]:
+    """Read the split (one short read), then write the cache; returns the manifest.
+
+    `sids` (or a `sids_run`) adds the semantic IDs of that run (default: the dataset's
+    latest) as items.parquet's `sid` column; `embed_item_text` writes item_text.npy from
+    `text_fields` (default title, categories) through the shared embedding cache with
+    `text_encoder` (default: the embedded MiniLM)."""
     if max_len < 1:
         raise FactoryError("--max-len must be at least 1")
+    sid_meta = texts = None
+    without = 0
+    fields = text_fields or ["title", "categories"]
     with wh.read() as con:
         items, users, train, valid, test = read_split(con, dataset, split)
+        if sids or sids_run:
+            items, sid_meta = attach_sids(con, dataset, items, sids_run)
+        if embed_item_text:
+            ids = items["item_id"].to_pylist()
+            text_list, without = item_texts(con, dataset, ids, fields)
+            texts = dict(zip(ids, text_list, strict=True))
+    if texts is not None:
+        if item_text is not None:
+            raise FactoryError("pass either an item_text source or embed_item_text")
+        item_text = embedder_text_source(wh, texts, text_encoder, fields=fields,
+                                         without_text=without)
     if not users:
         raise FactoryError(f"split {split!r} of {dataset!r} has no interactions")
     parts = build_parts(users, train, valid, test, max_len)
@@ -250,4 +370,5 @@ def export_cache(wh: Warehouse, dataset: str, split: str, out: Path, max_len: in
         raise FactoryError(f"split {split!r} of {dataset!r} has no user with two training "
                            "items: nothing to train on")
     return write_cache(out, dataset=dataset, split=split, items=items, parts=parts,
-                       max_len=max_len, item_text=item_text, steps=steps, replace=replace)
+                       max_len=max_len, item_text=item_text, steps=steps, replace=replace,
+                       sid_meta=sid_meta)
