@@ -184,8 +184,9 @@ def test_export_sids_and_item_text_feed_train_sid(ml100k: Warehouse, tmp_path: P
     fake_model(monkeypatch)
     _fails(_cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--sids",
                 "--out", str(tmp_path / "none")), "has no semantic IDs")
-    first = run_sids(ml100k, "ml-100k", levels=2, codebook_size=8)
-    latest = run_sids(ml100k, "ml-100k", levels=2, codebook_size=8, seed=1)
+    first = run_sids(ml100k, "ml-100k", levels=2, codebook_size=8, collisions="extra-level")
+    latest = run_sids(ml100k, "ml-100k", levels=2, codebook_size=8, seed=1,
+                      collisions="extra-level")
     out = tmp_path / "c"
     result = _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--max-len", "10",
                   "--sids", "--item-text", "--out", str(out))
