@@ -2,9 +2,12 @@
 
 For each pair of the latest `mine-i2i` run, the paper's instruction with both items' text
 (title and category) is sent `--samples` times (sample index 0..S-1, so each is a distinct,
-cached request). Every answer is judged (factory.quality): shorter than 30 tokens (the
-paper's filter), refusal, names neither item, or a near-duplicate (embedding cosine) of an
-earlier kept sample of the same pair; each verdict is stored with its reason.
+cached request). TwiSTAR's "20,000 final triples after filtering" counts kept triples, so the
+job works toward `--target-kept` kept explanations (default 20,000), in rounds of pairs, and
+stops there; `--pairs` only caps the pairs considered. Every answer is judged
+(factory.quality): shorter than 30 tokens (the paper's filter), refusal, names neither
+item, or a near-duplicate (embedding cosine) of an earlier kept sample of the same pair;
+each verdict is stored with its reason.
 
 The near-duplicate check needs all samples of a pair, so it runs after the teacher round over
 every pair the run touched, and again on every re-run: after merging `--shard` outputs, a
@@ -13,11 +16,12 @@ every pair the run touched, and again on every re-run: after merging `--shard` o
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from factory.console import summary
+from factory.console import console, summary
 from factory.teacher.options import TeacherOptions, teacher_options
 
 if TYPE_CHECKING:
@@ -32,9 +36,17 @@ PROMPT = "twistar_i2i_explain"
 def explain_i2i(
     dataset: str = typer.Option(..., "--dataset"),
     samples: int = typer.Option(3, "--samples", min=1, help="Diverse answers per pair."),
-    pairs: int = typer.Option(20000, "--pairs", min=1, help="Pairs to explain: each source "
-                              "item's best partner first (rank 1 of every item, then rank 2, "
-                              "...), ties by score."),
+    target_kept: int = typer.Option(20000, "--target-kept", min=0, help="Stop once this many "
+                                    "explanations are kept (TwiSTAR E.1.3: \"20,000 final "
+                                    "triples after filtering\"); pairs are explained in rounds "
+                                    "in --pairs order, each sized from the keep rate so far. "
+                                    "Resumable: a re-run replays its cached answers and "
+                                    "continues. 0: no target, explain every pair up to "
+                                    "--pairs."),
+    pairs: int = typer.Option(None, "--pairs", min=1, help="At most this many pairs: each "
+                              "source item's best partner first (rank 1 of every item, then "
+                              "rank 2, ...), ties by score [default: all of the latest "
+                              "mine-i2i run]."),
     min_tokens: int = typer.Option(30, "--min-tokens", help="Shorter answers are rejected "
                                    "(TwiSTAR E.1.3: 30)."),
     duplicate_cosine: float = typer.Option(0.95, "--duplicate-cosine", help="A sample this "
@@ -50,12 +62,17 @@ def explain_i2i(
 
     result = run_explain_i2i(warehouse(), dataset, teacher, samples=samples, pairs=pairs,
                              min_tokens=min_tokens, duplicate_cosine=duplicate_cosine,
-                             encoder=encoder)
+                             encoder=encoder, target_kept=target_kept or None)
     report = result["report"]
     if report.dry_run:
         return
     rows = report_rows(report, **{"pairs": result["pairs"],
+                                  "pairs explained": result["explained"],
                                   "pairs skipped (item without text)": result["skipped"]})
+    if target_kept:
+        rows["kept / target"] = f"{result['kept']:,} / {target_kept:,}" + (
+            "" if result["kept"] >= target_kept else
+            " (not reached: " + (report.stopped or "every pair explained") + ")")
     rows.update({f"verdict {k}": v for k, v in result["verdicts"].items()})
     summary(f"explained I2I pairs of {dataset}", rows,
             f"select verdict, reason, count(*) from {TABLE} where dataset = '{dataset}'"
@@ -76,8 +93,18 @@ def parse_explanation(text: str) -> str:
 
 
 def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, samples: int = 3,
-                    pairs: int = 20000, min_tokens: int = 30, duplicate_cosine: float = 0.95,
-                    encoder: str | None = None) -> dict[str, Any]:
+                    pairs: int | None = None, min_tokens: int = 30,
+                    duplicate_cosine: float = 0.95, encoder: str | None = None,
+                    target_kept: int | None = None) -> dict[str, Any]:
+    """Explain the pairs of the latest mining run, best first; at most `pairs` of them.
+
+    With `target_kept`, pairs are explained in rounds until this run holds that many kept
+    explanations (or the pairs run out): the first round takes ceil(target / samples) pairs
+    (enough if every sample were kept), each later one the missing count divided by the kept
+    explanations per pair so far. The rounds depend only on the answers, so a re-run replays
+    the same rounds from the cache (nothing is sent twice) and a higher target continues
+    where the last run stopped; the run may end a little above the target (a round's pairs
+    are all judged, and each pair's samples are judged together)."""
     from factory.errors import FactoryError
     from factory.itemtext import load_items
     from factory.prompts import load_prompt
@@ -86,30 +113,39 @@ def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sam
     from factory.verdicts import outcome_verdict
     from factory.warehouse import require_dataset
 
+    if target_kept is not None and target_kept < 1:
+        raise FactoryError("--target-kept must be at least 1 (0 on the command line: none)")
+    if target_kept and (teacher.shard or teacher.limit):
+        raise FactoryError("--target-kept counts the kept explanations of one run: it cannot "
+                           "be combined with --shard or --limit (to split the work, use "
+                           "--target-kept 0 with --pairs)")
     prompt = load_prompt(PROMPT)
     with wh.read() as con:
         require_dataset(con, dataset)
         rows = con.execute(
             "select item_i, item_j, split, run_id, score from i2i_pairs where dataset = ?"
-            " order by rank, score desc, item_i, item_j limit ?", [dataset, pairs]).fetchall()
+            " order by rank, score desc, item_i, item_j"
+            + (" limit ?" if pairs else ""), [dataset, pairs] if pairs else [dataset]
+        ).fetchall()
         if not rows:
             raise FactoryError(f"no I2I pairs for {dataset!r}: run `factory mine-i2i "
                                f"--dataset {dataset}` first")
         items = load_items(con, dataset, {i for r in rows for i in r[:2]})
-    works, skipped = [], 0
+    shown, skipped = [], 0
     for item_i, item_j, split, pairs_run, score in rows:
         text_i = items[item_i].text() if item_i in items else None
         text_j = items[item_j].text() if item_j in items else None
         if not (text_i and text_j):
             skipped += 1
             continue
-        for s in range(samples):
-            works.append(Work(id=f"{item_i}\t{item_j}", sample=s,
-                              vars={"item_i": text_i, "item_j": text_j},
-                              data=(item_i, item_j, split, pairs_run, score)))
-    if not works:
+        shown.append((text_i, text_j, (item_i, item_j, split, pairs_run, score)))
+    if not shown:
         raise FactoryError(f"none of the {len(rows):,} pairs of {dataset!r} has text for "
                            "both items")
+
+    def works_for(chunk: list[tuple]) -> list[Work]:
+        return [Work(id=f"{d[0]}\t{d[1]}", sample=s, vars={"item_i": ti, "item_j": tj},
+                     data=d) for ti, tj, d in chunk for s in range(samples)]
 
     def row(o: Outcome) -> dict[str, Any]:
         item_i, item_j, split, pairs_run, score = o.work.data
@@ -122,19 +158,51 @@ def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sam
         return {**base, "n_tokens": count_tokens(o.value), "verdict": v.verdict,
                 "reason": v.reason}
 
+    def dedupe(chunk: list[tuple]) -> None:
+        keys = sorted({d[:2] for _, _, d in chunk})
+        mark_near_duplicates(wh, dataset, keys, duplicate_cosine, encoder)
+
     params = {"dataset": dataset, "samples": samples, "pairs": len(rows),
               "pairs_without_text": skipped, "min_tokens": min_tokens,
-              "duplicate_cosine": duplicate_cosine, "encoder": encoder}
+              "duplicate_cosine": duplicate_cosine, "encoder": encoder,
+              "target_kept": target_kept}
+    run = {"prompt": prompt, "parse": parse_explanation, "table": TABLE, "row": row}
+    kept, done = 0, 0
     with TeacherJob(wh, JOB, dataset=dataset, options=teacher, params=params,
                     defaults=Sampling(temperature=0.8, max_tokens=256)) as job:
-        report: Report = job.run(works, prompt=prompt, parse=parse_explanation, table=TABLE,
-                                 row=row)
+        if not target_kept:
+            report: Report = job.run(works_for(shown), **run)
+            done = len(shown)
+        else:
+            while kept < target_kept and done < len(shown):
+                per_pair = samples if not done else max(kept / done, 0.1)
+                chunk = shown[done:done + math.ceil((target_kept - kept) / per_pair)]
+                report = job.run(works_for(chunk), **run)
+                done += len(chunk)
+                if report.dry_run:
+                    console.print("dry run: the first round only (as if every sample were "
+                                  "kept); later rounds depend on the keep rate")
+                    break
+                dedupe(chunk)
+                kept = run_kept(wh, job.run_id)
+                if report.stopped or report.not_done:
+                    break
+            if not report.dry_run:
+                report = job.totals
     verdicts: dict[str, int] = {}
     if not report.dry_run:
-        pair_keys = sorted({w.data[:2] for w in works})
-        mark_near_duplicates(wh, dataset, pair_keys, duplicate_cosine, encoder)
+        if not target_kept:
+            dedupe(shown)
         verdicts = run_verdicts(wh, report.run_id)
-    return {"report": report, "pairs": len(rows), "skipped": skipped, "verdicts": verdicts}
+        kept = verdicts.get("kept", 0)
+    return {"report": report, "pairs": len(rows), "skipped": skipped, "explained": done,
+            "kept": kept, "verdicts": verdicts}
+
+
+def run_kept(wh: Warehouse, run_id: str | None) -> int:
+    with wh.read() as con:
+        return con.execute(f"select count(*) from {TABLE} where run_id = ? and verdict = 'kept'",
+                           [run_id]).fetchone()[0]
 
 
 def mark_near_duplicates(wh: Warehouse, dataset: str, pair_keys: list[tuple[str, str]],

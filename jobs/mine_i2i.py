@@ -148,10 +148,13 @@ def register(app: typer.Typer) -> None:
         window: int = typer.Option(0, "--window", help="0: anywhere in the sequence "
                                    "(TwiSTAR); 1: adjacent items; W: at most W steps apart."),
         directed: bool = typer.Option(True, "--directed/--symmetric",
-                                      help="Directed: j after i (TwiSTAR). Symmetric: both."),
+                                      help="Directed: j after i (TwiSTAR 6.3: \"j is "
+                                      "frequently co-purchased after item i\"). Symmetric: "
+                                      "both orders (what the public TwiSTAR code mines)."),
         min_count: int = typer.Option(2, "--min-count", help="Minimum co-occurring users."),
         top_k: int = typer.Option(10, "--top-k", help="Best partners kept per source item "
-                                  "(0: all)."),
+                                  "(0: all). 10 is the factory's choice: the paper gives no "
+                                  "number; the public TwiSTAR code keeps 5."),
         alpha: float = typer.Option(1.0, "--alpha", help="Smoothing of penalised and swing."),
         swing_max_users: int = typer.Option(100, "--swing-max-users", help="Swing: users "
                                             "kept per item (bounds its quadratic cost)."),

@@ -176,3 +176,57 @@ def test_bad_input(ml100k, openai_server):
         parse_explanation("<think>cut off")
     with pytest.raises(ValueError, match="no words"):
         parse_explanation(MALFORMED_CONTENT)
+
+
+# -- issue 12: "20,000 final triples after filtering" is a target of kept explanations ------
+
+def kept_or_short(body: dict) -> str:
+    """Half the samples kept (a long answer naming the items, worded per sample so no
+    near-duplicate), half too short; no malformed answer, so nothing is re-drawn."""
+    a, b = _items_in(body["messages"][-1]["content"])
+    h = hashlib.sha256(f"{a}|{b}|{body['seed']}".encode()).digest()
+    if h[0] % 2:
+        return f"Both are films like {a}."
+    topics = ["the soundtrack", "the director", "the decade", "the lead actor", "the genre",
+              "the setting", "the humour", "the violence", "the awards", "the budget"]
+    t = topics[h[1] % len(topics)]
+    return (f"Sample {body['seed']}: viewers drawn to {a} care about {t}; {b} shares {t} "
+            f"in a way that fans notice, so after finishing {a} many of them go on to {b} "
+            "because it promises the same pleasure once more, and they rate both highly.")
+
+
+def _sent(server) -> list[tuple]:
+    return [(json.dumps(r.body["messages"]), r.body["seed"]) for r in server.records]
+
+
+def test_target_kept_stops_at_the_target_and_a_rerun_continues_without_resending(
+        mined, openai_server):
+    openai_server.responder = kept_or_short
+    all_pairs = _rows(mined, "select count(*) from i2i_pairs")[0][0]
+    r = run_explain_i2i(mined, "ml-100k", _options(openai_server), samples=2, target_kept=20)
+    kept = _rows(mined, "select count(*) from i2i_explanations where verdict = 'kept'")[0][0]
+    assert r["kept"] == kept and 20 <= kept < 30
+    # it stopped: a few pairs explained, not all ~1,300 (with 2 samples, >= 10 pairs needed)
+    assert 10 <= r["explained"] < 40 < all_pairs
+    assert _rows(mined, "select count(distinct (item_i, item_j)) from i2i_explanations"
+                 )[0][0] == r["explained"]
+    first = _sent(openai_server)
+    assert len(first) == r["explained"] * 2 == len(set(first))
+    # the same command again: every answer from the cache, nothing sent, same result
+    again = run_explain_i2i(mined, "ml-100k", _options(openai_server), samples=2,
+                            target_kept=20)
+    assert _sent(openai_server) == first
+    assert (again["kept"], again["explained"]) == (r["kept"], r["explained"])
+    # a higher target continues toward it; nothing already answered is sent again
+    more = run_explain_i2i(mined, "ml-100k", _options(openai_server), samples=2,
+                           target_kept=50)
+    sent = _sent(openai_server)
+    assert len(sent) == len(set(sent)) > len(first)
+    assert 50 <= more["kept"] < 65 and more["explained"] > r["explained"]
+    assert more["report"].cached == r["explained"] * 2
+    # --pairs caps the pairs considered: the target may be out of reach
+    capped = run_explain_i2i(mined, "ml-100k", _options(openai_server), samples=2,
+                             target_kept=500, pairs=30)
+    assert capped["explained"] == 30 and capped["kept"] < 500
+    with pytest.raises(FactoryError, match="--shard or --limit"):
+        run_explain_i2i(mined, "ml-100k", _options(openai_server, limit=5), target_kept=5)

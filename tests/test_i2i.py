@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,143 @@ def test_out_of_memory_is_one_line_naming_the_option_and_keeps_what_was_stored(
     assert runs[0] == ("succeeded", None)
     assert runs[1][0] == "failed" and runs[1][1] == line.removeprefix("error: ")
     assert pairs == [(kept["run_id"], kept["pairs"])]
+
+
+# -- issue 12: true partners are no distractors; RQ3's accuracy through the teacher layer ----
+
+def _partners(con, i2i_run: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for i, j in con.execute("select item_i, item_j from i2i_pairs_all where run_id = ?",
+                            [i2i_run]).fetchall():
+        out.setdefault(i, set()).add(j)
+        out.setdefault(j, set()).add(i)
+    return out
+
+
+def test_no_distractor_is_a_mined_partner_of_i(ml100k: Warehouse) -> None:
+    """ml-100k, default mining: before the fix ~770 of 13,459 sets had another true partner
+    of i among the distractors."""
+    from jobs.i2i_eval import run_eval
+
+    run_mine(ml100k, "ml-100k", MineParams())
+    c = run_eval(ml100k, "ml-100k")
+    with ml100k.read() as con:
+        partners = _partners(con, c["i2i_run"])
+        sets = con.execute("select item_i, item_j, candidates, answer_index from"
+                           " i2i_eval_sets where run_id = ?", [c["run_id"]]).fetchall()
+    assert len(sets) == c["sets"] > 13000
+    for i, j, cands, answer in sets:
+        assert cands[answer] == j and len(set(cands)) == 10 and i not in cands
+        assert not (set(cands) - {j}) & partners[i], (i, j)
+
+
+def test_draw_candidates_forbidden_and_too_few_non_partners(wh: Warehouse) -> None:
+    import numpy as np
+
+    from jobs.i2i_eval import draw_candidates, run_eval
+
+    n = 30
+    pi, pj = np.zeros(500, dtype=np.int64), np.ones(500, dtype=np.int64)
+    forbidden = np.array([0 * n + k for k in range(1, 19)])      # 0's partners: items 1..18
+    cands, answer = draw_candidates(pi, pj, n, 9, 3, forbidden)
+    negs = np.delete(cands, answer[:, None] + np.arange(500)[:, None] * 10)
+    assert set(negs.tolist()) == set(range(19, 30))              # uniform over the 11 allowed
+    # a source with fewer non-partners than distractors gets no set, and says so
+    seqs = {f"u{k}": [f"i{m}" for m in range(12)] for k in range(3)}
+    seqs["u9"] = [f"i{m}" for m in range(20, 27)]
+    add_dataset(wh, "dense", seqs)
+    run_mine(wh, "dense", MineParams(min_count=1, top_k=0, directed=False))
+    c = run_eval(wh, "dense", distractors=10)
+    assert c["sets"] > 0 and c["skipped_too_few_non_partners"] > 0
+    with wh.read() as con:
+        sources = {i for (i,) in con.execute("select item_i from i2i_eval_sets").fetchall()}
+    assert sources and all(int(i[1:]) >= 20 for i in sources)
+    with pytest.raises(FactoryError, match="none with 16 non-partner items"):
+        run_eval(wh, "dense", distractors=16)
+
+
+def _shown(prompt: str) -> tuple[str, list[str]]:
+    head, rest = prompt.split("\n\nCandidates:\n", 1)
+    item = head.split("Here is item ", 1)[1].removesuffix(".")
+    cands = re.findall(r"^\d+\. (.*)$", rest.split("\n\nWhich candidate", 1)[0], re.M)
+    return item, cands
+
+
+def test_score_accuracy_from_scripted_answers(ml100k: Warehouse, openai_server) -> None:
+    import hashlib
+
+    from factory.itemtext import load_items
+    from factory.teacher import Sampling, TeacherOptions
+    from jobs.i2i_eval import run_eval, score_eval, wilson_interval
+
+    run_mine(ml100k, "ml-100k", MineParams())
+    c = run_eval(ml100k, "ml-100k", max_pairs=60)
+    with ml100k.read() as con:
+        sets = con.execute("select item_i, candidates, answer_index from i2i_eval_sets"
+                           " where run_id = ?", [c["run_id"]]).fetchall()
+        items = load_items(con, "ml-100k")
+    truth = {(items[i].text(), tuple(items[x].text() for x in cands)): a
+             for i, cands, a in sets}
+    expected = {"right": 0, "wrong": 0}
+
+    def responder(body: dict) -> str:
+        item, cands = _shown(body["messages"][-1]["content"])
+        answer = truth[(item, tuple(cands))]
+        h = hashlib.sha256(item.encode()).digest()
+        right = h[0] % 3 != 0
+        pick = answer if right else (answer + 1) % 10
+        if body.get("seed", 0) == 0 and h[1] % 7 == 0:
+            return "I cannot tell."                               # malformed: re-drawn
+        return [f"{pick + 1}", f"The answer is {pick + 1}.",
+                f"<think>candidate 1 or 2?</think>\nCandidate {pick + 1}"][h[2] % 3]
+
+    for i, _, _ in sets:
+        right = hashlib.sha256(items[i].text().encode()).digest()[0] % 3 != 0
+        expected["right" if right else "wrong"] += 1
+    openai_server.responder = responder
+    options = TeacherOptions(url=openai_server.url, model="student-test", timeout=5.0,
+                             backoff=0.01, concurrency=4, sampling=Sampling(seed=0))
+    with pytest.raises(FactoryError, match="no SIDs for 'ml-100k'"):
+        score_eval(ml100k, c["run_id"], options)
+    r = score_eval(ml100k, c["run_id"], options, show="text")
+    assert r["answered"] == 60 and r["failed"] == 0
+    assert r["correct"] == expected["right"] and 0 < r["correct"] < 60
+    assert r["accuracy"] == pytest.approx(expected["right"] / 60)
+    lo, hi = r["ci95"]
+    assert (lo, hi) == wilson_interval(expected["right"], 60) and lo < r["accuracy"] < hi
+    assert r["report"].requests > 60                              # malformed ones re-drawn
+    with ml100k.read() as con:
+        rows = con.execute("select item_i, answer_index, chosen_index, correct, model,"
+                           " prompt_name, eval_run, item_view, status, run_id"
+                           " from i2i_eval_answers").fetchall()
+        view = con.execute("select answered, correct, accuracy, model from i2i_eval_accuracy"
+                           ).fetchall()
+        prompt = con.execute("select request from llm_calls limit 1").fetchone()[0]
+    assert len(rows) == 60
+    for _, answer, chosen, correct, model, name, ev, show, status, run in rows:
+        assert correct == (chosen == answer) and status == "ok"
+        assert (model, name, ev, show, run) == ("student-test", "twistar_i2i_discriminate",
+                                                c["run_id"], "text", r["report"].run_id)
+    assert view == [(60, expected["right"], pytest.approx(expected["right"] / 60),
+                     "student-test")]
+    assert "most collaboratively similar" in prompt
+    # a re-run replays the cache: nothing sent, same accuracy
+    sent = len(openai_server.records)
+    again = score_eval(ml100k, c["run_id"], options, show="text")
+    assert len(openai_server.records) == sent and again["correct"] == r["correct"]
+
+
+def test_parse_choice_and_wilson() -> None:
+    from jobs.i2i_eval import parse_choice, wilson_interval
+
+    assert parse_choice("3", 10) == 2
+    assert parse_choice(" 10. ", 10) == 9
+    assert parse_choice("The answer is 7.", 10) == 6
+    assert parse_choice("<think>maybe 2</think>Candidate #4", 10) == 3
+    assert parse_choice("I pick 5 because it fits", 10) == 4
+    for bad in ("none", "<think>3", "11", "2 or 3", ""):
+        with pytest.raises(ValueError):
+            parse_choice(bad, 10)
+    lo, hi = wilson_interval(84, 100)
+    assert lo == pytest.approx(0.7558, abs=1e-3) and hi == pytest.approx(0.9000, abs=1e-3)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
