@@ -1,7 +1,10 @@
 """Structured distillation (SCoTER 3.3.1, Alg. 2 steps 1-2): sequences, prompts, chain rows.
 
 Alg. 2 line 5 asks the teacher for a chain for every *training* pair (S_i, i_{T+1}); line
-11 asks the student for every sequence of train, valid and test. Both see the same prompt
+11 asks the student for every sequence of train, valid and test. The teacher can also write
+valid/test chains (`distill teach --parts train,valid,test`): Table 4's "w/o Student Distill"
+builds H_i from the un-tuned teacher's chains for every sequence. A student learns from the
+training chains only, whatever else its chain set holds. Both see the same prompt
 (Fig. 11: the template's steps and the history S_i) and never the target. The sequences are
 the leave-one-out rows the training cache uses (factory.exports.cache):
 

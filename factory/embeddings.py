@@ -19,7 +19,11 @@ warehouse connection of your own (open it after, or before, the call).
 Cache key: (encoder id, sha256 of the exact UTF-8 text). The encoder id is the model name for
 a hub-style name, or `<directory name>#<fingerprint>` for a local model directory, where the
 fingerprint hashes the directory's config files and its files' names and sizes; so a changed
-model never reuses stale vectors, and moving a directory does not invalidate the cache.
+model never reuses stale vectors, and moving a directory does not invalidate the cache. An
+input limit other than the encoder's own (`max_seq_length=`) adds `@<n>tok` to the id.
+
+Encoders read a bounded number of tokens (all-MiniLM-L6-v2: 256, its positions allow 512) and
+silently drop the rest of a longer text; `count_truncated(texts)` says how many were cut.
 """
 
 from __future__ import annotations
@@ -108,16 +112,22 @@ class Embedder:
         write_every: int = 1024,
         device: str | None = None,
         read_only: bool = False,
+        max_seq_length: int | None = None,
     ) -> None:
         self.warehouse = warehouse
         #: read the cache but never add to it (for read commands such as `gvm plot`)
         self.read_only = read_only
-        self.source, self.encoder_id = resolve_encoder(encoder)
+        self.source, self._encoder_id = resolve_encoder(encoder)
+        if max_seq_length is not None and max_seq_length < 1:
+            raise FactoryError(f"--max-seq-length must be at least 1, not {max_seq_length}")
+        #: the encoder's input limit in tokens (None: the encoder's own; MiniLM: 256)
+        self.max_seq_length_option = max_seq_length
         self.batch_size = batch_size
         self.write_every = write_every
         self.device = device
         self.stats = EmbedStats()
         self._model: Any = None
+        self._default_max_seq_length: int | None = None
 
     # -- model -------------------------------------------------------------------------
     def _load(self) -> Any:
@@ -130,11 +140,27 @@ class Embedder:
             hf_logging.disable_progress_bar()  # our own bar reports encoding progress
 
             try:
-                self._model = SentenceTransformer(self.source, device=self.device)
+                model = SentenceTransformer(self.source, device=self.device)
             except (OSError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 raise FactoryError(f"cannot load encoder {self.source!r}: {first}") from exc
+            self._configure(model)
+            self._model = model
         return self._model
+
+    def _configure(self, model: Any) -> None:
+        """Note the encoder's own input limit; apply --max-seq-length within what its
+        position embeddings allow."""
+        self._default_max_seq_length = getattr(model, "max_seq_length", None)
+        wanted = self.max_seq_length_option
+        if wanted is None or wanted == self._default_max_seq_length:
+            return
+        config = getattr(getattr(model, "transformers_model", None), "config", None)
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and wanted > positions:
+            raise FactoryError(f"--max-seq-length {wanted}: encoder {self.source!r} has "
+                               f"position embeddings for {positions} tokens at most")
+        model.max_seq_length = wanted
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         vecs = self._load().encode(
@@ -142,6 +168,40 @@ class Embedder:
             normalize_embeddings=True, show_progress_bar=False,
         )
         return np.ascontiguousarray(vecs, dtype=np.float32)
+
+    @property
+    def max_seq_length(self) -> int | None:
+        """Tokens the encoder reads of each text (special tokens included); the rest of a
+        longer text is cut off before encoding (loads the model)."""
+        return getattr(self._load(), "max_seq_length", None)
+
+    @property
+    def encoder_id(self) -> str:
+        """The cache key's encoder part. A --max-seq-length other than the encoder's own gives
+        other vectors for long texts, so it is part of the id: `<encoder>@<n>tok`."""
+        if self.max_seq_length_option is None:
+            return self._encoder_id
+        self._load()
+        if self.max_seq_length_option == self._default_max_seq_length:
+            return self._encoder_id
+        return f"{self._encoder_id}@{self.max_seq_length_option}tok"
+
+    def count_truncated(self, texts: Sequence[str], chunk: int = 4096) -> int:
+        """How many of these texts are longer than `max_seq_length` tokens, i.e. were (or
+        will be) cut by the encoder: only their first tokens make the vector. Counted with
+        the encoder's own tokenizer; 0 for an encoder without a token limit."""
+        model = self._load()
+        limit, tokenizer = self.max_seq_length, getattr(model, "tokenizer", None)
+        if not limit or tokenizer is None:
+            return 0
+        n = 0
+        texts = list(texts)
+        for start in range(0, len(texts), chunk):
+            ids = tokenizer([t.strip() for t in texts[start:start + chunk]],
+                            add_special_tokens=True, truncation=False,
+                            verbose=False)["input_ids"]
+            n += sum(len(x) > limit for x in ids)
+        return n
 
     # -- cache -------------------------------------------------------------------------
     def _cached(self, keys: list[str]) -> dict[str, np.ndarray]:

@@ -3,7 +3,9 @@
 A cache is a directory beside the warehouse, one per `embed-steps` run:
 
     manifest.json          format, dataset, split, chain run and source, template and its K
-                           step names, encoder, D, K, dtype, rows per part, counts, and the
+                           step names, encoder, its token limit (max_seq_length), D, K,
+                           dtype, rows per part, counts (truncated_steps, truncated_chains:
+                           distinct texts longer than the limit, cut by the encoder), and the
                            SHA-256 of every file plus one checksum over all of them
     {part}.H.npy           (rows, K, D) float16 or float32, row r = the r-th sequence
     {part}.users.parquet   row, user_id: which sequence each row is
@@ -187,11 +189,13 @@ class StepCache:
             else:
                 out.append(r)
         if missing:
+            writer = ("distill generate" if self.manifest.get("chain_source") != "teacher"
+                      else "distill teach --parts train,valid,test")
             raise FactoryError(
                 f"step cache {self.manifest.get('cache_id', self.path)} "
                 f"({self.manifest.get('chains')}) has no {part} chain for {len(missing)} "
                 f"sequence(s) (e.g. user {missing[0]}): none was kept for them; run `factory "
-                "distill generate` for them (it resumes), then `factory embed-steps`")
+                f"{writer}` for them (it resumes), then `factory embed-steps`")
         return np.asarray(out, dtype=np.int64)
 
     def gather(self, part: str, user_ids: Iterable[str]) -> np.ndarray:
@@ -259,6 +263,10 @@ def step_source(cache: StepCache) -> Any:
     m = cache.manifest
     meta = {key: m[key] for key in ("K", "D", "encoder", "template", "template_steps",
                                     "chain_source", "chains", "chain_set", "cache_id")}
+    # what the encoder cut (caches written before these were counted lack them)
+    meta.update({key: m[key] for key in ("max_seq_length",) if key in m})
+    meta.update({key: m["counts"][key] for key in ("truncated_steps", "truncated_chains")
+                 if key in m.get("counts", {})})
     return StepSource(meta=meta, steps=cache.gather,
                       chain=cache.gather_chain if m.get("whole_chain") else None,
                       dtype=m["dtype"])

@@ -1,6 +1,8 @@
 """`factory distill teach | student | generate`: SCoTER structured distillation (3.3.1, Alg. 2).
 
-    teach     the teacher writes template-consistent chains for training sequences (line 6)
+    teach     the teacher writes template-consistent chains for training sequences (line 6);
+              --parts train,valid,test also for valid/test histories ("w/o Student Distill",
+              SCoTER Table 4: the cache is built from teacher chains)
     student   LoRA fine-tuning of a small causal LM on the kept (history -> chain) pairs (l. 9)
     generate  the student writes chains for every sequence of the chosen parts (line 12)
 
@@ -26,6 +28,19 @@ MaxHistoryOpt = typer.Option(20, "--max-history", min=1, help="Most recent histo
                              "shown per sequence (SCoTER: 20).")
 
 
+def parse_parts(text: str) -> list[str]:
+    """`train,valid,test` -> the parts in split order, each once."""
+    from factory.distill import PARTS
+    from factory.errors import FactoryError
+
+    given = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in given if p not in PARTS]
+    if unknown or not given:
+        raise FactoryError(f"unknown split part {unknown[0] if unknown else text!r} (choose "
+                           "from train, valid, test)")
+    return [p for p in PARTS if p in given]
+
+
 @app.command("teach")
 @teacher_options
 def teach(
@@ -35,14 +50,20 @@ def teach(
                                  "three-step, five-step, paper-<dataset>, or a gvm run id."),
     split: str = SplitOpt,
     max_history: int = MaxHistoryOpt,
+    parts: str = typer.Option("train", "--parts", help="Parts to write chains for, comma-"
+                              "separated: train (Alg. 2 line 6, what a student learns from), "
+                              "or train,valid,test so that `embed-steps` and `export cache "
+                              "--chains teacher:<run>` can use teacher chains for every "
+                              "sequence (Table 4: w/o Student Distill)."),
     *,
     teacher: TeacherOptions,
 ) -> None:
-    """The teacher writes a chain for each training sequence, from its history only."""
+    """The teacher writes a chain for each sequence of --parts (default: training
+    sequences), from its history only."""
     from factory.cli import warehouse
     from factory.distill import run_chains
 
-    run_chains(warehouse(), "teacher", dataset=dataset, split=split, parts=["train"],
+    run_chains(warehouse(), "teacher", dataset=dataset, split=split, parts=parse_parts(parts),
                template_name=template, max_history=max_history, options=teacher)
 
 
@@ -62,8 +83,7 @@ def generate(
     from factory.cli import warehouse
     from factory.distill import run_chains
 
-    parts = [p.strip() for p in splits.split(",") if p.strip()]
-    run_chains(warehouse(), "student", dataset=dataset, split=None, parts=parts,
+    run_chains(warehouse(), "student", dataset=dataset, split=None, parts=parse_parts(splits),
                student_run=student, options=teacher)
 
 

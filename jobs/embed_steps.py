@@ -2,7 +2,10 @@
 
 Each step text c_ij goes through the shared embedding service (factory.embeddings), so a
 text seen before by the same encoder, in any job, is read from the cache, and identical step
-texts are encoded once. The matrices are written to a cache directory beside the warehouse
+texts are encoded once. An encoder reads a bounded number of tokens (all-MiniLM-L6-v2: 256)
+and drops the rest of a longer text: the run counts the step texts (and whole chains) that
+were cut, in its summary, counts and manifest; `--max-seq-length` raises (or lowers) the
+limit. The matrices are written to a cache directory beside the warehouse
 (format: factory/step_cache.py) and indexed in `step_embeddings` / `step_caches`.
 """
 
@@ -27,6 +30,10 @@ def embed_steps(
                                      "of each whole chain (ablation: w/o step-wise "
                                      "embedding)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Encoder batch size."),
+    max_seq_length: int = typer.Option(None, "--max-seq-length", min=1, help="Tokens the "
+                                       "encoder reads of each text; the rest is cut "
+                                       "(counted) [default: the encoder's own, MiniLM 256; "
+                                       "its positions allow 512]."),
     out: Path = typer.Option(None, "--out", help="Cache directory [default: "
                              "<warehouse>.files/steps/<run>]."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite --out if it exists."),
@@ -35,12 +42,13 @@ def embed_steps(
     from factory.cli import warehouse
 
     build_step_cache(warehouse(), dataset=dataset, chains=chains, encoder=encoder, dtype=dtype,
-                     whole_chain=whole_chain, batch_size=batch_size, out=out, replace=replace)
+                     whole_chain=whole_chain, batch_size=batch_size, out=out, replace=replace,
+                     max_seq_length=max_seq_length)
 
 
 def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None, dtype: str,
                      whole_chain: bool, batch_size: int, out: Path | None,
-                     replace: bool) -> dict[str, Any]:
+                     replace: bool, max_seq_length: int | None = None) -> dict[str, Any]:
     import json
 
     import numpy as np
@@ -60,7 +68,7 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
         require_dataset(con, dataset)
         cs = resolve_chains(con, chains, dataset)
         rows = kept_chains(con, cs.chain_set)
-    embedder = Embedder(wh, encoder, batch_size=batch_size)
+    embedder = Embedder(wh, encoder, batch_size=batch_size, max_seq_length=max_seq_length)
     if out is not None and out.exists() and not replace:
         refuse_other_encoder(out, embedder.encoder_id)
     k = len(cs.steps)
@@ -71,14 +79,16 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
                                f"template {k}")
         by_part.setdefault(part, []).append((user, steps))
     params = {"dataset": dataset, "chains": chains, "chain_set": cs.chain_set,
-              "encoder": embedder.encoder_id, "dtype": dtype, "whole_chain": whole_chain}
+              "encoder": embedder.encoder_id, "dtype": dtype, "whole_chain": whole_chain,
+              "max_seq_length": embedder.max_seq_length}
     with wh.write() as con:
         run_id = start_run(con, "embed-steps", dataset, params)
     target = Path(out) if out else files_dir(wh.path) / "steps" / run_id
     meta = {"cache_id": run_id, "dataset": dataset, "split": cs.split, "chains": chains,
             "chain_set": cs.chain_set, "chain_source": cs.source, "template": cs.template,
             "template_steps": list(cs.steps), "encoder": embedder.encoder_id,
-            "D": embedder.dim, "K": k, "dtype": dtype, "chains_sha256": chains_digest(rows)}
+            "D": embedder.dim, "K": k, "dtype": dtype, "max_seq_length": embedder.max_seq_length,
+            "chains_sha256": chains_digest(rows)}
     writer = None
     try:
         writer = CacheWriter(target, meta, replace=replace)
@@ -93,9 +103,16 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
                                         label=f"{part} chains") if whole_chain else None)
                 pw.write(start, h, chain)
         stats = embedder.stats
-        unique = len({t for _, _, steps in rows for t in steps})
+        distinct = list(dict.fromkeys(t for _, _, steps in rows for t in steps))
+        unique = len(distinct)
+        # what the encoder cut: distinct step texts (and whole chains) over its token limit
+        truncated = embedder.count_truncated(distinct)
         counts = {"sequences": len(rows), "steps": len(rows) * k, "unique_texts": unique,
-                  "cache_hits": stats.cache_hits, "encoded": stats.encoded}
+                  "cache_hits": stats.cache_hits, "encoded": stats.encoded,
+                  "max_seq_length": embedder.max_seq_length, "truncated_steps": truncated}
+        if whole_chain:
+            counts["truncated_chains"] = embedder.count_truncated(
+                list(dict.fromkeys("\n\n".join(steps) for _, _, steps in rows)))
         manifest = writer.commit(counts)
         writer = None
         index = pa.table({
@@ -131,13 +148,31 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
         with wh.write() as con:
             finish_run(con, run_id, status, None, str(exc) or type(exc).__name__)
         raise
-    summary(f"step embeddings of {chains} ({dataset})", {
+    rows_out = {
         "sequences": ", ".join(f"{p} {n:,}" for p, n in manifest["rows"].items()),
         "K x D": f"{k} x {meta['D']} {dtype}", "step texts": counts["steps"],
         "distinct": unique, "from the cache": stats.cache_hits,
-        "encoded now": stats.encoded, "directory": str(target), "run": run_id,
-    }, f"select part, count(*) from step_embeddings where cache_id = '{run_id}' group by 1")
+        "encoded now": stats.encoded,
+        f"cut at {counts['max_seq_length']} tokens": truncated_note(counts),
+        "directory": str(target), "run": run_id,
+    }
+    summary(f"step embeddings of {chains} ({dataset})", rows_out,
+            f"select part, count(*) from step_embeddings where cache_id = '{run_id}' group by 1")
+    if counts["truncated_steps"] or counts.get("truncated_chains"):
+        from factory.console import console
+
+        console.print(f"[yellow]the encoder read only the first {counts['max_seq_length']} "
+                      "tokens of some texts[/]: raise --max-seq-length (MiniLM allows 512) or "
+                      "use an encoder with a longer input")
     return manifest
+
+
+def truncated_note(counts: dict[str, Any]) -> str:
+    """'3 of 120 distinct step texts, 5 of 40 whole chains' (what the encoder cut)."""
+    note = f"{counts['truncated_steps']:,} of {counts['unique_texts']:,} distinct step texts"
+    if "truncated_chains" in counts:
+        note += f", {counts['truncated_chains']:,} of {counts['sequences']:,} whole chains"
+    return note
 
 
 def register(app: typer.Typer) -> None:

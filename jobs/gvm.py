@@ -6,8 +6,9 @@
 
 Generate: for seeded users, the teacher answers the Fig. 9 prompt from the user's training
 history (temperature 0.7, top-p 0.9, several samples each); answers are parsed, malformed ones
-re-drawn, failures stored with the reason. Prune: near-duplicate paths (cosine >= 0.85) of a
-user are set aside. Validate: recommended descriptions map to their top-1 catalog item;
+re-drawn, failures stored with the reason. Prune: near-duplicate paths (cosine >= 0.85) among
+all the run's paths are set aside (Alg. 1 line 10 prunes C_all; `--prune-scope user` compares
+a user's own samples only). Validate: recommended descriptions map to their top-1 catalog item;
 Score = Recall@20 on the user's validation item. Mine: paths are clustered, P* is the
 best-scoring cluster of at least --min-cluster-size paths, and the teacher abstracts the
 Optimal CoT Template from the paths nearest its centroid (Fig. 10). A re-run with the same
@@ -164,7 +165,8 @@ def _validate_and_mine(wh: Warehouse, job: TeacherJob, dataset: str, *, seqs: in
                      f"{answer[1] if answer else 'the run stopped before asking'}")
     if template is None:
         record_template(wh, run_id, dataset, None, error, "")
-    return {"sequences": seqs, **pruning, **validated, "clusters": len(mined.stats),
+    return {"sequences": seqs, **pruning, "prune_scope": prune_scope, **validated,
+            "clusters": len(mined.stats),
             "k": mined.clustering.k, "chosen_cluster": best.cluster if best else None,
             "verdict": mined.verdict, "template": template, "no_template": error,
             "embeddings": vars(embedder.stats), "seconds": seconds}
@@ -181,7 +183,8 @@ def _summary(wh: Warehouse, run_id: str, report: Any, totals: Any,
         "answers": f"{report.ok:,} parsed, {report.failed - report.truncated:,} failed, "
                    f"{report.truncated:,} truncated, {report.cached:,} from cache, "
                    f"{report.requests:,} requests sent",
-        "paths": f"{counts['kept']:,} kept, {counts['pruned']:,} near-duplicates pruned",
+        "paths": f"{counts['kept']:,} kept, {counts['pruned']:,} near-duplicates pruned "
+                 + ("(per user)" if counts.get("prune_scope") == "user" else "(across all paths)"),
         "Recall@20 (all kept chains)": f"{counts['hits']:,} hits / {counts['chains']:,}",
         "clusters": f"{counts['clusters']} (k={counts['k']})",
         "verdict": counts["verdict"],
@@ -234,8 +237,9 @@ def gvm_cmd(
                                     help="Most recent training items shown."),
     prune_threshold: float = typer.Option(0.85, "--prune-threshold", min=0.0, max=1.0,
                                           help="Cosine at which a path is a near-duplicate."),
-    prune_scope: str = typer.Option("user", "--prune-scope", help="user: a user's samples "
-                                    "(SCoTER: diversity per sequence); global: all paths."),
+    prune_scope: str = typer.Option("global", "--prune-scope", help="global: across all "
+                                    "paths of the run (SCoTER Alg. 1 line 10 prunes C_all); "
+                                    "user: only among one user's samples."),
     cluster: str = typer.Option("kmeans", "--cluster", help="kmeans (k by silhouette) or "
                                 "hdbscan."),
     k_min: int = typer.Option(2, "--k-min", min=2),

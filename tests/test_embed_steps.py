@@ -1,14 +1,19 @@
 """`factory embed-steps`: H_i matrices through the shared embedding cache, their files,
-index and manifest, and the errors for stale, foreign or incomplete caches."""
+index and manifest, texts cut by the encoder's token limit, teacher chains for every part
+(Table 4 "w/o Student Distill"), and the errors for stale, foreign or incomplete caches."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from distill_fixtures import ChainTeacher, error_of, ok
+from tiny_data import fake_encode
 
 from factory.distill import find_step_cache
 from factory.embeddings import Embedder
@@ -17,7 +22,44 @@ from factory.step_cache import open_cache
 from factory.testing.openai_server import OpenAIServer
 from factory.warehouse import Warehouse
 
-pytestmark = pytest.mark.slow  # the embedded MiniLM encoder, a few dozen short texts
+# tests marked slow run the embedded MiniLM encoder on a few dozen short texts; the others a
+# fake sentence-transformers model (whitespace tokens, a token limit, hash vectors)
+
+
+class FakeTokenizer:
+    """Words as tokens, plus [CLS] and [SEP]."""
+
+    def __call__(self, texts, add_special_tokens=True, truncation=False, verbose=True):
+        assert truncation is False
+        return {"input_ids": [[0] * (len(t.split()) + 2 * add_special_tokens) for t in texts]}
+
+
+class FakeSentenceTransformer:
+    """Stands in for sentence_transformers.SentenceTransformer: limit 8 tokens, positions 64."""
+
+    loaded: list[FakeSentenceTransformer] = []
+
+    def __init__(self, source, device=None):
+        self.max_seq_length = 8
+        self.tokenizer = FakeTokenizer()
+        self.transformers_model = SimpleNamespace(
+            config=SimpleNamespace(max_position_embeddings=64))
+        FakeSentenceTransformer.loaded.append(self)
+
+    def encode(self, texts, **kw):
+        return fake_encode(list(texts))
+
+    def get_sentence_embedding_dimension(self):
+        return 8
+
+
+@pytest.fixture()
+def fake_st(monkeypatch: pytest.MonkeyPatch) -> type[FakeSentenceTransformer]:
+    import sentence_transformers
+
+    FakeSentenceTransformer.loaded = []
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", FakeSentenceTransformer)
+    return FakeSentenceTransformer
 
 
 @pytest.fixture()
@@ -39,6 +81,7 @@ def latest_cache(wh: Warehouse) -> tuple:
                            " limit 1").fetchone()
 
 
+@pytest.mark.slow
 def test_h_matrices_are_the_encoder_vectors_of_each_step(chains, tmp_path: Path) -> None:
     wh, spec, _ = chains
     ok(wh.path, "embed-steps", "--dataset", "ml-100k", "--chains", spec, "--dtype", "float32",
@@ -74,6 +117,7 @@ def test_h_matrices_are_the_encoder_vectors_of_each_step(chains, tmp_path: Path)
         cache.matrix("test")
 
 
+@pytest.mark.slow
 def test_identical_steps_are_encoded_once_and_reruns_hit_the_cache(ml100k: Warehouse) -> None:
     teacher = ChainTeacher()
     teacher.mode = "same"         # every chain has the same three step texts
@@ -98,6 +142,7 @@ def test_identical_steps_are_encoded_once_and_reruns_hit_the_cache(ml100k: Wareh
     assert np.allclose(h[0], h[3])
 
 
+@pytest.mark.slow
 def test_stale_foreign_and_incomplete_caches_are_refused(chains, tmp_path: Path) -> None:
     wh, spec, _ = chains
     out = tmp_path / "cache"
@@ -141,3 +186,137 @@ def test_stale_foreign_and_incomplete_caches_are_refused(chains, tmp_path: Path)
         find_step_cache(con, spec, "ml-100k")
     assert "--dtype must be float16 or float32" in error_of(
         wh.path, "embed-steps", "--dataset", "ml-100k", "--chains", spec, "--dtype", "int8")
+
+
+def fake_tokens(text: str) -> int:
+    return len(text.strip().split()) + 2
+
+
+def test_texts_longer_than_the_token_limit_are_counted(chains, fake_st) -> None:
+    """MiniLM reads 256 tokens and drops the rest without a word: the run says how many step
+    texts and whole chains were cut, and --max-seq-length moves the limit."""
+    wh, spec, _ = chains
+    result = ok(wh.path, "embed-steps", "--dataset", "ml-100k", "--chains", spec,
+                "--whole-chain")
+    with wh.read() as con:
+        kept = con.execute("select steps from chains where verdict = 'kept'").fetchall()
+        run = json.loads(con.execute("select counts from job_runs where job = 'embed-steps'"
+                                     ).fetchone()[0])
+    texts = {t for (steps,) in kept for t in steps}
+    long_steps = sum(fake_tokens(t) > 8 for t in texts)
+    assert 0 < long_steps < len(texts)               # the fake limit cuts some, not all
+    _, directory, encoder, *_ = latest_cache(wh)
+    m = json.loads((Path(directory) / "manifest.json").read_text())
+    assert m["max_seq_length"] == 8 and encoder == m["encoder"] and "@" not in encoder
+    assert (m["counts"]["truncated_steps"], m["counts"]["truncated_chains"]) == (long_steps, 5)
+    assert (run["truncated_steps"], run["max_seq_length"]) == (long_steps, 8)
+    out = " ".join(result.output.split())
+    assert f"cut at 8 tokens: {long_steps} of {len(texts)} distinct step texts, 5 of 5 whole" \
+        in out and "raise --max-seq-length" in out
+
+    # a longer limit: nothing cut, the model reads 64 tokens, and the vectors are cached apart
+    ok(wh.path, "embed-steps", "--dataset", "ml-100k", "--chains", spec, "--whole-chain",
+       "--max-seq-length", "64")
+    _, directory, encoder64, *_ = latest_cache(wh)
+    m = json.loads((Path(directory) / "manifest.json").read_text())
+    assert (m["max_seq_length"], m["counts"]["truncated_steps"],
+            m["counts"]["truncated_chains"]) == (64, 0, 0)
+    assert encoder64 == f"{encoder}@64tok" and fake_st.loaded[-1].max_seq_length == 64
+    assert m["counts"]["cache_hits"] == 0            # not the 8-token vectors
+    assert "has position embeddings for 64 tokens at most" in error_of(
+        wh.path, "embed-steps", "--dataset", "ml-100k", "--chains", spec,
+        "--max-seq-length", "65")
+
+
+@pytest.mark.slow
+def test_minilm_reads_256_tokens_unless_told_otherwise() -> None:
+    """The real encoder: what follows token 256 does not reach the vector, unless the limit is
+    raised (its positions allow 512)."""
+    a, b = "x " * 300 + "cats", "x " * 300 + "dogs"
+    default = Embedder(None)
+    assert default.max_seq_length == 256 and default.count_truncated([a, "short"]) == 1
+    va, vb = default.embed([a, b])
+    np.testing.assert_allclose(va, vb, atol=1e-6)    # the endings were cut
+    longer = Embedder(None, max_seq_length=512)
+    assert longer.encoder_id == f"{default.encoder_id}@512tok"
+    assert longer.count_truncated([a, "short"]) == 0
+    va, vb = longer.embed([a, b])
+    assert not np.allclose(va, vb, atol=1e-4)
+    assert Embedder(None, max_seq_length=256).encoder_id == default.encoder_id
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Warehouse:
+    """6 users x 5 items each (10 items), ingested with `factory ingest table`."""
+    lines = ["user_id,item_id,timestamp,rating"]
+    for u in range(6):
+        for j in range(5):
+            lines.append(f"u{u},i{(u + 2 * j) % 10},{1000 * u + j},5")
+    (tmp_path / "inter.csv").write_text("\n".join(lines) + "\n")
+    items = ["item_id,title,description"] + [f"i{i},Thing {i},A useful thing number {i}"
+                                            for i in range(10)]
+    (tmp_path / "items.csv").write_text("\n".join(items) + "\n")
+    wh = tmp_path / "tiny.duckdb"
+    ok(wh, "ingest", "table", "--interactions", str(tmp_path / "inter.csv"), "--items",
+       str(tmp_path / "items.csv"), "--name", "tiny", "--core", "1")
+    return Warehouse(wh)
+
+
+def test_teacher_chains_for_every_part_feed_the_training_cache(tiny: Warehouse, fake_st,
+                                                               tmp_path: Path) -> None:
+    """Table 4 "w/o Student Distill": the un-tuned teacher writes the chains of valid and test
+    histories too, and H_i of every cache row comes from them."""
+    from factory.distill import training_pairs
+
+    with OpenAIServer(ChainTeacher()) as server:
+        url = ("--teacher-url", server.url, "--teacher-model", "t")
+        ok(tiny.path, "distill", "teach", "--dataset", "tiny", "--template", "two-step", *url)
+        with tiny.read() as con:
+            first = con.execute("select run_id from job_runs where job = 'distill-teach'"
+                                ).fetchone()[0]
+        spec = f"teacher:{first}"
+        ok(tiny.path, "embed-steps", "--dataset", "tiny", "--chains", spec)
+        message = error_of(tiny.path, "export", "cache", "--dataset", "tiny", "--chains", spec,
+                           "--out", str(tmp_path / "c"))
+        assert "has no valid chain for 6 sequence(s)" in message
+        assert "distill teach --parts train,valid,test" in message
+        assert "unknown split part 'dev'" in error_of(
+            tiny.path, "distill", "teach", "--dataset", "tiny", "--template", "two-step",
+            "--parts", "train,dev", *url)
+        ok(tiny.path, "distill", "teach", "--dataset", "tiny", "--template", "two-step",
+           "--parts", "train,valid,test", *url)
+        assert server.count("ok") == 18              # 6 train answers came from the cache
+    with tiny.read() as con:
+        rows = con.execute("select part, user_id, history, source, verdict from chains"
+                           " order by all").fetchall()
+        split = dict(con.execute(
+            "select user_id || '/' || part, list(item_id order by position)"
+            " from split_interactions where dataset = 'tiny' group by all").fetchall())
+        chain_set = con.execute("select any_value(chain_set) from chains").fetchone()[0]
+        assert len(training_pairs(con, chain_set)) == 6   # a student learns from train only
+    assert len(rows) == 18 and {r[3:] for r in rows} == {("teacher", "kept")}
+    for part, user, history, *_ in rows:
+        tr, va = split[f"{user}/train"], split[f"{user}/valid"]
+        assert history == {"train": tr[:-1], "valid": tr, "test": tr + va}[part]
+    ok(tiny.path, "embed-steps", "--dataset", "tiny", "--chains", spec)
+    out = tmp_path / "cache"
+    ok(tiny.path, "export", "cache", "--dataset", "tiny", "--chains", spec, "--out", str(out))
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    assert (steps["chain_source"], steps["K"], steps["D"], steps["max_seq_length"]) == (
+        "teacher", 2, 8, 8)
+    import pyarrow.parquet as pq
+
+    with tiny.read() as con:
+        texts = dict(con.execute("select part || '/' || user_id, steps from chains").fetchall())
+    for part in ("train", "valid", "test"):
+        users = pq.read_table(out / f"{part}.users.parquet")["user_id"].to_pylist()
+        h = np.load(out / f"{part}.steps.npy").astype(np.float32)
+        assert len(users) == 6
+        for row, user in enumerate(users):
+            np.testing.assert_allclose(h[row], fake_encode(texts[f"{part}/{user}"]), atol=1e-3)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--cache", str(out), "--fusion", "scoter", "--epochs",
+         "1", "--dim", "16", "--layers", "1", "--heads", "1", "--fusion-heads", "1",
+         "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -250,3 +250,15 @@ def test_embedded_smollm2_end_to_end(toy: Warehouse) -> None:
     assert len(chains) == 1 and chains[0][2]
     assert all(status == "ok" or error for status, error, _ in chains)
     assert verdict
+
+
+def test_prune_scope_defaults_to_all_paths(toy: Warehouse, monkeypatch) -> None:
+    """SCoTER Alg. 1 line 10 prunes C_all: `factory gvm` compares every path with every kept
+    one unless told `--prune-scope user`."""
+    import jobs.gvm
+
+    seen: list[dict] = []
+    monkeypatch.setattr(jobs.gvm, "run_gvm", lambda wh, dataset, **kw: seen.append(kw))
+    assert cli(toy, "gvm", "--dataset", "toy").exit_code == 0
+    assert cli(toy, "gvm", "--dataset", "toy", "--prune-scope", "user").exit_code == 0
+    assert [kw["prune_scope"] for kw in seen] == ["global", "user"]

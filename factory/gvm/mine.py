@@ -30,18 +30,26 @@ class Pruned:
 def prune_near_duplicates(vectors: np.ndarray, groups: Sequence[object],
                           threshold: float = 0.85) -> list[Pruned]:
     """Greedy, in the given order: a path is dropped when its cosine to an already kept path
-    of the same group reaches `threshold` (SCoTER gamma = 0.85)."""
-    kept: dict[object, list[int]] = {}
+    of the same group reaches `threshold` (SCoTER gamma = 0.85). One group for every path is
+    Alg. 1 line 10 (C_div = PruneByCosSim(C_all, gamma)); a group per user is the option."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    # kept paths of each group, rows in a growing buffer (no copy of the kept set per path)
+    kept: dict[object, tuple[np.ndarray, list[int]]] = {}
     out: list[Pruned] = []
     for i, group in enumerate(groups):
-        previous = kept.setdefault(group, [])
-        if previous:
-            sims = vectors[previous] @ vectors[i]
+        buf, index = kept.get(group) or (np.empty((0, vectors.shape[1]), np.float32), [])
+        n = len(index)
+        if n:
+            sims = buf[:n] @ vectors[i]
             j = int(sims.argmax())
             if sims[j] >= threshold:
-                out.append(Pruned(False, previous[j], float(sims[j])))
+                out.append(Pruned(False, index[j], float(sims[j])))
                 continue
-        previous.append(i)
+        if n == len(buf):
+            buf = np.concatenate([buf, np.empty((max(8, n), vectors.shape[1]), np.float32)])
+        buf[n] = vectors[i]
+        index.append(i)
+        kept[group] = (buf, index)
         out.append(Pruned(True, None, None))
     return out
 

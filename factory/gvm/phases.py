@@ -69,7 +69,8 @@ def chain_columns(template: str, user_id: str, g: Generation | None) -> dict[str
 
 def prune_run(wh: Warehouse, run_id: str, encode: Encode, threshold: float,
               scope: str) -> dict[str, int]:
-    """Mark near-duplicate paths 'pruned' (SCoTER gamma): per user, or across all users."""
+    """Mark near-duplicate paths 'pruned' (SCoTER gamma): scope 'global' across all the run's
+    paths (Alg. 1 line 10, the default of `factory gvm`), 'user' among a user's samples."""
     with wh.read() as con:
         rows = con.execute(
             "select user_id, sample, cot_path from gvm_chains where run_id = ? and"
