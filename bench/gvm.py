@@ -47,7 +47,7 @@ def run(wh: Warehouse, server: OpenAIServer, users: int, samples: int, seed: int
                           sampling=Sampling(seed=seed))
     started = time.perf_counter()
     run_id = run_gvm(wh, "ml-100k", teacher=opts, split="loo", users=users, samples=samples,
-                     n_items=20, max_history=20, prune_threshold=0.85, prune_scope="user",
+                     n_items=20, max_history=20, prune_threshold=0.85, prune_scope="global",
                      cluster="kmeans", k_min=2, k_max=10, min_cluster_size=20, exemplars=10,
                      encoder=None)
     wall = time.perf_counter() - started
