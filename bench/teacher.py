@@ -71,6 +71,7 @@ def backend_alone(url: str, n: int, concurrency: int) -> tuple[float, float]:
     """Baseline: the same backend (AsyncOpenAI) sending n requests, no engine around it."""
     async def go() -> None:
         backend = OpenAIBackend(url, "bench-model", None, 120.0, concurrency)
+        await backend.start()                   # the clients are made here
         slots = asyncio.Semaphore(concurrency)
         requests = [Request.build("bench-model", PROMPT.render(**w.vars), Sampling())
                     for w in works(n, f"raw{concurrency}")]

@@ -96,16 +96,19 @@ class Prediction:
         return f"{self.label}. {self.reasoning}"
 
 
-def parse_yes_no(text: str) -> Prediction:
+def parse_yes_no(text: str, reasoning: str | None = None) -> Prediction:
     """The decision a ThinkRec answer begins with (or states explicitly), and its reasoning.
 
     The decision is the leading Yes/No of the answer (after any <think> block); failing that,
     an explicit "answer/prediction: Yes|No" that is the only one stated. The reasoning is the
-    thinking block when the teacher is a reasoning model, else the answer without its
-    leading decision. An answer with no decision, conflicting decisions or no reasoning is
-    malformed.
+    thinking when the teacher is a reasoning model (`reasoning`: what the teacher layer
+    separated from the answer, its reasoning_content or <think> blocks; or a <think> block
+    still in `text`), else the answer without its leading decision. An answer with no
+    decision, conflicting decisions or no reasoning is malformed.
     """
     thinking, answer = split_thinking(text)
+    if reasoning and reasoning.strip():
+        thinking = "\n\n".join(t for t in (reasoning.strip(), thinking) if t)
     if not answer:
         raise MalformedAnswer("no answer after the reasoning" if thinking else "empty answer")
     lead = _LEAD.match(answer)

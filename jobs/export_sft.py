@@ -40,7 +40,8 @@ def export_sft_cmd(
     holdout: float = typer.Option(0.05, "--holdout", help="i2i: share of pairs held out for "
                                   "valid, and again for test."),
     share: float = typer.Option(0.2, "--reasoning-share", help="thinkrec: share of reasoning "
-                                "examples in train (ThinkRec 4.1: 0.2)."),
+                                "examples in train (ThinkRec 4.1: 0.2). Every recommendation "
+                                "instance is kept; traces are repeated to reach the share."),
     history: int = typer.Option(10, "--history", min=1, help="thinkrec: history items shown."),
     exclude_revealed: bool = typer.Option(False, "--exclude-revealed", help="thinkrec: drop "
                                           "traces that needed the label revealed."),

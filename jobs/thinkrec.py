@@ -11,6 +11,13 @@ in the format makes a failed trace, and one still wrong at the limit a rejected 
 cut short (max_tokens, a content filter, an unclosed <think>) ends the conversation: the
 trace is truncated, its reason names the turn and the budget, and it is never kept.
 
+A reasoning teacher's thinking (QwQ's <think> block, or `reasoning_content` from vLLM's
+reasoning parser or DeepSeek's API) is the trace: the paper records the reasoning model's
+"explanation content" and its case study (App. C) shows a trace that is the thinking ("Yes.
+Okay, let's see here..."). The decision is parsed from the answer only; the trace is "Yes. "
+or "No. " followed by the thinking, or by the answer's own reasoning for a model that does
+not think. The thinking is in llm_calls.reasoning either way.
+
 The rounds depend on earlier answers, so only the first round is cut by `--shard` and
 `--limit`; later rounds continue exactly the conversations the first round started.
 """
@@ -38,6 +45,12 @@ TURNS = "thinkrec_turns"
 TRACES = "thinkrec_traces"
 FIRST, REFLECT = "thinkrec_first_turn", "thinkrec_reflect"
 VARIANTS = 3
+#: The paper's teacher is QwQ-32B and gives no sampling parameters. temperature 0.6 and
+#: top_p 0.95 are QwQ's recommended settings (its model card). max_tokens is the factory's
+#: choice: a reasoning model spends its thinking inside max_tokens (vLLM, DeepSeek's API),
+#: and QwQ thinks for thousands of tokens; 8192 leaves room for that plus the answer
+#: (the model card allows up to 32,768; raise --max-tokens if traces come back truncated).
+SAMPLING = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
 
 
 def thinkrec(
@@ -114,7 +127,7 @@ def run_thinkrec(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sample
               "noun": noun, "history_items_without_keywords": no_keywords}
     convs: dict[str, dict[str, Any]] = {}
     with TeacherJob(wh, JOB, dataset=dataset, options=teacher, params=params,
-                    defaults=Sampling(temperature=0.6, max_tokens=1024)) as job:
+                    defaults=Sampling(**SAMPLING)) as job:
         works = [Work(id=work_id(i), data=(i, 0, None), vars={
             "history": render_history(i.history), "target_title": items[i.item_id].title,
             "noun": noun, "nouns": plural(noun)}) for i in instances]
@@ -132,7 +145,7 @@ def run_thinkrec(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sample
                         "correct": o.value.answer == i.label if o.ok else None}
 
             report: Report = job.run(works, prompt=prompt, parse=parse_yes_no, table=TURNS,
-                                     row=row)
+                                     row=row, with_reasoning=True)
             if report.dry_run:
                 return {"report": report, "instances": len(instances), "traces": {},
                         "history_without_keywords": no_keywords}

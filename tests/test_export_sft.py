@@ -55,17 +55,59 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _train_instances(wh: Warehouse, history: int = 10) -> set[tuple[str, int]]:
+    """Every usable train instance of ml-100k/loo: what the export must keep, all of it."""
+    from factory.itemtext import latest_keywords, load_items
+    from factory.thinkrec import candidates, load_instances
+
+    with wh.read() as con:
+        items = load_items(con, "ml-100k")
+        return {(i.user_id, i.position) for i in load_instances(
+            con, "ml-100k", "loo", candidates(con, "ml-100k", "loo", "train"), history,
+            items, latest_keywords(con, "ml-100k"))}
+
+
 def test_thinkrec_mix_ratio_parts_and_format(ml100k, tmp_path):
     kept = _insert_traces(ml100k, 40)
-    out = tmp_path / "tr.jsonl"
-    r = export_sft(ml100k, "ml-100k", "thinkrec", out, share=0.2, seed=7)
-    assert r.counts["train"] == {"reasoning": 40, "recommendation": 160}
-    assert r.notes["recommendation_passes"] == 1
+    out = tmp_path / "tr.parquet"
+    r = export_sft(ml100k, "ml-100k", "thinkrec", out, fmt="parquet", share=0.2, seed=7)
+    # ThinkRec 4.1: 0.2/0.8 is a sampling rate; all recommendation data is used
+    train_instances = _train_instances(ml100k)
+    n_rec = len(train_instances)
+    assert n_rec > 50_000
+    assert r.counts["train"]["recommendation"] == n_rec
+    n_reason = r.counts["train"]["reasoning"]
+    assert n_reason == round(n_rec * 0.2 / 0.8)
+    assert abs(n_reason / (n_reason + n_rec) - 0.2) < 1 / (n_reason + n_rec)
+    rows = pq.read_table(tmp_path / "tr.train.parquet").to_pylist()
+    rec = [(row["user_id"], row["position"]) for row in rows if row["kind"] == "recommendation"]
+    assert len(rec) == len(set(rec)) and set(rec) == train_instances
+    # every kept trace is repeated evenly: whole passes, then a sample for the remainder
+    uses: dict[tuple[str, int], int] = {}
+    for row in rows:
+        if row["kind"] == "reasoning":
+            uses[(row["user_id"], row["position"])] = uses.get(
+                (row["user_id"], row["position"]), 0) + 1
+    assert set(uses) == set(kept)
+    assert max(uses.values()) - min(uses.values()) <= 1
+    assert max(uses.values()) == r.notes["reasoning_passes"] == -(-n_reason // 40)
+    manifest = json.loads((tmp_path / "tr.manifest.json").read_text())
+    notes = manifest["notes"]
+    assert notes["reasoning_traces"] == 40 and notes["reasoning_examples"] == n_reason
+    assert notes["recommendation_train"] == n_rec
+    assert abs(notes["train_reasoning_share"] - 0.2) < 1e-4
+    assert manifest["counts"]["train"] == {"reasoning": n_reason, "recommendation": n_rec}
     # valid / test: one recommendation example per user with a labelled target
     assert set(r.counts["valid"]) == {"recommendation"}
     assert r.counts["valid"]["recommendation"] > 900
+
+
+def test_thinkrec_chat_format(ml100k, tmp_path):
+    _insert_traces(ml100k, 10)
+    out = tmp_path / "tr.jsonl"
+    r = export_sft(ml100k, "ml-100k", "thinkrec", out, share=0.2, seed=7)
     train = _lines(tmp_path / "tr.train.jsonl")
-    assert len(train) == 200
+    assert len(train) == sum(r.counts["train"].values())
     for row in train:
         assert list(row) == ["messages"]
         (u, a) = row["messages"]
@@ -74,14 +116,18 @@ def test_thinkrec_mix_ratio_parts_and_format(ml100k, tmp_path):
                                        "movies: ")
         assert "<UserID>" in u["content"] and "(evaluation: " in u["content"]
         assert a["content"] in ("Yes", "No") or a["content"].startswith(("Yes. ", "No. "))
-    assert sum(a["content"] not in ("Yes", "No") for a in (r["messages"][1] for r in train)) == 40
+    assert sum(a["content"] not in ("Yes", "No") for a in (r["messages"][1] for r in train)) \
+        == r.counts["train"]["reasoning"]
     manifest = json.loads((tmp_path / "tr.manifest.json").read_text())
-    assert manifest["counts"]["train"]["reasoning"] == 40
     assert {f"tr.{p}.jsonl" for p in ("train", "valid", "test")} <= set(manifest["files"])
     # exclude traces whose label had to be revealed
     r2 = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "nr.jsonl", exclude_revealed=True)
-    assert r2.counts["train"]["reasoning"] == 40 - len(range(0, 40, 3))
-    assert kept
+    assert r2.notes["reasoning_traces"] == 10 - len(range(0, 10, 3))
+    # share 0: recommendation only; share 1: reasoning only (each trace once)
+    r0 = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "s0.jsonl", share=0.0)
+    assert set(r0.counts["train"]) == {"recommendation"}
+    r1 = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "s1.jsonl", share=1.0)
+    assert r1.counts["train"] == {"reasoning": 10}
 
 
 def test_thinkrec_parts_follow_the_split(ml100k, tmp_path):
@@ -150,8 +196,10 @@ def test_per_group_exports(ml100k, tmp_path):
         assert rows and all(group[row["user_id"]] == g == row["group_id"] for row in rows)
         total += sum(row["kind"] == "reasoning" for row in rows)
         n_r = r.counts[f"group{g}"]["train"].get("reasoning", 0)
-        assert r.counts[f"group{g}"]["train"]["recommendation"] == 4 * n_r
-    assert total == 30
+        n_rec = r.counts[f"group{g}"]["train"]["recommendation"]
+        assert n_r == round(n_rec / 4)          # the share holds within each group
+    assert total == r.notes["reasoning_examples"]
+    assert r.notes["reasoning_traces"] == 30
 
 
 def _insert_explanation(con, a: str, b: str, sample: int, verdict: str) -> None:
@@ -270,4 +318,5 @@ def test_cli(ml100k, tmp_path):
                                    "--dataset", "ml-100k", "--kind", "thinkrec",
                                    "--out", str(tmp_path / "cli.jsonl")])
     assert res.exit_code == 0, res.output
-    assert len(_lines(tmp_path / "cli.train.jsonl")) == 25
+    n = len(_lines(tmp_path / "cli.train.jsonl"))
+    assert n > 50_000 and "recommendation" in res.output

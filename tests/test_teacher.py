@@ -363,3 +363,87 @@ def test_price_table_errors_are_clear(tmp_path) -> None:
     bad.write_text("version = ")
     with pytest.raises(FactoryError, match="not valid TOML"):
         PriceTable.load(bad)
+
+
+# -- reasoning models -----------------------------------------------------------------------
+THOUGHT = "The user asks for item {n}; consider what it is before answering it."
+
+
+def thinking_teacher(body: dict) -> dict:
+    """q0, q1: thinking inline (<think> block; a template-opened block with only </think>);
+    q2: thinking in reasoning_content, as vLLM's reasoning parsers and DeepSeek's API send."""
+    n = int(body["messages"][-1]["content"].split("number ", 1)[1].split(":", 1)[0])
+    thought, answer = THOUGHT.format(n=n), f"Item {n} is a plain test item."
+    if n == 0:
+        return {"content": f"<think>\n{thought}\n</think>\n\n{answer}"}
+    if n == 1:
+        return {"content": f"{thought}\n</think>\n\n{answer}"}
+    return {"content": answer, "reasoning_content": thought}
+
+
+def test_thinking_is_stored_apart_and_never_parsed_as_the_answer(answers, openai_server):
+    openai_server.responder = thinking_teacher
+    seen: list[tuple[str, str | None]] = []
+
+    def parse_with(text: str, reasoning: str | None) -> str:
+        assert "think>" not in text and "consider" not in text     # the answer only
+        seen.append((text, reasoning))
+        return parse(text)
+
+    outcomes = []
+
+    def run(opts):
+        with TeacherJob(answers, "test-job", dataset=None, options=opts) as job:
+            return job.run(works(3), prompt=PROMPT, parse=parse_with, table="answers",
+                           row=lambda o: outcomes.append(o) or {"item": o.work.id,
+                                                                "answer": o.value},
+                           with_reasoning=True)
+
+    r = run(options(openai_server))
+    assert r.ok == 3
+    stored = rows(answers, "select a.item, a.answer, c.text, c.reasoning from answers a"
+                           " join llm_calls c on c.key = a.call_key order by a.item")
+    for n, (item, answer, text, reasoning) in enumerate(stored):
+        assert item == f"q{n}" and answer == f"Item {n} is a plain test item."
+        assert reasoning == THOUGHT.format(n=n)          # either way, in llm_calls.reasoning
+        assert (THOUGHT.format(n=n) in text) == (n < 2)  # text: the content as received
+    assert sorted(seen) == sorted((f"Item {n} is a plain test item.", THOUGHT.format(n=n))
+                                  for n in range(3))
+    assert sorted(o.reasoning for o in outcomes) == [THOUGHT.format(n=n) for n in range(3)]
+    # replayed from the cache: the same answer, the same thinking
+    seen.clear()
+    outcomes.clear()
+    r = run(options(openai_server, cache_only=True))
+    assert r.cached == 3 and sorted(o.reasoning for o in outcomes) == [
+        THOUGHT.format(n=n) for n in range(3)]
+    # a parser without with_reasoning gets the answer only too
+    with TeacherJob(answers, "test-job", dataset=None,
+                    options=options(openai_server, cache_only=True)) as job:
+        job.run(works(3), prompt=PROMPT, parse=lambda t: parse_with(t, None), table="answers",
+                row=lambda o: {"item": o.work.id, "answer": o.value})
+    assert sorted(t for t, _ in seen[-3:]) == [f"Item {n} is a plain test item."
+                                               for n in range(3)]
+
+
+def test_split_reasoning() -> None:
+    from factory.teacher.request import split_reasoning
+
+    assert split_reasoning("Yes. Because.") == (None, "Yes. Because.")
+    assert split_reasoning("<think>a</think> Yes.") == ("a", "Yes.")
+    assert split_reasoning("<THINK>a</Think>Yes.") == ("a", "Yes.")
+    assert split_reasoning("a\n</think>\nYes.") == ("a", "Yes.")
+    assert split_reasoning("<think>a</think><think>b</think>No.") == ("a\n\nb", "No.")
+    assert split_reasoning("<think>still going") == ("still going", "")
+
+
+def test_migration_022_backfills_inline_thinking() -> None:
+    import duckdb
+
+    sql = (Path(__file__).resolve().parent.parent / "warehouse" / "022_llm_reasoning.sql")
+    con = duckdb.connect()
+    con.execute("create table llm_calls (key varchar, status varchar, text varchar)")
+    con.execute("insert into llm_calls values ('a', 'ok', '<think>\n plan \n</think>\nYes'),"
+                " ('b', 'ok', 'Yes'), ('c', 'failed', null)")
+    con.execute(sql.read_text())
+    assert con.execute("select key, reasoning from llm_calls order by key").fetchall() == [
+        ("a", "plan"), ("b", None), ("c", None)]

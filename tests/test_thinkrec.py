@@ -191,3 +191,39 @@ def test_cli_dry_run_then_run_then_sql(ml100k, openai_server):
                                    " job='thinkrec' and verdict='kept' limit 5"])
     assert res.exit_code == 0 and all(json.loads(line)["verdict"] == "kept"
                                       for line in res.stdout.splitlines())
+
+
+def test_a_reasoning_teachers_thinking_is_the_trace(ml100k, openai_server):
+    """ThinkRec's trace is the reasoning model's thinking (3.2.1, App. C: "Yes. Okay, let's
+    see here..."), whether it comes inline (QwQ's <think>) or as reasoning_content (vLLM's
+    reasoning parser, DeepSeek's API); the decision is parsed from the answer only."""
+    def teacher(body: dict) -> dict:
+        msgs = body["messages"]
+        first = msgs[0]["content"]
+        if len(msgs) == 1:
+            answer = "Yes" if hashlib.sha256(first.encode()).digest()[0] % 2 else "No"
+        else:
+            answer = REVEAL.match(msgs[-1]["content"]).group(1)
+        thought = (f"Okay, let's see. The history and {len(msgs)} turns. Maybe No? Maybe Yes?"
+                   f" Settling on {answer}.")
+        if hashlib.sha256(first.encode()).digest()[1] % 2:      # half inline, half not
+            return {"content": f"<think>\n{thought}\n</think>\n\n{answer}."}
+        return {"content": f"{answer}.", "reasoning_content": thought}
+
+    openai_server.responder = teacher
+    run_thinkrec(ml100k, "ml-100k", options(openai_server), sample=12, max_reflections=1,
+                 history=3)
+    traces = _rows(ml100k, "select t.verdict, t.explanation, t.prediction, t.label, c.text,"
+                           " c.reasoning, c.response from thinkrec_traces t join llm_calls c"
+                           " on c.key = t.call_keys[-1]")
+    assert len(traces) == 12
+    kinds = set()
+    for verdict, explanation, prediction, label, text, reasoning, response in traces:
+        assert verdict == "kept" and prediction == label
+        assert reasoning.startswith("Okay, let's see.") and "think>" not in reasoning
+        assert explanation == f"{'Yes' if label else 'No'}. {reasoning}"
+        kinds.add("reasoning_content" in json.loads(response)["choices"][0]["message"])
+        assert (reasoning in text) != ("reasoning_content" in response)
+    assert kinds == {True, False}
+    turns = _rows(ml100k, "select reasoning from thinkrec_turns")
+    assert all(r.startswith("Okay, let's see.") for (r,) in turns)

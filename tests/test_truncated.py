@@ -254,7 +254,7 @@ def test_thinkrec_cut_turns_end_the_trace_as_truncated_and_never_reach_sft(ml100
                                                                           openai_server,
                                                                           tmp_path):
     from factory.exports.sft import export_sft
-    from jobs.thinkrec import run_thinkrec
+    from jobs.thinkrec import SAMPLING, run_thinkrec
 
     openai_server.responder = thinkrec_teacher
     r = run_thinkrec(ml100k, "ml-100k", options(openai_server), sample=20,
@@ -279,12 +279,13 @@ def test_thinkrec_cut_turns_end_the_trace_as_truncated_and_never_reach_sft(ml100
             if kind == 2:
                 assert FILTERED in t[4]
             else:
-                assert_cut_at(t[4], 1024)
+                assert_cut_at(t[4], SAMPLING["max_tokens"])
     reflected = [t for t in by_kind[1] if not t[2]]     # label No: the first 'Yes' was wrong
     assert reflected, "no instance of kind 1 has the label No"
     for t in reflected:
         assert t[3:4] + t[5:10] == ("truncated", "truncated", 1, None, None, 1)
-        assert t[4].startswith("turn 1: ") and "max_tokens=1024" in t[4] and sent(t[:2]) == 2
+        assert t[4].startswith("turn 1: ") and sent(t[:2]) == 2
+        assert f"max_tokens={SAMPLING['max_tokens']}" in t[4]
         assert [m["role"] for m in json.loads(t[10])] == ["user", "assistant", "user"]
     n_truncated = sum(t[3] == "truncated" for t in traces)
     assert r["traces"]["truncated"] == n_truncated == r["report"].truncated

@@ -9,9 +9,19 @@ the counts and the files. Only kept rows are exported. Every random choice draws
 seeded generator over rows in a fixed order, so the same warehouse and seed give the same
 bytes.
 
-Mixing: the teacher-generated examples (explanations, reasoning traces) of the train part are
-all used once; the other kind is sampled to the requested ratio, without replacement while
-the pool lasts, then in further passes (recorded as `passes` in the manifest).
+Mixing, I2I: the collaborative explanations of the train part are all used once; alignment
+examples are sampled to the requested ratio, without replacement while the pool lasts, then
+in further passes (recorded as `alignment_passes` in the manifest).
+
+Mixing, ThinkRec: every recommendation instance is used once (the paper trains on all of
+them; its 0.2/0.8 is the rate at which reasoning and recommendation examples are sampled).
+The train part's reasoning share is reached by repeating the (few thousand) traces: whole
+shuffled passes, then a sample without replacement for the remainder, so each trace appears
+`reasoning_passes` or one fewer times. Repetition rather than per-example weights because
+chat JSONL and TRL's SFTTrainer carry no weight; a shuffled file with 20% reasoning rows is
+what the paper's sampler draws. When there are more traces than the share needs, a sample
+of them is used. The manifest's notes record traces, examples, passes, the recommendation
+count and the share reached.
 
 Parts: ThinkRec examples take the part of their target interaction in the split (reasoning
 traces are made from the train part only, so valid/test hold recommendation examples).
@@ -212,31 +222,46 @@ def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, 
     keys = candidates(con, dataset, split)
     if groups is not None:
         keys = [k for k in keys if k[1] in groups]
-    rng = np.random.default_rng(seed)
-    chosen = [k for k in keys if k[0] != "train"]
-    # mix within each group (or the whole set), so every exported set has the share
-    group_of = (lambda user: groups[user]) if groups is not None else (lambda user: None)
-    passes = 0
-    for g in sorted({group_of(k[1]) for k in keys} | {group_of(e.user_id) for e in reasoning},
-                    key=lambda g: -1 if g is None else g):
-        train = [k for k in keys if k[0] == "train" and group_of(k[1]) == g]
-        n_reasoning = sum(group_of(e.user_id) == g for e in reasoning)
-        if share >= 1:
-            n_rec = 0
-        elif share <= 0:
-            n_rec = len(train)
-        else:
-            n_rec = round(n_reasoning * (1 - share) / share)
-        picked, p = take(len(train), n_rec, rng)
-        passes = max(passes, p)
-        chosen += [train[k] for k in picked]
-    notes.update(recommendation_passes=passes)
+    if share >= 1:                       # reasoning only: no recommendation rows in train
+        keys = [k for k in keys if k[0] != "train"]
     recommendation = [
         Example(i.part, "recommendation", render(i.history, items[i.item_id].title),
                 "Yes" if i.label else "No", i.item_id, user_id=i.user_id,
                 position=i.position, label=i.label)
-        for i in load_instances(con, dataset, split, chosen, history, items, keywords)]
-    return reasoning + recommendation, notes
+        for i in load_instances(con, dataset, split, keys, history, items, keywords)]
+    # every recommendation instance is used once; the train part's reasoning share is
+    # reached by repeating traces, within each group (or the whole set), so every exported
+    # set has the share (see the module docstring)
+    group_of = (lambda user: groups[user]) if groups is not None else (lambda user: None)
+    by_group: dict[Any, list[Example]] = {}
+    for e in reasoning:
+        by_group.setdefault(group_of(e.user_id), []).append(e)
+    n_train: dict[Any, int] = {}
+    for e in recommendation:
+        if e.part == "train":
+            n_train[group_of(e.user_id)] = n_train.get(group_of(e.user_id), 0) + 1
+    rng = np.random.default_rng(seed)
+    mixed: list[Example] = []
+    passes = 0
+    for g in sorted(set(by_group) | set(n_train), key=lambda g: -1 if g is None else g):
+        traces_g, n_rec = by_group.get(g, []), n_train.get(g, 0)
+        if share <= 0:
+            n_reasoning = 0
+        elif share >= 1 or n_rec == 0:
+            n_reasoning = len(traces_g)      # nothing to mix with: each trace once
+        else:
+            n_reasoning = round(n_rec * share / (1 - share))
+        picked, p = take(len(traces_g), n_reasoning, rng)
+        passes = max(passes, p)
+        mixed += [traces_g[k] for k in picked]
+    n_rec_train = sum(n_train.values())
+    notes.update(
+        mixing="every recommendation instance once; reasoning traces repeated to the share",
+        reasoning_traces=len(reasoning), reasoning_examples=len(mixed),
+        reasoning_passes=passes, recommendation_train=n_rec_train,
+        train_reasoning_share=round(len(mixed) / (len(mixed) + n_rec_train), 6)
+        if mixed or n_rec_train else None)
+    return mixed + recommendation, notes
 
 
 def user_group_ids(con: duckdb.DuckDBPyConnection, dataset: str, grouping: str) -> dict[str, int]:

@@ -43,7 +43,8 @@ models, prompts or sampling settings live side by side, and a re-run replaces it
     sample, draws, cached, status ('ok' | 'failed'), error
 
 `call_key` joins `llm_calls`, the content-addressed cache holding the raw request and
-response, finish reason, tokens, latency, attempts, error, cost and price-table version.
+response, finish reason, tokens, latency, attempts, error, cost and price-table version,
+and a reasoning model's thinking (`reasoning`).
 Failed items get a row with status 'failed' and the reason, never a default value.
 
 Semantics worth knowing:
@@ -52,6 +53,13 @@ Semantics worth knowing:
   (unless --refresh), by this job, a resumed run or any other job.
 - `run()` may be called more than once inside one TeacherJob (rounds that depend on earlier
   answers, e.g. reflect turns: pass the earlier turns as `Work.history`).
+- Reasoning models: the thinking arrives in `message.reasoning_content` (vLLM's reasoning
+  parsers, DeepSeek's API) or inline as `<think>...</think>` (or only `</think>`, when the
+  chat template opened the block). Either way it is stored in `llm_calls.reasoning` (`text`
+  keeps the content as received) and put on `Outcome.reasoning`; the parser gets the answer
+  without it. `run(..., with_reasoning=True)` calls `parse(answer, reasoning)` for jobs whose
+  method uses the thinking (ThinkRec's trace). A reasoning model spends its thinking inside
+  `max_tokens`: give such teachers a large budget.
 - Tests and benchmarks point jobs at `factory.testing.openai_server.OpenAIServer`.
 """
 

@@ -142,6 +142,9 @@ class OpenAIBackend(Backend):
             output_tokens=usage.get("completion_tokens"),
             raw=secrets.redact(body) or "",
             latency_s=latency,
+            # vLLM's reasoning parsers and DeepSeek's API: `reasoning_content`; some servers
+            # (newer vLLM, OpenRouter) name it `reasoning`
+            reasoning=secrets.redact_values(_reasoning_of(message)),
         )
 
     def _classify(self, exc: Any) -> Exception:
@@ -220,6 +223,14 @@ class _Batcher:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _reasoning_of(message: dict[str, Any]) -> str | None:
+    for name in ("reasoning_content", "reasoning"):
+        value = message.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _openai_shaped(model: str, text: str, finish: str, n_in: int, n_out: int) -> str:

@@ -50,7 +50,7 @@ from factory.teacher.limits import (
     with_retries,
 )
 from factory.teacher.options import TeacherOptions, parse_shard
-from factory.teacher.request import Reply, Request, Sampling
+from factory.teacher.request import Reply, Request, Sampling, join_reasoning, split_reasoning
 from factory.teacher.store import CachedAnswer, cached_answers, upsert, write_calls
 from factory.warehouse import Warehouse
 
@@ -91,6 +91,7 @@ class Outcome:
     draws: int
     cached: bool                # no request was sent for this item in this run
     meta: dict[str, Any] = field(default_factory=dict)   # run_id, prompt, backend, model
+    reasoning: str | None = None    # the model's thinking (reasoning_content or <think>)
 
     @property
     def ok(self) -> bool:
@@ -264,9 +265,15 @@ class TeacherJob:
                 "its own --shard i/N")
 
     # -- the one call a job makes -----------------------------------------------------------
-    def run(self, works: Iterable[Work], *, prompt: Prompt, parse: Callable[[str], Any],
-            table: str, row: Callable[[Outcome], Mapping[str, Any]]) -> Report:
+    def run(self, works: Iterable[Work], *, prompt: Prompt, parse: Callable[..., Any],
+            table: str, row: Callable[[Outcome], Mapping[str, Any]],
+            with_reasoning: bool = False) -> Report:
         """Answer every work item with `prompt`, store one row per item in `table`.
+
+        `parse` gets the answer without the model's thinking (a reasoning model's
+        `reasoning_content`, or its inline <think> blocks); with `with_reasoning` it is
+        called as `parse(answer, reasoning)` with the thinking (None when there was none).
+        The thinking is also on the Outcome (`reasoning`) and in llm_calls.reasoning.
 
         `parse(text)` returns the value to store or raises ValueError for a malformed answer.
         `row(outcome)` returns the job's columns of the item's row; the PROVENANCE_COLUMNS are
@@ -281,7 +288,7 @@ class TeacherJob:
         self._record_prompt(prompt)
         if self.options.cache_only:
             self._require_cached(items)
-        state = _RunState(self, items, prompt, parse, table, row)
+        state = _RunState(self, items, prompt, parse, table, row, with_reasoning)
         unstored = None
         try:
             asyncio.run(state.run())
@@ -383,10 +390,11 @@ class _RunState:
     """Everything one run() needs while its event loop runs."""
 
     def __init__(self, job: TeacherJob, items: list[tuple[Work, Request]], prompt: Prompt,
-                 parse: Callable[[str], Any], table: str,
-                 row: Callable[[Outcome], Mapping[str, Any]]):
+                 parse: Callable[..., Any], table: str,
+                 row: Callable[[Outcome], Mapping[str, Any]], with_reasoning: bool = False):
         self.job, self.items, self.prompt = job, items, prompt
         self.parse, self.table, self.row = parse, table, row
+        self.with_reasoning = with_reasoning
         opts = job.options
         self.refresh = opts.refresh
         self.cache: dict[str, CachedAnswer] = {}
@@ -604,23 +612,28 @@ class _RunState:
             if cut:     # a redraw at the same budget would be cut again: don't pay for it
                 return self._outcome(work, first, req, draw + 1, all_cached, error=cut,
                                      text=call.answer.text, status="truncated")
+            # the parser never sees the thinking; rows stored before llm_calls.reasoning
+            # existed have it only inline
+            inline, answer = split_reasoning(call.answer.text)
+            reasoning = call.answer.reasoning or inline
             try:
-                value = self.parse(call.answer.text)
+                value = (self.parse(answer, reasoning) if self.with_reasoning
+                         else self.parse(answer))
             except ValueError as exc:
                 problem = str(exc) or type(exc).__name__
                 continue
             return self._outcome(work, first, req, draw + 1, all_cached, value=value,
-                                 text=call.answer.text)
+                                 text=call.answer.text, reasoning=reasoning)
         return self._outcome(work, first, req, draws, all_cached,
                              error=f"answer rejected by the parser {draws} times; last: {problem}")
 
     def _outcome(self, work: Work, first: Request, last: Request, draws: int, cached: bool,
                  value: Any = None, text: str | None = None, error: str | None = None,
-                 status: str | None = None) -> Outcome:
+                 status: str | None = None, reasoning: str | None = None) -> Outcome:
         status = status or ("failed" if error else "ok")
         return Outcome(work=work, status=status, value=value, text=text,
                        error=error, work_key=first.key, call_key=last.key, draws=draws,
-                       cached=cached, meta=self.meta)
+                       cached=cached, meta=self.meta, reasoning=reasoning)
 
     # -- one request ------------------------------------------------------------------------
     async def _ask(self, req: Request) -> _Call | None:
@@ -726,8 +739,10 @@ class _RunState:
             self._check_failures()
             return _Call(None, error, cached=False)
         cost = self.job.pricing.cost(reply.input_tokens, reply.output_tokens)
+        inline = split_reasoning(reply.text)[0]      # two substring tests without a tag
+        reasoning = join_reasoning(reply.reasoning, inline) if inline else reply.reasoning
         row.update(status="ok", response=redact(reply.raw, key),
-                   text=reply.text, finish_reason=reply.finish_reason,
+                   text=reply.text, reasoning=reasoning, finish_reason=reply.finish_reason,
                    input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
                    latency_s=reply.latency_s, cost_usd=cost,
                    price_version=self.job.pricing.version if cost is not None else None)
@@ -744,7 +759,7 @@ class _RunState:
         else:
             self.report.cost_usd = None
         answer = CachedAnswer(reply.text, reply.finish_reason, reply.input_tokens,
-                              reply.output_tokens)
+                              reply.output_tokens, reasoning)
         self.cache[req.key] = answer
         return _Call(answer, None, cached=False)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,3 +96,37 @@ class Reply:
     output_tokens: int | None
     raw: str                    # the response body as received (JSON text)
     latency_s: float = 0.0
+    reasoning: str | None = None    # message.reasoning_content (a reasoning parser's output)
+
+
+_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
+_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(thinking, answer) of a reply's content: <think>...</think> blocks are thinking; a
+    closing </think> with no opening one (the chat template opened the block, as QwQ's and
+    DeepSeek-R1's do) makes everything before it thinking; an unclosed <think> leaves no
+    answer (the engine's truncation() has already called that cut). Content without a tag
+    is returned as it is, at the cost of two substring tests."""
+    if "hink>" not in text and "HINK>" not in text:     # <think>, <Think>, <THINK>
+        return None, text
+    thoughts = [m.strip() for m in _THINK_BLOCK.findall(text)]
+    rest = _THINK_BLOCK.sub("", text)
+    close = list(_THINK_CLOSE.finditer(rest))
+    if close:                           # the template opened the block
+        thoughts.insert(0, rest[:close[-1].start()].strip())
+        rest = rest[close[-1].end():]
+    opened = _THINK_OPEN.search(rest)
+    if opened:                          # never closed: all of it is thinking
+        thoughts.append(rest[opened.end():].strip())
+        rest = rest[:opened.start()]
+    thinking = "\n\n".join(t for t in thoughts if t)
+    return thinking or None, rest.strip()
+
+
+def join_reasoning(*parts: str | None) -> str | None:
+    """The thinking from several sources (reasoning_content, inline), or None."""
+    text = "\n\n".join(p.strip() for p in parts if p and p.strip())
+    return text or None

@@ -16,7 +16,7 @@ import pyarrow as pa
 LLM_CALL_COLUMNS = (
     "key", "model", "backend", "sample", "draw", "request", "status", "response", "text",
     "finish_reason", "input_tokens", "output_tokens", "latency_s", "attempts", "error",
-    "cost_usd", "price_version", "run_id",
+    "cost_usd", "price_version", "run_id", "reasoning",
 )
 _UPSERT_CALLS = (
     f"insert into llm_calls ({', '.join(LLM_CALL_COLUMNS)}, created_at)"
@@ -33,6 +33,7 @@ class CachedAnswer:
     finish_reason: str | None
     input_tokens: int | None
     output_tokens: int | None
+    reasoning: str | None = None    # the model's thinking (reasoning_content or inline)
 
 
 def cached_answers(con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> dict[str, CachedAnswer]:
@@ -41,10 +42,10 @@ def cached_answers(con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> dict[
     if not keys:
         return {}
     rows = con.execute(
-        "select key, text, finish_reason, input_tokens, output_tokens from llm_calls"
+        "select key, text, finish_reason, input_tokens, output_tokens, reasoning from llm_calls"
         " where status = 'ok' and key in (select unnest(?::varchar[]))", [keys]
     ).fetchall()
-    return {k: CachedAnswer(t or "", f, i, o) for k, t, f, i, o in rows}
+    return {k: CachedAnswer(t or "", f, i, o, r) for k, t, f, i, o, r in rows}
 
 
 def write_calls(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:

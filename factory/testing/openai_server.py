@@ -15,7 +15,9 @@ can count exactly what a job sent::
         assert server.count("ok") == 20
 
 A responder returns the answer text, or a dict with `content` (and optionally
-`finish_reason`, `prompt_tokens`, `completion_tokens`); if it raises, the server answers 500.
+`finish_reason`, `prompt_tokens`, `completion_tokens`, and `reasoning_content`: the thinking,
+sent beside the content as vLLM's reasoning parsers and DeepSeek's API do); if it raises, the
+server answers 500.
 Whether a request gets a fault is decided by hashing (seed, request body, how many times this
 body was seen), so it does not depend on timing or order, and a retried request draws again.
 
@@ -316,10 +318,13 @@ class _Handler(BaseHTTPRequestHandler):
         prompt_tokens = answer.get("prompt_tokens", sum(
             len(str(m.get("content", "")).split()) for m in body.get("messages", [])))
         completion_tokens = answer.get("completion_tokens", len(content.split()))
+        message = {"role": "assistant", "content": content}
+        if answer.get("reasoning_content") is not None and outcome == "ok":
+            message["reasoning_content"] = answer["reasoning_content"]
         payload = {
             "id": f"chatcmpl-{record.key[:12]}", "object": "chat.completion",
             "created": 0, "model": body.get("model", ""),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+            "choices": [{"index": 0, "message": message,
                          "finish_reason": answer.get("finish_reason", "stop")}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
