@@ -1,6 +1,13 @@
 """One exception type for everything a user can fix; the CLI prints it as one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): what a
+    one-line error quotes of a library's multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class FactoryError(Exception):
     """A user-facing error: bad input, missing data, unknown names. Printed as one line."""
 

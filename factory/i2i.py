@@ -42,7 +42,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from factory.errors import FactoryError
+from factory.errors import FactoryError, first_line
 
 SCORES = ("count", "penalised", "swing", "pmi", "cond")
 #: Alink's Swing user weights: w_u = (SWING_USER_ALPHA + |I_u|) ** -SWING_USER_BETA
@@ -350,7 +350,7 @@ def out_of_memory(exc: BaseException, memory_limit: str, threads: int | None) ->
     """One line for a miner that hit its DuckDB memory limit. DuckDB's own hint says `SET
     memory_limit`, which a factory user cannot type: name the options instead. (An error of
     the caller's, e.g. storing a batch, never reaches the generator, so this is the miner's.)"""
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    detail = first_line(exc)
     detail = detail.removeprefix("Out of Memory Error: ")
     threads_hint = f" (now {threads})" if threads else ""
     return (f"mining ran out of memory at --memory-limit {memory_limit} ({detail}); raise "

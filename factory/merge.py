@@ -28,7 +28,7 @@ from pathlib import Path
 
 import duckdb
 
-from factory.errors import FactoryError
+from factory.errors import FactoryError, first_line
 from factory.runs import FINISHED, death, liveness
 from factory.teacher.journal import import_journals
 from factory.warehouse import Warehouse
@@ -38,11 +38,6 @@ RUN_TABLES = ("job_runs", "train_runs")
 #: never merged: the main warehouse's own schema version
 SKIP_TABLES = ("schema_migrations",)
 ALIAS = "shard"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _columns(con: duckdb.DuckDBPyConnection, database: str, table: str) -> dict[str, str]:
@@ -166,7 +161,7 @@ def _probe(shard: Path, lock_timeout: float) -> None:
             con = duckdb.connect(str(shard), read_only=True)
             break
         except duckdb.Error as exc:
-            text = _first_line(exc)
+            text = first_line(exc)
             if "lock" in text.lower():
                 if time.monotonic() < deadline:
                     time.sleep(delay)
@@ -193,7 +188,7 @@ def _attach(con: duckdb.DuckDBPyConnection, shard: Path) -> None:
     try:
         con.execute(f"attach '{path}' as {ALIAS} (read_only)").fetchall()
     except duckdb.Error as exc:
-        raise FactoryError(f"cannot merge {shard}: {_first_line(exc)}") from None
+        raise FactoryError(f"cannot merge {shard}: {first_line(exc)}") from None
 
 
 def merge_warehouses(wh: Warehouse, shards: list[Path]) -> dict[str, dict[str, int]]:
@@ -225,6 +220,6 @@ def merge_warehouses(wh: Warehouse, shards: list[Path]) -> dict[str, dict[str, i
                     results[str(shard)]["llm_calls from journals"] = journaled
             except duckdb.Error as exc:
                 done = f" ({len(results)} shard(s) before it were merged)" if results else ""
-                raise FactoryError(f"cannot merge {shard}: {_first_line(exc)}; nothing of it "
+                raise FactoryError(f"cannot merge {shard}: {first_line(exc)}; nothing of it "
                                    f"was merged{done}") from None
     return results

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.errors import FactoryError
+from factory.errors import FactoryError, first_line
 from factory.teacher.backends import EMBEDDED_GGUF, _quiet_gguf_conversion, embedded_model_dir
 from train.format import sha256_file
 
@@ -65,10 +65,6 @@ def _offline_transformers() -> Any:
     return transformers
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def load_tokenizer(base: Base) -> Any:
     """The base model's tokenizer (cheap next to the weights: examples are checked first)."""
     transformers = _offline_transformers()
@@ -78,7 +74,7 @@ def load_tokenizer(base: Base) -> Any:
                                                                    **base.kwargs())
     except (OSError, ValueError) as exc:
         raise FactoryError(f"cannot load the tokenizer of {base.name!r} offline: "
-                           f"{_first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     if tokenizer.chat_template is None:
         raise FactoryError(f"base model {base.name!r} has no chat template; use an instruct "
                            "model")
@@ -100,7 +96,7 @@ def load_model(base: Base, device: str) -> Any:
                 base.location, dtype=dtype, **base.kwargs())
     except (OSError, ValueError) as exc:
         raise FactoryError(f"cannot load base model {base.name!r} offline: "
-                           f"{_first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     return model.to(device)
 
 

@@ -36,8 +36,6 @@ def truncated_note(n: int) -> str:
 
 
 def report_rows(report: Report, **extra: Any) -> dict[str, Any]:
-    """The engine's summary rows, the truncated count with its hint, then `extra` rows."""
-    rows = report.rows()
-    if report.truncated:
-        rows[TRUNCATED_ROW] = truncated_note(report.truncated)
-    return {**rows, **extra}
+    """The engine's summary rows (the truncated count with its hint included), then the
+    job's `extra` rows."""
+    return {**report.rows(), **extra}

@@ -160,32 +160,29 @@ class Warehouse:
             f"factory ({newest_known}); upgrade factory to read it"
         )
 
-    def _missing(self, con: duckdb.DuckDBPyConnection) -> bool:
-        """Whether the file lacks migrations this factory has (a newer file: False)."""
+    @staticmethod
+    def _applied(con: duckdb.DuckDBPyConnection) -> set[int]:
+        """Migration versions recorded in the file (none when it has no factory schema)."""
         has_table = con.execute(
             "select count(*) from duckdb_tables()"
             " where database_name = current_database() and schema_name = 'main'"
             " and table_name = 'schema_migrations'").fetchone()[0]
-        if not has_table:
+        return ({v for (v,) in con.execute("select version from schema_migrations").fetchall()}
+                if has_table else set())
+
+    def _missing(self, con: duckdb.DuckDBPyConnection) -> bool:
+        """Whether the file lacks migrations this factory has (a newer file: False)."""
+        applied, known = self._applied(con), [v for v, _, _ in migrations()]
+        if not applied:
             return True
-        applied = {v for (v,) in con.execute("select version from schema_migrations").fetchall()}
-        return any(v not in applied for v, _, _ in migrations()) and max(applied) <= max(
-            v for v, _, _ in migrations())
+        return max(applied) <= max(known) and any(v not in applied for v in known)
 
     def _check_schema(self, con: duckdb.DuckDBPyConnection) -> None:
         """For readers: the file's schema must be exactly what this factory expects.
         Reads schema_migrations only; a file that needs migrating is refused, not changed."""
         known = migrations()
         newest_known = known[-1][0] if known else 0
-        has_table = con.execute(
-            "select count(*) from duckdb_tables()"
-            " where database_name = current_database() and schema_name = 'main'"
-            " and table_name = 'schema_migrations'"
-        ).fetchone()[0]
-        applied = (
-            {v for (v,) in con.execute("select version from schema_migrations").fetchall()}
-            if has_table else set()
-        )
+        applied = self._applied(con)
         if applied and max(applied) > newest_known:
             raise self._newer_error(max(applied), newest_known)
         missing = [f"{v:03d}_{name}" for v, name, _ in known if v not in applied]

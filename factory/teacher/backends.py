@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from factory.errors import FactoryError
+from factory.errors import FactoryError, first_line
 from factory.teacher.keys import Secrets, safe_url, split_url
 from factory.teacher.limits import JobError, RequestError, TransientError, parse_retry_after
 from factory.teacher.request import Reply, Request
@@ -321,9 +321,8 @@ def _load_transformers(name: str, where: str, gguf: str | None) -> tuple[Any, An
             tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FactoryError(f"cannot load {name!r} with transformers (offline): "
-                           f"{first}") from None
+                           f"{first_line(exc)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

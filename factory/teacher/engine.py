@@ -35,7 +35,7 @@ import duckdb
 from rich.progress import TextColumn
 
 from factory.console import console, progress, summary
-from factory.errors import FactoryError, Interrupted
+from factory.errors import FactoryError, Interrupted, first_line
 from factory.prompts import Prompt
 from factory.runs import finish_run, live_runs, start_run
 from factory.teacher.backends import Backend, TransformersBackend, make_backend
@@ -52,6 +52,7 @@ from factory.teacher.limits import (
 from factory.teacher.options import TeacherOptions, parse_shard
 from factory.teacher.request import Reply, Request, Sampling, join_reasoning, split_reasoning
 from factory.teacher.store import CachedAnswer, cached_answers, upsert, write_calls
+from factory.verdicts import TRUNCATED_ROW, truncated_note
 from factory.warehouse import Warehouse
 
 #: columns every teacher job's output table carries (Outcome.provenance() fills them)
@@ -137,7 +138,7 @@ class Report:
             "cost": cost, "seconds": round(self.seconds, 1), "run": self.run_id,
         }
         if self.truncated:
-            rows["truncated (not kept)"] = self.truncated
+            rows[TRUNCATED_ROW] = truncated_note(self.truncated)
         if self.not_done:
             rows["not done"] = self.not_done
         if self.stopped:
@@ -240,7 +241,7 @@ class TeacherJob:
             if exc_type is None:       # else the error already on its way says more
                 raise FactoryError(
                     f"could not record the end of run {self.run_id}: "
-                    f"{_first_line(store_exc)}; its answers are stored or in "
+                    f"{first_line(store_exc)}; its answers are stored or in "
                     f"{journal_dir(self.wh.path)}, and the next command marks it died"
                 ) from None
         finally:
@@ -530,7 +531,7 @@ class _RunState:
             self._write(calls, outcomes)
         except Exception as exc:
             self._put_back(calls, outcomes)
-            raise FactoryError(self._unstored_line(_first_line(exc))) from None
+            raise FactoryError(self._unstored_line(first_line(exc))) from None
 
     def stored_everything(self) -> bool:
         return not (self.calls or self.outcomes)
@@ -852,7 +853,7 @@ class _RunState:
     def _store_failed(self, exc: BaseException) -> None:
         """Keep everything, retry with backoff; stop on a full disk, a bug, or too long."""
         now = time.monotonic()
-        reason = _first_line(exc)
+        reason = first_line(exc)
         kind = self.store_kind = _store_failure_kind(exc)
         if self.store_failing_since is None:
             self.store_failing_since = now
@@ -901,11 +902,6 @@ class _RunState:
                 with wh.write(lock_timeout=lock_wait) as con:
                     write_calls(con, calls)
             raise
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _store_failure_kind(exc: BaseException) -> str:
