@@ -176,33 +176,47 @@ class SplitKind(str, Enum):
 @app.command("split")
 def split_cmd(
     dataset: str = typer.Option(..., "--dataset"),
-    name: str = typer.Option(..., "--name", help="Name later jobs select with --split."),
+    name: str = typer.Option(None, "--name", help="Name later jobs select with --split "
+                             "[default: the preset's, e.g. thinkrec]."),
+    preset: str = typer.Option(None, "--preset", help="A paper's protocol: thinkrec (by the "
+                               "dataset's source), thinkrec-ml1m, thinkrec-book, thinkrec-yelp."),
     kind: SplitKind = typer.Option(SplitKind.temporal, "--kind"),
     start: str = typer.Option(None, help="Temporal: first date kept (YYYY-MM-DD)."),
     train_end: str = typer.Option(None, help="Temporal: first date of validation."),
     valid_end: str = typer.Option(None, help="Temporal: first date of test."),
-    window_months: int = typer.Option(None, help="Temporal: keep the last N months ..."),
+    end: str = typer.Option(None, help="Temporal: first date no longer kept."),
+    window_months: int = typer.Option(None, help="Temporal: keep the last N whole months "
+                                      "before the last interaction's month ..."),
     train_months: int = typer.Option(None, help="... the first M of them train ..."),
     valid_months: int = typer.Option(None, help="... the next V validation, the rest test."),
+    core: int = typer.Option(1, "--core", help="Temporal: k-core inside the window."),
+    heldout: str = typer.Option("time", "--heldout", help="Temporal: time (valid before "
+                                "--valid-end) or halves (held-out interactions halved in "
+                                "time order)."),
     replace: bool = typer.Option(False, "--replace"),
 ) -> None:
-    """Add a named split (leave-one-out, or temporal cut-offs as in ThinkRec 4.1)."""
-    from factory.splits import make_loo_split, make_temporal_split
+    """Add a named split: leave-one-out, temporal cut-offs, or a paper's protocol (--preset)."""
+    from factory.splits import make_loo_split, make_preset_split, make_temporal_split
     from factory.warehouse import require_dataset
 
     with warehouse().write() as con:
         require_dataset(con, dataset)
-        if kind is SplitKind.loo:
+        if preset is not None:
+            name, counts = make_preset_split(con, dataset, preset, name, replace=replace)
+        elif name is None:
+            raise FactoryError("--name is needed (or --preset)")
+        elif kind is SplitKind.loo:
             counts = make_loo_split(con, dataset, name, replace=replace)
         else:
             counts = make_temporal_split(
                 con, dataset, name, start=start, train_end=train_end, valid_end=valid_end,
-                window_months=window_months, train_months=train_months,
-                valid_months=valid_months, replace=replace,
+                end=end, window_months=window_months, train_months=train_months,
+                valid_months=valid_months, core=core, heldout=heldout, replace=replace,
             )
     summary(f"split {name} of {dataset}",
-            {part: f"{c['interactions']:,} interactions, {c['users']:,} users"
-             for part, c in counts.items()},
+            {part: f"{counts[part]['interactions']:,} interactions, "
+                   f"{counts[part]['users']:,} users"
+             for part in ("train", "valid", "test") if part in counts},
             f"select part, count(*) from split_parts where dataset = '{dataset}'"
             f" and split = '{name}' group by 1")
 

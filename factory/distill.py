@@ -254,7 +254,7 @@ def latest_teach_run(con: duckdb.DuckDBPyConnection, dataset: str) -> str:
 
 # -- teach and generate ---------------------------------------------------------------------
 #: DeepSeek-R1's recommended sampling (the paper's teacher); room for its thinking
-TEACHER_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 2048}
+TEACHER_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
 #: the student writes one deterministic chain per sequence
 STUDENT_SAMPLING = {"temperature": 0.0, "max_tokens": 1024}
 

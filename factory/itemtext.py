@@ -113,7 +113,8 @@ class HistoryEntry:
 def render_history(entries: Sequence[HistoryEntry], features: bool = False) -> str:
     """ThinkRec 3.2.1: `i_t with feature emb (evaluation: i_l) with description: i_k`, joined
     by "; ". `features` adds the <ItemID> placeholder where a CoLLM-style trainer inserts the
-    item's collaborative embedding; the teacher prompts (B.3) go without."""
+    item's collaborative embedding; the teacher prompts (B.3) go without. A user's first
+    interaction has no history: "none"."""
     parts = []
     for e in entries:
         text = f'"{e.title}"'
@@ -123,7 +124,7 @@ def render_history(entries: Sequence[HistoryEntry], features: bool = False) -> s
         if e.keywords:
             text += f" with description: {', '.join(e.keywords)}"
         parts.append(text)
-    return "; ".join(parts)
+    return "; ".join(parts) or "none"
 
 
 def latest_keywords(con: duckdb.DuckDBPyConnection, dataset: str) -> dict[str, list[str]]:

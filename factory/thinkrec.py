@@ -17,7 +17,7 @@ import numpy as np
 
 from factory.itemtext import HistoryEntry, Item
 
-#: labelled interactions of the split whose item has a title and that have earlier history
+#: labelled interactions of the split whose item has a title (and earlier history if asked)
 _CANDIDATES = (
     "with s as (select part, user_id, position, item_id, label,"
     "           min(position) over (partition by user_id) as first"
@@ -25,7 +25,7 @@ _CANDIDATES = (
     " select s.part, s.user_id, s.position from s join items i"
     "  on i.dataset = $dataset and i.item_id = s.item_id"
     " where s.label is not null and i.title is not null and ($part is null or s.part = $part)"
-    "  and s.position > s.first"
+    "  and (not $need_history or s.position > s.first)"
     " order by s.part, s.user_id, s.position"
 )
 
@@ -41,10 +41,13 @@ class Instance:
 
 
 def candidates(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
-               part: str | None = None) -> list[tuple[str, str, int]]:
-    """(part, user_id, position) of every usable instance, in a fixed order."""
+               part: str | None = None, need_history: bool = True) -> list[tuple[str, str, int]]:
+    """(part, user_id, position) of every usable instance, in a fixed order. A teacher needs
+    a history to reason about; recommendation examples do not (ThinkRec's data, like CoLLM's,
+    has one instance per interaction, a user's first with an empty history)."""
     return [(p, str(u), int(pos)) for p, u, pos in con.execute(
-        _CANDIDATES, {"dataset": dataset, "split": split, "part": part}).fetchall()]
+        _CANDIDATES, {"dataset": dataset, "split": split, "part": part,
+                      "need_history": need_history}).fetchall()]
 
 
 def sample_keys(keys: Sequence[tuple[str, str, int]], n: int | None,
@@ -58,9 +61,10 @@ def sample_keys(keys: Sequence[tuple[str, str, int]], n: int | None,
 
 def load_instances(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
                    keys: Sequence[tuple[str, str, int]], history: int, items: dict[str, Item],
-                   keywords: dict[str, list[str]]) -> list[Instance]:
+                   keywords: dict[str, list[str]], need_history: bool = True) -> list[Instance]:
     """The instances of `keys` with their latest `history` earlier interactions (items
-    without a title are left out of a history; an instance left with none is dropped)."""
+    without a title are left out of a history; an instance left with none is dropped unless
+    `need_history` is False)."""
     import pyarrow as pa
 
     if not keys:
@@ -87,7 +91,7 @@ def load_instances(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
         entries = tuple(HistoryEntry(i, items[i].title, bool(lab), keywords.get(i))
                         for i, lab in zip(h_items or [], h_labels or [], strict=True)
                         if i in items and items[i].title and lab is not None)
-        if entries and label is not None:
+        if (entries or not need_history) and label is not None:
             part, user_id, position = keys[k]
             out.append(Instance(part, user_id, position, str(item_id), bool(label), entries))
     return out

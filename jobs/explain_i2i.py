@@ -169,7 +169,7 @@ def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sam
     run = {"prompt": prompt, "parse": parse_explanation, "table": TABLE, "row": row}
     kept, done = 0, 0
     with TeacherJob(wh, JOB, dataset=dataset, options=teacher, params=params,
-                    defaults=Sampling(temperature=0.8, max_tokens=256)) as job:
+                    defaults=Sampling(temperature=0.8, max_tokens=4096)) as job:
         if not target_kept:
             report: Report = job.run(works_for(shown), **run)
             done = len(shown)

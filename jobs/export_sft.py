@@ -33,7 +33,8 @@ def export_sft_cmd(
     out: Path = typer.Option(..., "--out", help="e.g. sports.jsonl -> sports.train.jsonl, "
                              "sports.valid.jsonl, sports.test.jsonl, sports.manifest.json"),
     fmt: Format = typer.Option(Format.chat_jsonl, "--format"),
-    split: str = typer.Option("loo", "--split"),
+    split: str = typer.Option(None, "--split", help="i2i: loo; thinkrec: thinkrec (ThinkRec "
+                              "4.1's protocol) where the dataset has one, else loo."),
     seed: int = typer.Option(0, "--seed"),
     mix: str = typer.Option("alignment:1", "--mix", help="i2i: alignment examples per "
                             "explanation (TwiSTAR E.1.3: 1:1)."),
@@ -68,6 +69,7 @@ def export_sft_cmd(
             for part, kinds in value.items():
                 rows[f"{key} {part}"] = ", ".join(
                     f"{k} {n:,}" for k, n in sorted(kinds.items())) or "empty"
+    rows["split"] = result.notes["split"]
     rows["files"] = ", ".join(str(f) for f in result.files)
     summary(f"exported {kind.value} SFT data of {dataset}", rows,
             "select * from job_runs where job = 'export-sft' order by started_at desc limit 1")

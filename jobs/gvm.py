@@ -38,7 +38,7 @@ gvm_app = typer.Typer(help="SCoTER Generate-Validate-Mine: discover, inspect and
                            "reasoning templates.")
 
 #: SCoTER sec. 3.2: tau_gen = 0.7, top-p 0.9; the seed makes samples reproducible
-GENERATE_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 2048, "seed": 0}
+GENERATE_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 8192, "seed": 0}
 
 
 @contextmanager

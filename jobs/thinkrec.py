@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from factory.console import summary
+from factory.console import console, summary
 from factory.teacher.options import TeacherOptions, teacher_options
 
 if TYPE_CHECKING:
@@ -59,7 +59,9 @@ def thinkrec(
                                "(ThinkRec: a few thousand)."),
     max_reflections: int = typer.Option(3, "--max-reflections", min=0, help="Reflect turns "
                                         "(each reveals the label) before giving up."),
-    split: str = typer.Option("loo", "--split", help="Instances come from its train part."),
+    split: str = typer.Option(None, "--split", help="Instances come from its train part "
+                              "[default: thinkrec, ThinkRec 4.1's protocol, where the dataset "
+                              "has one (ML-1M), else loo]."),
     history: int = typer.Option(10, "--history", min=1, help="History items shown "
                                 "(TALLRec/ThinkRec: 10)."),
     sample_seed: int = typer.Option(0, "--sample-seed", help="Seed of the instance sample "
@@ -79,6 +81,7 @@ def thinkrec(
     if report.dry_run:
         return
     rows = report_rows(report, instances=result["instances"])
+    rows["split"] = result["split"]
     rows.update({f"traces {k}": v for k, v in result["traces"].items()})
     if result["history_without_keywords"]:
         rows["history items without keywords"] = result["history_without_keywords"]
@@ -89,17 +92,24 @@ def thinkrec(
 
 
 def run_thinkrec(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sample: int = 3000,
-                 max_reflections: int = 3, split: str = "loo", history: int = 10,
+                 max_reflections: int = 3, split: str | None = None, history: int = 10,
                  seed: int = 0, noun: str | None = None) -> dict[str, Any]:
     from factory.answers import parse_yes_no
     from factory.errors import FactoryError
     from factory.itemtext import item_noun, latest_keywords, load_items, plural, render_history
     from factory.prompts import load_prompt
+    from factory.splits import thinkrec_split
     from factory.teacher import Sampling, TeacherJob, Work, upsert
     from factory.thinkrec import candidates, load_instances, sample_keys
-    from factory.warehouse import require_split
+    from factory.warehouse import require_dataset, require_split
 
     first, reflect = load_prompt(FIRST), load_prompt(REFLECT)
+    if split is None:
+        with wh.write() as con:
+            require_dataset(con, dataset)
+            split, chosen = thinkrec_split(con, dataset, None)
+        if chosen:
+            console.print(chosen)
     with wh.read() as con:
         require_split(con, dataset, split)
         noun = noun or item_noun(con, dataset)
@@ -148,6 +158,7 @@ def run_thinkrec(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sample
                                      row=row, with_reasoning=True)
             if report.dry_run:
                 return {"report": report, "instances": len(instances), "traces": {},
+                        "split": split,
                         "history_without_keywords": no_keywords}
             works = []
             for o in sorted(outcomes, key=lambda o: o.work.id):
@@ -179,7 +190,7 @@ def run_thinkrec(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sample
         key = t["verdict"] + (" (label revealed)" if t["label_revealed"] and
                               t["verdict"] == "kept" else "")
         counts[key] = counts.get(key, 0) + 1
-    return {"report": job.totals, "instances": len(instances), "traces": counts,
+    return {"report": job.totals, "instances": len(instances), "traces": counts, "split": split,
             "history_without_keywords": no_keywords}
 
 

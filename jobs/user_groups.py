@@ -25,7 +25,9 @@ def register(app: typer.Typer) -> None:
 def user_groups_cmd(
     dataset: str = typer.Option(..., "--dataset"),
     groups: int = typer.Option(2, "--groups", min=2, help="Number of groups / base experts N."),
-    split: str = typer.Option("loo", "--split", help="Features learn from its train part."),
+    split: str = typer.Option(None, "--split", help="Features learn from its train part "
+                              "[default: thinkrec where the dataset has ThinkRec's protocol "
+                              "(ML-1M), else loo]."),
     dim: int = typer.Option(64, "--dim", min=1, help="Latent feature dimension."),
     tau: float = typer.Option(0.1, "--tau", min=1e-6, help="Softmax temperature (eq. 8)."),
     seed: int = typer.Option(0, "--seed"),
@@ -49,21 +51,27 @@ def user_groups_cmd(
     )
 
 
-def run_user_groups(wh: Any, dataset: str, *, groups: int, split: str = "loo", dim: int = 64,
+def run_user_groups(wh: Any, dataset: str, *, groups: int, split: str | None = None,
+                    dim: int = 64,
                     tau: float = 0.1, seed: int = 0, name: str | None = None,
                     replace: bool = False) -> dict[str, Any]:
     """Compute and store one grouping; returns the summary counts."""
     import numpy as np
 
     from factory.runs import finish_run, start_run
+    from factory.splits import thinkrec_split
     from factory.usergroups import group_users, svd_user_features
-    from factory.warehouse import require_split
+    from factory.warehouse import require_dataset, require_split
 
-    name = name or f"{split}-g{groups}"
-    params = {"groups": groups, "split": split, "dim": dim, "tau": tau, "seed": seed,
-              "name": name, "method": METHOD}
     with wh.write() as con:
+        require_dataset(con, dataset)
+        split, chosen = thinkrec_split(con, dataset, split)
+        if chosen:
+            console.print(chosen)
         require_split(con, dataset, split)
+        name = name or f"{split}-g{groups}"
+        params = {"groups": groups, "split": split, "dim": dim, "tau": tau, "seed": seed,
+                  "name": name, "method": METHOD}
         if con.execute("select 1 from user_groupings where dataset = ? and name = ?",
                        [dataset, name]).fetchone() and not replace:
             raise FactoryError(f"grouping {name!r} of {dataset!r} exists; pass --replace "

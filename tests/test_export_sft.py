@@ -55,16 +55,15 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _train_instances(wh: Warehouse, history: int = 10) -> set[tuple[str, int]]:
-    """Every usable train instance of ml-100k/loo: what the export must keep, all of it."""
-    from factory.itemtext import latest_keywords, load_items
-    from factory.thinkrec import candidates, load_instances
-
+def _train_instances(wh: Warehouse) -> set[tuple[str, int]]:
+    """Every labelled train interaction of ml-100k/loo with a titled item, a user's first
+    included (ThinkRec's data has one instance per interaction): what the export must keep."""
     with wh.read() as con:
-        items = load_items(con, "ml-100k")
-        return {(i.user_id, i.position) for i in load_instances(
-            con, "ml-100k", "loo", candidates(con, "ml-100k", "loo", "train"), history,
-            items, latest_keywords(con, "ml-100k"))}
+        return {(str(u), int(p)) for u, p in con.execute(
+            "select s.user_id, s.position from split_interactions s join items i"
+            " using (dataset, item_id) where s.dataset = 'ml-100k' and s.split = 'loo'"
+            " and s.part = 'train' and s.label is not null and i.title is not null"
+        ).fetchall()}
 
 
 def test_thinkrec_mix_ratio_parts_and_format(ml100k, tmp_path):
@@ -108,13 +107,21 @@ def test_thinkrec_chat_format(ml100k, tmp_path):
     r = export_sft(ml100k, "ml-100k", "thinkrec", out, share=0.2, seed=7)
     train = _lines(tmp_path / "tr.train.jsonl")
     assert len(train) == sum(r.counts["train"].values())
+    empty = 0
     for row in train:
         assert list(row) == ["messages"]
         (u, a) = row["messages"]
         assert u["role"] == "user" and a["role"] == "assistant"
         assert u["content"].startswith("#Question: A user has given ratings to the following "
                                        "movies: ")
-        assert "<UserID>" in u["content"] and "(evaluation: " in u["content"]
+        assert "<UserID>" in u["content"]
+        # a user's first interaction is an instance too, with an empty history
+        empty += u["content"].startswith("#Question: A user has given ratings to the "
+                                         "following movies: none. ")
+        assert "(evaluation: " in u["content"] or a["content"] in ("Yes", "No")
+    with ml100k.read() as con:
+        assert empty == con.execute("select count(distinct user_id) from split_interactions"
+                                    " where split = 'loo' and part = 'train'").fetchone()[0]
         assert a["content"] in ("Yes", "No") or a["content"].startswith(("Yes. ", "No. "))
     assert sum(a["content"] not in ("Yes", "No") for a in (r["messages"][1] for r in train)) \
         == r.counts["train"]["reasoning"]

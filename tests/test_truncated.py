@@ -207,7 +207,7 @@ def test_explain_i2i_cut_answers_are_truncated_and_never_exported(mined, openai_
             continue
         assert (explanation, verdict, status, draws, n_tokens) == (
             None, "truncated", "truncated", 1, None)
-        assert_cut_at(reason, 256)
+        assert_cut_at(reason, 4096)
     assert r["report"].truncated == n_cut and r["verdicts"]["truncated"] == n_cut
     assert rows(mined, "select count(*) from traces where job = 'explain-i2i'"
                        " and verdict = 'truncated'") == [(n_cut,)]
@@ -366,12 +366,12 @@ def test_gvm_cut_chains_and_abstraction_are_truncated_never_mined(toy, monkeypat
     assert truncated and all(c[1] == "ok" for c in chains if c not in truncated)
     for _, _, error, items, draws, pruned, score, path in truncated:
         assert (items, draws, pruned, score, path) == (None, 1, False, None, None)
-        assert_cut_at(error, 2048)
+        assert_cut_at(error, 8192)
     assert n_asked == 24 + 1                  # no redraws; one Fig. 10 request
     abstraction = rows(toy, "select status, steps, error, draws from gvm_abstractions"
                             " where run_id = ?", [run])
     assert [a[:2] for a in abstraction] == [("truncated", None)] and abstraction[0][3] == 1
-    assert_cut_at(abstraction[0][2], 2048)
+    assert_cut_at(abstraction[0][2], 8192)
     template, error = rows(toy, "select template, error from gvm_patterns where run_id = ?",
                            [run])[0]
     assert template is None and "raise --max-tokens" in error
@@ -382,7 +382,7 @@ def test_gvm_cut_chains_and_abstraction_are_truncated_never_mined(toy, monkeypat
     assert rows(toy, "select verdict from traces where run_id = ? and job = 'gvm-abstract'",
                 [run]) == [("truncated",)]
     shown = said(cli(toy, "gvm", "show", "--dataset", "toy", "--run", run))
-    assert f"truncated {len(truncated)}x: cut at max_tokens=2048" in shown
+    assert f"truncated {len(truncated)}x: cut at max_tokens=8192" in shown
 
 
 # -- distill teach / generate -------------------------------------------------------------------
@@ -440,7 +440,7 @@ def test_distill_cut_chains_are_truncated_not_rejected_nor_redrawn(ml100k, tmp_p
                  "three-step", "--teacher-url", server.url, "--teacher-model", "teacher-m",
                  "--limit", "9")
         assert server.count() == 9               # a rejected chain would be drawn 3 times
-        n = _check_chains(ml100k, "teacher", 2048)
+        n = _check_chains(ml100k, "teacher", 8192)
         assert f"truncated (not kept): {n} (" in said(res) and "raise --max-tokens" in said(res)
         with ml100k.write() as con:
             chain_set = con.execute("select any_value(chain_set) from chains").fetchone()[0]

@@ -18,7 +18,7 @@ import duckdb
 from factory.datasets.raw import RawDataset
 from factory.errors import FactoryError
 from factory.runs import finish_run, start_run
-from factory.splits import make_loo_split
+from factory.splits import kcore, make_loo_split
 from factory.warehouse import Warehouse
 
 #: tables keyed by dataset that must keep their history when a dataset is replaced
@@ -76,19 +76,7 @@ def _normalise(con: duckdb.DuckDBPyConnection, opts: NormaliseOptions) -> dict[s
     )
     notes["duplicates_removed"] = before - _count(con, "select count(*) from _dedup")
 
-    rounds = 0
-    if opts.core > 1:
-        while True:
-            removed = con.execute(
-                "delete from _dedup where user_id in ("
-                "  select user_id from _dedup group by user_id having count(*) < $k)"
-                " or item_id in ("
-                "  select item_id from _dedup group by item_id having count(*) < $k)",
-                {"k": opts.core},
-            ).fetchone()[0]
-            if not removed:
-                break
-            rounds += 1
+    rounds = kcore(con, "_dedup", opts.core)
     notes["core"] = opts.core
     notes["core_rounds"] = rounds
     notes["after_core"] = _count(con, "select count(*) from _dedup")

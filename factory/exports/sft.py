@@ -219,7 +219,7 @@ def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, 
                                  text, item_id, user_id=user_id, position=position,
                                  label=label, run_id=run_id))
 
-    keys = candidates(con, dataset, split)
+    keys = candidates(con, dataset, split, need_history=False)
     if groups is not None:
         keys = [k for k in keys if k[1] in groups]
     if share >= 1:                       # reasoning only: no recommendation rows in train
@@ -228,7 +228,8 @@ def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, 
         Example(i.part, "recommendation", render(i.history, items[i.item_id].title),
                 "Yes" if i.label else "No", i.item_id, user_id=i.user_id,
                 position=i.position, label=i.label)
-        for i in load_instances(con, dataset, split, keys, history, items, keywords)]
+        for i in load_instances(con, dataset, split, keys, history, items, keywords,
+                                need_history=False)]
     # every recommendation instance is used once; the train part's reasoning share is
     # reached by repeating traces, within each group (or the whole set), so every exported
     # set has the share (see the module docstring)
@@ -332,13 +333,16 @@ def _parquet_schema() -> Any:
 
 
 def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-jsonl",
-               split: str = "loo", seed: int = 0, mix: float = 1.0, holdout: float = 0.05,
+               split: str | None = None, seed: int = 0, mix: float = 1.0,
+               holdout: float = 0.05,
                share: float = 0.2, history: int = 10, exclude_revealed: bool = False,
                grouping: str | None = None, noun: str | None = None,
                model: str | None = None) -> ExportResult:
     """Build, mix and write one SFT export; recorded as an `export-sft` job run."""
+    from factory.console import console
     from factory.runs import finish_run, start_run
-    from factory.warehouse import require_split
+    from factory.splits import thinkrec_split
+    from factory.warehouse import require_dataset, require_split
 
     if fmt not in FORMATS:
         raise FactoryError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -351,12 +355,18 @@ def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-
         raise FactoryError("--reasoning-share must be in [0, 1]")
     if grouping and kind != "thinkrec":
         raise FactoryError("--grouping splits users into groups; I2I examples have no user")
-    params = {"kind": kind, "out": str(out), "format": fmt, "split": split, "seed": seed,
-              "mix": mix, "holdout": holdout, "reasoning_share": share, "history": history,
-              "exclude_revealed": exclude_revealed, "grouping": grouping, "noun": noun,
-              "model": model}
     with wh.write() as con:
+        require_dataset(con, dataset)
+        if kind == "thinkrec":
+            split, chosen = thinkrec_split(con, dataset, split)
+            if chosen:
+                console.print(chosen)
+        split = split or "loo"
         require_split(con, dataset, split)
+        params = {"kind": kind, "out": str(out), "format": fmt, "split": split, "seed": seed,
+                  "mix": mix, "holdout": holdout, "reasoning_share": share,
+                  "history": history, "exclude_revealed": exclude_revealed,
+                  "grouping": grouping, "noun": noun, "model": model}
         run_id = start_run(con, "export-sft", dataset, params)
     try:
         with wh.read() as con:
@@ -398,4 +408,4 @@ def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-
             finish_run(con, run_id, "interrupted" if isinstance(exc, KeyboardInterrupt)
                        else "failed", error=str(exc) or type(exc).__name__)
         raise
-    return ExportResult(files, counts, notes)
+    return ExportResult(files, counts, {**notes, "split": split})
