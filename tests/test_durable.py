@@ -223,12 +223,39 @@ def test_a_trickling_answer_is_bounded_by_timeout(ml100k, openai_server):
     answer is a failure saying so, not a success stored 70 s later."""
     openai_server.faults = Faults(rate=1.0, kinds=("trickle",), trickle_s=0.25)
     result = subprocess.run(job_cmd(ml100k, openai_server, "--limit", "2", "--timeout", "1",
-                                    "--attempts", "1"),
+                                    "--min-tokens-per-s", "64", "--attempts", "1"),
                             env=env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr     # nothing was answered
     assert rows(ml100k, "select status, error from item_descriptions") == [
-        ("failed", "gave up after 1 attempts: no complete answer within --timeout 1s")] * 2
+        ("failed", "gave up after 1 attempts: no complete answer within 2s (--timeout 1 + 64 "
+                   "tokens at --min-tokens-per-s 64)")] * 2
     assert rows(ml100k, "select count(*) from llm_calls where status = 'ok'") == [(0,)]
+
+
+def test_a_long_generation_is_slow_not_stuck(ml100k, openai_server):
+    """Answers that take 1.5 s against --timeout 0.5: the attempt's budget grows with the
+    tokens asked for (64 at 32/s: +2 s), so every answer arrives on its first attempt instead
+    of six attempts each cut at 0.5 s."""
+    openai_server.latency = 1.5
+    result = subprocess.run(job_cmd(ml100k, openai_server, "--limit", "4", "--timeout", "0.5",
+                                    "--min-tokens-per-s", "32", "--concurrency", "4"),
+                            env=env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert rows(ml100k, "select status, attempts from llm_calls") == [("ok", 1)] * 4
+    assert len(openai_server.records) == 4
+
+
+def test_a_timed_out_attempt_is_retried_once_not_six_times(ml100k, openai_server):
+    openai_server.faults = Faults(rate=1.0, kinds=("hang",))
+    result = subprocess.run(job_cmd(ml100k, openai_server, "--limit", "2", "--timeout", "0.5",
+                                    "--min-tokens-per-s", "128", "--stall-timeout", "60"),
+                            env=env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert len(openai_server.records) == 4                       # 2 attempts per request
+    assert rows(ml100k, "select status, attempts, error from llm_calls") == [
+        ("failed", 2, "no complete answer within 1s (--timeout 0.5 + 64 tokens at "
+                      "--min-tokens-per-s 128), twice; a slower server needs a lower "
+                      "--min-tokens-per-s or a larger --timeout")] * 2
 
 
 def test_a_hung_server_stops_the_job_at_the_stall_timeout(ml100k, openai_server):

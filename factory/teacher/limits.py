@@ -31,6 +31,11 @@ class TransientError(Exception):
         self.body = body
 
 
+class AttemptTimeout(TransientError):
+    """An attempt that did not finish in its time: retried once, since a generation that was
+    too slow once will most likely be too slow again."""
+
+
 class RequestError(Exception):
     """Fatal for this request only (e.g. 400 context too long): recorded, not retried."""
 

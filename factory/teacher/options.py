@@ -56,8 +56,9 @@ class TeacherOptions:
     concurrency: int | None = None          # None: the backend's default
     rpm: int | None = None
     tpm: int | None = None
-    timeout: float = 120.0                  # seconds per whole HTTP attempt
-    stall_timeout: float | None = None      # no answer at all for this long: stop (5 x timeout)
+    timeout: float = 120.0                  # seconds per HTTP attempt, before its tokens
+    min_tokens_per_s: float = 5.0           # ... plus max_tokens at this decode rate
+    stall_timeout: float | None = None      # no answer at all for this long: stop
     attempts: int = 6                       # HTTP attempts per request, retries included
     backoff: float = 0.5                    # first retry waits up to this long (doubling)
     parse_retries: int = 2                  # extra draws when the parser rejects an answer
@@ -81,6 +82,11 @@ class TeacherOptions:
     @property
     def backend_name(self) -> str:
         return self.backend or ("openai" if self.url else "transformers")
+
+    def attempt_timeout(self, max_tokens: int | None) -> float:
+        """Seconds one HTTP attempt may take: a long generation is slow, not stuck, so the
+        budget grows with the tokens asked for (8,192 tokens at 5/s: 120 + 1,638 s)."""
+        return self.timeout + (max_tokens or 0) / self.min_tokens_per_s
 
     def with_(self, **changes: Any) -> TeacherOptions:
         return replace(self, **changes)
@@ -115,11 +121,16 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("rpm", int, typer.Option(None, "--rpm", min=1, help="Requests per minute limit.")),
     ("tpm", int, typer.Option(None, "--tpm", min=1, help="Tokens per minute limit.")),
     ("timeout", float, typer.Option(120.0, "--timeout", min=0.01,
-                                    help="Seconds per HTTP attempt, the whole answer "
-                                    "included.")),
+                                    help="Seconds per HTTP attempt before its tokens: an "
+                                    "attempt may take --timeout + max_tokens / "
+                                    "--min-tokens-per-s, the whole answer included.")),
+    ("min_tokens_per_s", float, typer.Option(
+        5.0, "--min-tokens-per-s", min=0.001, help="Slowest decode rate per request before "
+        "an attempt is given up (a timed-out attempt is retried once, not --attempts times).")),
     ("stall_timeout", float, typer.Option(
         None, "--stall-timeout", min=0.01, help="Stop cleanly when no answer arrives for this "
-        "many seconds while requests are in flight [default: 5 x --timeout].")),
+        "many seconds while requests are in flight [default: the longest attempt + 4 x "
+        "--timeout].")),
     ("attempts", int, typer.Option(6, "--attempts", min=1, help="HTTP attempts per request "
                                    "(retries on 408/409/429/5xx, timeouts, dropped "
                                    "connections).")),
@@ -154,7 +165,8 @@ def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
         url=values["teacher_url"] or None, model=values["teacher_model"] or None,
         backend=backend.value if backend is not None else None,
         concurrency=values["concurrency"], rpm=values["rpm"], tpm=values["tpm"],
-        timeout=values["timeout"], stall_timeout=values["stall_timeout"],
+        timeout=values["timeout"], min_tokens_per_s=values["min_tokens_per_s"],
+        stall_timeout=values["stall_timeout"],
         attempts=values["attempts"],
         sampling=Sampling(values["temperature"], values["top_p"], values["max_tokens"],
                           values["seed"]),
