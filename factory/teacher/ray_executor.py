@@ -196,6 +196,10 @@ def run_sharded(options: TeacherOptions) -> None:
     console.print(f"ray: {count} shard(s) of {job} in {folder}", highlight=False,
                   soft_wrap=True, markup=False)
     try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if options.ray_gpus_per_shard > gpus:    # not refused: an autoscaler may add GPUs
+            console.print(f"note: the Ray cluster has {gpus:g} GPU(s) now; shards wait for "
+                          f"{options.ray_gpus_per_shard:g} each", highlight=False, markup=False)
         results = _run_tasks(ray, options, command, paths, console)
     finally:
         if owned:
@@ -208,8 +212,8 @@ def run_sharded(options: TeacherOptions) -> None:
                 {f"shard {Path(s).stem.removeprefix('shard-')}/{count}":
                  ", ".join(f"{t} {n:,}" for t, n in sorted(c.items())) or "nothing new"
                  for s, c in merged.items()},
-                f"select run_id, status, counts from job_runs where job = '{job}'"
-                " order by started_at")
+                "select run_id, job, status, counts from job_runs order by started_at desc"
+                f" limit {count}")
     failed = [r for r in results if not r.ok]
     if failed:
         names = ", ".join(f"{r.index}/{count}" for r in failed)
