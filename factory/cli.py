@@ -17,13 +17,27 @@ from typing import Any
 
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from factory.console import console, summary
 from factory.errors import FactoryError, Interrupted
 from factory.settings import warehouse_path
+from factory.teacher.options import record_argv
 from factory.warehouse import Warehouse
 
+
+class _RootGroup(TyperGroup):
+    """Records the raw command line, so that `--executor ray` can run exactly the user's
+    command on each shard (rebuilding it from parsed values would lose how options were
+    spelled, and which came from the environment)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        record_argv(args)
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_RootGroup,
     help="Turn recommendation logs into LLM-generated training data, inspectable with SQL.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -34,6 +34,26 @@ class BackendName(str, Enum):
     vllm = "vllm"
 
 
+class ExecutorName(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+_argv: list[str] | None = None
+
+
+def record_argv(args: list[str]) -> None:
+    """Called by the root command group with this invocation's raw arguments."""
+    global _argv
+    _argv = list(args)
+
+
+def recorded_argv() -> list[str] | None:
+    """The raw arguments of the command being run (after the program name): an executor
+    re-runs exactly that command on each shard."""
+    return None if _argv is None else list(_argv)
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """'i/N' with 0 <= i < N (Slurm array task ids start at 0)."""
     if text is None:
@@ -70,14 +90,40 @@ class TeacherOptions:
     refresh: bool = False
     limit: int | None = None
     shard: tuple[int, int] | None = None
+    # executor: where the job runs (not work parameters, so not in as_params)
+    executor: str = "local"
+    shards: int | None = None               # --executor ray: how many shards
+    ray_address: str | None = None          # None: RAY_ADDRESS, else a local ray.init()
+    ray_gpus_per_shard: float = 0.0
 
     def __post_init__(self) -> None:
         if self.cache_only and self.refresh:
             raise FactoryError("--cache-only and --refresh contradict each other")
+        self._check_executor()
         if self.backend is not None and self.backend not in {b.value for b in BackendName}:
             raise FactoryError(f"unknown backend {self.backend!r}")
         if self.backend == "openai" and not self.url:
             raise FactoryError("--backend openai needs --teacher-url (or FACTORY_TEACHER_URL)")
+
+    def _check_executor(self) -> None:
+        if self.executor not in {e.value for e in ExecutorName}:
+            raise FactoryError(f"unknown executor {self.executor!r}")
+        if self.executor == "local":
+            if self.shards is not None:
+                raise FactoryError("--shards needs --executor ray (one process runs one shard "
+                                   "with --shard i/N)")
+            return
+        if self.shards is None:
+            raise FactoryError("--executor ray needs --shards N")
+        if self.shards < 1:
+            raise FactoryError(f"--shards {self.shards}: needs at least 1 shard")
+        if self.shard is not None:
+            raise FactoryError("--executor ray runs every shard itself: drop --shard i/N")
+        if self.dry_run:
+            raise FactoryError("--dry-run with --executor ray: run the dry run without "
+                               "--executor (it sends nothing and reads the same cache)")
+        if self.ray_gpus_per_shard < 0:
+            raise FactoryError("--ray-gpus-per-shard cannot be negative")
 
     @property
     def backend_name(self) -> str:
@@ -99,7 +145,13 @@ class TeacherOptions:
         params["sampling"] = self.sampling.as_dict()
         params["price_table"] = str(self.price_table) if self.price_table else None
         params["shard"] = f"{self.shard[0]}/{self.shard[1]}" if self.shard else None
+        for name in EXECUTOR_FIELDS:        # how it ran, not what: rows match a local run
+            params.pop(name)
         return params
+
+
+#: TeacherOptions fields that choose where a job runs, never what it computes
+EXECUTOR_FIELDS = ("executor", "shards", "ray_address", "ray_gpus_per_shard")
 
 
 # (parameter name, annotation, typer option); the order is the order shown in --help
@@ -156,6 +208,16 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
                                 "(after --shard).")),
     ("shard", str, typer.Option(None, "--shard", help="i/N: only the work whose request hash "
                                 "falls in shard i of N (0-based).")),
+    ("executor", ExecutorName, typer.Option(
+        ExecutorName.local, "--executor", help="local: this process; ray: --shards N shard "
+        "files, one Ray task each (the same command with --shard i/N), then merged.")),
+    ("shards", int, typer.Option(None, "--shards", help="--executor ray: number of shards.")),
+    ("ray_address", str, typer.Option(
+        None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use [default: a "
+        "local ray.init()]. Shard files must be on a filesystem its workers share.")),
+    ("ray_gpus_per_shard", float, typer.Option(
+        0.0, "--ray-gpus-per-shard", help="GPUs Ray reserves for each shard's task (e.g. 1 "
+        "with --backend vllm).")),
 ]
 
 
@@ -173,6 +235,9 @@ def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
         price_table=values["price_table"], dry_run=values["dry_run"],
         max_cost=values["max_cost"], cache_only=values["cache_only"],
         refresh=values["refresh"], limit=values["limit"], shard=parse_shard(values["shard"]),
+        executor=values["executor"].value if values["executor"] is not None else "local",
+        shards=values["shards"], ray_address=values["ray_address"] or None,
+        ray_gpus_per_shard=values["ray_gpus_per_shard"],
     )
 
 
@@ -199,7 +264,12 @@ def teacher_options(func: Callable[..., Any] | None = None, *,
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         values = dict(defaults)
         values.update({name: kwargs.pop(name) for name, _, _ in chosen})
-        kwargs["teacher"] = options_from_cli(values)
+        teacher = options_from_cli(values)
+        if teacher.executor == "ray":       # the driver: shards re-run this very command
+            from factory.teacher.ray_executor import run_sharded
+
+            return run_sharded(teacher)
+        kwargs["teacher"] = teacher
         return func(*args, **kwargs)
 
     params = sorted(kept + added, key=lambda p: p.kind)    # keyword-only after the others
