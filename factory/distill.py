@@ -200,14 +200,27 @@ def student_record(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any
 
 
 def resolve_chains(con: duckdb.DuckDBPyConnection, spec: str, dataset: str) -> ChainSet:
-    """`teacher:<distill teach run>` or `student:<distill student or generate run>`."""
-    source, sep, run_id = spec.partition(":")
-    if not sep or source not in ("teacher", "student") or not run_id:
-        raise FactoryError(f"--chains {spec!r}: expected teacher:<run-id> or student:<run-id>")
+    """`teacher:<distill teach run>` or `student:<distill student or generate run>`, each run
+    a whole id, a unique prefix or `latest` (the dataset's newest succeeded teach, or
+    generate, run). The ChainSet's `spec` names the run by its whole id, for provenance."""
+    from factory.runs import LATEST, resolve_run
+
+    source, sep, text = spec.partition(":")
+    if not sep or source not in ("teacher", "student") or not text.strip():
+        raise FactoryError(f"--chains {spec!r}: expected teacher:<run-id> or student:<run-id> "
+                           "(or teacher:latest, student:latest)")
+    option = f"--chains {source}:"
     if source == "teacher":
+        run_id = resolve_run(con, "distill-teach", dataset, text, what="distill teach",
+                             option=option, first=f"factory distill teach --dataset {dataset}")
         params = require_succeeded(con, run_id, "distill teach", ("distill-teach",))
         chain_set = params.get("chain_set")
     else:
+        jobs = (("distill-generate",) if text.strip() == LATEST
+                else ("distill-generate", "distill-student"))
+        run_id = resolve_run(con, jobs, dataset, text, what="distill generate or student",
+                             option=option,
+                             first=f"factory distill generate --dataset {dataset}")
         job = (_run_row(con, run_id) or ("",))[0]
         if job == "distill-student":
             student_record(con, run_id)
@@ -227,6 +240,7 @@ def resolve_chains(con: duckdb.DuckDBPyConnection, spec: str, dataset: str) -> C
             params = require_succeeded(con, run_id, "distill generate or student",
                                        ("distill-generate",))
             chain_set = params.get("chain_set")
+    spec = f"{source}:{run_id}"
     row = con.execute(
         "select any_value(dataset), any_value(split), any_value(template),"
         " any_value(template_steps), count(*) filter (where verdict = 'kept')"
@@ -242,14 +256,14 @@ def resolve_chains(con: duckdb.DuckDBPyConnection, spec: str, dataset: str) -> C
     return ChainSet(chain_set, source, row[0], row[1], row[2], tuple(row[3]), spec)
 
 
-def latest_teach_run(con: duckdb.DuckDBPyConnection, dataset: str) -> str:
-    row = con.execute(
-        "select run_id from job_runs where job = 'distill-teach' and dataset = ?"
-        " and status = 'succeeded' order by started_at desc limit 1", [dataset]).fetchone()
-    if row is None:
-        raise FactoryError(f"no successful `distill teach` run for {dataset!r}: run "
-                           f"`factory distill teach --dataset {dataset}` first")
-    return row[0]
+def resolve_student(con: duckdb.DuckDBPyConnection, dataset: str, text: str | None) -> str:
+    """A `distill student` run of the dataset: a whole id, a unique prefix, or latest (the
+    default)."""
+    from factory.runs import resolve_run
+
+    return resolve_run(con, "distill-student", dataset, text, what="distill student",
+                       option="--student",
+                       first=f"factory distill student --dataset {dataset}")
 
 
 # -- teach and generate ---------------------------------------------------------------------
@@ -259,10 +273,20 @@ TEACHER_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
 STUDENT_SAMPLING = {"temperature": 0.0, "max_tokens": 1024}
 
 
+#: a redraw of a greedy student samples at this temperature (with a seed per draw)
+REDRAW_TEMPERATURE = 0.7
+
+
 def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: list[str],
                options: Any, template_name: str | None = None, max_history: int = MAX_HISTORY,
-               student_run: str | None = None) -> Any:
-    """Alg. 2 line 6 (source 'teacher') or line 12 ('student'): one chain per sequence."""
+               student_run: str | None = None, redraws: int = 0) -> Any:
+    """Alg. 2 line 6 (source 'teacher') or line 12 ('student'): one chain per sequence.
+
+    `redraws` > 0 (`distill generate --redraw-rejected`): only the sequences whose chain is
+    rejected are asked again, with up to `redraws` new draws each (new seeds; a greedy
+    student samples at REDRAW_TEMPERATURE). Draws are indexed after the run's own, so they
+    are new cache rows, and a re-run replays them instead of paying again. A plain re-run
+    leaves redrawn chains as they are (replaying the first draw would undo the redraw)."""
     from factory.console import console, summary
     from factory.prompts import load_prompt
     from factory.teacher import Sampling, TeacherJob, Work
@@ -272,6 +296,7 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
     record = None
     with wh.read() as con:
         if source == "student":
+            student_run = resolve_student(con, dataset, student_run)
             record = student_record(con, student_run)
             if record["dataset"] != dataset:
                 raise FactoryError(f"student {student_run} was trained on "
@@ -296,14 +321,23 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
     if record is not None:
         options = options.with_(model=_student_model_option(options, record))
     defaults = Sampling(**(TEACHER_SAMPLING if source == "teacher" else STUDENT_SAMPLING))
-    if not defaults.merged(options.sampling).temperature:
+    sampling = defaults.merged(options.sampling)
+    if not sampling.temperature:
         options = options.with_(parse_retries=0)  # greedy: a new draw repeats the answer
+    own_draws = 1 + options.parse_retries         # what a plain run may draw per sequence
+    redraw = None
+    if redraws:
+        redraw = (own_draws, sampling.merged(Sampling(
+            temperature=sampling.temperature or REDRAW_TEMPERATURE,
+            seed=sampling.seed if sampling.seed is not None else 0)))
+        options = options.with_(parse_retries=options.parse_retries + redraws)
     params = {"dataset": dataset, "split": split, "parts": parts, "template": template_name,
               "steps": list(steps), "max_history": max_history, "prompt": PROMPT,
-              "student": student_run}
+              "student": student_run, "redraw_rejected": redraws}
     job = TeacherJob(wh, f"distill-{'teach' if source == 'teacher' else 'generate'}",
                      dataset=dataset, options=options, params=params, defaults=defaults,
-                     backend=student_backend(options, record) if record else None)
+                     backend=student_backend(options, record) if record else None,
+                     redraw=redraw)
     chain_set = chain_set_id(source, {
         "dataset": dataset, "split": split, "model": job.backend.model,
         "prompt_hash": prompt.hash, "template": template_name, "steps": list(steps),
@@ -311,6 +345,22 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
     job.params["chain_set"] = chain_set
     fixed = {"chain_set": chain_set, "dataset": dataset, "split": split, "source": source,
              "template": template_name, "template_steps": list(steps)}
+    with wh.read() as con:
+        stored = {f"{p}:{u}": (v, d) for p, u, v, d in con.execute(
+            "select part, user_id, verdict, draws from chains where chain_set = ?",
+            [chain_set]).fetchall()}
+    if redraws:
+        seqs = [s for s in seqs if stored.get(s.key, ("",))[0] == REJECTED]
+        if not seqs:
+            console.print(f"no rejected chains to redraw in chain set {chain_set} "
+                          f"({', '.join(parts)})")
+            return None
+    else:    # a plain run keeps what a redraw wrote
+        redrawn = {k for k, (_, d) in stored.items() if (d or 0) > own_draws}
+        if redrawn:
+            seqs = [s for s in seqs if s.key not in redrawn]
+            console.print(f"  {len(redrawn):,} redrawn chain(s) kept as they are "
+                          "(--redraw-rejected)")
     works = [Work(id=s.key, vars=prompt_vars(s, steps, items), data=s) for s in seqs]
     with job:
         report = job.run(works, prompt=prompt, parse=chain_parser(steps), table="chains",
@@ -332,6 +382,18 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
                   + ", ".join(f"{v} {n:,}" for v, n in verdicts))
     for reason, n in reasons:
         console.print(f"    {n:,} x {reason}")
+    if redraws:
+        with wh.read() as con:
+            (now_kept,) = con.execute(
+                "select count(*) from chains where chain_set = ? and verdict = 'kept' and"
+                " part || ':' || user_id in (select unnest(?::varchar[]))",
+                [chain_set, [s.key for s in seqs]]).fetchone()
+        console.print(f"  redrawn: {len(seqs):,} rejected chain(s), {now_kept:,} now kept "
+                      f"(up to {redraws} new draw(s) each; a re-run replays them)")
+    rejected = sum(n for v, n in verdicts if v == REJECTED)
+    if source == "student" and rejected:
+        console.print(f"  {rejected:,} rejected: `--redraw-rejected` redraws only them; "
+                      "`export cache --missing skip` marks them instead")
     console.print(f"  next: --chains {source}:{student_run if record else report.run_id}")
     return report
 
@@ -397,10 +459,11 @@ def train_student(wh: Any, *, dataset: str, chains: str | None, base: str, opts:
         from factory.warehouse import require_dataset
 
         require_dataset(con, dataset)
-        spec = chains or f"teacher:{latest_teach_run(con, dataset)}"
+        spec = chains or "teacher:latest"
         if not spec.startswith("teacher:"):
             raise FactoryError(f"--chains {spec!r}: a student learns from teacher:<run> chains")
         cs = resolve_chains(con, spec, dataset)
+        spec = cs.spec
         teach = con.execute("select params from job_runs where job = 'distill-teach' and"
                             " params->>'chain_set' = ? and status = 'succeeded'"
                             " order by started_at desc limit 1",

@@ -304,3 +304,71 @@ def finish_run(
         " where run_id = ?",
         [status, json.dumps(counts or {}, default=str, sort_keys=True), error, run_id],
     )
+
+
+# -- naming runs on the command line ---------------------------------------------------------
+#: the word every run option accepts for "the newest succeeded run that fits"
+LATEST = "latest"
+_SHOWN = 5     # candidates named in an ambiguity error
+
+
+def resolve_run(con: duckdb.DuckDBPyConnection, job: str | tuple[str, ...],
+                dataset: str | None, text: str | None, *, within: str | None = None,
+                what: str | None = None, option: str = "--run", first: str | None = None
+                ) -> str:
+    """The run id that `text` names among the runs of `job` (one or several job names) on
+    `dataset`: None or 'latest' is the newest succeeded one; anything else is a whole id or a
+    unique prefix of one, with or without the leading '<job>-' (as git takes short hashes).
+
+    Every command resolves run options here, so they all read the same way. `within`: SQL
+    listing the run ids that fit besides job and dataset (e.g. runs that left rows in a
+    table); `what` names the runs in errors (default: the job); `first`: the command that
+    makes such a run, for the error when there is none. A named run is returned whatever
+    its status: callers that need a succeeded one check it (and say so)."""
+    jobs = (job,) if isinstance(job, str) else tuple(job)
+    what = what or "/".join(jobs)
+    fits = ("job in (select unnest(?::varchar[])) and dataset is not distinct from ?"
+            + (f" and run_id in ({within})" if within else ""))
+    args: list[Any] = [list(jobs), dataset]
+    of = f" for dataset {dataset!r}" if dataset is not None else ""
+    listing = f"`factory runs --job {jobs[0]}` lists them"
+    word = (text or "").strip()
+    if not word or word == LATEST:
+        row = con.execute(f"select run_id from job_runs where {fits} and status = 'succeeded'"
+                          " order by started_at desc, run_id desc limit 1", args).fetchone()
+        if row is not None:
+            return str(row[0])
+        (others,) = con.execute(f"select count(*) from job_runs where {fits}", args).fetchone()
+        seen = (f" ({others} that did not finish: pass {option} to pick one; {listing})"
+                if others else "")
+        hint = f": run `{first}` first" if first else ""
+        raise FactoryError(f"no finished {what} run{of}{seen}{hint}")
+    starts = " or ".join(["starts_with(run_id, ?)"] * (1 + len(jobs)))
+    words = [word] + [f"{j}-{word}" for j in jobs]
+    named = con.execute(
+        f"select run_id, job, dataset, ({fits}) from job_runs where run_id = ? or {starts}"
+        " order by started_at desc, run_id desc", [*args, word, *words]).fetchall()
+    exact = [r for r in named if r[0] == word]
+    if exact:
+        named = exact
+    fitting = [r[0] for r in named if r[3]]
+    if len(fitting) == 1:
+        return str(fitting[0])
+    if len(fitting) > 1:
+        shown = ", ".join(fitting[:_SHOWN]) + (", ..." if len(fitting) > _SHOWN else "")
+        raise FactoryError(f"{option} {word!r} is ambiguous: {len(fitting)} {what} runs{of} "
+                           f"start with it ({shown}); give more of the id")
+    if named:
+        run_id, other_job, other_dataset, _ = named[0]
+        if other_job not in jobs:
+            raise FactoryError(f"run {run_id} is a {other_job} run, not a {what} run")
+        if other_dataset != dataset:
+            raise FactoryError(f"{what} run {run_id} is of dataset {other_dataset!r}, not "
+                               f"{dataset!r}")
+        raise FactoryError(f"{what} run {run_id} does not fit here (it left nothing to use); "
+                           f"{listing}")
+    latest = con.execute(f"select run_id from job_runs where {fits} and status = 'succeeded'"
+                         " order by started_at desc, run_id desc limit 1", args).fetchone()
+    known = (f"the latest is {latest[0]}, or pass {option} latest" if latest
+             else f"there is none yet{': run `' + first + '`' if first else ''}")
+    raise FactoryError(f"no {what} run {word!r}{of} ({known}; {listing})")

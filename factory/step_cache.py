@@ -175,11 +175,14 @@ class StepCache:
             self._h[part] = np.load(self.path / f"{part}.H.npy", mmap_mode="r")
         return self._h[part]
 
-    def rows(self, part: str, user_ids: Iterable[str]) -> np.ndarray:
-        """Row numbers of these users' sequences; a user without a chain is an error."""
+    def _index(self, part: str) -> None:
         if part not in self._rows:
             known = part in self.manifest["rows"]  # a part without any kept chain has no file
             self._rows[part] = {u: i for i, u in enumerate(self.users(part))} if known else {}
+
+    def rows(self, part: str, user_ids: Iterable[str]) -> np.ndarray:
+        """Row numbers of these users' sequences; a user without a chain is an error."""
+        self._index(part)
         index = self._rows[part]
         out, missing = [], []
         for u in user_ids:
@@ -189,14 +192,41 @@ class StepCache:
             else:
                 out.append(r)
         if missing:
-            writer = ("distill generate" if self.manifest.get("chain_source") != "teacher"
-                      else "distill teach --parts train,valid,test")
+            redo = ("`factory distill generate --redraw-rejected` (new draws for the rejected "
+                    "only; a plain re-run replays the same answers)"
+                    if self.manifest.get("chain_source") != "teacher"
+                    else "`factory distill teach --parts train,valid,test`")
             raise FactoryError(
                 f"step cache {self.manifest.get('cache_id', self.path)} "
                 f"({self.manifest.get('chains')}) has no {part} chain for {len(missing)} "
-                f"sequence(s) (e.g. user {missing[0]}): none was kept for them; run `factory "
-                f"{writer}` for them (it resumes), then `factory embed-steps`")
+                f"sequence(s) (e.g. user {missing[0]}): none was kept for them; run {redo}, "
+                "then `factory embed-steps`, or export with `--missing skip` to mark them "
+                "(zero H rows, has_steps false)")
         return np.asarray(out, dtype=np.int64)
+
+    def has(self, part: str, user_ids: Iterable[str]) -> np.ndarray:
+        """Whether each of these sequences has a row (a kept chain), in the order given."""
+        self._index(part)
+        index = self._rows[part]
+        return np.fromiter((u in index for u in user_ids), dtype=bool)
+
+    def gather_or_zero(self, part: str, user_ids: Iterable[str]) -> np.ndarray:
+        """`gather`, with zero rows for sequences that have no chain (`--missing skip`)."""
+        users = list(user_ids)
+        mask = self.has(part, users)
+        out = np.zeros((len(users), self.k, self.d), dtype=self.manifest["dtype"])
+        if mask.any():
+            out[mask] = self.gather(part, [u for u, m in zip(users, mask, strict=True) if m])
+        return out
+
+    def gather_chain_or_zero(self, part: str, user_ids: Iterable[str]) -> np.ndarray:
+        users = list(user_ids)
+        mask = self.has(part, users)
+        out = np.zeros((len(users), self.d), dtype=self.manifest["dtype"])
+        if mask.any():
+            out[mask] = self.gather_chain(part, [u for u, m in zip(users, mask, strict=True)
+                                                 if m])
+        return out
 
     def gather(self, part: str, user_ids: Iterable[str]) -> np.ndarray:
         """(len(user_ids), K, D) for these sequences, in the order given."""
@@ -256,8 +286,10 @@ def open_cache(path: Path, encoder: str | None = None, verify: bool = True) -> S
     return StepCache(path, manifest)
 
 
-def step_source(cache: StepCache) -> Any:
-    """The cache as the training-cache exporter's StepSource (H_i aligned to its rows)."""
+def step_source(cache: StepCache, missing: str = "fail") -> Any:
+    """The cache as the training-cache exporter's StepSource (H_i aligned to its rows).
+    `missing`: 'fail' (a row without a chain is an error naming what to re-run) or 'skip'
+    (zero rows, reported through the source's `has`, so the cache marks and counts them)."""
     from factory.exports.cache import StepSource
 
     m = cache.manifest
@@ -267,6 +299,10 @@ def step_source(cache: StepCache) -> Any:
     meta.update({key: m[key] for key in ("max_seq_length",) if key in m})
     meta.update({key: m["counts"][key] for key in ("truncated_steps", "truncated_chains")
                  if key in m.get("counts", {})})
+    if missing == "skip":
+        return StepSource(meta=meta, steps=cache.gather_or_zero,
+                          chain=cache.gather_chain_or_zero if m.get("whole_chain") else None,
+                          dtype=m["dtype"], has=cache.has)
     return StepSource(meta=meta, steps=cache.gather,
                       chain=cache.gather_chain if m.get("whole_chain") else None,
                       dtype=m["dtype"])

@@ -63,6 +63,15 @@ def get_template(con: duckdb.DuckDBPyConnection, name: str,
                                f"`factory gvm --dataset {dataset}` first")
         return _template(row)
     row = con.execute(f"select {_COLUMNS} from templates where name = ?", [name]).fetchone()
+    if row is None and dataset is not None and con.execute(
+            "select 1 from templates where kind = 'discovered' and (starts_with(name, ?)"
+            " or starts_with(name, 'gvm-' || ?)) limit 1", [name, name]).fetchone():
+        from factory.runs import resolve_run  # a short gvm run id, as everywhere
+
+        run_id = resolve_run(con, "gvm", dataset, name, option="--template",
+                             within="select run_id from templates where kind = 'discovered'")
+        row = con.execute(f"select {_COLUMNS} from templates where name = ?",
+                          [run_id]).fetchone()
     if row is None:
         known = ", ".join(n for (n,) in con.execute(
             "select name from templates where kind <> 'discovered' order by name").fetchall())

@@ -71,9 +71,19 @@ def teach(
 @teacher_options
 def generate(
     dataset: str = typer.Option(..., "--dataset"),
-    student: str = typer.Option(..., "--student", help="A `distill student` run id."),
+    student: str = typer.Option(None, "--student", help="A `distill student` run id, a "
+                                "unique prefix of one, or latest [default: the dataset's "
+                                "latest finished]."),
     splits: str = typer.Option("train,valid,test", "--splits", help="Parts to write chains "
                                "for, comma-separated."),
+    redraw_rejected: bool = typer.Option(False, "--redraw-rejected", help="Ask again only "
+                                         "for the rejected chains, with new draw seeds (a "
+                                         "greedy student samples at temperature 0.7); each "
+                                         "new draw is paid once and cached, so a re-run "
+                                         "replays it."),
+    redraws: int = typer.Option(1, "--redraws", min=1, max=20, help="With --redraw-rejected: "
+                                "new draws per rejected chain, in all (raising it sends only "
+                                "the draws not yet made)."),
     *,
     teacher: TeacherOptions,
 ) -> None:
@@ -84,14 +94,16 @@ def generate(
     from factory.distill import run_chains
 
     run_chains(warehouse(), "student", dataset=dataset, split=None, parts=parse_parts(splits),
-               student_run=student, options=teacher)
+               student_run=student, options=teacher,
+               redraws=redraws if redraw_rejected else 0)
 
 
 @app.command("student")
 def student(
     dataset: str = typer.Option(..., "--dataset"),
-    chains: str = typer.Option(None, "--chains", help="teacher:<distill teach run> [default: "
-                               "the dataset's latest successful teach run]."),
+    chains: str = typer.Option(None, "--chains", help="teacher:<distill teach run> (an id, a "
+                               "unique prefix, or latest) [default: teacher:latest, the "
+                               "dataset's latest successful teach run]."),
     base: str = typer.Option("smollm2", "--base", help="smollm2 (the embedded SmolLM2-135M-"
                              "Instruct GGUF), a local model directory, or a cached name."),
     lora_r: int = typer.Option(8, "--lora-r", min=1),

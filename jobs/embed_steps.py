@@ -22,7 +22,10 @@ BLOCK = 4096
 
 def embed_steps(
     dataset: str = typer.Option(..., "--dataset"),
-    chains: str = typer.Option(..., "--chains", help="teacher:<run> or student:<run>."),
+    chains: str = typer.Option("student:latest", "--chains", help="teacher:<run> or "
+                               "student:<run>; a run is an id, a unique prefix of one, or "
+                               "latest (the dataset's newest finished distill teach / "
+                               "generate run)."),
     encoder: str = typer.Option(None, "--encoder", help="Sentence-transformers model dir or "
                                 "name [default: the embedded all-MiniLM-L6-v2]."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32."),
@@ -68,6 +71,7 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
         require_dataset(con, dataset)
         cs = resolve_chains(con, chains, dataset)
         rows = kept_chains(con, cs.chain_set)
+    chains = cs.spec    # the run by its whole id: `latest` changes meaning later
     embedder = Embedder(wh, encoder, batch_size=batch_size, max_seq_length=max_seq_length)
     if out is not None and out.exists() and not replace:
         refuse_other_encoder(out, embedder.encoder_id)

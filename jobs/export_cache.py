@@ -9,6 +9,9 @@ import typer
 
 from factory.console import summary
 
+#: what `--missing` may say about a sequence without a kept chain
+MISSING = ("fail", "skip")
+
 
 def export_cache_cmd(
     dataset: str = typer.Option(..., "--dataset"),
@@ -18,15 +21,21 @@ def export_cache_cmd(
     max_len: int = typer.Option(50, "--max-len", min=1, help="Most recent items kept per "
                                 "history (SCoTER: 20; published ML-1M SASRec: 200)."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing directory."),
-    chains: str = typer.Option(None, "--chains", help="teacher:<run> or student:<run>: add "
-                               "their step embeddings H_i (built by `factory embed-steps`)."),
+    chains: str = typer.Option(None, "--chains", help="teacher:<run> or student:<run> (an id, "
+                               "a unique prefix, or latest): add their step embeddings H_i "
+                               "(built by `factory embed-steps`)."),
+    missing: str = typer.Option("fail", "--missing", help="With --chains, a sequence without "
+                                "a kept chain: fail (name what to re-run) or skip (zero H "
+                                "rows, has_steps false in {part}.users.parquet, counted in "
+                                "the manifest's steps.missing)."),
     step_encoder: str = typer.Option(None, "--step-encoder", help="Encoder id the step "
                                      "embeddings must come from [default: the newest cache]."),
     sids: bool = typer.Option(False, "--sids", help="Add the dataset's latest semantic IDs "
                               "(`factory sids`) as items.parquet's sid column, for "
                               "`python -m train --sid`."),
     sids_run: str = typer.Option(None, "--sids-run", help="Take the SIDs of this sids run "
-                                 "instead of the latest (implies --sids)."),
+                                 "(an id, a unique prefix, or latest) instead of the latest "
+                                 "(implies --sids)."),
     item_text: bool = typer.Option(False, "--item-text", help="Write item_text.npy: item "
                                    "text embeddings through the shared embedding cache."),
     encoder: str = typer.Option(None, "--encoder", help="Item text encoder: "
@@ -41,6 +50,10 @@ def export_cache_cmd(
     from factory.runs import finish_run, start_run
     from factory.warehouse import require_split
 
+    if missing not in MISSING:
+        from factory.errors import FactoryError
+
+        raise FactoryError(f"--missing {missing!r}: choose {' or '.join(MISSING)}")
     wh = warehouse()
     out = (out or Path("caches") / f"{dataset}-{split}-L{max_len}").resolve()
     fields = [f.strip() for f in text_fields.split(",") if f.strip()]
@@ -61,8 +74,9 @@ def export_cache_cmd(
         if cache.manifest["split"] != split:
             raise FactoryError(f"the chains of {chains} follow split "
                                f"{cache.manifest['split']!r}, not {split!r}")
-        steps = step_source(cache)
-        params["step_cache"] = cache.manifest["cache_id"]
+        steps = step_source(cache, missing=missing)
+        params.update(step_cache=cache.manifest["cache_id"], chains=cache.manifest["chains"],
+                      missing=missing)
     with wh.write() as con:
         require_split(con, dataset, split)
         run_id = start_run(con, "export-cache", dataset, params)
@@ -97,9 +111,21 @@ def export_cache_cmd(
         "semantic IDs": (f"yes (sids run {manifest['sid']['run_id']}, "
                          f"{manifest['sid']['levels']} codes per item)" if manifest["sid"]
                          else "no (--sids)"),
-        "reasoning steps": "yes" if manifest["steps"] else "no",
+        "reasoning steps": _steps_note(manifest["steps"]),
         "run": run_id,
     }, f"select * from train_caches where dataset = '{dataset}'")
+
+
+def _steps_note(steps: dict | None) -> str:
+    """'yes' or, with --missing skip, how many rows have no chain (zero H, has_steps false)."""
+    if not steps:
+        return "no (--chains)"
+    missing = steps.get("missing")
+    if not missing or not any(missing.values()):
+        return f"yes ({steps.get('chains')})"
+    counts = ", ".join(f"{p} {n:,}" for p, n in missing.items() if n)
+    return (f"yes ({steps.get('chains')}); missing: {sum(missing.values()):,} without a chain "
+            f"({counts}): zero H rows, has_steps false")
 
 
 def register(app: typer.Typer) -> None:

@@ -217,7 +217,8 @@ def register(app: typer.Typer) -> None:
 
 
 DatasetOpt = typer.Option(..., "--dataset", help="Dataset name.")
-RunOpt = typer.Option(None, "--run", help="A gvm run id [default: the dataset's latest].")
+RunOpt = typer.Option(None, "--run", help="A gvm run id, a unique prefix of one, or latest "
+                      "[default: the dataset's latest finished].")
 EncoderOpt = typer.Option(None, "--encoder", help="sentence-transformers model path or name "
                           "[default: the embedded all-MiniLM-L6-v2].")
 

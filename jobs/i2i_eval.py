@@ -24,7 +24,7 @@ import typer
 
 from factory.console import summary
 from factory.errors import FactoryError
-from factory.runs import finish_run, start_run
+from factory.runs import LATEST, finish_run, resolve_run, start_run
 from factory.teacher.options import TeacherOptions, teacher_options
 from factory.warehouse import Warehouse, require_dataset
 
@@ -91,16 +91,17 @@ def run_eval(wh: Warehouse, dataset: str, *, distractors: int = 9, seed: int = 0
         raise FactoryError("--distractors must be at least 1")
     with wh.read() as con:
         require_dataset(con, dataset)
-        if i2i_run is None:
+        if i2i_run is None or i2i_run.strip() == LATEST:
             row = con.execute("select run_id from i2i_latest where dataset = ?",
                               [dataset]).fetchone()
             if row is None:
                 raise FactoryError(f"no I2I pairs for {dataset!r}: run "
                                    f"`factory mine-i2i --dataset {dataset}` first")
             i2i_run = row[0]
-        elif not con.execute("select 1 from i2i_runs where run_id = ? and dataset = ?",
-                             [i2i_run, dataset]).fetchone():
-            raise FactoryError(f"no finished I2I run {i2i_run!r} for {dataset!r}")
+        else:
+            i2i_run = resolve_run(con, "mine-i2i", dataset, i2i_run,
+                                  within="select run_id from i2i_runs", option="--i2i-run",
+                                  first=f"factory mine-i2i --dataset {dataset}")
         params = {"i2i_run": i2i_run, "distractors": distractors, "seed": seed,
                   "max_pairs": max_pairs, "exclude_partners": True}
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
@@ -367,8 +368,8 @@ def i2i_eval(
                                     "(TwiSTAR 6.3: 9, so 10 candidates); never i or a mined "
                                     "partner of i."),
     seed: int = typer.Option(0, "--seed", help="Seed of the distractors and positions."),
-    i2i_run: str = typer.Option(None, "--i2i-run", help="Mining run [default: the dataset's "
-                                "latest]."),
+    i2i_run: str = typer.Option(None, "--i2i-run", help="Mining run: an id, a unique prefix "
+                                "of one, or latest [default: the dataset's latest]."),
     max_pairs: int = typer.Option(None, "--max-pairs", help="Seeded sample of pairs "
                                   "[default: all]."),
     out: Path = typer.Option(None, "--out", help="Also write the sets as JSON lines."),

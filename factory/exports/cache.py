@@ -58,6 +58,9 @@ class StepSource:
     steps: Callable[[str, list[str]], np.ndarray]
     chain: Callable[[str, list[str]], np.ndarray] | None = None
     dtype: str = "float16"
+    #: `--missing skip`: which rows have a chain; the others get zero rows, has_steps false
+    #: in {part}.users.parquet and a count in the manifest's steps.missing
+    has: Callable[[str, list[str]], np.ndarray] | None = None
 
 
 @dataclass
@@ -168,16 +171,22 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
             np.save(tmp / "item_text.npy", full)
             text_meta = {**item_text.meta, "encoder": item_text.encoder,
                          "dim": int(vecs.shape[1]), "dtype": item_text.dtype}
+        missing: dict[str, int] = {}
         for name, part in parts.items():
             if np.isin(part.target, 0).any() or (part.seq[:, -1] == 0).any():
                 raise FactoryError(f"{name}: a row has no target or an empty history")
             np.save(tmp / f"{name}.seq.npy", part.seq.astype(np.int32))
             np.save(tmp / f"{name}.target.npy", part.target.astype(np.int32))
-            pq.write_table(pa.table({
+            columns = {
                 "row": pa.array(np.arange(len(part.user_ids), dtype=np.int64)),
                 "user_id": pa.array(part.user_ids, pa.string()),
                 "history_len": pa.array(part.history_len, pa.int32()),
-            }), tmp / f"{name}.users.parquet")
+            }
+            if steps is not None and steps.has is not None:
+                mask = np.asarray(steps.has(name, part.user_ids), dtype=bool)
+                columns["has_steps"] = pa.array(mask, pa.bool_())
+                missing[name] = int((~mask).sum())
+            pq.write_table(pa.table(columns), tmp / f"{name}.users.parquet")
             if steps is not None:
                 k, d = int(steps.meta["K"]), int(steps.meta["D"])
                 _write_chunked(tmp / f"{name}.steps.npy", name, part.user_ids, steps.steps,
@@ -186,6 +195,8 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
                     _write_chunked(tmp / f"{name}.chain.npy", name, part.user_ids,
                                    steps.chain, (d,), steps.dtype, "chain")
         steps_meta = None if steps is None else {**steps.meta, "dtype": steps.dtype}
+        if steps_meta is not None and steps.has is not None:
+            steps_meta["missing"] = missing
         chain_meta = (None if steps is None or steps.chain is None
                       else {"D": int(steps.meta["D"]), "dtype": steps.dtype,
                             "encoder": steps.meta.get("encoder")})
@@ -245,22 +256,19 @@ def read_split(con: duckdb.DuckDBPyConnection, dataset: str, split: str
 
 
 def resolve_sids_run(con: duckdb.DuckDBPyConnection, dataset: str, run: str | None) -> str:
-    """`run` checked to be a stored `sids` run of `dataset`, or the dataset's latest
-    (view `sid_latest`) when `run` is None."""
-    if run is None:
+    """`run` (an id, a unique prefix, or latest) checked to be a stored `sids` run of
+    `dataset`; the dataset's latest when `run` is None."""
+    from factory.runs import LATEST, resolve_run
+
+    if run is None or run.strip() == LATEST:
         rows = con.execute("select run_id from sid_latest where dataset = ?", [dataset]
                            ).fetchall()
         if not rows:
             raise FactoryError(f"dataset {dataset!r} has no semantic IDs; run `factory sids "
                                f"--dataset {dataset}` first")
         return rows[0][0]
-    rows = con.execute("select dataset from sid_runs where run_id = ?", [run]).fetchall()
-    if not rows:
-        raise FactoryError(f"no sids run {run!r} (see `factory sql \"select run_id, dataset, "
-                           "params from sid_runs\"`)")
-    if rows[0][0] != dataset:
-        raise FactoryError(f"sids run {run!r} is of dataset {rows[0][0]!r}, not {dataset!r}")
-    return run
+    return resolve_run(con, "sids", dataset, run, within="select run_id from sid_runs",
+                       option="--sids-run", first=f"factory sids --dataset {dataset}")
 
 
 def attach_sids(con: duckdb.DuckDBPyConnection, dataset: str, items: pa.Table,

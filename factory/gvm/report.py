@@ -17,25 +17,13 @@ from factory.warehouse import Warehouse, require_dataset
 
 def resolve_run(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str | None,
                 job: str = "gvm") -> str:
-    """`run_id` checked against the dataset, or the dataset's latest succeeded run of `job`
-    (never one still running, killed or failed: that one has not been mined)."""
+    """`run_id` (a whole id, a unique prefix, or 'latest') checked against the dataset; by
+    default the dataset's latest succeeded run of `job` (never one still running, killed or
+    failed: that one has not been mined)."""
+    from factory.runs import resolve_run as resolve
+
     require_dataset(con, dataset)
-    if run_id:
-        if not con.execute("select 1 from job_runs where run_id = ? and job = ? and"
-                           " dataset = ?", [run_id, job, dataset]).fetchone():
-            raise FactoryError(f"no {job} run {run_id!r} for dataset {dataset!r}")
-        return run_id
-    row = con.execute("select run_id from job_runs where job = ? and dataset = ?"
-                      " and status = 'succeeded' order by started_at desc, run_id desc limit 1",
-                      [job, dataset]).fetchone()
-    if row is None:
-        others = con.execute("select count(*) from job_runs where job = ? and dataset = ?",
-                             [job, dataset]).fetchone()[0]
-        seen = (f" ({others} that did not finish: pass --run to see one; `factory runs "
-                f"--job {job}` lists them)" if others else "")
-        raise FactoryError(f"no finished {job} run for dataset {dataset!r}{seen}: run "
-                           f"`factory gvm --dataset {dataset}` first")
-    return row[0]
+    return resolve(con, job, dataset, run_id, first=f"factory gvm --dataset {dataset}")
 
 
 def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int = 3) -> None:

@@ -166,19 +166,22 @@ class TeacherJob:
 
     `defaults` are the job's sampling defaults (from its paper); the user's options override
     them field by field. `backend` replaces the one the options name (a distilled student:
-    a base model with its adapter, see factory.student_backends).
+    a base model with its adapter, see factory.student_backends). `redraw` = (first draw, its
+    sampling): draws from that index on are sent with that sampling instead (a greedy
+    student's redraws need a temperature and a seed, or they repeat the first answer).
     """
 
     def __init__(self, wh: Warehouse, job: str, *, dataset: str | None,
                  options: TeacherOptions, params: Mapping[str, Any] | None = None,
                  defaults: Sampling | None = None, batch: int = 1000, flush_s: float = 1.0,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, redraw: tuple[int, Sampling] | None = None):
         self.wh = wh
         self.job = job
         self.dataset = dataset
         self.options = options
         self.params = dict(params or {})
         self.sampling = (defaults or Sampling()).merged(options.sampling)
+        self.redraw = redraw
         self.batch = batch
         self.flush_s = flush_s
         self._key = api_key()
@@ -315,7 +318,9 @@ class TeacherJob:
     # -- helpers ----------------------------------------------------------------------------
     def request(self, prompt: Prompt, work: Work, draw: int = 0) -> Request:
         messages = [dict(m) for m in work.history] + prompt.render(**work.vars)
-        return Request.build(self.backend.model, messages, self.sampling, work.sample, draw)
+        sampling = (self.redraw[1] if self.redraw is not None and draw >= self.redraw[0]
+                    else self.sampling)
+        return Request.build(self.backend.model, messages, sampling, work.sample, draw)
 
     def _select(self, works: Iterable[Work], prompt: Prompt) -> list[tuple[Work, Request]]:
         shard, limit = self.options.shard, self.options.limit
