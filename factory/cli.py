@@ -261,10 +261,16 @@ def datasets_cmd() -> None:
 
 
 def stdout_console() -> Any:
-    """Tables go to stdout; when piped, use a wide console instead of rich's 80 columns."""
+    """Tables go to stdout; when piped, use a wide console instead of rich's 80 columns,
+    unless COLUMNS says how wide (`COLUMNS=80 factory runs | less`)."""
+    import os
+
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=240)
+    if sys.stdout.isatty():
+        return Console()
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else 240)
 
 
 class OutFormat(str, Enum):

@@ -64,8 +64,6 @@ def runs_cmd(
 ) -> None:
     """Job runs, newest first: status (a dead run shows as died), requests, cached, failed,
     tokens, cost."""
-    from rich.table import Table
-
     from factory.cli import stdout_console, warehouse
     from factory.console import console
     from factory.runs import liveness
@@ -83,10 +81,7 @@ def runs_cmd(
     if not rows:
         console.print("no job runs yet")
         return
-    table = Table(_uncut_column("run", max(len(r[0]) for r in rows)),
-                  _uncut_column("status", len("running (beat 9999s ago)")), "dataset",
-                  "started", "s", "model", "prompt", "items", "requests", "cached", "failed",
-                  "tokens in/out", "cost", "error")
+    lines = []
 
     def n(counts: dict, name: str) -> str:
         value = counts.get(name)
@@ -105,11 +100,51 @@ def runs_cmd(
                 status, secs, error = "died", secs_seen, f"died ({why})"
             elif live.heartbeat_age_s is not None:
                 status = f"running (beat {live.heartbeat_age_s:.0f}s ago)"
-        table.add_row(run_id, status, dataset or "-", f"{started:%Y-%m-%d %H:%M}", str(secs),
+        lines.append((run_id, status, dataset or "-", f"{started:%Y-%m-%d %H:%M}", str(secs),
                       model or "-", prompt or "-", n(c, "items"), n(c, "requests"),
                       n(c, "cached"), n(c, "failed"), tokens,
-                      "-" if cost is None else f"${cost:.4f}", (error or "")[:80])
-    stdout_console().print(table)
+                      "-" if cost is None else f"${cost:.4f}", (error or "")[:80]))
+    out = stdout_console()
+    out.print(_wide_table(lines) if out.width >= _wide_width(lines) else _narrow_table(lines))
+
+
+_HEADERS = ("run", "status", "dataset", "started", "s", "model", "prompt", "items",
+            "requests", "cached", "failed", "tokens in/out", "cost", "error")
+
+
+def _wide_width(lines: list[tuple[str, ...]]) -> int:
+    """Columns the wide table needs to show every field legibly: run id and status whole,
+    the others at least their longest word (at most 16 characters)."""
+    widths = [max(len(r[0]) for r in lines), max(24, *(len(r[1]) for r in lines))]
+    for i, header in enumerate(_HEADERS[2:], start=2):
+        words = [w for text in (header, *(r[i] for r in lines)) for w in text.split()]
+        widths.append(min(16, max(len(w) for w in words)))
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def _wide_table(lines: list[tuple[str, ...]]) -> Any:
+    """One column per field: what a wide terminal (or a pipe) gets."""
+    from rich.table import Table
+
+    table = Table(_uncut_column("run", max(len(r[0]) for r in lines)),
+                  _uncut_column("status", len("running (beat 9999s ago)")), *_HEADERS[2:])
+    for line in lines:
+        table.add_row(*line)
+    return table
+
+
+def _narrow_table(lines: list[tuple[str, ...]]) -> Any:
+    """Where the wide table would not fit (80 columns), the whole run id stays in its own
+    column (ids are copied into other commands) and the rest wraps beside it."""
+    from rich.table import Table
+
+    table = Table(_uncut_column("run", max(len(r[0]) for r in lines)), "status, details",
+                  show_lines=True)
+    for run_id, status, *rest in lines:
+        named = [f"{h} {v}" for h, v in zip(_HEADERS[2:], rest, strict=True)
+                 if v not in ("-", "") and h != "started"]
+        table.add_row(run_id, " · ".join([status, rest[1], *named]))
+    return table
 
 
 def _uncut_column(header: str, width: int) -> Any:
