@@ -154,7 +154,7 @@ def test_bad_input_gets_one_line_errors(ml100k: Warehouse, server: OpenAIServer,
         "--split", "nope", *url)
     assert "no discovered template for dataset 'ml-100k'" in error_of(
         wh, "distill", "teach", "--dataset", "ml-100k", *url)
-    assert "no run 'missing'" in error_of(
+    assert "no distill student run 'missing' for dataset 'ml-100k'" in error_of(
         wh, "distill", "generate", "--dataset", "ml-100k", "--student", "missing", *url)
     teach_run = teach(ml100k, server, "--limit", "1")
     assert f"run {teach_run} is a distill-teach run, not a distill student run" in error_of(

@@ -68,7 +68,8 @@ def test_adapter_must_match_the_registry(ml100k: Warehouse, tmp_path: Path) -> N
 
 
 def test_student_without_teacher_chains(ml100k: Warehouse) -> None:
-    assert "no successful `distill teach` run for 'ml-100k'" in error_of(
+    assert "no finished distill teach run for dataset 'ml-100k': run `factory distill teach" \
+        " --dataset ml-100k` first" in error_of(
         ml100k.path, "distill", "student", "--dataset", "ml-100k")
 
 
