@@ -194,7 +194,7 @@ def split_cmd(
                              "[default: the preset's, e.g. thinkrec]."),
     preset: str = typer.Option(None, "--preset", help="A paper's protocol: thinkrec (by the "
                                "dataset's source), thinkrec-ml1m, thinkrec-book, thinkrec-yelp."),
-    kind: SplitKind = typer.Option(SplitKind.temporal, "--kind"),
+    kind: SplitKind = typer.Option(None, "--kind", help="[default: temporal]"),
     start: str = typer.Option(None, help="Temporal: first date kept (YYYY-MM-DD)."),
     train_end: str = typer.Option(None, help="Temporal: first date of validation."),
     valid_end: str = typer.Option(None, help="Temporal: first date of test."),
@@ -213,6 +213,16 @@ def split_cmd(
     from factory.splits import make_loo_split, make_preset_split, make_temporal_split
     from factory.warehouse import require_dataset
 
+    temporal = {"--start": start, "--train-end": train_end, "--valid-end": valid_end,
+                "--end": end, "--window-months": window_months, "--train-months": train_months,
+                "--valid-months": valid_months, "--core": core if core != 1 else None,
+                "--heldout": heldout if heldout != "time" else None}
+    given = [opt for opt, value in temporal.items() if value is not None]
+    if preset is not None and (given or kind is not None):
+        raise FactoryError(f"--preset {preset} fixes the whole protocol; drop "
+                           f"{', '.join(given or ['--kind'])} (or give no --preset)")
+    if kind is SplitKind.loo and given:
+        raise FactoryError(f"{', '.join(given)}: temporal options, not for --kind loo")
     with warehouse().write() as con:
         require_dataset(con, dataset)
         if preset is not None:
