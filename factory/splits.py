@@ -194,7 +194,20 @@ def make_temporal_split(
     counts = _record(con, dataset, name, "temporal", params)
     if not counts:
         raise FactoryError("the cut-offs select no interactions")
+    if "train" not in counts:
+        raise FactoryError("no interaction falls before the train end: the split would have "
+                           "nothing to train on")
     return counts
+
+
+def describe_cutoffs(params: dict[str, Any]) -> str:
+    """`2001-06-01 .. 2002-04-01 | 2002-09-01 .. 2003-02-01` from a temporal split's params."""
+    def day(ts: int | None) -> str:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d") if ts else "..."
+
+    held = "halves" if params.get("heldout") == "halves" else day(params.get("valid_end"))
+    return (f"train {day(params.get('start'))} to {day(params.get('train_end'))}, valid/test "
+            f"split at {held}, end {day(params.get('end'))}")
 
 
 # -- the papers' protocols, by name ------------------------------------------------------------

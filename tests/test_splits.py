@@ -156,8 +156,12 @@ def test_split_options_that_contradict_are_refused(ml1m: Warehouse) -> None:
             (["--name", "c", "--window-months", "20", "--train-months", "10",
               "--valid-months", "5", "--core", "100000"], "100000-core filter leaves none"),
             (["--name", "h", "--end", "2002-01-01", "--heldout", "halves"],
-             "needs --train-end (--heldout halves)")):
+             "needs --train-end (--heldout halves)"),
+            (["--name", "e", "--train-end", "1990-01-01", "--valid-end", "2001-01-01"],
+             "nothing to train on")):
         assert_one_line_error(factory("split", "--dataset", "ml-1m", *args, wh=wh), says)
+    out = factory("split", "--dataset", "ml-1m", "--preset", "thinkrec", "--replace", wh=wh)
+    assert out.returncode == 0 and "cut-offs: train 2001-06-01 to 2002-04-01" in out.stderr
     with ml1m.read() as con:
         assert con.execute("select kind from splits where dataset = 'ml-1m' and name = 'loo'"
                            ).fetchone() == ("loo",)
