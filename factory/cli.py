@@ -32,8 +32,29 @@ class _RootGroup(TyperGroup):
     spelled, and which came from the environment)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        args = _hoist_warehouse(args)
         record_argv(args)
         return super().parse_args(ctx, args)
+
+
+def _hoist_warehouse(args: list[str]) -> list[str]:
+    """`factory datasets --warehouse X` means `factory --warehouse X datasets`: the option is
+    the root's, but it is natural to type it after the command."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--warehouse" and i + 1 < len(args):
+            front += args[i:i + 2]
+            i += 2
+            continue
+        (front if arg.startswith("--warehouse=") else rest).append(arg)
+        i += 1
+    return front + rest
 
 
 app = typer.Typer(
@@ -194,7 +215,7 @@ def split_cmd(
                              "[default: the preset's, e.g. thinkrec]."),
     preset: str = typer.Option(None, "--preset", help="A paper's protocol: thinkrec (by the "
                                "dataset's source), thinkrec-ml1m, thinkrec-book, thinkrec-yelp."),
-    kind: SplitKind = typer.Option(SplitKind.temporal, "--kind"),
+    kind: SplitKind = typer.Option(None, "--kind", help="[default: temporal]"),
     start: str = typer.Option(None, help="Temporal: first date kept (YYYY-MM-DD)."),
     train_end: str = typer.Option(None, help="Temporal: first date of validation."),
     valid_end: str = typer.Option(None, help="Temporal: first date of test."),
@@ -210,9 +231,24 @@ def split_cmd(
     replace: bool = typer.Option(False, "--replace"),
 ) -> None:
     """Add a named split: leave-one-out, temporal cut-offs, or a paper's protocol (--preset)."""
-    from factory.splits import make_loo_split, make_preset_split, make_temporal_split
+    from factory.splits import (
+        describe_cutoffs,
+        make_loo_split,
+        make_preset_split,
+        make_temporal_split,
+    )
     from factory.warehouse import require_dataset
 
+    temporal = {"--start": start, "--train-end": train_end, "--valid-end": valid_end,
+                "--end": end, "--window-months": window_months, "--train-months": train_months,
+                "--valid-months": valid_months, "--core": core if core != 1 else None,
+                "--heldout": heldout if heldout != "time" else None}
+    given = [opt for opt, value in temporal.items() if value is not None]
+    if preset is not None and (given or kind is not None):
+        raise FactoryError(f"--preset {preset} fixes the whole protocol; drop "
+                           f"{', '.join(given or ['--kind'])} (or give no --preset)")
+    if kind is SplitKind.loo and given:
+        raise FactoryError(f"{', '.join(given)}: temporal options, not for --kind loo")
     with warehouse().write() as con:
         require_dataset(con, dataset)
         if preset is not None:
@@ -227,10 +263,15 @@ def split_cmd(
                 end=end, window_months=window_months, train_months=train_months,
                 valid_months=valid_months, core=core, heldout=heldout, replace=replace,
             )
-    summary(f"split {name} of {dataset}",
-            {part: f"{counts[part]['interactions']:,} interactions, "
-                   f"{counts[part]['users']:,} users"
-             for part in ("train", "valid", "test") if part in counts},
+        params = json.loads(con.execute("select params from splits where dataset = ? and"
+                                        " name = ?", [dataset, name]).fetchone()[0])
+    rows = {part: f"{counts[part]['interactions']:,} interactions, {counts[part]['users']:,} "
+                  "users" for part in ("train", "valid", "test") if part in counts}
+    if "train_end" in params:
+        rows["cut-offs"] = describe_cutoffs(params)
+    if params.get("core", 1) > 1:
+        rows["k-core inside the window"] = params["core"]
+    summary(f"split {name} of {dataset}", rows,
             f"select part, count(*) from split_parts where dataset = '{dataset}'"
             f" and split = '{name}' group by 1")
 
@@ -315,7 +356,11 @@ def sql_cmd(
         if cur.description is None:
             return
         columns = [d[0] for d in cur.description]
+        json_columns = {k for k, d in enumerate(cur.description) if str(d[1]) == "JSON"}
         rows = cur.fetchall()
+    if fmt is OutFormat.json and json_columns:      # a JSON value, not a string holding one
+        rows = [tuple(json.loads(v) if k in json_columns and v is not None else v
+                      for k, v in enumerate(row)) for row in rows]
     _print_rows(columns, rows, fmt, max_rows)
 
 
@@ -334,7 +379,7 @@ def migrate_cmd() -> None:
 
 def _print_rows(columns: list[str], rows: list[tuple], fmt: OutFormat, max_rows: int) -> None:
     if fmt is OutFormat.csv:
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")   # not \r\n: shell pipelines
         writer.writerow(columns)
         writer.writerows(rows)
     elif fmt is OutFormat.json:

@@ -309,8 +309,10 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
             steps = tuple(record["template_steps"])
             max_history = int(record["max_history"])
         else:
+            from factory.splits import require_loo
             from factory.templates import get_template
 
+            require_loo(con, dataset, split, "a chain per sequence (SCoTER 4.1)")
             template = get_template(con, template_name, dataset)
             steps, template_name = template.steps, template.name  # 'discovered' -> its run
         seqs = load_sequences(con, dataset, split, parts, max_history)

@@ -61,6 +61,16 @@ def make_loo_split(
     return _record(con, dataset, name, "loo", {})
 
 
+def require_loo(con: duckdb.DuckDBPyConnection, dataset: str, split: str, why: str) -> None:
+    """Refuse, before any work is paid for, a split that is not leave-one-out where `why`
+    needs one target per user and part."""
+    kind = con.execute("select kind from splits where dataset = ? and name = ?",
+                       [dataset, split]).fetchone()
+    if kind is not None and kind[0] != "loo":
+        raise FactoryError(f"split {split!r} of {dataset!r} is {kind[0]}; {why} needs a "
+                           "leave-one-out split (--split loo)")
+
+
 def _epoch(value: str) -> int:
     try:
         dt = datetime.fromisoformat(value)
@@ -129,7 +139,13 @@ def make_temporal_split(
     month."""
     if heldout not in ("time", "halves"):
         raise FactoryError("--heldout must be time or halves")
+    if name == "loo":
+        raise FactoryError("'loo' is the leave-one-out split every job defaults to; "
+                           "name a temporal split otherwise")
     if window_months is not None:
+        if any(d is not None for d in (start, train_end, valid_end, end)):
+            raise FactoryError("--window-months counts back from the last interaction; give "
+                               "either months or dates (--start/--train-end/--valid-end/--end)")
         if train_months is None or (valid_months is None and heldout == "time"):
             raise FactoryError("--window-months needs --train-months and --valid-months")
         valid_months = valid_months if heldout == "time" else 0
@@ -139,7 +155,8 @@ def make_temporal_split(
                                              valid_months)
     else:
         if train_end is None or (valid_end is None and heldout == "time"):
-            raise FactoryError("a temporal split needs --train-end and --valid-end dates")
+            raise FactoryError("a temporal split needs --train-end" + (
+                " and --valid-end dates" if heldout == "time" else " (--heldout halves)"))
         lo = _epoch(start) if start else None
         t_end = _epoch(train_end)
         v_end = _epoch(valid_end) if valid_end else None
@@ -155,7 +172,12 @@ def make_temporal_split(
         " and ($hi is null or ts < $hi)",
         {"d": dataset, "lo": lo, "hi": hi},
     )
+    inside = con.execute("select count(*) from _window").fetchone()[0]
     rounds = kcore(con, "_window", core)
+    if inside and not con.execute("select count(*) from _window").fetchone()[0]:
+        con.execute("drop table _window")
+        raise FactoryError(f"the {core}-core filter leaves none of the window's {inside:,} "
+                           "interactions; lower --core")
     con.execute(
         "insert into split_parts select $d, $name, user_id, position,"
         " case when ts < $t then 'train'"
@@ -172,7 +194,20 @@ def make_temporal_split(
     counts = _record(con, dataset, name, "temporal", params)
     if not counts:
         raise FactoryError("the cut-offs select no interactions")
+    if "train" not in counts:
+        raise FactoryError("no interaction falls before the train end: the split would have "
+                           "nothing to train on")
     return counts
+
+
+def describe_cutoffs(params: dict[str, Any]) -> str:
+    """`2001-06-01 .. 2002-04-01 | 2002-09-01 .. 2003-02-01` from a temporal split's params."""
+    def day(ts: int | None) -> str:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d") if ts else "..."
+
+    held = "halves" if params.get("heldout") == "halves" else day(params.get("valid_end"))
+    return (f"train {day(params.get('start'))} to {day(params.get('train_end'))}, valid/test "
+            f"split at {held}, end {day(params.get('end'))}")
 
 
 # -- the papers' protocols, by name ------------------------------------------------------------

@@ -50,6 +50,17 @@ def candidates(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
                       "need_history": need_history}).fetchall()]
 
 
+def require_labels(con: duckdb.DuckDBPyConnection, dataset: str) -> None:
+    """ThinkRec's instances are yes/no: a dataset without labels has none."""
+    from factory.errors import FactoryError
+
+    if con.execute("select count(label) from interactions where dataset = ?",
+                   [dataset]).fetchone()[0] == 0:
+        raise FactoryError(f"dataset {dataset!r} has no yes/no labels: ingest it from data "
+                           "with ratings and --label-threshold (ThinkRec: 3 for ML-1M and "
+                           "Yelp, 4 for Book)")
+
+
 def sample_keys(keys: Sequence[tuple[str, str, int]], n: int | None,
                 seed: int) -> list[tuple[str, str, int]]:
     """`n` of the keys drawn without replacement with the seed, in their original order."""

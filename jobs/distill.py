@@ -89,7 +89,7 @@ def generate(
 ) -> None:
     """The student writes chains for every sequence (transformers in-process with its LoRA
     adapter; --backend vllm on a GPU; or --teacher-url of a vLLM server that serves the
-    adapter under the student's model id, see jobs/slurm/distill_generate.sbatch)."""
+    adapter under the student's model id, see jobs/slurm/teacher_array.sbatch)."""
     from factory.cli import warehouse
     from factory.distill import run_chains
 

@@ -70,6 +70,12 @@ def export_sft_cmd(
                 rows[f"{key} {part}"] = ", ".join(
                     f"{k} {n:,}" for k, n in sorted(kinds.items())) or "empty"
     rows["split"] = result.notes["split"]
+    if result.notes.get("traces_not_in_split_train"):
+        rows["kept traces left out (not in the split's train part; was it replaced?)"] = \
+            result.notes["traces_not_in_split_train"]
+    if (result.notes.get("reasoning_passes") or 0) > 1:
+        rows["each trace repeated"] = f"up to {result.notes['reasoning_passes']}x to reach " \
+            f"the share"
     rows["files"] = ", ".join(str(f) for f in result.files)
     summary(f"exported {kind.value} SFT data of {dataset}", rows,
             "select * from job_runs where job = 'export-sft' order by started_at desc limit 1")

@@ -100,7 +100,7 @@ def run_thinkrec(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sample
     from factory.prompts import load_prompt
     from factory.splits import thinkrec_split
     from factory.teacher import Sampling, TeacherJob, Work, upsert
-    from factory.thinkrec import candidates, load_instances, sample_keys
+    from factory.thinkrec import candidates, load_instances, require_labels, sample_keys
     from factory.warehouse import require_dataset, require_split
 
     first, reflect = load_prompt(FIRST), load_prompt(REFLECT)
@@ -113,10 +113,7 @@ def run_thinkrec(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sample
     with wh.read() as con:
         require_split(con, dataset, split)
         noun = noun or item_noun(con, dataset)
-        if con.execute("select count(label) from interactions where dataset = ?",
-                       [dataset]).fetchone()[0] == 0:
-            raise FactoryError(f"dataset {dataset!r} has no yes/no labels: ingest it with "
-                               "--label-threshold (ThinkRec: 3 for ML-1M, 4 for Book)")
+        require_labels(con, dataset)
         keys = sample_keys(candidates(con, dataset, split, part="train"), sample, seed)
         items = load_items(con, dataset)
         keywords = latest_keywords(con, dataset)

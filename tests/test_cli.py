@@ -40,6 +40,13 @@ def test_sql_formats_and_read_only(ml100k: Warehouse) -> None:
         "Toy Story", "GoldenEye"]
     out = factory("sql", q, wh=ml100k.path)
     assert "Toy Story" in out.stdout
+    # csv lines end in \n (a shell pipeline keeps a \r), json columns stay JSON values
+    raw = subprocess.run([sys.executable, "-m", "factory", "--warehouse", str(ml100k.path),
+                          "sql", "--format", "csv", q], capture_output=True, timeout=300)
+    assert raw.stdout.count(b"\n") == 3 and b"\r" not in raw.stdout
+    out = factory("sql", "--format", "json", "select counts from splits where name = 'loo'",
+                  wh=ml100k.path)
+    assert json.loads(out.stdout)["counts"]["train"]["users"] == 943
 
     assert_one_line_error(factory("sql", "delete from items", wh=ml100k.path), "--write")
     assert_one_line_error(factory("sql", "select nope from items", wh=ml100k.path), "nope")
@@ -53,6 +60,14 @@ def test_datasets_listing(ml100k: Warehouse) -> None:
     line = next(ln for ln in out.stdout.splitlines() if "ml-100k" in ln)
     for figure in ("943", "1,349", "99,287", "105.29", "loo"):
         assert figure in line
+
+
+def test_the_warehouse_option_may_follow_the_command(ml100k: Warehouse) -> None:
+    for args in (["datasets", "--warehouse", str(ml100k.path)],
+                 ["datasets", f"--warehouse={ml100k.path}"]):
+        out = subprocess.run([sys.executable, "-m", "factory", *args], capture_output=True,
+                             text=True, timeout=300, cwd=ml100k.path.parent.parent)
+        assert out.returncode == 0 and "ml-100k" in out.stdout, out.stderr
 
 
 def test_missing_warehouse_and_unknown_dataset(tmp_path: Path, ml100k: Warehouse) -> None:

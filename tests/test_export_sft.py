@@ -327,3 +327,13 @@ def test_cli(ml100k, tmp_path):
     assert res.exit_code == 0, res.output
     n = len(_lines(tmp_path / "cli.train.jsonl"))
     assert n > 50_000 and "recommendation" in res.output
+
+
+def test_traces_outside_a_replaced_split_are_counted(ml100k, tmp_path):
+    kept = _insert_traces(ml100k, 6)
+    user, position = kept[0]
+    with ml100k.write() as con:       # as if the split had been rebuilt without this instance
+        con.execute("delete from split_parts where split = 'loo' and user_id = ?"
+                    " and position = ?", [user, position])
+    r = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "t.jsonl", share=0.2)
+    assert r.notes["reasoning_traces"] == 5 and r.notes["traces_not_in_split_train"] == 1

@@ -139,3 +139,44 @@ def test_temporal_split_errors(wh: Warehouse) -> None:
                                 valid_end="2017-02-01", end="2017-01-15")
         with pytest.raises(FactoryError, match="time or halves"):
             make_temporal_split(con, "toy", "x", train_end="2017-01-01", heldout="random")
+
+
+def test_split_options_that_contradict_are_refused(ml1m: Warehouse) -> None:
+    """Each combination used to exit 0 with some of the options silently ignored."""
+    wh = ml1m.path
+    for args, says in (
+            (["--preset", "thinkrec", "--window-months", "5"], "drop --window-months"),
+            (["--preset", "thinkrec", "--core", "20"], "drop --core"),
+            (["--preset", "thinkrec", "--kind", "loo"], "drop --kind"),
+            (["--name", "w", "--window-months", "6", "--train-months", "3",
+              "--valid-months", "2", "--end", "2002-01-01"], "either months or dates"),
+            (["--name", "l", "--kind", "loo", "--core", "5"], "not for --kind loo"),
+            (["--name", "loo", "--window-months", "20", "--train-months", "10",
+              "--valid-months", "5", "--replace"], "'loo' is the leave-one-out split"),
+            (["--name", "c", "--window-months", "20", "--train-months", "10",
+              "--valid-months", "5", "--core", "100000"], "100000-core filter leaves none"),
+            (["--name", "h", "--end", "2002-01-01", "--heldout", "halves"],
+             "needs --train-end (--heldout halves)"),
+            (["--name", "e", "--train-end", "1990-01-01", "--valid-end", "2001-01-01"],
+             "nothing to train on")):
+        assert_one_line_error(factory("split", "--dataset", "ml-1m", *args, wh=wh), says)
+    out = factory("split", "--dataset", "ml-1m", "--preset", "thinkrec", "--replace", wh=wh)
+    assert out.returncode == 0 and "cut-offs: train 2001-06-01 to 2002-04-01" in out.stderr
+    with ml1m.read() as con:
+        assert con.execute("select kind from splits where dataset = 'ml-1m' and name = 'loo'"
+                           ).fetchone() == ("loo",)
+
+
+def test_chains_and_caches_refuse_a_temporal_split_before_paying(ml1m: Warehouse,
+                                                                 openai_server) -> None:
+    with ml1m.write() as con:
+        make_preset_split(con, "ml-1m", "thinkrec", replace=True)
+    out = factory("distill", "teach", "--dataset", "ml-1m", "--template", "three-step",
+                  "--split", "thinkrec", "--limit", "3", "--teacher-url", openai_server.url,
+                  "--teacher-model", "m", wh=ml1m.path)
+    assert_one_line_error(out, "is temporal; a chain per sequence (SCoTER 4.1) needs a "
+                               "leave-one-out split")
+    assert openai_server.records == []
+    out = factory("export", "cache", "--dataset", "ml-1m", "--split", "thinkrec", "--out",
+                  str(ml1m.path.parent / "c"), wh=ml1m.path)
+    assert_one_line_error(out, "a training cache needs a leave-one-out split")

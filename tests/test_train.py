@@ -244,6 +244,15 @@ def test_python_m_train(caches: dict[str, Path], tmp_path: Path) -> None:
     usage = subprocess.run([sys.executable, "-m", "train", "--cache", "x", "--fusion", "gnn"],
                            capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "invalid choice" in usage.stderr
+    assert len(usage.stderr.strip().splitlines()) == 1        # one line, not the usage block
+    for args, says in ((["--lr", "nan"], "--lr nan: must be a positive number"),
+                       (["--lr", "-1"], "--lr -1: must be"),
+                       (["--weight-decay", "nan"], "--weight-decay nan: must be"),
+                       (["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)")):
+        bad = subprocess.run([sys.executable, "-m", "train", "--cache", "x", *args],
+                             capture_output=True, text=True, env=env)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and says in lines[0], bad.stderr
 
 
 # -- issue 12: divergence, protocols, Table 8 settings ---------------------------------------

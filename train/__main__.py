@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from train.config import ArgumentError, parse_args, parser
+from train.config import ArgumentError, parse_args
 from train.data import TrainError
 from train.loop import run
 
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
     except ArgumentError as exc:
-        parser().print_usage(sys.stderr)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc} (python -m train --help)", file=sys.stderr)
         return 2
     try:
         result = run(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))

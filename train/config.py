@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,6 +60,18 @@ class Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.fusion_head_dim is not None and self.fusion_head_dim < 1:
             raise ValueError("--fusion-head-dim must be at least 1")
+        # a NaN compares false with everything, so each range is written to fail on it
+        for name, ok, what in (
+                ("lr", self.lr > 0 and math.isfinite(self.lr), "a positive number"),
+                ("weight_decay", 0 <= self.weight_decay < math.inf, "a number >= 0"),
+                ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                ("fusion_dropout", 0 <= self.fusion_dropout < 1, "in [0, 1)"),
+                ("lam", 0 <= self.lam < math.inf, "a number >= 0"),
+                ("temperature", self.temperature > 0 and math.isfinite(self.temperature),
+                 "a positive number")):
+            if not ok:
+                value = getattr(self, name)
+                raise ValueError(f"--{name.replace('_', '-')} {value:g}: must be {what}")
         if self.dim % self.heads:
             raise ValueError(f"--heads ({self.heads}) must divide --dim ({self.dim}) "
                              "(the backbone's self-attention)")

@@ -221,7 +221,9 @@ def run(cfg: Config, log: Log = print) -> dict[str, Any]:
         "protocol": proto, "valid": best["valid"][proto], "test": test[proto],
         "protocols": {p: {"name": PROTOCOL_NAMES[p], "valid": best["valid"][p],
                           "test": test[p]} for p in PROTOCOLS},
-        "params": cfg.as_dict(), "history": history,
+        "params": {**cfg.as_dict(), "fusion_head_dim": model.fusion.head_dim
+                   if model.fusion is not None else None},    # the width used
+        "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     plot_curves(history, best["epoch"], out / "curves.png", proto)

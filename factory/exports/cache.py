@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from factory import __version__
 from factory.errors import FactoryError
+from factory.splits import require_loo
 from factory.warehouse import Warehouse, require_split
 from train.format import FLOAT_DTYPES, FORMAT, VERSION, sha256_file
 from train.format import SPLITS as PARTS
@@ -224,6 +225,7 @@ def read_split(con: duckdb.DuckDBPyConnection, dataset: str, split: str
     """Items (numbered 1..n by item_id) and each user's train/valid/test item indices in
     chronological order, straight from `split_interactions`."""
     require_split(con, dataset, split)
+    require_loo(con, dataset, split, "a training cache")
     rows = con.execute(
         "select c.item_id, i.title from (select distinct item_id from split_interactions"
         "  where dataset = $d and split = $s) c"

@@ -52,7 +52,7 @@ from factory.itemtext import (
     plural,
     render_history,
 )
-from factory.thinkrec import candidates, load_instances
+from factory.thinkrec import candidates, load_instances, require_labels
 
 PARTS = ("train", "valid", "test")
 FORMATS = ("chat-jsonl", "parquet")
@@ -188,6 +188,7 @@ def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, 
     """Reasoning traces (kept, train) and recommendation examples of every part, B.2 prompt."""
     from factory.prompts import load_prompt
 
+    require_labels(con, dataset)
     prompt = load_prompt("thinkrec_recommendation")
     noun = noun or item_noun(con, dataset)
     items = load_items(con, dataset)
@@ -207,6 +208,14 @@ def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, 
         [dataset, split, model, model, exclude_revealed]).fetchall()
     notes: dict[str, Any] = {"reasoning_share": share, "history": history, "noun": noun,
                              "exclude_revealed": exclude_revealed}
+    # traces made on an earlier version of the split (`split --replace`) whose instance is no
+    # longer in its train part: left out, and counted so that the loss is visible
+    notes["traces_not_in_split_train"] = con.execute(
+        "select count(*) from thinkrec_traces t where t.dataset = ? and t.split = ?"
+        " and t.verdict = 'kept' and (? is null or t.model = ?) and not exists ("
+        "  select 1 from split_parts p where p.dataset = t.dataset and p.split = t.split"
+        "  and p.user_id = t.user_id and p.position = t.position and p.part = 'train')",
+        [dataset, split, model, model]).fetchone()[0]
     if not traces and share > 0:
         raise FactoryError(f"no kept ThinkRec traces of {dataset!r} in split {split!r}: "
                            "run `factory thinkrec` first")
