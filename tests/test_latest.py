@@ -236,9 +236,9 @@ def test_export_cache_missing_fail_names_the_options_skip_marks_them(generated,
                        "student:latest", "--out", str(tmp_path / "fail"))
     assert "distill generate --redraw-rejected" in message and "--missing skip" in message
     assert "(it resumes)" not in message
-    assert "--missing 'maybe': choose fail or skip" == error_of(
-        wh.path, "export", "cache", "--dataset", "tiny", "--chains", "student:latest",
-        "--missing", "maybe", "--out", str(tmp_path / "x"))
+    assert error_of(wh.path, "export", "cache", "--dataset", "tiny", "--chains",
+                    "student:latest", "--missing", "maybe", "--out", str(tmp_path / "x")
+                    ) == "--missing 'maybe': choose fail or skip"
     result = ok(wh.path, "export", "cache", "--dataset", "tiny", "--chains", "student:latest",
                 "--missing", "skip", "--out", str(tmp_path / "c"))
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
