@@ -346,3 +346,22 @@ def test_table8_command_line_parses() -> None:
     assert (cfg.dim, cfg.fusion_heads, cfg.fusion_head_dim) == (50, 4, None)
     with pytest.raises(ArgumentError, match="--heads"):
         parse_args(["--cache", "x", "--dim", "50", "--heads", "4"])
+
+
+def test_a_sequence_without_steps_is_not_fused(caches: dict[str, Path]) -> None:
+    """`export cache --missing skip` marks a sequence without a chain by all-zero steps: it
+    keeps its plain state and stays out of InfoNCE instead of being fused with zeros."""
+    torch.manual_seed(0)
+    model = build_model(Config(cache="", fusion="scoter", dim=32), Cache(caches["oracle"]))
+    model.eval()
+    seq = torch.tensor([[0, 1, 2, 3], [0, 2, 3, 4], [1, 2, 3, 4]])
+    steps = torch.randn(3, 3, model.fusion.adapter[0].in_features)
+    steps[1] = 0.0
+    plain = model.backbone(seq)[:, -1]
+    fused = model.user_vectors(seq, steps)
+    assert torch.allclose(fused[1], plain[1])
+    assert not torch.allclose(fused[0], plain[0])
+    model.train()
+    losses = model.losses(seq, next_item_labels(seq, torch.tensor([5, 6, 7])),
+                          torch.tensor([5, 6, 7]), steps)
+    assert torch.isfinite(losses["loss"]) and "nce" in losses

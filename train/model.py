@@ -125,7 +125,12 @@ class Recommender(nn.Module):
         if reasoning is None:
             raise ValueError("this model fuses reasoning: the batch needs its steps")
         fused, z_last = self.fusion(h_last[:, None], reasoning)
-        return fused[:, 0], z_last
+        # `export cache --missing skip` writes all-zero steps for a sequence without a chain:
+        # such a row keeps its plain state (no fusion) and stays out of the InfoNCE term
+        has = reasoning.flatten(1).abs().amax(1) > 0
+        if bool(has.all()):
+            return fused[:, 0], z_last
+        return torch.where(has[:, None], fused[:, 0], h_last), z_last[has]
 
     def user_vectors(self, seq: torch.Tensor, reasoning: torch.Tensor | None = None
                      ) -> torch.Tensor:
@@ -149,7 +154,9 @@ class Recommender(nn.Module):
         logits[:, 0] = float("-inf")
         rec = F.cross_entropy(logits.float(), labels[mask])
         out = {"rec": rec, "loss": rec}
-        if z_last is not None and "contrastive" not in self.fusion.ablate:
+        if z_last is not None and len(z_last) and "contrastive" not in self.fusion.ablate:
+            if reasoning is not None and len(z_last) < len(target):
+                target = target[reasoning.flatten(1).abs().amax(1) > 0]
             nce = info_nce(z_last.float(), self.backbone.item_vectors(target).float(), target,
                            self.temperature)
             out["nce"] = nce
