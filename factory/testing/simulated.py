@@ -234,6 +234,40 @@ def describe(rank: int, title: str) -> str:
     return f"Pick {rank}: something like {title} (size <XL>)"
 
 
+#: per catalogue style, each step's wordings: a real teacher words one strategy many ways, and
+#: GVM prunes near-identical paths (cosine >= 0.85), so identical paths would leave one
+PATH_WORDINGS: dict[int, list[list[str]]] = {
+    0: [
+        ["Review {n} rated films", "Scan the {n} watched movies",
+         "Read the viewing history", "Count genres over {n} films"],
+        ["Find favourite genre: {g}", "Note the dominant {g} taste",
+         "Identify {g} as core interest", "Detect a {g} preference"],
+        ["Rank popular {g} titles", "Sort {g} films by popularity",
+         "Pick crowd-pleasing {g} movies", "Favour well-loved {g} picks"],
+        ["Recommend unseen hits", "Item recommendation",
+         "Suggest the top unseen ones", "Recommend popular matches"],
+    ],
+    1: [
+        ["Start from {last}", "Look at last film {last}",
+         "Focus on recent {last}", "Take latest watch {last}"],
+        ["Guess current mood", "Infer the present mood",
+         "Estimate today's mood", "Read the recent mood"],
+        ["Match {g2} genres", "Find films sharing {g2}",
+         "Look for {g2} neighbours", "Match the {g2} feel"],
+        ["Suggest similar titles", "Item recommendation",
+         "Recommend lookalike films", "Propose close matches"],
+    ],
+    2: [
+        ["List liked brands", "Gather favourite studios",
+         "Collect liked labels", "Note preferred brands"],
+        ["Browse the whole catalogue", "Sample the wider catalogue",
+         "Explore random shelves", "Wander the full catalogue"],
+        ["Propose new releases", "Item recommendation",
+         "Suggest fresh arrivals", "Offer assorted picks"],
+    ],
+}
+
+
 @dataclass(frozen=True)
 class Catalogue:
     """One dataset's items as a teacher with world knowledge would know them: titles,
@@ -245,6 +279,17 @@ class Catalogue:
     def describe(self, title: str) -> str:
         cats = self.categories.get(title, ())
         return f"{title} ({', '.join(cats)})" if cats else title
+
+    def path(self, style: int, history: tuple[str, ...], seed: Any) -> str:
+        """One wording of the style's reasoning path, with this history's details."""
+        counts = Counter(c for t in history for c in self.categories.get(t, ()))
+        last = history[-1] if history else "the last film"
+        fill = {"n": len(history), "last": last.split(" (")[0],
+                "g": counts.most_common(1)[0][0] if counts else "favourite",
+                "g2": "/".join(self.categories.get(last, ())[:2]) or "similar"}
+        return " -> ".join(
+            options[int(_draw("wording", seed, history, style, i) * len(options))].format(**fill)
+            for i, options in enumerate(PATH_WORDINGS[style]))
 
     def recommend(self, style: int, history: tuple[str, ...], n: int, seed: Any) -> list[str]:
         """Style 0: the most popular unseen titles of the history's favourite category (a
@@ -300,6 +345,8 @@ class GvmTeacher:
             path, quality = STYLES[style]
         known = self.catalogue(titles) if self.catalogue is not None else None
         if known is not None:
+            if not given:
+                path = known.path(style, titles, seed)
             items = known.recommend(style, titles, self.n_items, (seed, titles))
         else:
             items = [describe(i, titles[i % len(titles)]) for i in range(self.n_items)]
