@@ -36,7 +36,7 @@ def test_the_tour_parses_and_every_skip_names_a_tour_command() -> None:
     serve = next(i for i, c in enumerate(commands) if c.startswith("factory testing serve"))
     teacher_jobs = ("factory teacher check", "factory describe-items", "factory explain-i2i",
                     "factory keywords", "factory thinkrec", "factory gvm --",
-                    "factory distill teach", "ml-100k --score")
+                    "factory distill teach", "i2i-eval --dataset ml-100k --score")
     assert all(i > serve for i, c in enumerate(commands) if any(j in c for j in teacher_jobs))
     text = TOUR.read_text()
     assert "--teacher-model simulated-teacher" in text or "FACTORY_TEACHER_MODEL=simulated" in text
