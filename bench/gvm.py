@@ -33,8 +33,8 @@ from factory.datasets.movielens import load_movielens  # noqa: E402
 from factory.gvm.phases import catalog  # noqa: E402
 from factory.gvm.sequences import item_info, item_text, sample_sequences  # noqa: E402
 from factory.teacher import Sampling, TeacherOptions  # noqa: E402
-from factory.testing.gvm_teacher import GvmTeacher  # noqa: E402
 from factory.testing.openai_server import OpenAIServer  # noqa: E402
+from factory.testing.simulated import GvmTeacher  # noqa: E402
 from factory.warehouse import Warehouse  # noqa: E402
 from jobs.gvm import encoder_for, run_gvm  # noqa: E402
 

@@ -1,10 +1,9 @@
-"""A scripted teacher for the distillation tests: writes Fig. 11 chains for the steps and the
-history it finds in the prompt, and can be told to answer badly."""
+"""Helpers of the distillation tests; their teacher, ChainTeacher, lives in
+factory.testing.simulated (it writes Fig. 11 chains and can be told to answer badly)."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,34 +12,9 @@ from typing import Any
 from typer.testing import CliRunner
 
 from factory.cli import app
+from factory.testing.simulated import ChainTeacher
 
-
-class ChainTeacher:
-    """Responder for factory.testing.openai_server.OpenAIServer."""
-
-    def __init__(self) -> None:
-        self.mode = "good"  # good | swapped (steps 1 and 2 out of order) | same (fixed texts)
-
-    @staticmethod
-    def steps(prompt: str) -> list[str]:
-        return re.search(r"High-level Steps\):\*\* (.*)", prompt).group(1).split(" → ")
-
-    @staticmethod
-    def history(prompt: str) -> list[str]:
-        return re.findall(r"^- Item \d+: (.*?)\.(?: Desc:|$)", prompt, re.M)
-
-    def __call__(self, body: dict[str, Any]) -> str:
-        prompt = body["messages"][-1]["content"]
-        steps, items = self.steps(prompt), self.history(prompt)
-        texts = [f"Step {j + 1} looks at {items[-1 - j % len(items)]}." if self.mode != "same"
-                 else f"The same thought number {j + 1}." for j in range(len(steps))]
-        sections = list(zip(steps, texts, strict=True))
-        if self.mode == "swapped":
-            sections[0], sections[1] = sections[1], sections[0]
-        parts = [f"**Overall Analysis:** {len(items)} items watched."]
-        parts += [f"**{name}:** {text}" for name, text in sections]
-        parts.append("**Summary:** more of the same.")
-        return "\n\n".join(parts)
+__all__ = ["ChainTeacher", "error_of", "factory", "fake_student", "invoke", "ok"]
 
 
 def invoke(wh: Path, *args: str) -> Any:

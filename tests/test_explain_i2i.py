@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -14,6 +13,8 @@ from factory.errors import FactoryError
 from factory.quality import count_tokens
 from factory.teacher import Sampling, TeacherOptions
 from factory.testing.openai_server import MALFORMED_CONTENT
+from factory.testing.simulated import explain_kept_or_short as kept_or_short
+from factory.testing.simulated import explain_teacher as teacher
 from factory.warehouse import Warehouse
 from jobs.explain_i2i import parse_explanation, run_explain_i2i
 
@@ -23,38 +24,6 @@ PAIRS = 12
 def _options(server, **kw) -> TeacherOptions:
     return TeacherOptions(url=server.url, model="teacher-test", timeout=5.0, backoff=0.01,
                           concurrency=4, sampling=Sampling(seed=1), **kw)
-
-
-def _items_in(prompt: str) -> tuple[str, str]:
-    """The two item texts of the TwiSTAR instruction."""
-    head = prompt.split("In collaborative filtering, item ", 1)[1]
-    a, rest = head.split(" and item ", 1)
-    return a, rest.split(" are highly correlated", 1)[0]
-
-
-def teacher(body: dict) -> str:
-    """Deterministic answers by pair and seed (the engine sends a distinct seed per sample
-    and per re-draw): a long explanation naming the items (twice as likely, so some pairs get
-    it twice: a near-duplicate); one too short; a refusal; one that names neither item;
-    malformed answers that must be re-drawn; and a reasoning block that never ends (truncated,
-    never re-drawn)."""
-    prompt = body["messages"][-1]["content"]
-    a, b = _items_in(prompt)
-    kind = hashlib.sha256(f"{a}|{b}|{body['seed']}".encode()).digest()[0] % 6
-    long = (f"People who enjoy {a} often look for another film with a similar mood, and "
-            f"{b} offers the same kind of story, pacing and characters, so viewers who "
-            "liked the first one are very likely to pick the second one next as well.")
-    if kind in (0, 1):
-        return long if kind == 0 else f"<think>same mood</think>\n{long}"
-    if kind == 2:
-        return f"Both are good films like {a}."
-    if kind == 3:
-        return "I'm sorry, but I can't help with explaining purchases of these items."
-    if kind == 4:
-        return ("Users who like one thing tend to like similar things, because taste is "
-                "consistent over time and recommendations reinforce that habit strongly "
-                "across many different people and their viewing sessions.")
-    return MALFORMED_CONTENT if body["seed"] % 2 else "<think>never finished"
 
 
 @pytest.fixture(scope="module")
@@ -179,21 +148,6 @@ def test_bad_input(ml100k, openai_server):
 
 
 # -- issue 12: "20,000 final triples after filtering" is a target of kept explanations ------
-
-def kept_or_short(body: dict) -> str:
-    """Half the samples kept (a long answer naming the items, worded per sample so no
-    near-duplicate), half too short; no malformed answer, so nothing is re-drawn."""
-    a, b = _items_in(body["messages"][-1]["content"])
-    h = hashlib.sha256(f"{a}|{b}|{body['seed']}".encode()).digest()
-    if h[0] % 2:
-        return f"Both are films like {a}."
-    topics = ["the soundtrack", "the director", "the decade", "the lead actor", "the genre",
-              "the setting", "the humour", "the violence", "the awards", "the budget"]
-    t = topics[h[1] % len(topics)]
-    return (f"Sample {body['seed']}: viewers drawn to {a} care about {t}; {b} shares {t} "
-            f"in a way that fans notice, so after finishing {a} many of them go on to {b} "
-            "because it promises the same pleasure once more, and they rate both highly.")
-
 
 def _sent(server) -> list[tuple]:
     return [(json.dumps(r.body["messages"]), r.body["seed"]) for r in server.records]

@@ -16,8 +16,8 @@ from factory.errors import FactoryError
 from factory.gvm.phases import catalog
 from factory.teacher import Sampling, TeacherOptions
 from factory.templates import add_discovered, get_template
-from factory.testing.gvm_teacher import STYLES, GvmTeacher, describe, history_titles
 from factory.testing.openai_server import OpenAIServer
+from factory.testing.simulated import STYLES, GvmTeacher, describe, history_titles
 from factory.warehouse import Warehouse
 from jobs.gvm import encoder_for, run_gvm
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
 from factory.errors import FactoryError
 from factory.teacher import Sampling, TeacherOptions
 from factory.testing.openai_server import MALFORMED_CONTENT
+from factory.testing.simulated import keyword_teacher
 from jobs.keywords import run_keywords
 
 LIMIT = 40
@@ -17,21 +16,6 @@ LIMIT = 40
 def options(server, **kw) -> TeacherOptions:
     return TeacherOptions(url=server.url, model="teacher-test", timeout=5.0, backoff=0.01,
                           concurrency=4, sampling=Sampling(seed=1), **kw)
-
-
-def keyword_teacher(body: dict) -> str:
-    """Comma-separated keywords with duplicates, case and bullets to normalise; malformed
-    answers (re-drawn) for some seeds; never anything parseable for 'Heat'."""
-    prompt = body["messages"][-1]["content"]
-    title = prompt.split("Title: ", 1)[1].split("\n", 1)[0]
-    if title.startswith("Heat"):
-        return MALFORMED_CONTENT
-    if hashlib.sha256(f"{title}|{body['seed']}".encode()).digest()[0] % 4 == 0:
-        return MALFORMED_CONTENT
-    words = [w.strip("(),.:") for w in title.split() if len(w) > 2][:3]
-    return "Keywords: " + ", ".join(["Drama", "drama", *words, "* Family Film", "cinema",
-                                     "movie", "story", "plot", "acting", "classic", "one", "two",
-                                     "three", "four"])
 
 
 def _rows(wh, sql, params=None):

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 
 import pytest
 
 from factory.errors import FactoryError
 from factory.teacher import Sampling, TeacherOptions
-from factory.testing.openai_server import MALFORMED_CONTENT
+from factory.testing.simulated import REVEAL, thinkrec_teacher
 from jobs.thinkrec import reflect_variant, run_thinkrec
 
 SAMPLE = 30
-REVEAL = re.compile(r"^The (?:correct|accurate|right) (?:response|answer) is (Yes|No)\. ")
 WORDINGS = ("Reflect on multiple aspects", "Delve into various aspects",
             "Reflect on a variety of aspects")
 
@@ -24,25 +22,6 @@ WORDINGS = ("Reflect on multiple aspects", "Delve into various aspects",
 def options(server, **kw) -> TeacherOptions:
     return TeacherOptions(url=server.url, model="teacher-test", timeout=5.0, backoff=0.01,
                           concurrency=4, sampling=Sampling(seed=1), **kw)
-
-
-def thinkrec_teacher(body: dict) -> str:
-    """First turn: Yes or No by a hash (right about half the time). Reflect turns: follow
-    the revealed label, except stubborn instances that never do. Some answers malformed."""
-    msgs = body["messages"]
-    first = msgs[0]["content"]
-    h = hashlib.sha256(f"{first}|{len(msgs)}|{body['seed']}".encode()).digest()
-    if h[0] % 6 == 0:
-        return MALFORMED_CONTENT
-    target = first.rsplit("titled ", 1)[1].split("?", 1)[0]
-    if len(msgs) == 1:
-        answer = "Yes" if h[1] % 2 else "No"
-    else:
-        revealed = REVEAL.match(msgs[-1]["content"]).group(1)
-        stubborn = hashlib.sha256(first.encode()).digest()[0] % 5 == 0
-        answer = ("No" if revealed == "Yes" else "Yes") if stubborn else revealed
-    return f"{answer}. The history suggests the user {'likes' if answer == 'Yes' else 'dislikes'}" \
-           f" films like {target}, judging by the genres of the rated titles."
 
 
 def _rows(wh, sql, params=None):

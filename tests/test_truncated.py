@@ -333,8 +333,8 @@ def bag_of_words(wh, encoder, label):
 def test_gvm_cut_chains_and_abstraction_are_truncated_never_mined(toy, monkeypatch):
     from gvm_data import oracle
 
-    from factory.testing.gvm_teacher import GvmTeacher, history_titles
     from factory.testing.openai_server import OpenAIServer
+    from factory.testing.simulated import GvmTeacher, history_titles
     from jobs.gvm import run_gvm
 
     monkeypatch.setattr("jobs.gvm.encoder_for", bag_of_words)

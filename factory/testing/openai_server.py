@@ -15,9 +15,9 @@ can count exactly what a job sent::
         assert server.count("ok") == 20
 
 A responder returns the answer text, or a dict with `content` (and optionally
-`finish_reason`, `prompt_tokens`, `completion_tokens`, and `reasoning_content`: the thinking,
-sent beside the content as vLLM's reasoning parsers and DeepSeek's API do); if it raises, the
-server answers 500.
+`finish_reason`, `prompt_tokens`, `completion_tokens`, `model` (the answer's model field; default
+the requested one), and `reasoning_content`: the thinking, sent beside the content as vLLM's
+reasoning parsers and DeepSeek's API do); if it raises, the server answers 500.
 Whether a request gets a fault is decided by hashing (seed, request body, how many times this
 body was seen), so it does not depend on timing or order, and a retried request draws again.
 
@@ -111,6 +111,9 @@ class OpenAIServer:
     #: PHP and Go servers do: `/` as `\/`, `&<>` and non-ASCII as `\uXXXX`, `"` as `\"`
     echo_key_with_400: bool = False
     records: list[Record] = field(default_factory=list)
+    #: when given, the only model ids served (listed by /v1/models; any other answers 404),
+    #: so a simulated server cannot be mistaken for the real model a job names
+    model_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -247,7 +250,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         if urlsplit(self.path).path.rstrip("/").endswith("/models"):
-            self._send(200, json.dumps({"object": "list", "data": []}).encode())
+            models = [{"id": m, "object": "model", "owned_by": "factory.testing"}
+                      for m in self.server_state.model_ids]
+            self._send(200, json.dumps({"object": "list", "data": models}).encode())
         else:
             self._error(404, f"no route {self.path}")
 
@@ -262,6 +267,10 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except ValueError:
             self._error(400, "request body is not JSON")
+            return
+        if state.model_ids and body.get("model") not in state.model_ids:
+            self._error(404, f"model {body.get('model')!r} is not served here; this server "
+                             f"serves {', '.join(state.model_ids)}")
             return
         key = request_key(body)
         auth = self.headers.get("Authorization", "")
@@ -323,7 +332,7 @@ class _Handler(BaseHTTPRequestHandler):
             message["reasoning_content"] = answer["reasoning_content"]
         payload = {
             "id": f"chatcmpl-{record.key[:12]}", "object": "chat.completion",
-            "created": 0, "model": body.get("model", ""),
+            "created": 0, "model": answer.get("model", body.get("model", "")),
             "choices": [{"index": 0, "message": message,
                          "finish_reason": answer.get("finish_reason", "stop")}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -1,0 +1,63 @@
+"""`factory testing serve`: the simulated teacher as a local OpenAI-compatible server, so the
+teacher half of the tour runs offline, in seconds, with answers in each paper's format."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import typer
+
+testing_app = typer.Typer(help="Local stand-ins for the services a job needs (no network, "
+                          "no model).", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(testing_app, name="testing")
+
+
+@testing_app.command("serve")
+def serve_cmd(
+    port: int = typer.Option(8000, "--port", min=0, max=65535,
+                             help="Port on 127.0.0.1 (0: any free port)."),
+    latency: float = typer.Option(0.0, "--latency", min=0.0, help="Seconds per request."),
+    fault_rate: float = typer.Option(0.0, "--fault-rate", min=0.0, max=1.0,
+                                     help="Share of requests answered with a fault."),
+    faults: str = typer.Option("429,500,503,malformed,empty", "--faults",
+                               help="Comma-separated fault kinds to draw from: 429, 500, 503, "
+                               "slow, drop, malformed, empty, badjson, trickle, hang."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the fault draws (answers are seeded by "
+                             "the request itself)."),
+) -> None:
+    """Serve the simulated teacher: every prompt of prompts/ answered in its paper's format,
+    deterministically, under the model id `simulated-teacher` (any other id gets 404). GVM
+    answers recommend real titles of the warehouse's catalogue (--warehouse), read on demand."""
+    from factory.cli import warehouse
+    from factory.errors import FactoryError, Interrupted
+    from factory.testing.openai_server import FAULT_KINDS, SLOW_FAULT_KINDS, Faults, OpenAIServer
+    from factory.testing.simulated import MODEL_ID, SimulatedTeacher, WarehouseCatalogue
+
+    kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(FAULT_KINDS + SLOW_FAULT_KINDS))
+    if unknown:
+        raise FactoryError(f"--faults: unknown kind(s) {', '.join(unknown)}; choose from "
+                           f"{', '.join(FAULT_KINDS + SLOW_FAULT_KINDS)}")
+    wh = warehouse(reader=True)
+    server = OpenAIServer(SimulatedTeacher(catalogue=WarehouseCatalogue(wh.path)),
+                          latency=latency, faults=Faults(rate=fault_rate, kinds=kinds, seed=seed),
+                          model_ids=(MODEL_ID,))
+    sys.setswitchinterval(0.0005)      # many handler threads wake at once: hand the GIL over fast
+    try:
+        server.start(port)
+    except OSError as exc:
+        raise FactoryError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}; "
+                           "pick another --port") from exc
+    print(f"simulated teacher (not a real model) at {server.url}, model {MODEL_ID}", flush=True)
+    print(f"  export FACTORY_TEACHER_URL={server.url} FACTORY_TEACHER_MODEL={MODEL_ID}",
+          flush=True)
+    try:
+        threading.Event().wait()
+    except (KeyboardInterrupt, Interrupted):   # Ctrl-C or SIGTERM: a clean stop, exit 0
+        pass
+    finally:
+        server.stop()
