@@ -1,4 +1,4 @@
-"""The README tour (TOUR.md, spliced into README.md's "## Tour") walked command by command
+"""The README tour (README.md's "## Tour") walked command by command
 against the simulated teacher (`factory testing serve`), each as its own subprocess: every
 command must exit 0 and say something. Commands that need files, a cluster or minutes of CPU
 are listed in tests/tour.py's SKIP with the reason; SHRINK below gives a few long jobs
@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tour import SKIP, TOUR, TourWalk, skip_reason, strip_comment, tour_commands
+from tour import SKIP, TourWalk, skip_reason, strip_comment, tour_commands, tour_text
 
 #: (doc text, what the walk runs instead, why): sizes only, never what a command does
 SHRINK: list[tuple[str, str, str]] = [
@@ -27,9 +27,10 @@ def test_the_tour_parses_and_every_skip_names_a_tour_command() -> None:
     commands = [c.line for c in tour_commands()]
     assert len(commands) > 40
     for prefix in SKIP:
-        assert any(c.startswith(prefix) for c in commands), f"SKIP {prefix!r} is not in TOUR.md"
+        assert any(c.startswith(prefix) for c in commands), \
+            f"SKIP {prefix!r} is not in the README's tour"
     for doc, _, _ in SHRINK:
-        assert any(doc in c for c in commands), f"SHRINK {doc!r} is not in TOUR.md"
+        assert any(doc in c for c in commands), f"SHRINK {doc!r} is not in the README's tour"
     for c in commands:
         for name in re.findall(r"--(?:dataset|to) (\S+)", c):
             assert name == "ml-100k" or skip_reason(c), c
@@ -38,7 +39,7 @@ def test_the_tour_parses_and_every_skip_names_a_tour_command() -> None:
                     "factory keywords", "factory thinkrec", "factory gvm --",
                     "factory distill teach", "i2i-eval --dataset ml-100k --score")
     assert all(i > serve for i, c in enumerate(commands) if any(j in c for j in teacher_jobs))
-    text = TOUR.read_text()
+    text = tour_text()
     assert "--teacher-model simulated-teacher" in text or "FACTORY_TEACHER_MODEL=simulated" in text
 
 

@@ -1,6 +1,6 @@
-"""The README tour as data: the commands of TOUR.md's bash blocks, in order, and a runner that
-walks them against the simulated teacher. tests/test_tour.py runs it; `python tests/tour.py
-DIR` runs it by hand and prints each command's time."""
+"""The README tour as data: the commands of README.md's "## Tour" bash blocks, in order, and
+a runner that walks them against the simulated teacher. tests/test_tour.py runs it;
+`python tests/tour.py DIR` runs it by hand and prints each command's time."""
 
 from __future__ import annotations
 
@@ -16,14 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOUR = ROOT / "TOUR.md"
+README = ROOT / "README.md"
+
+
+def tour_text() -> str:
+    """README.md from "## Tour" to the next top-level section."""
+    text = README.read_text()
+    start = text.index("\n## Tour")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
 
 #: commands the walk does not run (matched by prefix), and why
 SKIP: dict[str, str] = {
     "factory ingest amazon": "needs your Amazon files",
     "factory ingest table": "needs your own table files",
     "factory distill student": "LoRA training: minutes and GBs of memory on a CPU (issue 14 #4)",
-    "STUDENT=$(": "no student without `distill student`",
     "factory distill generate": "needs a student (`distill student`)",
     "factory embed-steps --dataset ml-100k --chains student:": "needs a student",
     "FACTORY_WAREHOUSE=$PWD/factory.duckdb": "needs Slurm (sbatch) and vLLM",
@@ -59,8 +66,8 @@ def strip_comment(line: str) -> str:
 
 
 def tour_commands(text: str | None = None) -> list[Command]:
-    """Every command of the bash blocks of TOUR.md, in order."""
-    text = TOUR.read_text() if text is None else text
+    """Every command of the bash blocks of the README's tour, in order."""
+    text = tour_text() if text is None else text
     commands = []
     for b, block in enumerate(re.findall(r"```bash\n(.*?)```", text, re.S)):
         pending = ""
