@@ -11,10 +11,15 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from factory.teacher.backends import OpenAIBackend, TransformersBackend, VLLMBackend
-from factory.teacher.request import Request, Sampling
+# run as a script, bench/ would come first on the path and bench/train.py would shadow the
+# project's `train` package
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from factory.teacher.backends import OpenAIBackend, TransformersBackend, VLLMBackend  # noqa: E402
+from factory.teacher.request import Request, Sampling  # noqa: E402
 
 PROMPTS = [f"In two sentences, why might someone who liked movie number {i} enjoy a "
            "thriller?" for i in range(32)]
