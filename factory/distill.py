@@ -272,6 +272,8 @@ def resolve_student(con: duckdb.DuckDBPyConnection, dataset: str, text: str | No
 #: DeepSeek-R1's recommended sampling (the paper's teacher); room for its thinking
 TEACHER_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
 #: the student writes one deterministic chain per sequence
+#: optimizer steps `distill student` takes on a CPU unless --max-steps says otherwise
+CPU_MAX_STEPS = 20
 STUDENT_SAMPLING = {"temperature": 0.0, "max_tokens": 1024}
 
 
@@ -491,6 +493,12 @@ def train_student(wh: Any, *, dataset: str, chains: str | None, base: str, opts:
         import torch
 
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.device == "cpu" and opts.max_steps is None:
+        # a CPU does ~20-60 s per step of 4 x 1k tokens even for the 135M SmolLM2: a whole
+        # epoch of a few hundred chains would take an hour; a GPU runs the epoch
+        opts.max_steps = CPU_MAX_STEPS
+        console.print(f"on a CPU: at most {CPU_MAX_STEPS} optimizer steps (--max-steps to "
+                      "change; a GPU runs the whole epoch)")
     params = {"dataset": dataset, "chains": spec, "chain_set": cs.chain_set, "base": base,
               "training": sft.options_dict(opts)}
     with wh.write() as con:
