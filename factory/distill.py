@@ -195,7 +195,9 @@ def student_record(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any
     if row is None:
         raise FactoryError(f"student run {run_id} has no model in the registry "
                            "(student_models); train it again")
-    return dict(zip([d[0] for d in cur.description], row, strict=True))
+    # DuckDB returns JSON columns (lora, training) as their text: parse them here, once
+    return {d[0]: json.loads(v) if str(d[1]) == "JSON" and isinstance(v, str) else v
+            for d, v in zip(cur.description, row, strict=True)}
 
 
 def resolve_chains(con: duckdb.DuckDBPyConnection, spec: str, dataset: str) -> ChainSet:
@@ -412,13 +414,19 @@ def _student_model_option(options: Any, record: dict[str, Any]) -> str:
 def student_backend(options: Any, record: dict[str, Any]) -> Any:
     """In-process backends load the base model and the student's LoRA adapter; an OpenAI-
     compatible server (vLLM with --lora-modules) is reached as any teacher (None)."""
+    from factory.student_backends import (
+        StudentTransformersBackend,
+        StudentVLLMBackend,
+        refuse_gguf_student,
+    )
+
     name = options.backend_name
     if name == "openai":
+        refuse_gguf_student(record)    # a vLLM server cannot load it either
         return None
-    from factory.student_backends import StudentTransformersBackend, StudentVLLMBackend
-
-    cls = StudentTransformersBackend if name == "transformers" else StudentVLLMBackend
-    return cls(record, options.concurrency)
+    if name == "transformers":
+        return StudentTransformersBackend(record, options.concurrency)
+    return StudentVLLMBackend(record, options.concurrency, options.vllm_args)
 
 
 # -- student --------------------------------------------------------------------------------

@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import FactoryError, first_line
-from factory.teacher.backends import EMBEDDED_GGUF, _quiet_gguf_conversion, embedded_model_dir
+from factory.teacher.backends import (
+    EMBEDDED_GGUF,
+    _quiet_gguf_conversion,
+    embedded_model_dir,
+    encode_rendered,
+)
 from train.format import sha256_file
 
 SMOLLM2 = "smollm2"
@@ -122,8 +127,10 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[Messages, str]], max_leng
         if not full.startswith(prompt):
             raise FactoryError("the base model's chat template does not extend the prompt "
                                "with the answer; cannot mask the prompt out of the loss")
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        # no special tokens added: the template writes its own, and inference tokenizes the
+        # prompt the same way (factory.teacher.backends.chat_prompt_ids)
+        p_ids = encode_rendered(tokenizer, prompt)
+        a_ids = encode_rendered(tokenizer, full[len(prompt):])
         if len(p_ids) + len(a_ids) > max_length:
             too_long += 1
             continue
