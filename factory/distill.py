@@ -29,6 +29,7 @@ import duckdb
 
 from factory.chains import REJECTED, parse_chain
 from factory.errors import FactoryError
+from factory.teacher.engine import PARSER_GAVE_UP
 from factory.verdicts import FAILED, outcome_verdict
 from factory.warehouse import require_split
 
@@ -38,8 +39,6 @@ PARTS = ("train", "valid", "test")
 MAX_HISTORY = 20
 #: Fig. 11 shows short descriptions; longer ones are cut to this many words
 DESC_WORDS = 30
-#: how the teacher engine words a chain the parser rejected on every draw
-_PARSER_GAVE_UP = "answer rejected by the parser"
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ def chain_row(outcome: Any, fixed: dict[str, Any]) -> dict[str, Any]:
     if outcome.ok:
         chain = outcome.value
         row.update(overall=chain.overall, steps=list(chain.steps), summary=chain.summary)
-    elif verdict == FAILED and outcome.error.startswith(_PARSER_GAVE_UP):
+    elif verdict == FAILED and outcome.error.startswith(PARSER_GAVE_UP):
         row.update(verdict=REJECTED, reason=outcome.error.partition("last: ")[2]
                    or outcome.error)
     return row

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,9 +95,9 @@ class EmbedStats:
     """Running totals over every `embed()` call of one Embedder (benches report de-dup)."""
 
     seen: int = 0          # texts passed in, duplicates included
-    unique: int = 0        # distinct texts among them (per call, summed)
-    cache_hits: int = 0    # distinct texts found in the cache
-    encoded: int = 0       # distinct texts run through the model
+    unique: int = 0        # distinct texts over every call (a text repeated later counts once)
+    cache_hits: int = 0    # of those, already in the cache before this Embedder ran
+    encoded: int = 0       # of those, run through the model now; unique = cache_hits + encoded
 
 
 class Embedder:
@@ -126,6 +126,9 @@ class Embedder:
         self.write_every = write_every
         self.device = device
         self.stats = EmbedStats()
+        # run-wide de-dup for the stats: a text stored by an earlier call and found in the
+        # cache by a later one was encoded now, not "from the cache"
+        self._counted: set[str] = set()
         self._model: Any = None
         self._default_max_seq_length: int | None = None
 
@@ -161,6 +164,21 @@ class Embedder:
             raise FactoryError(f"--max-seq-length {wanted}: encoder {self.source!r} has "
                                f"position embeddings for {positions} tokens at most")
         model.max_seq_length = wanted
+
+    def _encode_batches(self, texts: list[str], tick: Callable[[int], None]) -> np.ndarray:
+        """`_encode` one batch at a time, longest texts first as sentence-transformers orders
+        them itself (same batches, same vectors), so that progress moves per batch."""
+        order = np.argsort([-len(t) for t in texts])
+        out: np.ndarray | None = None
+        for start in range(0, len(texts), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            vecs = self._encode([texts[i] for i in rows])
+            if out is None:
+                out = np.empty((len(texts), vecs.shape[1]), dtype=np.float32)
+            out[rows] = vecs
+            tick(len(rows))
+        assert out is not None
+        return out
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         vecs = self._load().encode(
@@ -247,21 +265,30 @@ class Embedder:
         first: dict[str, str] = {}
         for key, text in zip(keys, texts, strict=True):
             first.setdefault(key, text)
-        self.stats.seen += len(texts)
-        self.stats.unique += len(first)
+        new = [k for k in first if k not in self._counted]
+        self._counted.update(new)
         found = self._cached(list(first))
-        self.stats.cache_hits += len(found)
         missing = [k for k in first if k not in found]
+        self.stats.seen += len(texts)
+        self.stats.unique += len(new)
+        self.stats.cache_hits += sum(k in found for k in new)
+        # a read-only Embedder encodes a repeated text again; it is still one distinct text
+        self.stats.encoded += sum(k not in found for k in new)
         if missing:
+            loading = self._model is None
             with progress() as bar:
-                task = bar.add_task(f"{label} ({len(found):,} cached)", total=len(missing))
+                what = f"{label} ({len(found):,} cached)" if found else label
+                task = bar.add_task(f"{what}: loading the encoder" if loading else what,
+                                    total=len(missing))
+
+                def tick(n: int) -> None:
+                    bar.update(task, advance=n, description=what)
+
                 for start in range(0, len(missing), self.write_every):
                     chunk = missing[start:start + self.write_every]
-                    vecs = self._encode([first[k] for k in chunk])
+                    vecs = self._encode_batches([first[k] for k in chunk], tick)
                     self._store(chunk, vecs)
                     found.update(zip(chunk, vecs, strict=True))
-                    self.stats.encoded += len(chunk)
-                    bar.advance(task, len(chunk))
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)

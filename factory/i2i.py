@@ -286,8 +286,10 @@ class Miner:
             tick()
         self.stats["swing_capped_edges"] = int(_scalar(con, "select count(*) from cap"))
 
-    def results(self, batch_rows: int = 500_000) -> Iterator[pa.RecordBatch]:
-        """(item_i, item_j, support, score, rank) for the kept pairs, top-k per source."""
+    def results(self, batch_rows: int = 500_000,
+                tick: Callable[[], None] = lambda: None) -> Iterator[pa.RecordBatch]:
+        """(item_i, item_j, support, score, rank) for the kept pairs, top-k per source;
+        `tick()` after each chunk's batches were taken (and stored by the caller)."""
         p = self.p
         n_users = self.stats["users"]
         score = {
@@ -313,34 +315,38 @@ class Miner:
                 f"   from pairs{joins} where pairs.i between {lo} and {hi}){top}"
                 ") r join items ii on ii.i = r.i join items ij on ij.i = r.j"
             ).to_arrow_reader(batch_rows)
+            tick()
 
 
 def mine(
     train: pa.Table, users: pa.Table, items: pa.Table, params: MineParams, *,
     memory_limit: str = "2GB", threads: int | None = None,
-    on_chunk: Callable[[int, int], None] | None = None,
+    on_chunk: Callable[[int, int, str], None] | None = None,
     chunk_occurrences: int = CHUNK_OCCURRENCES,
 ) -> Iterator[tuple[pa.RecordBatch, dict[str, Any]]]:
     """Mine pairs from dense-coded training interactions; yields result batches with the
-    running statistics. `on_chunk(done, total)` reports progress over all chunked stages."""
+    running statistics. `on_chunk(done, total, stage)` reports progress over all chunked
+    stages, ranking and storing included (the long tail after counting on ml-1m)."""
     with Miner(params, memory_limit=memory_limit, threads=threads,
                chunk_occurrences=chunk_occurrences) as miner:
         try:
             chunks = miner.load(train, users, items)
-            total = chunks * (2 if params.score == "swing" else 1)
+            total = chunks * (3 if params.score == "swing" else 2)
             done = 0
 
-            def tick() -> None:
-                nonlocal done
-                done += 1
-                if on_chunk:
-                    on_chunk(done, total)
+            def ticker(stage: str) -> Callable[[], None]:
+                def tick() -> None:
+                    nonlocal done
+                    done += 1
+                    if on_chunk:
+                        on_chunk(done, total, stage)
+                return tick
 
-            miner.count_pairs(tick)
+            miner.count_pairs(ticker("counting pairs"))
             if params.score == "swing":
-                miner.swing(tick)
+                miner.swing(ticker("swing scores"))
             miner.stats["chunks"] = chunks
-            for batch in miner.results():
+            for batch in miner.results(tick=ticker("ranking and storing")):
                 yield batch, miner.stats
         except duckdb.OutOfMemoryException as exc:
             raise FactoryError(out_of_memory(exc, memory_limit, threads)) from None

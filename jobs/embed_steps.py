@@ -112,6 +112,7 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
         # what the encoder cut: distinct step texts (and whole chains) over its token limit
         truncated = embedder.count_truncated(distinct)
         counts = {"sequences": len(rows), "steps": len(rows) * k, "unique_texts": unique,
+                  "texts_seen": stats.seen, "distinct_texts": stats.unique,
                   "cache_hits": stats.cache_hits, "encoded": stats.encoded,
                   "max_seq_length": embedder.max_seq_length, "truncated_steps": truncated}
         if whole_chain:
@@ -154,8 +155,11 @@ def build_step_cache(wh: Any, *, dataset: str, chains: str, encoder: str | None,
         raise
     rows_out = {
         "sequences": ", ".join(f"{p} {n:,}" for p, n in manifest["rows"].items()),
-        "K x D": f"{k} x {meta['D']} {dtype}", "step texts": counts["steps"],
-        "distinct": unique, "from the cache": stats.cache_hits,
+        "K x D": f"{k} x {meta['D']} {dtype}",
+        # one set of definitions: distinct = already cached + encoded now
+        "texts seen": f"{counts['steps']:,} step texts"
+        + (f" + {len(rows):,} whole chains" if whole_chain else ""),
+        "distinct": stats.unique, "already cached": stats.cache_hits,
         "encoded now": stats.encoded,
         f"cut at {counts['max_seq_length']} tokens": truncated_note(counts),
         "directory": str(target), "run": run_id,

@@ -88,6 +88,15 @@ def run_compare(wh: Warehouse, dataset: str, templates: dict[str, Template], *, 
     return job.run_id, evals
 
 
+def relative_change(a: float, b: float) -> str:
+    """b against a in percent, 2 decimals; a change that rounds to nothing is `0.00%`, not
+    `-0.00%` (float noise between equal metrics)."""
+    if not a:
+        return "n/a (native is 0)"
+    shown = f"{(b - a) / a:+.2%}"
+    return "0.00%" if shown in ("+0.00%", "-0.00%") else shown
+
+
 def _print(title: str, header: list[str], rows: list[list[str]], run_id: str) -> None:
     from rich.table import Table
 
@@ -190,12 +199,9 @@ def register(gvm_app: typer.Typer) -> None:
             return
         native, moved = evals
 
-        def change(a: float, b: float) -> str:
-            return f"{(b - a) / a:+.2%}" if a else "n/a (native is 0)"
-
         rows = [[target, target, f"{native.recall:.4f}", f"{native.ndcg:.4f}", "-"],
                 [source, target, f"{moved.recall:.4f}", f"{moved.ndcg:.4f}",
-                 f"R {change(native.recall, moved.recall)}, "
-                 f"N {change(native.ndcg, moved.ndcg)}"]]
+                 f"R {relative_change(native.recall, moved.recall)}, "
+                 f"N {relative_change(native.ndcg, moved.ndcg)}"]]
         _print(f"Cross-dataset pattern transfer (SCoTER Table 3), run {run_id}",
                ["pattern source", "target", "Recall@20", "NDCG@20", "vs native"], rows, run_id)

@@ -42,10 +42,10 @@ def run_mine(wh: Warehouse, dataset: str, params: MineParams, *,
                                "interactions")
         stored = 0
         with progress() as bar:
-            task = bar.add_task("mining chunks", total=None)
+            task = bar.add_task("mine-i2i: loading", total=None)
 
-            def on_chunk(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
+            def on_chunk(done: int, total: int, stage: str) -> None:
+                bar.update(task, completed=done, total=total, description=f"mine-i2i: {stage}")
 
             try:
                 for batch, stats in mine(train, users, items, params,

@@ -7,13 +7,14 @@ so the two command lines stay one (`python -m train --help` lists them).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import typer
 
-from factory.console import console, summary
+from factory.console import Bars, console, progress, summary
 from factory.errors import FactoryError
 
 
@@ -86,8 +87,10 @@ def train_cmd(
              json.dumps(cfg.as_dict()), cfg.out, cfg.protocol],
         )
     try:
-        with keep_alive(wh, run_id):       # a sign of life while training, for other hosts
-            result = run(cfg, log=lambda msg: console.print(msg, markup=False, highlight=False))
+        # keep_alive: a sign of life while training, for other hosts
+        with keep_alive(wh, run_id), progress(transient=True) as bar:
+            result = run(cfg, log=lambda msg: console.print(msg, markup=False, highlight=False),
+                         progress=batch_progress(bar))
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         _finish(wh, run_id, status, error=str(exc) or type(exc).__name__)
@@ -111,6 +114,19 @@ def train_cmd(
                 "seconds/epoch": result["seconds_per_epoch"], "output": result["out"],
                 "run": run_id,
             }, f"select * from train_runs where run_id = '{run_id}'")
+
+
+def batch_progress(bar: Bars) -> Callable[[str, int, int], None]:
+    """train.loop's per-batch callback as one bar, reset at each stage (epoch, valid, test)."""
+    task = bar.add_task("train", total=None)
+    stage_now: list[str | None] = [None]
+
+    def on_batch(stage: str, done: int, total: int) -> None:
+        if stage != stage_now[0]:
+            stage_now[0] = stage
+            bar.reset(task, total=total, description=f"train {stage}")
+        bar.update(task, completed=done)
+    return on_batch
 
 
 def _finish(wh: Any, run_id: str, status: str, result: dict[str, Any] | None = None,

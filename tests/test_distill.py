@@ -100,7 +100,12 @@ def test_teach_writes_kept_chains_for_training_sequences(ml100k: Warehouse,
 def test_rejected_chains_say_why_and_are_redrawn(ml100k: Warehouse,
                                                  server: OpenAIServer) -> None:
     server.teacher.mode = "swapped"
-    teach(ml100k, server, "--limit", "2")
+    result = ok(ml100k.path, "distill", "teach", "--dataset", "ml-100k", "--template",
+                "three-step", "--teacher-url", server.url, "--teacher-model", "teacher-m",
+                "--limit", "2")
+    # a rejected chain came back and was refused: no transport failure (not `failed: 2`)
+    assert "  rejected by the parser: 2\n  failed (no answer): 0\n" in result.output
+    assert "chain set " in result.output and "rejected 2" in result.output
     with ml100k.read() as con:
         rows = con.execute("select verdict, reason, steps, draws, status from chains").fetchall()
         assert con.execute("select count(*) from chain_steps").fetchone() == (0,)

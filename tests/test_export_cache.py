@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,8 @@ def test_factory_train_records_the_run(ml100k: Warehouse, tmp_path: Path) -> Non
     result = _cli(ml100k, "train", "--dataset", "ml-100k", "--epochs", "1", "--dim", "16",
                   "--threads", "2", "--out", str(out))
     assert result.exit_code == 0, result.output
+    # progress inside the epoch: plain lines off a terminal, the bar's label per stage
+    assert re.search(r"^train epoch 1/1 (\d+)/\1 [\d.,]+/s in \d+:\d\d$", result.output, re.M)
     with ml100k.read() as con:
         row = con.execute("select status, cache_path, fusion, best_epoch, epochs_run,"
                           " seconds_per_epoch, test->>'ndcg@10', out_dir, params->>'dim'"

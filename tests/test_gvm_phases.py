@@ -251,3 +251,13 @@ def test_show_and_plot(ml100k: Warehouse, tmp_path) -> None:
     assert (tmp_path / "map.png").stat().st_size > 1000
     with pytest.raises(FactoryError, match="unknown projection"):
         plot(ml100k, run, bow, tmp_path / "x.png", method="umap")
+
+
+def test_transfer_change_never_shows_minus_zero() -> None:
+    from jobs.gvm_compare import relative_change
+
+    assert relative_change(0.1, 0.1 - 1e-12) == "0.00%"
+    assert relative_change(0.2, 0.2) == "0.00%"
+    assert relative_change(0.2, 0.25) == "+25.00%"
+    assert relative_change(0.2, 0.1) == "-50.00%"
+    assert relative_change(0.0, 0.1) == "n/a (native is 0)"

@@ -57,6 +57,30 @@ def test_sql_matches_python_reference(tiny: Warehouse, score: str, window: int,
     _close(_sql_pairs(tiny, params, chunk_occurrences=40), expected)
 
 
+@pytest.mark.parametrize("score", ["count", "swing"])
+def test_progress_covers_ranking_and_storing(tiny: Warehouse, score: str) -> None:
+    """The bar reaches its total only after the last pairs were ranked and handed over (on
+    ml-1m it sat at 25/25 for ~15 s while they were)."""
+    with tiny.read() as con:
+        train, users, items = load_training(con, "tiny", "loo")
+    seen: list[tuple[int, int, str]] = []
+    events: list[str] = []
+
+    def on_chunk(done: int, total: int, stage: str) -> None:
+        seen.append((done, total, stage))
+        events.append("tick")
+
+    for _batch, _ in mine(train, users, items, MineParams(score=score, swing_max_users=6),
+                          chunk_occurrences=40, on_chunk=on_chunk):
+        events.append("batch")
+    stages = list(dict.fromkeys(stage for *_, stage in seen))
+    assert stages == ["counting pairs", *(["swing scores"] if score == "swing" else []),
+                      "ranking and storing"]
+    assert [d for d, *_ in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1][0] == seen[-1][1] and events[-1] == "tick"
+    assert events.index("batch") > events.index("tick")
+
+
 def test_held_out_targets_never_contribute(wh: Warehouse) -> None:
     """Two datasets with identical train parts but different valid/test items mine the same
     pairs and scores, for every score; held-out-only items appear in no pair."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,10 @@ def test_describe_items_stores_descriptions_with_provenance(ml100k, openai_serve
                  *teacher_args(openai_server))
     assert result.exit_code == 0, result.output
     assert "described 20 items of ml-100k" in result.output
+    # off a terminal: plain lines, one rate (items/s) per line, not a second in req/s
+    last = re.search(r"^describe-items 20/20 [\d.,]+/s in \d+:\d\d cached 0 · failed 0 · "
+                     r"[\d,]+ tok/s$", result.output, re.M)
+    assert last and "req/s" not in result.output and "━" not in result.output
     stored = rows(ml100k, "select d.item_id, d.description, d.status, d.prompt_name,"
                           " d.prompt_hash, d.model, d.backend, c.request->>'model',"
                           " i.title, c.request"
@@ -92,6 +97,21 @@ def test_teacher_check_answers_and_fails_clearly_without_leaking_the_key(
     down = cli(wh, "teacher", "check", "--teacher-url", "http://127.0.0.1:9/v1",
                "--teacher-model", "m", "--attempts", "1", "--timeout", "1")
     assert "connection error" in str(down.exception)
+
+
+def test_teacher_check_of_an_in_process_backend_says_nothing_of_an_api_key(wh, monkeypatch):
+    from factory.teacher.backends import TransformersBackend
+    from factory.teacher.limits import JobError
+
+    async def start(self) -> None:        # no model is loaded: only the header line matters
+        raise JobError("no model in this test")
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(TransformersBackend, "start", start)
+    result = cli(wh, "teacher", "check", "--backend", "transformers", "--teacher-model",
+                 "some/model")
+    assert "teacher: transformers" in result.output and "api key" not in result.output
+    assert "no model in this test" in str(result.exception)
 
 
 def test_vllm_backend_without_vllm_is_one_clear_line(ml100k):

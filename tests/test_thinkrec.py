@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -165,6 +166,15 @@ def test_cli_dry_run_then_run_then_sql(ml100k, openai_server):
     assert not openai_server.records and not _rows(ml100k, "select * from thinkrec_traces")
     res = CliRunner().invoke(app, base)
     assert res.exit_code == 0, res.output
+    # the counts add up: instances, then the turns asked split by round (not `items: 7`)
+    assert "  instances: 4\n" in res.output and "  items:" not in res.output
+    turns = re.search(r"turns asked: (\d+) \((\d+) first answers \+ (\d+) in reflection 1\)",
+                      res.output)
+    assert turns and int(turns[1]) == int(turns[2]) + int(turns[3]) and int(turns[3]) > 0
+    # one labelled bar per round, and the backend announced once per job, not per round
+    assert re.search(r"^thinkrec first answers 4/4 ", res.output, re.M)
+    assert re.search(r"^thinkrec reflection 1/1 (\d+)/\1 ", res.output, re.M)
+    assert res.output.count("starting openai") == 1
     res = CliRunner().invoke(app, ["--warehouse", str(ml100k.path), "sql", "--format", "json",
                                    "select * from traces where dataset='ml-100k' and"
                                    " job='thinkrec' and verdict='kept' limit 5"])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +237,8 @@ def test_python_m_train(caches: dict[str, Path], tmp_path: Path) -> None:
          "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "recall@10" in done.stdout and "best epoch" in done.stdout
+    # progress inside an epoch; not a terminal, so plain lines (one per stage at least)
+    assert re.search(r"^epoch 1/2 (\d+)/\1 batches .* in \d+:\d\d$", done.stderr, re.M)
     result = json.loads((out / "metrics.json").read_text())
     assert result["params"]["ablate"] == ["position"] and result["epochs_run"] == 2
     assert (out / "curves.png").is_file()
@@ -253,6 +257,34 @@ def test_python_m_train(caches: dict[str, Path], tmp_path: Path) -> None:
                              capture_output=True, text=True, env=env)
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and says in lines[0], bad.stderr
+
+
+def test_progress_is_reported_per_batch(caches: dict[str, Path], tmp_path: Path) -> None:
+    calls: list[tuple[str, int, int]] = []
+    cfg = Config(cache=str(caches["plain"]), out=str(tmp_path / "p"),
+                 **{**FAST, "epochs": 2, "batch_size": 50})
+    run(cfg, log=lambda _msg: None, progress=lambda *a: calls.append(a))
+    cache = Cache(caches["plain"])
+    stages = list(dict.fromkeys(stage for stage, _, _ in calls))
+    assert stages == ["epoch 1/2", "valid 1", "epoch 2/2", "valid 2", "test"]
+    train = [(d, t) for stage, d, t in calls if stage == "epoch 1/2"]
+    n = math.ceil(len(cache.splits["train"]) / 50)
+    assert train == [(i, n) for i in range(1, n + 1)]
+
+
+def test_stderr_progress_lines_off_a_terminal() -> None:
+    from train.__main__ import StderrProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    bar = StderrProgress(out, every=10.0, clock=lambda: now[0], tty=False)
+    for done in range(1, 31):
+        now[0] += 1.0
+        bar("epoch 1/5", done, 30)
+    assert out.getvalue().splitlines() == [
+        "epoch 1/5 11/30 batches 1.0/s ETA 0:19",
+        "epoch 1/5 21/30 batches 1.0/s ETA 0:09",
+        "epoch 1/5 30/30 batches 1.0/s in 0:29"]
 
 
 # -- issue 12: divergence, protocols, Table 8 settings ---------------------------------------

@@ -22,6 +22,16 @@ from train.metrics import PROTOCOL_NAMES, PROTOCOLS, metrics_from_ranks, target_
 from train.model import Recommender, SASRec
 
 Log = Callable[[str], None]
+#: progress(stage, done, total) after each batch; stage: "epoch 3/50", "valid 3", "test"
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def n_batches(rows: int, batch_size: int) -> int:
+    return -(-rows // batch_size)
 
 
 class DivergedError(TrainError):
@@ -79,15 +89,18 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 @torch.no_grad()
 def evaluate(model: Recommender, split: Split, cfg: Config, device: torch.device,
-             reasoning_rows: np.ndarray | None = None, where: str = ""
+             reasoning_rows: np.ndarray | None = None, where: str = "",
+             progress: Progress = _no_progress, stage: str = "evaluate"
              ) -> dict[str, dict[str, float]]:
     """Full-catalog ranking of each row's target under both protocols (train.metrics):
     {"full": metrics, "masked": metrics}; rows in file order, no dropout. A NaN or infinite
     score for any item raises DivergedError: such a model is never ranked."""
     model.eval()
     ranks: dict[str, list[torch.Tensor]] = {p: [] for p in PROTOCOLS}
-    for batch in batches(split, cfg.eval_batch_size, reasoning=reasoning_kind(cfg),
-                         reasoning_rows=reasoning_rows):
+    total = n_batches(len(split), cfg.eval_batch_size)
+    for done, batch in enumerate(batches(split, cfg.eval_batch_size,
+                                         reasoning=reasoning_kind(cfg),
+                                         reasoning_rows=reasoning_rows), 1):
         batch = batch.to(device)
         with _autocast(device, cfg.amp):
             scores = model.scores(batch.seq, batch.reasoning).float()
@@ -100,6 +113,7 @@ def evaluate(model: Recommender, split: Split, cfg: Config, device: torch.device
         ranks["full"].append(target_ranks(scores, batch.target).cpu())
         scores.scatter_(1, batch.seq, float("-inf"))  # padding 0 is -inf already
         ranks["masked"].append(target_ranks(scores, batch.target).cpu())
+        progress(stage, done, total)
     if not ranks["full"]:
         return {p: {} for p in PROTOCOLS}
     return {p: metrics_from_ranks(torch.cat(r)) for p, r in ranks.items()}
@@ -107,10 +121,13 @@ def evaluate(model: Recommender, split: Split, cfg: Config, device: torch.device
 
 def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.device,
                 opt: torch.optim.Optimizer, scaler: Any, rng: np.random.Generator,
-                reasoning_rows: np.ndarray | None, epoch: int = 0) -> dict[str, float]:
+                reasoning_rows: np.ndarray | None, epoch: int = 0,
+                progress: Progress = _no_progress, stage: str = "train"
+                ) -> dict[str, float]:
     model.train()
     sums: dict[str, float] = {}
     n = 0
+    total = n_batches(len(split), cfg.batch_size)
     for batch in batches(split, cfg.batch_size, reasoning=reasoning_kind(cfg),
                          order=rng.permutation(len(split)), reasoning_rows=reasoning_rows):
         batch = batch.to(device)
@@ -129,6 +146,7 @@ def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.dev
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
+        progress(stage, n, total)
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
@@ -149,10 +167,11 @@ def default_out(cfg: Config) -> Path:
     return Path("runs") / f"{Path(cfg.cache).name}-{variant}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def run(cfg: Config, log: Log = print) -> dict[str, Any]:
+def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dict[str, Any]:
     """Train, early-stop on valid NDCG@10 under `cfg.protocol`, test the best epoch under
     both protocols; write metrics.json and curves.png (and model.pt with save_model) into
-    the output directory. A non-finite loss or score raises DivergedError (nothing written)."""
+    the output directory. A non-finite loss or score raises DivergedError (nothing written).
+    `progress` is called after every batch (an ml-1m epoch is minutes long)."""
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -181,14 +200,15 @@ def run(cfg: Config, log: Log = print) -> dict[str, Any]:
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         losses = train_epoch(model, cache.splits["train"], cfg, device, opt, scaler, rng,
-                             perms["train"], epoch)
+                             perms["train"], epoch, progress, f"epoch {epoch}/{cfg.epochs}")
         train_seconds.append(time.perf_counter() - t0)
         row: dict[str, Any] = {"epoch": epoch, "seconds": train_seconds[-1], **losses}
         over_time = (cfg.max_minutes is not None
                      and sum(train_seconds) > 60 * cfg.max_minutes)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or over_time:
             both = evaluate(model, cache.splits["valid"], cfg, device, perms["valid"],
-                            where=f" at epoch {epoch}")
+                            where=f" at epoch {epoch}", progress=progress,
+                            stage=f"valid {epoch}")
             row["valid"], row["valid_by_protocol"] = both[proto], both
             if both[proto]["ndcg@10"] > best["ndcg"]:
                 best = {"ndcg": both[proto]["ndcg@10"], "epoch": epoch, "valid": both,
@@ -211,7 +231,7 @@ def run(cfg: Config, log: Log = print) -> dict[str, Any]:
 
     model.load_state_dict(best["state"])
     test = evaluate(model, cache.splits["test"], cfg, device, perms["test"],
-                    where=" (test)")
+                    where=" (test)", progress=progress, stage="test")
     result = {
         "cache": str(cache.path), "dataset": cache.manifest.get("dataset"),
         "split": cache.manifest.get("split"), "out": str(out), "device": str(device),

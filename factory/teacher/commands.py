@@ -43,7 +43,9 @@ def check_cmd(*, teacher: TeacherOptions) -> None:
         finally:
             await backend.aclose()
 
-    console.print(f"teacher: {backend.describe()}; api key {'set' if key else 'not set'}")
+    # a key only matters to a remote server; an in-process model never reads one
+    console.print(f"teacher: {backend.describe()}"
+                  + ("" if backend.local else f"; api key {'set' if key else 'not set'}"))
     try:
         with console.status("sending one request"):
             reply = asyncio.run(ask())

@@ -106,6 +106,10 @@ class Outcome:
                 "status": self.status, "error": self.error}
 
 
+#: how an item whose every draw the parser refused is worded (jobs call it rejected)
+PARSER_GAVE_UP = "answer rejected by the parser"
+
+
 @dataclass
 class Report:
     """Counts of one run() (or of a dry run's estimate)."""
@@ -114,6 +118,7 @@ class Report:
     ok: int = 0
     failed: int = 0              # failures of every kind, truncated answers included
     truncated: int = 0           # of which: answers cut at max_tokens or by a content filter
+    rejected: int = 0            # of which: answers the parser refused on every draw
     cached: int = 0              # items answered entirely from the cache
     not_done: int = 0            # items left when the run stopped early
     requests: int = 0            # requests sent (parse-retry draws included)
@@ -133,7 +138,11 @@ class Report:
         cost = "unknown (no price)" if self.cost_usd is None else f"${self.cost_usd:.4f}"
         rows: dict[str, Any] = {
             "items": self.items, "rows written": self.ok + self.failed, "ok": self.ok,
-            "failed": self.failed,
+            # failed = rejected + truncated + no usable answer; a rejected answer came back
+            # and is no transport failure, so each is shown once, and they add up
+            **({"rejected by the parser": self.rejected} if self.rejected else {}),
+            "failed (no answer)" if self.rejected or self.truncated else "failed":
+                self.failed - self.rejected - self.truncated,
             "answered from cache": self.cached, "requests sent": self.requests,
             "tokens in/out": f"{self.input_tokens:,} / {self.output_tokens:,}",
             "cost": cost, "seconds": round(self.seconds, 1), "run": self.run_id,
@@ -206,6 +215,7 @@ class TeacherJob:
         self._all_stored = True
         self._last_failure: str | None = None
         self._answers = 0            # answers obtained (sent or cached), over all rounds
+        self.announced = False       # "starting <backend>" printed
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> TeacherJob:
@@ -273,8 +283,10 @@ class TeacherJob:
     # -- the one call a job makes -----------------------------------------------------------
     def run(self, works: Iterable[Work], *, prompt: Prompt, parse: Callable[..., Any],
             table: str, row: Callable[[Outcome], Mapping[str, Any]],
-            with_reasoning: bool = False) -> Report:
+            with_reasoning: bool = False, label: str | None = None) -> Report:
         """Answer every work item with `prompt`, store one row per item in `table`.
+
+        `label` names the progress bar (default: the job), e.g. a round of several.
 
         `parse` gets the answer without the model's thinking (a reasoning model's
         `reasoning_content`, or its inline <think> blocks); with `with_reasoning` it is
@@ -295,6 +307,7 @@ class TeacherJob:
         if self.options.cache_only:
             self._require_cached(items)
         state = _RunState(self, items, prompt, parse, table, row, with_reasoning)
+        state.label = label or self.job
         unstored = None
         try:
             asyncio.run(state.run())
@@ -385,7 +398,8 @@ class TeacherJob:
 
     def _add(self, r: Report) -> None:
         t = self.totals
-        for name in ("items", "ok", "failed", "truncated", "cached", "not_done", "requests",
+        for name in ("items", "ok", "failed", "truncated", "rejected", "cached", "not_done",
+                     "requests",
                      "attempts", "input_tokens", "output_tokens"):
             setattr(t, name, getattr(t, name) + getattr(r, name))
         t.cost_usd = None if r.cost_usd is None or t.cost_usd is None else t.cost_usd + r.cost_usd
@@ -411,6 +425,7 @@ class _RunState:
         self.tasks: list[asyncio.Task[None]] = []
         self.write_mutex = threading.Lock()
         self.backend_started = False
+        self.label = job.job
         self.calls: list[dict[str, Any]] = []     # llm_calls rows not yet stored (journaled)
         self.outcomes: list[Outcome] = []         # job rows not yet stored
         self.report = Report(items=len(items), cost_usd=0.0 if job.pricing.known else None,
@@ -452,7 +467,7 @@ class _RunState:
         self.bar = bar
         restore = self._catch_signals()
         with bar:
-            self.task = bar.add_task(job.job, total=len(self.items), stats="")
+            self.task = bar.add_task(self.label, total=len(self.items), stats="")
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(job.concurrency)]
             self.tasks = [asyncio.create_task(self._produce(queue, len(workers))), *workers]
             self.done = asyncio.Event()
@@ -633,7 +648,7 @@ class _RunState:
             return self._outcome(work, first, req, draw + 1, all_cached, value=value,
                                  text=call.answer.text, reasoning=reasoning)
         return self._outcome(work, first, req, draws, all_cached,
-                             error=f"answer rejected by the parser {draws} times; last: {problem}")
+                             error=f"{PARSER_GAVE_UP} {draws} times; last: {problem}")
 
     def _outcome(self, work: Work, first: Request, last: Request, draws: int, cached: bool,
                  value: Any = None, text: str | None = None, error: str | None = None,
@@ -721,7 +736,9 @@ class _RunState:
 
         async with self.start_lock:     # load a local model only when a request needs it
             if not self.backend_started:
-                console.print(f"starting {backend.describe()}")
+                if not self.job.announced:     # once per job, not once per round
+                    console.print(f"starting {backend.describe()}")
+                    self.job.announced = True
                 await backend.start()
                 self.backend_started = True
                 self.last_answer = time.monotonic()
@@ -820,13 +837,15 @@ class _RunState:
             r.failed += 1
             self.last_failure = outcome.error
             r.truncated += outcome.status == "truncated"
+            r.rejected += (outcome.error or "").startswith(PARSER_GAVE_UP)
         if outcome.cached:
             r.cached += 1
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         cost = "" if r.cost_usd is None else f" · ${r.cost_usd:.4f}"
         behind = f" · {len(self.calls):,} waiting to be stored" if self.store_error else ""
+        # items/s is the bar's own rate; a second (requests/s) read as a contradiction
         self.bar.update(self.task, advance=1, stats=(
-            f"cached {r.cached:,} · failed {r.failed:,} · {r.requests / elapsed:,.1f} req/s · "
+            f"cached {r.cached:,} · failed {r.failed:,} · "
             f"{r.output_tokens / elapsed:,.0f} tok/s{cost}{behind}"))
 
     async def _flush_every(self) -> None:
