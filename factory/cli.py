@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import inspect
 import json
 import signal
 import sys
@@ -23,6 +24,7 @@ from factory.console import console, summary
 from factory.errors import FactoryError, Interrupted
 from factory.settings import warehouse_path
 from factory.teacher.options import record_argv
+from factory.vocabulary import DatasetOpt, command_path, rename_old_options
 from factory.warehouse import Warehouse
 
 
@@ -31,10 +33,47 @@ class _RootGroup(TyperGroup):
     command on each shard (rebuilding it from parsed values would lose how options were
     spelled, and which came from the environment)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _whole_short_help(self)
+
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         args = _hoist_warehouse(args)
+        front = 0
+        while front < len(args) and args[front].startswith("--warehouse"):
+            front += 1 if "=" in args[front] else 2
+        groups = {name for name, cmd in self.commands.items() if isinstance(cmd, TyperGroup)}
+        rest, notes = rename_old_options(args[front:], command_path(args[front:], groups))
+        for note in notes:
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
+        args = args[:front] + rest
         record_argv(args)
         return super().parse_args(ctx, args)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        """In workflow order (Click's default is registration order), others after."""
+        names = super().list_commands(ctx)
+        rank = {name: k for k, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+
+#: `factory --help` lists commands in the order a user runs them
+COMMAND_ORDER = ("ingest", "split", "datasets", "mine-i2i", "sids", "i2i-eval", "teacher",
+                 "testing", "describe-items", "explain-i2i", "keywords", "thinkrec",
+                 "user-groups", "gvm", "distill", "embed-steps", "export", "train", "runs",
+                 "sql", "merge", "migrate")
+
+
+def _whole_short_help(group: TyperGroup) -> None:
+    """Command lists show each command's whole first paragraph (wrapped): Click's default
+    stops at the first word ending in '.', which cut "Every named template: App. F ..." to
+    "App.", and at 45 columns."""
+    for cmd in group.commands.values():
+        if cmd.short_help is None and cmd.help:
+            first = inspect.cleandoc(cmd.help).split("\n\n")[0]
+            cmd.short_help = " ".join(first.split())
+        if isinstance(cmd, TyperGroup):
+            _whole_short_help(cmd)
 
 
 def _hoist_warehouse(args: list[str]) -> list[str]:
