@@ -249,7 +249,7 @@ class SplitKind(str, Enum):
 
 @app.command("split")
 def split_cmd(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     name: str = typer.Option(None, "--name", help="Name later jobs select with --split "
                              "[default: the preset's, e.g. thinkrec]."),
     preset: str = typer.Option(None, "--preset", help="A paper's protocol: thinkrec (by the "

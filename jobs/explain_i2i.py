@@ -1,7 +1,7 @@
 """`factory explain-i2i`: teacher explanations of mined I2I pairs (TwiSTAR 4.3, E.1.3).
 
 For each pair of the latest `mine-i2i` run, the paper's instruction with both items' text
-(title and category) is sent `--samples` times (sample index 0..S-1, so each is a distinct,
+(title and category) is sent `--answers-per-pair` times (sample index 0..S-1, so each is a distinct,
 cached request). TwiSTAR's "20,000 final triples after filtering" counts kept triples, so the
 job works toward `--target-kept` kept explanations (default 20,000), in rounds of pairs, and
 stops there; `--pairs` only caps the pairs considered. Every answer is judged
@@ -23,6 +23,7 @@ import typer
 
 from factory.console import console, summary
 from factory.teacher.options import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 
 if TYPE_CHECKING:
     from factory.teacher import Outcome, Report
@@ -34,8 +35,9 @@ PROMPT = "twistar_i2i_explain"
 
 
 def explain_i2i(
-    dataset: str = typer.Option(..., "--dataset"),
-    samples: int = typer.Option(3, "--samples", min=1, help="Diverse answers per pair."),
+    dataset: str = DatasetOpt,
+    samples: int = typer.Option(3, "--answers-per-pair", min=1, help="Diverse teacher "
+                                "answers per pair."),
     target_kept: int = typer.Option(20000, "--target-kept", min=0, help="Stop once this many "
                                     "explanations are kept (TwiSTAR E.1.3: \"20,000 final "
                                     "triples after filtering\"); pairs are explained in rounds "

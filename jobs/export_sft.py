@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from factory.console import summary
+from factory.vocabulary import DatasetOpt
 
 
 class Kind(str, Enum):
@@ -27,7 +28,7 @@ def register(app: typer.Typer) -> None:
 
 
 def export_sft_cmd(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     kind: Kind = typer.Option(..., "--kind", help="i2i: TwiSTAR explanations + SID/text "
                               "alignment; thinkrec: reasoning traces + Yes/No examples."),
     out: Path = typer.Option(..., "--out", help="e.g. sports.jsonl -> sports.train.jsonl, "

@@ -1,6 +1,6 @@
 """`factory gvm`: discover a dataset's reasoning pattern (SCoTER sec. 3.2, Alg. 1).
 
-    factory gvm --dataset sports --users 2000 --samples 4
+    factory gvm --dataset sports --users 2000 --answers-per-user 4
     factory gvm show --dataset sports
     factory gvm plot --dataset sports --out gvm_sports.png
 
@@ -28,6 +28,7 @@ import typer
 
 from factory.errors import FactoryError
 from factory.teacher import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 
 if TYPE_CHECKING:
     from factory.gvm.phases import Encode
@@ -216,7 +217,6 @@ def register(app: typer.Typer) -> None:
     gvm_compare.register(gvm_app)
 
 
-DatasetOpt = typer.Option(..., "--dataset", help="Dataset name.")
 RunOpt = typer.Option(None, "--run", help="A gvm run id, a unique prefix of one, or latest "
                       "[default: the dataset's latest finished].")
 EncoderOpt = typer.Option(None, "--encoder", help="sentence-transformers model path or name "
@@ -227,14 +227,15 @@ EncoderOpt = typer.Option(None, "--encoder", help="sentence-transformers model p
 @teacher_options
 def gvm_cmd(
     ctx: typer.Context,
-    dataset: str = typer.Option(None, "--dataset", help="Dataset to mine (required unless a "
-                                "subcommand is given)."),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset to mine, as `factory "
+                                "datasets` lists it (required unless a subcommand is given)."),
     split: str = typer.Option("loo", "--split", help="Histories from its train part, scores "
                               "from its valid part."),
     users: int = typer.Option(2000, "--users", min=1, help="Users sampled (seeded)."),
-    samples: int = typer.Option(4, "--samples", min=1, help="Answers per user."),
+    samples: int = typer.Option(4, "--answers-per-user", min=1, help="Teacher answers per "
+                                "user."),
     n_items: int = typer.Option(20, "--items", min=1, help="Recommendations asked (Recall@N)."),
-    max_history: int = typer.Option(20, "--max-history", min=1,
+    max_history: int = typer.Option(20, "--history", min=1,
                                     help="Most recent training items shown."),
     prune_threshold: float = typer.Option(0.85, "--prune-threshold", min=0.0, max=1.0,
                                           help="Cosine at which a path is a near-duplicate."),

@@ -20,6 +20,7 @@ import typer
 from factory.errors import FactoryError
 from factory.teacher import TeacherOptions, teacher_options
 from factory.templates import Template
+from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse
 
 
@@ -105,13 +106,14 @@ def register(gvm_app: typer.Typer) -> None:
     common: dict[str, Any] = {
         "split": typer.Option("loo", "--split"),
         "users": typer.Option(200, "--users", min=1, help="Users scored (seeded)."),
-        "samples": typer.Option(1, "--samples", min=1, help="Answers per user and template."),
+        "samples": typer.Option(1, "--answers-per-user", min=1, help="Teacher answers per "
+                                "user and template."),
     }
 
     @gvm_app.command("compare")
     @teacher_options
     def compare_cmd(
-        dataset: str = typer.Option(..., "--dataset"),
+        dataset: str = DatasetOpt,
         names: str = typer.Option("two-step,three-step,five-step,discovered", "--templates",
                                   help="Comma-separated template names ('discovered': the "
                                   "dataset's latest mined one; see `factory gvm templates`)."),
@@ -119,7 +121,8 @@ def register(gvm_app: typer.Typer) -> None:
         users: int = common["users"],
         samples: int = common["samples"],
         n_items: int = typer.Option(20, "--items", min=1),
-        max_history: int = typer.Option(20, "--max-history", min=1),
+        max_history: int = typer.Option(20, "--history", min=1,
+                                        help="Most recent training items shown."),
         held_out: bool = typer.Option(True, "--held-out/--with-mined-users",
                                       help="Leave out the users a discovered template was "
                                       "mined on."),
@@ -166,7 +169,8 @@ def register(gvm_app: typer.Typer) -> None:
         users: int = common["users"],
         samples: int = common["samples"],
         n_items: int = typer.Option(20, "--items", min=1),
-        max_history: int = typer.Option(20, "--max-history", min=1),
+        max_history: int = typer.Option(20, "--history", min=1,
+                                        help="Most recent training items shown."),
         held_out: bool = typer.Option(True, "--held-out/--with-mined-users"),
         encoder: str = typer.Option(None, "--encoder"),
         *,

@@ -26,6 +26,7 @@ from factory.console import summary
 from factory.errors import FactoryError
 from factory.runs import LATEST, finish_run, resolve_run, start_run
 from factory.teacher.options import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse, require_dataset
 
 
@@ -363,14 +364,15 @@ _TEACHER = ("teacher_url", "teacher_model", "backend", "concurrency", "rpm", "tp
 
 
 def i2i_eval(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     distractors: int = typer.Option(9, "--distractors", help="Random distractors per pair "
                                     "(TwiSTAR 6.3: 9, so 10 candidates); never i or a mined "
                                     "partner of i."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the distractors and positions."),
+    seed: int = typer.Option(0, "--sample-seed", help="Seed of the pair sample, the "
+                             "distractors and their positions."),
     i2i_run: str = typer.Option(None, "--i2i-run", help="Mining run: an id, a unique prefix "
                                 "of one, or latest [default: the dataset's latest]."),
-    max_pairs: int = typer.Option(None, "--max-pairs", help="Seeded sample of pairs "
+    max_pairs: int = typer.Option(None, "--pairs", min=1, help="Seeded sample of pairs "
                                   "[default: all]."),
     out: Path = typer.Option(None, "--out", help="Also write the sets as JSON lines."),
     score: bool = typer.Option(False, "--score", help="Ask the model (the teacher options "

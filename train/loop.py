@@ -146,7 +146,15 @@ def default_out(cfg: Config) -> Path:
         variant += "-no-" + "-".join(cfg.ablate)
     if cfg.shuffle_steps:
         variant += "-shuffled"
-    return Path("runs") / f"{Path(cfg.cache).name}-{variant}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = f"{Path(cfg.cache).name}-{variant}-{datetime.now():%Y%m%d-%H%M%S}"
+    return runs_root(Path(cfg.cache)) / name
+
+
+def runs_root(cache: Path) -> Path:
+    """`runs/` beside the cache's `caches/` folder (`<warehouse>.files/caches/X` ->
+    `<warehouse>.files/runs/`, `caches/X` -> `runs/`), else beside the cache itself."""
+    parent = cache.resolve().parent
+    return (parent.parent if parent.name == "caches" else parent) / "runs"
 
 
 def run(cfg: Config, log: Log = print) -> dict[str, Any]:
