@@ -12,6 +12,7 @@ import inspect
 import json
 import signal
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,13 @@ def _run_ingest(name: str, load: Any, core: int, max_len: int | None,
                 raise FactoryError(
                     f"dataset {name!r} already exists; pass --replace to overwrite it"
                 )
+    started = time.perf_counter()
     with console.status(f"reading {name}"):
         raw = load()
     opts = NormaliseOptions(core=core, max_len=max_len, label_threshold=label_threshold)
     with console.status(f"normalising and storing {name}"):
-        result = ingest(wh, name, raw, opts, replace=replace)
+        result = ingest(wh, name, raw, opts, replace=replace,
+                        read_seconds=time.perf_counter() - started)
     loo = result["split_loo"]
     summary(
         f"ingested {name} into {wh.path}",
@@ -164,6 +167,8 @@ def _run_ingest(name: str, load: Any, core: int, max_len: int | None,
             f"{core}-core rounds": result["core_rounds"],
             "truncated": result["truncated"],
             "items without title": result["items_without_title"],
+            "labels": "none (no --label-threshold)" if label_threshold is None
+            else f"rating > {label_threshold:g}",
             "split loo": ", ".join(f"{k} {v['interactions']:,}" for k, v in loo.items()),
             "run": result["run_id"],
         },

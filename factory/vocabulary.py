@@ -24,6 +24,7 @@ RENAMED: dict[str, dict[str, str]] = {
     "i2i-eval": {"--max-pairs": "--pairs", "--seed": "--sample-seed"},
     "mine-i2i": {"--seed": "--sample-seed"},
     "export cache": {"--max-len": "--history"},
+    "export sft": {"--seed": "--sample-seed"},
     "train": {"--max-len": "--history"},
 }
 

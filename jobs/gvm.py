@@ -65,8 +65,9 @@ def encoder_for(wh: Warehouse, encoder: str | None, label: str,
 def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str, users: int,
             samples: int, n_items: int, max_history: int, prune_threshold: float,
             prune_scope: str, cluster: str, k_min: int, k_max: int, min_cluster_size: int,
-            exemplars: int, encoder: str | None) -> str | None:
-    """The whole pipeline as one teacher job; returns its run id (None on --dry-run)."""
+            exemplars: int, encoder: str | None, sample_seed: int = 0) -> str | None:
+    """The whole pipeline as one teacher job; returns its run id (None on --dry-run).
+    `sample_seed` draws the users and seeds k-means; the teacher's --seed only sampling."""
     from factory.console import console
     from factory.gvm.parse import parse_generation
     from factory.gvm.phases import FREE, chain_columns, store_sequences
@@ -82,14 +83,15 @@ def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str,
     seed = defaults.merged(teacher.sampling).seed
     seconds: dict[str, float] = {}
     with timed(seconds, "sample"), wh.read() as con:
-        seqs = sample_sequences(con, dataset, split, users, seed, max_history)
+        seqs = sample_sequences(con, dataset, split, users, sample_seed, max_history)
         histories = history_info(con, dataset, seqs)
     works = [Work(id=f"{s.user_id}/{k}", sample=k, data=s.user_id,
                   vars={"history": histories[s.user_id], "n_items": n_items})
              for s in seqs for k in range(samples)]
     params = {"dataset": dataset, "split": split, "users": users, "samples": samples,
               "n_items": n_items, "max_history": max_history, "seed": seed,
-              "prune_threshold": prune_threshold, "prune_scope": prune_scope,
+              "sample_seed": sample_seed, "prune_threshold": prune_threshold,
+              "prune_scope": prune_scope,
               "cluster": cluster, "k_range": [k_min, k_max],
               "min_cluster_size": min_cluster_size, "exemplars": exemplars,
               "encoder": encoder or "default"}
@@ -114,7 +116,7 @@ def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str,
                                     prune_threshold=prune_threshold, prune_scope=prune_scope,
                                     cluster=cluster, k_min=k_min, k_max=k_max,
                                     min_cluster_size=min_cluster_size, exemplars=exemplars,
-                                    seed=seed, seconds=seconds)
+                                    seed=sample_seed, seconds=seconds)
     with wh.write() as con:
         con.execute("update job_runs set counts = json_merge_patch(counts, ?) where run_id = ?",
                     [json.dumps({"gvm": counts}, default=str), run_id])
@@ -251,6 +253,8 @@ def gvm_cmd(
     exemplars: int = typer.Option(10, "--exemplars", min=1, help="Paths nearest the "
                                   "centroid shown to the teacher (SCoTER: N = 10)."),
     encoder: str = EncoderOpt,
+    sample_seed: int = typer.Option(0, "--sample-seed", help="Seed of the user sample and "
+                                    "of k-means (--seed is the teacher's sampling seed)."),
     *,
     teacher: TeacherOptions,
 ) -> None:
@@ -269,7 +273,8 @@ def gvm_cmd(
     run_gvm(warehouse(), dataset, teacher=teacher, split=split, users=users, samples=samples,
             n_items=n_items, max_history=max_history, prune_threshold=prune_threshold,
             prune_scope=prune_scope, cluster=cluster, k_min=k_min, k_max=k_max,
-            min_cluster_size=min_cluster_size, exemplars=exemplars, encoder=encoder)
+            min_cluster_size=min_cluster_size, exemplars=exemplars, encoder=encoder,
+            sample_seed=sample_seed)
 
 
 @gvm_app.command("show")
@@ -286,7 +291,8 @@ def show_cmd(dataset: str = DatasetOpt, run: str = RunOpt,
 
 @gvm_app.command("plot")
 def plot_cmd(dataset: str = DatasetOpt,
-             out: Path = typer.Option(..., "--out", help="PNG file to write."),
+             out: Path = typer.Option(None, "--out", help="PNG file to write [default: "
+                                      "<warehouse>.files/plots/<run>.png]."),
              run: str = RunOpt,
              projection: str = typer.Option("pca", "--projection", help="pca or tsne."),
              encoder: str = EncoderOpt) -> None:
@@ -300,9 +306,14 @@ def plot_cmd(dataset: str = DatasetOpt,
         run_id = resolve_run(con, dataset, run)
         params = json.loads(con.execute("select params from job_runs where run_id = ?",
                                         [run_id]).fetchone()[0])
+    if out is None:
+        from factory.step_cache import files_dir
+
+        out = files_dir(wh.path) / "plots" / f"{run_id}.png"
     chosen = encoder or (None if params.get("encoder") == "default" else params.get("encoder"))
     _, encode = encoder_for(wh, chosen, "path embeddings", read_only=True)   # a reader
-    n = plot(wh, run_id, encode, out, projection, params.get("seed", 0))
+    seed = params.get("sample_seed", params.get("seed", 0))   # older runs: one seed
+    n = plot(wh, run_id, encode, out, projection, seed)
     summary(f"wrote {out}", {"paths": n, "projection": projection, "run": run_id})
 
 

@@ -37,9 +37,10 @@ def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int =
         [run_id]).fetchone()
     status = next((r.state for r in liveness(con, "run_id = ?", [run_id])), status)
     p = json.loads(params)
-    out.print(f"[bold]{run_id}[/] ({status}): {p['users']} users x {p['samples']} samples "
-              f"of {p['dataset']} (split {p['split']}, seed {p['seed']}), teacher {backend} "
-              f"{model}")
+    sample_seed = p.get("sample_seed", p["seed"])   # runs before --sample-seed: one seed
+    out.print(f"[bold]{run_id}[/] ({status}): {p['users']} users x {p['samples']} answers "
+              f"of {p['dataset']} (split {p['split']}, sample seed {sample_seed}), teacher "
+              f"{backend} {model}")
     tally = con.execute(
         "select case when status <> 'ok' then status when pruned then 'pruned'"
         " else 'kept' end, count(*), count(distinct user_id), avg(score), sum(score)"
