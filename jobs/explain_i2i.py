@@ -49,6 +49,10 @@ def explain_i2i(
                               "source item's best partner first (rank 1 of every item, then "
                               "rank 2, ...), ties by score [default: all of the latest "
                               "mine-i2i run]."),
+    i2i_run: str = typer.Option(None, "--i2i-run", help="Mining run: an id, a unique prefix "
+                                "of one, or latest [default: the dataset's latest]."),
+    split: str = typer.Option(None, "--split", help="The latest mining run of this split "
+                              "[default: of any split]."),
     min_tokens: int = typer.Option(30, "--min-tokens", help="Shorter answers are rejected "
                                    "(TwiSTAR E.1.3: 30)."),
     duplicate_cosine: float = typer.Option(0.95, "--duplicate-cosine", help="A sample this "
@@ -64,7 +68,8 @@ def explain_i2i(
 
     result = run_explain_i2i(warehouse(), dataset, teacher, samples=samples, pairs=pairs,
                              min_tokens=min_tokens, duplicate_cosine=duplicate_cosine,
-                             encoder=encoder, target_kept=target_kept or None)
+                             encoder=encoder, target_kept=target_kept or None,
+                             i2i_run=i2i_run, split=split)
     report = result["report"]
     if report.dry_run:
         return
@@ -97,8 +102,10 @@ def parse_explanation(text: str) -> str:
 def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, samples: int = 3,
                     pairs: int | None = None, min_tokens: int = 30,
                     duplicate_cosine: float = 0.95, encoder: str | None = None,
-                    target_kept: int | None = None) -> dict[str, Any]:
-    """Explain the pairs of the latest mining run, best first; at most `pairs` of them.
+                    target_kept: int | None = None, i2i_run: str | None = None,
+                    split: str | None = None) -> dict[str, Any]:
+    """Explain the pairs of a mining run (the latest, of `split` when given), best first; at
+    most `pairs` of them.
 
     With `target_kept`, pairs are explained in rounds until this run holds that many kept
     explanations (or the pairs run out): the first round takes ceil(target / samples) pairs
@@ -108,6 +115,7 @@ def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sam
     where the last run stopped; the run may end a little above the target (a round's pairs
     are all judged, and each pair's samples are judged together)."""
     from factory.errors import FactoryError
+    from factory.i2i import resolve_i2i_run
     from factory.itemtext import load_items
     from factory.prompts import load_prompt
     from factory.quality import count_tokens, judge_text
@@ -124,14 +132,14 @@ def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sam
     prompt = load_prompt(PROMPT)
     with wh.read() as con:
         require_dataset(con, dataset)
+        run = resolve_i2i_run(con, dataset, i2i_run, split)
         rows = con.execute(
-            "select item_i, item_j, split, run_id, score from i2i_pairs where dataset = ?"
+            "select item_i, item_j, split, run_id, score from i2i_pairs_all where run_id = ?"
             " order by rank, score desc, item_i, item_j"
-            + (" limit ?" if pairs else ""), [dataset, pairs] if pairs else [dataset]
+            + (" limit ?" if pairs else ""), [run, pairs] if pairs else [run]
         ).fetchall()
         if not rows:
-            raise FactoryError(f"no I2I pairs for {dataset!r}: run `factory mine-i2i "
-                               f"--dataset {dataset}` first")
+            raise FactoryError(f"mining run {run} of {dataset!r} has no pairs")
         items = load_items(con, dataset, {i for r in rows for i in r[:2]})
     shown, skipped = [], 0
     for item_i, item_j, split, pairs_run, score in rows:

@@ -24,7 +24,8 @@ import typer
 
 from factory.console import summary
 from factory.errors import FactoryError
-from factory.runs import LATEST, finish_run, resolve_run, start_run
+from factory.i2i import resolve_i2i_run
+from factory.runs import finish_run, start_run
 from factory.teacher.options import TeacherOptions, teacher_options
 from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse, require_dataset
@@ -92,17 +93,7 @@ def run_eval(wh: Warehouse, dataset: str, *, distractors: int = 9, seed: int = 0
         raise FactoryError("--distractors must be at least 1")
     with wh.read() as con:
         require_dataset(con, dataset)
-        if i2i_run is None or i2i_run.strip() == LATEST:
-            row = con.execute("select run_id from i2i_latest where dataset = ?",
-                              [dataset]).fetchone()
-            if row is None:
-                raise FactoryError(f"no I2I pairs for {dataset!r}: run "
-                                   f"`factory mine-i2i --dataset {dataset}` first")
-            i2i_run = row[0]
-        else:
-            i2i_run = resolve_run(con, "mine-i2i", dataset, i2i_run,
-                                  within="select run_id from i2i_runs", option="--i2i-run",
-                                  first=f"factory mine-i2i --dataset {dataset}")
+        i2i_run = resolve_i2i_run(con, dataset, i2i_run)
         params = {"i2i_run": i2i_run, "distractors": distractors, "seed": seed,
                   "max_pairs": max_pairs, "exclude_partners": True}
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
