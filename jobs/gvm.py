@@ -136,10 +136,12 @@ def _validate_and_mine(wh: Warehouse, job: TeacherJob, dataset: str, *, seqs: in
     embedder, encode = encoder_for(wh, encoder, "gvm embeddings")
     with timed(seconds, "prune"):
         pruning = prune_run(wh, run_id, encode, prune_threshold, prune_scope)
-    with timed(seconds, "catalog"):
-        ids, vectors = catalog(wh, dataset, encode)
-    with timed(seconds, "validate"):
-        validated = validate_run(wh, run_id, [FREE], encode, ids, vectors)
+    validated = {"chains": 0, "descriptions": 0, "hits": 0}
+    if pruning["kept"]:     # else every answer failed: no reason to embed the catalog
+        with timed(seconds, "catalog"):
+            ids, vectors = catalog(wh, dataset, encode)
+        with timed(seconds, "validate"):
+            validated = validate_run(wh, run_id, [FREE], encode, ids, vectors)
     with timed(seconds, "mine"):
         mined = mine_run(wh, run_id, dataset, encode, method=cluster, k_min=k_min,
                          k_max=k_max, min_cluster_size=min_cluster_size,

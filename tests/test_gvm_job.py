@@ -129,6 +129,20 @@ def test_weak_data_completes_and_says_so(toy: Warehouse) -> None:
     assert "Recall@20 = 0" in verdict and error == verdict
 
 
+def test_no_parsed_answer_embeds_nothing(toy: Warehouse) -> None:
+    """Every answer unparseable (the canned test server): nothing to validate, so the
+    catalog is not embedded."""
+    import json
+
+    with OpenAIServer() as server:
+        run = gvm(toy, options(server), users=4, samples=1)
+    with toy.read() as con:
+        counts = json.loads(con.execute("select counts from job_runs where run_id = ?",
+                                        [run]).fetchone()[0])["gvm"]
+    assert counts["kept"] == 0 and counts["chains"] == 0
+    assert counts["embeddings"]["seen"] == 0 and "catalog" not in counts["seconds"]
+
+
 def test_bad_input_is_refused_before_any_request(toy: Warehouse, capsys) -> None:
     with OpenAIServer(GvmTeacher({})) as server:
         with pytest.raises(FactoryError, match="unknown dataset 'nope'"):
