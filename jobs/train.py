@@ -38,9 +38,14 @@ def resolve_cache(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
     what = {"none": "", "steps": " with reasoning steps",
             "chain": " with whole-chain embeddings"}[needs] + (" with semantic IDs" if sid
                                                                 else "")
-    hint = (f"; run `factory export cache --dataset {dataset} --split {split}"
-            + (f" --history {max_len}" if max_len else "") + (" --sids" if sid else "") + "`"
-            if needs == "none" else " (exported with a chain source)")
+    export = (f"`factory export cache --dataset {dataset} --split {split}"
+              + (f" --history {max_len}" if max_len else "") + (" --sids" if sid else ""))
+    hint = {"none": f"; run {export}`",
+            "steps": f"; run {export} --chains student:latest` (or teacher:<run>)",
+            # --ablate single: the whole chain as one vector, which embed-steps only writes
+            # on request, and the cache copies
+            "chain": f" (--ablate single); run `factory embed-steps --dataset {dataset} "
+                     f"--chains <chains> --whole-chain`, then {export} --chains <chains>`"}[needs]
     raise FactoryError(f"no exported cache{what} for dataset {dataset!r}, split {split!r}"
                        + (f", history {max_len}" if max_len else "") + hint)
 

@@ -63,7 +63,9 @@ def build_model(cfg: Config, cache: Cache) -> Recommender:
         meta = cache.steps_meta if kind == "steps" else cache.chain_meta
         if meta is None:
             what = ("step embeddings (steps)" if kind == "steps"
-                    else "whole-chain embeddings (chain), needed by --ablate single")
+                    else "whole-chain embeddings (chain), needed by --ablate single: run "
+                    "`factory embed-steps --whole-chain` for its chains, then `factory export "
+                    "cache --chains` again")
             raise CacheError(f"{cache.path}: --fusion scoter needs {what}; this cache has none")
         fusion = ScoterFusion(int(meta["D"]), cfg.dim, int(meta.get("K", 1)), cfg.fusion_heads,
                               cfg.fusion_dropout, frozenset(cfg.ablate), cfg.fusion_head_dim)
