@@ -442,8 +442,10 @@ def _print_rows(columns: list[str], rows: list[tuple], fmt: OutFormat, max_rows:
 
 # -- job commands ---------------------------------------------------------------------------
 #: Each module exposes `register(app)`; keep its top-level imports light.
-#: Platform command groups kept outside this file (teacher check, runs, merge, testing serve).
-PLATFORM_MODULES: list[str] = ["factory.teacher.commands", "factory.testing.commands"]
+#: Platform command groups kept outside this file (teacher check, runs, merge, testing serve,
+#: models export-hf).
+PLATFORM_MODULES: list[str] = ["factory.teacher.commands", "factory.testing.commands",
+                               "factory.models"]
 JOB_MODULES: list[str] = ["jobs.describe_items", "jobs.mine_i2i", "jobs.sids", "jobs.i2i_eval",
                           "jobs.gvm", "jobs.explain_i2i", "jobs.keywords", "jobs.thinkrec",
                           "jobs.user_groups", "jobs.export_sft", "jobs.export_cache", "jobs.train",

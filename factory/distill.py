@@ -196,7 +196,9 @@ def student_record(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any
     if row is None:
         raise FactoryError(f"student run {run_id} has no model in the registry "
                            "(student_models); train it again")
-    return dict(zip([d[0] for d in cur.description], row, strict=True))
+    # DuckDB returns JSON columns (lora, training) as their text: parse them here, once
+    return {d[0]: json.loads(v) if str(d[1]) == "JSON" and isinstance(v, str) else v
+            for d, v in zip(cur.description, row, strict=True)}
 
 
 def resolve_chains(con: duckdb.DuckDBPyConnection, spec: str, dataset: str) -> ChainSet:
@@ -270,6 +272,8 @@ def resolve_student(con: duckdb.DuckDBPyConnection, dataset: str, text: str | No
 #: DeepSeek-R1's recommended sampling (the paper's teacher); room for its thinking
 TEACHER_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
 #: the student writes one deterministic chain per sequence
+#: optimizer steps `distill student` takes on a CPU unless --max-steps says otherwise
+CPU_MAX_STEPS = 20
 STUDENT_SAMPLING = {"temperature": 0.0, "max_tokens": 1024}
 
 
@@ -413,13 +417,19 @@ def _student_model_option(options: Any, record: dict[str, Any]) -> str:
 def student_backend(options: Any, record: dict[str, Any]) -> Any:
     """In-process backends load the base model and the student's LoRA adapter; an OpenAI-
     compatible server (vLLM with --lora-modules) is reached as any teacher (None)."""
+    from factory.student_backends import (
+        StudentTransformersBackend,
+        StudentVLLMBackend,
+        refuse_gguf_student,
+    )
+
     name = options.backend_name
     if name == "openai":
+        refuse_gguf_student(record)    # a vLLM server cannot load it either
         return None
-    from factory.student_backends import StudentTransformersBackend, StudentVLLMBackend
-
-    cls = StudentTransformersBackend if name == "transformers" else StudentVLLMBackend
-    return cls(record, options.concurrency)
+    if name == "transformers":
+        return StudentTransformersBackend(record, options.concurrency)
+    return StudentVLLMBackend(record, options.concurrency, options.vllm_args)
 
 
 # -- student --------------------------------------------------------------------------------
@@ -483,6 +493,12 @@ def train_student(wh: Any, *, dataset: str, chains: str | None, base: str, opts:
         import torch
 
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.device == "cpu" and opts.max_steps is None:
+        # a CPU does ~20-60 s per step of 4 x 1k tokens even for the 135M SmolLM2: a whole
+        # epoch of a few hundred chains would take an hour; a GPU runs the epoch
+        opts.max_steps = CPU_MAX_STEPS
+        console.print(f"on a CPU: at most {CPU_MAX_STEPS} optimizer steps (--max-steps to "
+                      "change; a GPU runs the whole epoch)")
     params = {"dataset": dataset, "chains": spec, "chain_set": cs.chain_set, "base": base,
               "training": sft.options_dict(opts)}
     with wh.write() as con:

@@ -55,42 +55,46 @@ class StudentTransformersBackend(TransformersBackend):
         self._tokenizer, self._model = tokenizer, model
 
 
-class _LoraLLM:
-    """A vLLM engine that applies one LoRA adapter to every generate call."""
+#: the largest LoRA rank vLLM accepts (its max_lora_rank: 1, 8, 16, ..., 256, 320, 512)
+MAX_LORA_RANK = 512
 
-    def __init__(self, llm: Any, lora: Any):
-        self.llm, self.lora = llm, lora
 
-    def get_tokenizer(self) -> Any:
-        return self.llm.get_tokenizer()
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.llm.generate(*args, lora_request=self.lora, **kwargs)
+def refuse_gguf_student(record: dict[str, Any]) -> None:
+    """A vLLM engine or server cannot put an adapter on a GGUF base: one line that says how
+    to get a base it can load."""
+    if record.get("base_gguf"):
+        raise FactoryError(
+            f"student {record['run_id']}: vLLM cannot load its GGUF base {record['base']!r}; "
+            f"export it with `factory models export-hf {record['base']} DIR`, train the "
+            "student with --base DIR, or use --backend transformers")
 
 
 class StudentVLLMBackend(VLLMBackend):
-    """Offline vLLM with LoRA enabled (GPU); the base must be a model directory or name."""
+    """Offline vLLM with LoRA enabled; the base must be a model directory or name."""
 
-    def __init__(self, record: dict[str, Any], batch_size: int | None = None):
-        super().__init__(record["model_id"], batch_size)
+    def __init__(self, record: dict[str, Any], batch_size: int | None = None,
+                 engine_args: dict[str, Any] | None = None):
+        refuse_gguf_student(record)
+        super().__init__(record["model_id"], batch_size, engine_args)
         self.record = record
 
     def describe(self) -> str:
         return f"vllm student {self.record['run_id']} ({self.record['base']} + LoRA)"
 
+    def _engine_location(self) -> str:
+        return self.record["base_location"]
+
+    def _fixed_args(self) -> dict[str, Any]:
+        rank = int(self.record["lora"]["r"])
+        if rank > MAX_LORA_RANK:
+            raise FactoryError(f"student {self.record['run_id']}: LoRA rank {rank} is above "
+                               f"vLLM's maximum {MAX_LORA_RANK}; use --backend transformers")
+        # vLLM takes powers of two from 8 up; the smallest that holds the adapter
+        return {"enable_lora": True, "max_lora_rank": 1 << max(3, (rank - 1).bit_length())}
+
     def _load(self) -> None:
-        if self.record["base_gguf"]:
-            raise FactoryError(f"the vllm backend cannot put a LoRA adapter on the GGUF base "
-                               f"{self.record['base']!r}; train the student with --base <model "
-                               "dir>, or use --backend transformers")
         adapter = _adapter(self.record)
-        try:
-            from vllm import LLM
-            from vllm.lora.request import LoRARequest
-        except ImportError:
-            raise FactoryError("the vllm backend needs `pip install 'factory[vllm]'` and a "
-                               "GPU") from None
-        rank = int(self.record["lora"]["r"])  # vLLM takes powers of two from 8 up
-        llm = LLM(model=self.record["base_location"], enable_lora=True,
-                  max_lora_rank=1 << max(3, (rank - 1).bit_length()))
-        self._llm = _LoraLLM(llm, LoRARequest(self.record["model_id"], 1, str(adapter)))
+        super()._load()
+        from vllm.lora.request import LoRARequest
+
+        self._lora = LoRARequest(self.record["model_id"], 1, str(adapter))

@@ -71,7 +71,7 @@ def fake_student(con: Any, run_id: str, teach_chain_set: str, adapter_dir: Path,
         " template_steps, prompt_name, prompt_hash, max_history, base, base_location,"
         " base_gguf, model_id, adapter_dir, adapter_sha256, lora, training, n_chains, n_train,"
         " n_too_long, steps, loss_curve) values (?, ?, 'loo', ?, ?, ?, ?, ?, ?,"
-        " 'smollm2', '/nowhere', 'x.gguf', ?, ?, ?, ?, '{}', 1, 1, 0, 1, [1.0])",
+        " '/models/base', '/models/base', NULL, ?, ?, ?, ?, '{}', 1, 1, 0, 1, [1.0])",
         [run_id, dataset, teach_chain_set, tpl[0], tpl[1], PROMPT, load_prompt(PROMPT).hash,
          MAX_HISTORY, model_id, str(adapter_dir), sha256_file(weights),
          json.dumps({"r": 8})])

@@ -133,3 +133,38 @@ def test_lora_student_trains_registers_and_generates(ml100k: Warehouse, one_thre
                           " where c.source = 'student'").fetchone()
     assert row[0:2] == ("test", "truncated") and "max_tokens=8; raise --max-tokens" in row[2]
     assert row[3:] == ("transformers", rec["model_id"], 1, 8)
+
+
+def test_answer_loss_is_the_models_loss_without_full_logits(monkeypatch) -> None:
+    """The chunked answer-only loss equals transformers' own (mean over the answer tokens),
+    in value and gradient, while no logits tensor larger than a chunk is ever built."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from factory import student as sft
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    ids = torch.randint(1, 97, (3, 20))
+    labels = ids.clone()
+    labels[:, :8] = sft.IGNORE                      # the prompt
+    labels[2, 15:] = sft.IGNORE                     # padding of a shorter row
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    expected = model(**batch).loss
+    expected.backward()
+    grad = model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    monkeypatch.setattr(sft, "LOSS_CHUNK", 7)       # several chunks, the last one short
+    widest: list[int] = []
+    head = model.lm_head
+    monkeypatch.setattr(model, "lm_head", torch.nn.Module())
+    model.lm_head.forward = lambda h: (widest.append(h.shape[0]), head(h))[1]
+    got = sft.answer_loss(model, batch)
+    got.backward()
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(model.model.layers[0].mlp.up_proj.weight.grad, grad, atol=1e-6)
+    assert max(widest) == 7

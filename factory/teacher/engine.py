@@ -187,7 +187,7 @@ class TeacherJob:
         self._key = api_key()
         self.backend: Backend = backend or make_backend(
             options.backend_name, options.url, options.model, self._key, options.timeout,
-            options.concurrency)
+            options.concurrency, options.vllm_args)
         self.concurrency = options.concurrency or self.backend.default_concurrency
         table = PriceTable.load(options.price_table) if options.price_table else None
         self.pricing = Pricing.for_model(table, self.backend.model, self.backend.local)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -22,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 from factory.errors import FactoryError
 from factory.teacher.keys import safe_url
@@ -95,6 +102,8 @@ class TeacherOptions:
     shards: int | None = None               # --executor ray: how many shards
     ray_address: str | None = None          # None: RAY_ADDRESS, else a local ray.init()
     ray_gpus_per_shard: float = 0.0
+    #: vLLM engine arguments (offline backend): --vllm-args FILE, then --vllm-arg key=value
+    vllm_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cache_only and self.refresh:
@@ -218,6 +227,14 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("ray_gpus_per_shard", float, typer.Option(
         0.0, "--ray-gpus-per-shard", help="GPUs Ray reserves for each shard's task (e.g. 1 "
         "with --backend vllm).")),
+    ("vllm_arg", list[str], typer.Option(
+        None, "--vllm-arg", help="key=value: a vLLM engine argument for --backend vllm "
+        "(repeatable; the value is JSON when it parses, else a string), e.g. "
+        "gpu_memory_utilization=0.5 [default: tensor_parallel_size = visible GPUs; on a CPU "
+        "build a memory share that fits]")),
+    ("vllm_args", Path, typer.Option(
+        None, "--vllm-args", help="TOML or JSON file of vLLM engine arguments; --vllm-arg "
+        "overrides its keys.")),
 ]
 
 
@@ -238,7 +255,48 @@ def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
         executor=values["executor"].value if values["executor"] is not None else "local",
         shards=values["shards"], ray_address=values["ray_address"] or None,
         ray_gpus_per_shard=values["ray_gpus_per_shard"],
+        vllm_args=parse_vllm_args(values.get("vllm_arg"), values.get("vllm_args")),
     )
+
+
+def _vllm_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_vllm_args(pairs: list[str] | None, file: Path | None) -> dict[str, Any]:
+    """Engine arguments from a TOML/JSON file, then `key=value` pairs on top of it.
+
+    Values are JSON when they parse (`0.5`, `true`, `{"a": 1}`), else the string as given,
+    so `dtype=bfloat16` needs no quoting. Which keys vLLM accepts is checked when the engine
+    is built (vLLM may not be installed where the options are parsed).
+    """
+    args: dict[str, Any] = {}
+    if file is not None:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FactoryError(f"--vllm-args {file}: {exc.strerror or exc}") from None
+        try:
+            json_file = file.suffix.lower() == ".json"
+            loaded = json.loads(text) if json_file else tomllib.loads(text)
+        except ValueError as exc:      # JSONDecodeError and TOMLDecodeError are ValueErrors
+            kind = "JSON" if file.suffix.lower() == ".json" else "TOML"
+            raise FactoryError(f"--vllm-args {file}: not valid {kind} "
+                               f"({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise FactoryError(f"--vllm-args {file}: expected a table of engine arguments")
+        args.update(loaded)
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise FactoryError(f"--vllm-arg {pair!r}: expected key=value, e.g. "
+                               "gpu_memory_utilization=0.5")
+        args[key] = _vllm_value(value.strip())
+    return {k.replace("-", "_"): v for k, v in args.items()}
 
 
 def teacher_options(func: Callable[..., Any] | None = None, *,
