@@ -60,7 +60,7 @@ class _RootGroup(TyperGroup):
 
 #: `factory --help` lists commands in the order a user runs them
 COMMAND_ORDER = ("ingest", "split", "datasets", "mine-i2i", "sids", "i2i-eval", "teacher",
-                 "testing", "describe-items", "explain-i2i", "keywords", "thinkrec",
+                 "testing", "models", "describe-items", "explain-i2i", "keywords", "thinkrec",
                  "user-groups", "gvm", "distill", "embed-steps", "export", "train", "runs",
                  "sql", "merge", "migrate")
 
