@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import importlib
+import inspect
 import json
 import signal
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from factory.console import console, summary
 from factory.errors import FactoryError, Interrupted
 from factory.settings import warehouse_path
 from factory.teacher.options import record_argv
+from factory.vocabulary import DatasetOpt, command_path, rename_old_options
 from factory.warehouse import Warehouse
 
 
@@ -31,10 +34,47 @@ class _RootGroup(TyperGroup):
     command on each shard (rebuilding it from parsed values would lose how options were
     spelled, and which came from the environment)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _whole_short_help(self)
+
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         args = _hoist_warehouse(args)
+        front = 0
+        while front < len(args) and args[front].startswith("--warehouse"):
+            front += 1 if "=" in args[front] else 2
+        groups = {name for name, cmd in self.commands.items() if isinstance(cmd, TyperGroup)}
+        rest, notes = rename_old_options(args[front:], command_path(args[front:], groups))
+        for note in notes:
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
+        args = args[:front] + rest
         record_argv(args)
         return super().parse_args(ctx, args)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        """In workflow order (Click's default is registration order), others after."""
+        names = super().list_commands(ctx)
+        rank = {name: k for k, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+
+#: `factory --help` lists commands in the order a user runs them
+COMMAND_ORDER = ("ingest", "split", "datasets", "mine-i2i", "sids", "i2i-eval", "teacher",
+                 "testing", "models", "describe-items", "explain-i2i", "keywords", "thinkrec",
+                 "user-groups", "gvm", "distill", "embed-steps", "export", "train", "runs",
+                 "sql", "merge", "migrate")
+
+
+def _whole_short_help(group: TyperGroup) -> None:
+    """Command lists show each command's whole first paragraph (wrapped): Click's default
+    stops at the first word ending in '.', which cut "Every named template: App. F ..." to
+    "App.", and at 45 columns."""
+    for cmd in group.commands.values():
+        if cmd.short_help is None and cmd.help:
+            first = inspect.cleandoc(cmd.help).split("\n\n")[0]
+            cmd.short_help = " ".join(first.split())
+        if isinstance(cmd, TyperGroup):
+            _whole_short_help(cmd)
 
 
 def _hoist_warehouse(args: list[str]) -> list[str]:
@@ -110,11 +150,13 @@ def _run_ingest(name: str, load: Any, core: int, max_len: int | None,
                 raise FactoryError(
                     f"dataset {name!r} already exists; pass --replace to overwrite it"
                 )
+    started = time.perf_counter()
     with console.status(f"reading {name}"):
         raw = load()
     opts = NormaliseOptions(core=core, max_len=max_len, label_threshold=label_threshold)
     with console.status(f"normalising and storing {name}"):
-        result = ingest(wh, name, raw, opts, replace=replace)
+        result = ingest(wh, name, raw, opts, replace=replace,
+                        read_seconds=time.perf_counter() - started)
     loo = result["split_loo"]
     summary(
         f"ingested {name} into {wh.path}",
@@ -125,6 +167,8 @@ def _run_ingest(name: str, load: Any, core: int, max_len: int | None,
             f"{core}-core rounds": result["core_rounds"],
             "truncated": result["truncated"],
             "items without title": result["items_without_title"],
+            "labels": "none (no --label-threshold)" if label_threshold is None
+            else f"rating > {label_threshold:g}",
             "split loo": ", ".join(f"{k} {v['interactions']:,}" for k, v in loo.items()),
             "run": result["run_id"],
         },
@@ -210,7 +254,7 @@ class SplitKind(str, Enum):
 
 @app.command("split")
 def split_cmd(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     name: str = typer.Option(None, "--name", help="Name later jobs select with --split "
                              "[default: the preset's, e.g. thinkrec]."),
     preset: str = typer.Option(None, "--preset", help="A paper's protocol: thinkrec (by the "

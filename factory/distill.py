@@ -67,7 +67,7 @@ def load_sequences(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
     if unknown:
         raise FactoryError(f"unknown split part {unknown[0]!r} (choose from train, valid, test)")
     if max_history < 1:
-        raise FactoryError("--max-history must be at least 1")
+        raise FactoryError("--history must be at least 1")
     require_split(con, dataset, split)
     rows = con.execute(
         "select user_id,"

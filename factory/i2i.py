@@ -361,3 +361,27 @@ def out_of_memory(exc: BaseException, memory_limit: str, threads: int | None) ->
     threads_hint = f" (now {threads})" if threads else ""
     return (f"mining ran out of memory at --memory-limit {memory_limit} ({detail}); raise "
             f"--memory-limit or lower --threads{threads_hint}")
+
+
+def resolve_i2i_run(con: duckdb.DuckDBPyConnection, dataset: str, i2i_run: str | None,
+                    split: str | None = None) -> str:
+    """The mining run a job reads pairs from: `i2i_run` (an id, a unique prefix, or latest),
+    by default the dataset's latest finished one, of `split` when given."""
+    from factory.runs import LATEST, resolve_run
+
+    if i2i_run is not None and i2i_run.strip() != LATEST:
+        run_id = resolve_run(con, "mine-i2i", dataset, i2i_run,
+                             within="select run_id from i2i_runs", option="--i2i-run",
+                             first=f"factory mine-i2i --dataset {dataset}")
+        row = con.execute("select split from i2i_runs where run_id = ?", [run_id]).fetchone()
+        if split is not None and row is not None and row[0] != split:
+            raise FactoryError(f"--i2i-run {run_id} mined split {row[0]!r}, not {split!r}")
+        return run_id
+    row = con.execute("select arg_max(run_id, finished_at) from i2i_runs where dataset = ?"
+                      " and (? is null or split = ?)", [dataset, split, split]).fetchone()
+    if row is None or row[0] is None:
+        on = f" on split {split!r}" if split else ""
+        raise FactoryError(f"no I2I pairs for {dataset!r}{on}: run `factory mine-i2i "
+                           f"--dataset {dataset}" + (f" --split {split}`" if split else "`")
+                           + " first")
+    return row[0]

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,8 +42,22 @@ DTYPES = FLOAT_DTYPES  # the training cache's: H files are copied into it as the
 
 
 def files_dir(warehouse_path: Path) -> Path:
-    """Where a warehouse's large files live: `factory.duckdb` -> `factory.files/`."""
+    """Where a warehouse's files live (caches/, runs/, steps/, models/, plots/, sft/,
+    journal/, shards/): `factory.duckdb` -> `factory.files/`."""
     return warehouse_path.parent / f"{warehouse_path.stem}.files"
+
+
+def staging_dir(out: Path) -> Path:
+    """An empty sibling of `out` to write into and rename into place. Made with the
+    umask's mode: tempfile.mkdtemp's 0700 made finished caches unreadable to anyone else."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def combined_checksum(files: dict[str, str]) -> str:
@@ -106,8 +120,7 @@ class CacheWriter:
                 raise FactoryError(f"{self.out} is not a step cache (no manifest.json); "
                                    "refusing to replace it")
         self.meta = meta
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        self.tmp = staging_dir(self.out)
         self.parts: dict[str, PartWriter] = {}
 
     def part(self, name: str, users: list[str], with_chain: bool = False) -> PartWriter:

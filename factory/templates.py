@@ -5,9 +5,10 @@
     t.steps  # ["Purchase pattern recognition", ..., "Item Recommendation"]
 
 Manual (App. F two/three/five-step) and the paper's own mined patterns ship with the schema;
-`factory gvm` adds one `discovered` template per successful run. The name 'discovered'
-means the dataset's most recent one of a run that succeeded, so later jobs follow the
-latest mining by default and can pin a run by giving its name.
+`factory gvm` adds one `discovered` template per successful run that mines new steps (a run
+that mines the same steps again reuses the first run's). The name 'discovered' means the
+dataset's most recently mined one of a run that succeeded, so later jobs follow the latest
+mining by default and can pin a run by giving its name.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Template:
 
 
 _COLUMNS = "name, kind, steps, description, source, dataset, run_id"
+#: not a template of a run that is still running, died or failed after storing it: that is
+#: no one's latest mining (a template without a job_runs row counts)
+_USABLE = ("not exists (select 1 from job_runs j where j.run_id = t.run_id"
+           " and j.status <> 'succeeded')")
 
 
 def _template(row: tuple) -> Template:
@@ -51,13 +56,14 @@ def get_template(con: duckdb.DuckDBPyConnection, name: str,
     if name == DISCOVERED:
         if dataset is None:
             raise FactoryError("template 'discovered' needs a dataset")
-        # not a template of a run that is still running, died or failed after storing it:
-        # that is no one's latest mining (a template without a job_runs row counts)
+        # a template mined again by a later run (the same steps) counts as of that run
         row = con.execute(
             f"select {_COLUMNS} from templates t where kind = 'discovered' and dataset = ?"
-            " and not exists (select 1 from job_runs j where j.run_id = t.run_id"
-            " and j.status <> 'succeeded')"
-            " order by created_at desc, name desc limit 1", [dataset]).fetchone()
+            f" and {_USABLE}"
+            " order by greatest(created_at, coalesce((select max(j.started_at)"
+            "  from gvm_patterns p join job_runs j using (run_id)"
+            "  where p.template = t.name and j.status = 'succeeded'), created_at)) desc,"
+            " name desc limit 1", [dataset]).fetchone()
         if row is None:
             raise FactoryError(f"no discovered template for dataset {dataset!r}: run "
                                f"`factory gvm --dataset {dataset}` first")
@@ -90,7 +96,14 @@ def list_templates(con: duckdb.DuckDBPyConnection) -> list[Template]:
 
 def add_discovered(con: duckdb.DuckDBPyConnection, run_id: str, dataset: str,
                    steps: list[str], description: str) -> Template:
-    """Store a mined template; its name is the run that mined it."""
+    """Store a mined template; its name is the run that first mined it. A run that mines
+    the same steps on the same dataset (a re-run from the cache) reuses that template, so
+    chain sets that follow `discovered` keep their name."""
+    same = con.execute(f"select name from templates t where kind = 'discovered' and dataset = ?"
+                       f" and steps = ?::varchar[] and {_USABLE} order by created_at limit 1",
+                       [dataset, steps]).fetchone()
+    if same is not None:
+        return get_template(con, same[0])
     con.execute(
         "insert into templates (name, kind, dataset, steps, description, source, run_id)"
         " values (?, 'discovered', ?, ?, ?, ?, ?)",

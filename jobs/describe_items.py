@@ -12,6 +12,7 @@ import re
 import typer
 
 from factory.teacher.options import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 
 JOB = "describe-items"
 TABLE = "item_descriptions"
@@ -46,7 +47,7 @@ def parse_description(text: str) -> str:
     return sentence
 
 
-def describe_items(dataset: str = typer.Option(..., "--dataset", help="Dataset name."),
+def describe_items(dataset: str = DatasetOpt,
                    *, teacher: TeacherOptions) -> None:
     """One-sentence description of each item, stored with provenance in item_descriptions."""
     import json

@@ -18,13 +18,14 @@ from pathlib import Path
 import typer
 
 from factory.teacher.options import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 
 app = typer.Typer(help="SCoTER structured distillation: teacher chains, student, student "
                   "chains.", no_args_is_help=True)
 
 SplitOpt = typer.Option("loo", "--split", help="Leave-one-out split whose rows are the "
                         "sequences.")
-MaxHistoryOpt = typer.Option(20, "--max-history", min=1, help="Most recent history items "
+MaxHistoryOpt = typer.Option(20, "--history", min=1, help="Most recent history items "
                              "shown per sequence (SCoTER: 20).")
 
 
@@ -44,7 +45,7 @@ def parse_parts(text: str) -> list[str]:
 @app.command("teach")
 @teacher_options
 def teach(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     template: str = typer.Option("discovered", "--template", help="Template name: "
                                  "discovered (the dataset's latest GVM pattern), two-step, "
                                  "three-step, five-step, paper-<dataset>, or a gvm run id."),
@@ -70,7 +71,7 @@ def teach(
 @app.command("generate")
 @teacher_options
 def generate(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     student: str = typer.Option(None, "--student", help="A `distill student` run id, a "
                                 "unique prefix of one, or latest [default: the dataset's "
                                 "latest finished]."),
@@ -100,7 +101,7 @@ def generate(
 
 @app.command("student")
 def student(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     chains: str = typer.Option(None, "--chains", help="teacher:<distill teach run> (an id, a "
                                "unique prefix, or latest) [default: teacher:latest, the "
                                "dataset's latest successful teach run]."),

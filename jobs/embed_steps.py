@@ -16,12 +16,14 @@ from typing import Any
 
 import typer
 
+from factory.vocabulary import DatasetOpt
+
 #: sequences embedded and written per block (bounded memory on 100k-sequence runs)
 BLOCK = 4096
 
 
 def embed_steps(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     chains: str = typer.Option("student:latest", "--chains", help="teacher:<run> or "
                                "student:<run>; a run is an id, a unique prefix of one, or "
                                "latest (the dataset's newest finished distill teach / "

@@ -1,7 +1,7 @@
 """`factory explain-i2i`: teacher explanations of mined I2I pairs (TwiSTAR 4.3, E.1.3).
 
 For each pair of the latest `mine-i2i` run, the paper's instruction with both items' text
-(title and category) is sent `--samples` times (sample index 0..S-1, so each is a distinct,
+(title and category) is sent `--answers-per-pair` times (sample index 0..S-1, so each is a distinct,
 cached request). TwiSTAR's "20,000 final triples after filtering" counts kept triples, so the
 job works toward `--target-kept` kept explanations (default 20,000), in rounds of pairs, and
 stops there; `--pairs` only caps the pairs considered. Every answer is judged
@@ -23,6 +23,7 @@ import typer
 
 from factory.console import console, summary
 from factory.teacher.options import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 
 if TYPE_CHECKING:
     from factory.teacher import Outcome, Report
@@ -34,8 +35,9 @@ PROMPT = "twistar_i2i_explain"
 
 
 def explain_i2i(
-    dataset: str = typer.Option(..., "--dataset"),
-    samples: int = typer.Option(3, "--samples", min=1, help="Diverse answers per pair."),
+    dataset: str = DatasetOpt,
+    samples: int = typer.Option(3, "--answers-per-pair", min=1, help="Diverse teacher "
+                                "answers per pair."),
     target_kept: int = typer.Option(20000, "--target-kept", min=0, help="Stop once this many "
                                     "explanations are kept (TwiSTAR E.1.3: \"20,000 final "
                                     "triples after filtering\"); pairs are explained in rounds "
@@ -47,6 +49,10 @@ def explain_i2i(
                               "source item's best partner first (rank 1 of every item, then "
                               "rank 2, ...), ties by score [default: all of the latest "
                               "mine-i2i run]."),
+    i2i_run: str = typer.Option(None, "--i2i-run", help="Mining run: an id, a unique prefix "
+                                "of one, or latest [default: the dataset's latest]."),
+    split: str = typer.Option(None, "--split", help="The latest mining run of this split "
+                              "[default: of any split]."),
     min_tokens: int = typer.Option(30, "--min-tokens", help="Shorter answers are rejected "
                                    "(TwiSTAR E.1.3: 30)."),
     duplicate_cosine: float = typer.Option(0.95, "--duplicate-cosine", help="A sample this "
@@ -62,7 +68,8 @@ def explain_i2i(
 
     result = run_explain_i2i(warehouse(), dataset, teacher, samples=samples, pairs=pairs,
                              min_tokens=min_tokens, duplicate_cosine=duplicate_cosine,
-                             encoder=encoder, target_kept=target_kept or None)
+                             encoder=encoder, target_kept=target_kept or None,
+                             i2i_run=i2i_run, split=split)
     report = result["report"]
     if report.dry_run:
         return
@@ -95,8 +102,10 @@ def parse_explanation(text: str) -> str:
 def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, samples: int = 3,
                     pairs: int | None = None, min_tokens: int = 30,
                     duplicate_cosine: float = 0.95, encoder: str | None = None,
-                    target_kept: int | None = None) -> dict[str, Any]:
-    """Explain the pairs of the latest mining run, best first; at most `pairs` of them.
+                    target_kept: int | None = None, i2i_run: str | None = None,
+                    split: str | None = None) -> dict[str, Any]:
+    """Explain the pairs of a mining run (the latest, of `split` when given), best first; at
+    most `pairs` of them.
 
     With `target_kept`, pairs are explained in rounds until this run holds that many kept
     explanations (or the pairs run out): the first round takes ceil(target / samples) pairs
@@ -106,6 +115,7 @@ def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sam
     where the last run stopped; the run may end a little above the target (a round's pairs
     are all judged, and each pair's samples are judged together)."""
     from factory.errors import FactoryError
+    from factory.i2i import resolve_i2i_run
     from factory.itemtext import load_items
     from factory.prompts import load_prompt
     from factory.quality import count_tokens, judge_text
@@ -122,14 +132,14 @@ def run_explain_i2i(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sam
     prompt = load_prompt(PROMPT)
     with wh.read() as con:
         require_dataset(con, dataset)
+        run = resolve_i2i_run(con, dataset, i2i_run, split)
         rows = con.execute(
-            "select item_i, item_j, split, run_id, score from i2i_pairs where dataset = ?"
+            "select item_i, item_j, split, run_id, score from i2i_pairs_all where run_id = ?"
             " order by rank, score desc, item_i, item_j"
-            + (" limit ?" if pairs else ""), [dataset, pairs] if pairs else [dataset]
+            + (" limit ?" if pairs else ""), [run, pairs] if pairs else [run]
         ).fetchall()
         if not rows:
-            raise FactoryError(f"no I2I pairs for {dataset!r}: run `factory mine-i2i "
-                               f"--dataset {dataset}` first")
+            raise FactoryError(f"mining run {run} of {dataset!r} has no pairs")
         items = load_items(con, dataset, {i for r in rows for i in r[:2]})
     shown, skipped = [], 0
     for item_i, item_j, split, pairs_run, score in rows:

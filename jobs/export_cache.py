@@ -8,17 +8,18 @@ from pathlib import Path
 import typer
 
 from factory.console import summary
+from factory.vocabulary import DatasetOpt
 
 #: what `--missing` may say about a sequence without a kept chain
 MISSING = ("fail", "skip")
 
 
 def export_cache_cmd(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     split: str = typer.Option("loo", "--split", help="A leave-one-out split."),
     out: Path = typer.Option(None, "--out", help="Cache directory "
-                             "[default: caches/<dataset>-<split>-L<max-len>]."),
-    max_len: int = typer.Option(50, "--max-len", min=1, help="Most recent items kept per "
+                             "[default: <warehouse>.files/caches/<dataset>-<split>-L<history>]."),
+    max_len: int = typer.Option(50, "--history", min=1, help="Most recent items kept per "
                                 "history (SCoTER: 20; published ML-1M SASRec: 200)."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing directory."),
     chains: str = typer.Option(None, "--chains", help="teacher:<run> or student:<run> (an id, "
@@ -55,7 +56,9 @@ def export_cache_cmd(
 
         raise FactoryError(f"--missing {missing!r}: choose {' or '.join(MISSING)}")
     wh = warehouse()
-    out = (out or Path("caches") / f"{dataset}-{split}-L{max_len}").resolve()
+    from factory.step_cache import files_dir
+
+    out = (out or files_dir(wh.path) / "caches" / f"{dataset}-{split}-L{max_len}").resolve()
     fields = [f.strip() for f in text_fields.split(",") if f.strip()]
     params = {"split": split, "out": str(out), "max_len": max_len, "replace": replace,
               "chains": chains, "step_encoder": step_encoder, "sids": sids or bool(sids_run),
@@ -103,7 +106,7 @@ def export_cache_cmd(
         finish_run(con, run_id, "succeeded", counts=manifest["rows"])
     rows = manifest["rows"]
     summary(f"exported {dataset}/{split} to {out}", {
-        "items": manifest["n_items"], "max len": max_len,
+        "items": manifest["n_items"], "history": max_len,
         "rows": ", ".join(f"{k} {v:,}" for k, v in rows.items()),
         "item text": (f"yes ({manifest['item_text']['encoder']}, "
                       f"{manifest['item_text']['dim']} dims)" if manifest["item_text"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from factory.console import summary
+from factory.vocabulary import DatasetOpt
 
 
 class Kind(str, Enum):
@@ -27,15 +28,17 @@ def register(app: typer.Typer) -> None:
 
 
 def export_sft_cmd(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     kind: Kind = typer.Option(..., "--kind", help="i2i: TwiSTAR explanations + SID/text "
                               "alignment; thinkrec: reasoning traces + Yes/No examples."),
-    out: Path = typer.Option(..., "--out", help="e.g. sports.jsonl -> sports.train.jsonl, "
-                             "sports.valid.jsonl, sports.test.jsonl, sports.manifest.json"),
+    out: Path = typer.Option(None, "--out", help="e.g. sports.jsonl -> sports.train.jsonl, "
+                             "sports.valid.jsonl, sports.test.jsonl, sports.manifest.json "
+                             "[default: <warehouse>.files/sft/<dataset>-<kind>]."),
     fmt: Format = typer.Option(Format.chat_jsonl, "--format"),
     split: str = typer.Option(None, "--split", help="i2i: loo; thinkrec: thinkrec (ThinkRec "
                               "4.1's protocol) where the dataset has one, else loo."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--sample-seed", help="Seed of the holdout, the mix and "
+                             "the shuffles."),
     mix: str = typer.Option("alignment:1", "--mix", help="i2i: alignment examples per "
                             "explanation (TwiSTAR E.1.3: 1:1)."),
     holdout: float = typer.Option(0.05, "--holdout", help="i2i: share of pairs held out for "
@@ -55,7 +58,9 @@ def export_sft_cmd(
     """Write chat-format fine-tuning data (JSONL or Parquet), split into train/valid/test."""
     from factory.cli import warehouse
     from factory.exports.sft import export_sft, parse_mix
+    from factory.step_cache import files_dir
 
+    out = out or files_dir(warehouse().path) / "sft" / f"{dataset}-{kind.value}"
     ratio = parse_mix(mix) if kind is Kind.i2i else 0.0
     result = export_sft(warehouse(), dataset, kind.value, out, fmt=fmt.value, split=split,
                         seed=seed, mix=ratio, holdout=holdout, share=share, history=history,

@@ -1,6 +1,6 @@
 """`factory gvm`: discover a dataset's reasoning pattern (SCoTER sec. 3.2, Alg. 1).
 
-    factory gvm --dataset sports --users 2000 --samples 4
+    factory gvm --dataset sports --users 2000 --answers-per-user 4
     factory gvm show --dataset sports
     factory gvm plot --dataset sports --out gvm_sports.png
 
@@ -28,6 +28,7 @@ import typer
 
 from factory.errors import FactoryError
 from factory.teacher import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 
 if TYPE_CHECKING:
     from factory.gvm.phases import Encode
@@ -64,8 +65,9 @@ def encoder_for(wh: Warehouse, encoder: str | None, label: str,
 def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str, users: int,
             samples: int, n_items: int, max_history: int, prune_threshold: float,
             prune_scope: str, cluster: str, k_min: int, k_max: int, min_cluster_size: int,
-            exemplars: int, encoder: str | None) -> str | None:
-    """The whole pipeline as one teacher job; returns its run id (None on --dry-run)."""
+            exemplars: int, encoder: str | None, sample_seed: int = 0) -> str | None:
+    """The whole pipeline as one teacher job; returns its run id (None on --dry-run).
+    `sample_seed` draws the users and seeds k-means; the teacher's --seed only sampling."""
     from factory.console import console
     from factory.gvm.parse import parse_generation
     from factory.gvm.phases import FREE, chain_columns, store_sequences
@@ -81,14 +83,15 @@ def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str,
     seed = defaults.merged(teacher.sampling).seed
     seconds: dict[str, float] = {}
     with timed(seconds, "sample"), wh.read() as con:
-        seqs = sample_sequences(con, dataset, split, users, seed, max_history)
+        seqs = sample_sequences(con, dataset, split, users, sample_seed, max_history)
         histories = history_info(con, dataset, seqs)
     works = [Work(id=f"{s.user_id}/{k}", sample=k, data=s.user_id,
                   vars={"history": histories[s.user_id], "n_items": n_items})
              for s in seqs for k in range(samples)]
     params = {"dataset": dataset, "split": split, "users": users, "samples": samples,
               "n_items": n_items, "max_history": max_history, "seed": seed,
-              "prune_threshold": prune_threshold, "prune_scope": prune_scope,
+              "sample_seed": sample_seed, "prune_threshold": prune_threshold,
+              "prune_scope": prune_scope,
               "cluster": cluster, "k_range": [k_min, k_max],
               "min_cluster_size": min_cluster_size, "exemplars": exemplars,
               "encoder": encoder or "default"}
@@ -113,7 +116,7 @@ def run_gvm(wh: Warehouse, dataset: str, *, teacher: TeacherOptions, split: str,
                                     prune_threshold=prune_threshold, prune_scope=prune_scope,
                                     cluster=cluster, k_min=k_min, k_max=k_max,
                                     min_cluster_size=min_cluster_size, exemplars=exemplars,
-                                    seed=seed, seconds=seconds)
+                                    seed=sample_seed, seconds=seconds)
     with wh.write() as con:
         con.execute("update job_runs set counts = json_merge_patch(counts, ?) where run_id = ?",
                     [json.dumps({"gvm": counts}, default=str), run_id])
@@ -133,10 +136,12 @@ def _validate_and_mine(wh: Warehouse, job: TeacherJob, dataset: str, *, seqs: in
     embedder, encode = encoder_for(wh, encoder, "gvm embeddings")
     with timed(seconds, "prune"):
         pruning = prune_run(wh, run_id, encode, prune_threshold, prune_scope)
-    with timed(seconds, "catalog"):
-        ids, vectors = catalog(wh, dataset, encode)
-    with timed(seconds, "validate"):
-        validated = validate_run(wh, run_id, [FREE], encode, ids, vectors)
+    validated = {"chains": 0, "descriptions": 0, "hits": 0}
+    if pruning["kept"]:     # else every answer failed: no reason to embed the catalog
+        with timed(seconds, "catalog"):
+            ids, vectors = catalog(wh, dataset, encode)
+        with timed(seconds, "validate"):
+            validated = validate_run(wh, run_id, [FREE], encode, ids, vectors)
     with timed(seconds, "mine"):
         mined = mine_run(wh, run_id, dataset, encode, method=cluster, k_min=k_min,
                          k_max=k_max, min_cluster_size=min_cluster_size,
@@ -216,7 +221,6 @@ def register(app: typer.Typer) -> None:
     gvm_compare.register(gvm_app)
 
 
-DatasetOpt = typer.Option(..., "--dataset", help="Dataset name.")
 RunOpt = typer.Option(None, "--run", help="A gvm run id, a unique prefix of one, or latest "
                       "[default: the dataset's latest finished].")
 EncoderOpt = typer.Option(None, "--encoder", help="sentence-transformers model path or name "
@@ -227,14 +231,15 @@ EncoderOpt = typer.Option(None, "--encoder", help="sentence-transformers model p
 @teacher_options
 def gvm_cmd(
     ctx: typer.Context,
-    dataset: str = typer.Option(None, "--dataset", help="Dataset to mine (required unless a "
-                                "subcommand is given)."),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset to mine, as `factory "
+                                "datasets` lists it (required unless a subcommand is given)."),
     split: str = typer.Option("loo", "--split", help="Histories from its train part, scores "
                               "from its valid part."),
     users: int = typer.Option(2000, "--users", min=1, help="Users sampled (seeded)."),
-    samples: int = typer.Option(4, "--samples", min=1, help="Answers per user."),
+    samples: int = typer.Option(4, "--answers-per-user", min=1, help="Teacher answers per "
+                                "user."),
     n_items: int = typer.Option(20, "--items", min=1, help="Recommendations asked (Recall@N)."),
-    max_history: int = typer.Option(20, "--max-history", min=1,
+    max_history: int = typer.Option(20, "--history", min=1,
                                     help="Most recent training items shown."),
     prune_threshold: float = typer.Option(0.85, "--prune-threshold", min=0.0, max=1.0,
                                           help="Cosine at which a path is a near-duplicate."),
@@ -250,6 +255,8 @@ def gvm_cmd(
     exemplars: int = typer.Option(10, "--exemplars", min=1, help="Paths nearest the "
                                   "centroid shown to the teacher (SCoTER: N = 10)."),
     encoder: str = EncoderOpt,
+    sample_seed: int = typer.Option(0, "--sample-seed", help="Seed of the user sample and "
+                                    "of k-means (--seed is the teacher's sampling seed)."),
     *,
     teacher: TeacherOptions,
 ) -> None:
@@ -268,7 +275,8 @@ def gvm_cmd(
     run_gvm(warehouse(), dataset, teacher=teacher, split=split, users=users, samples=samples,
             n_items=n_items, max_history=max_history, prune_threshold=prune_threshold,
             prune_scope=prune_scope, cluster=cluster, k_min=k_min, k_max=k_max,
-            min_cluster_size=min_cluster_size, exemplars=exemplars, encoder=encoder)
+            min_cluster_size=min_cluster_size, exemplars=exemplars, encoder=encoder,
+            sample_seed=sample_seed)
 
 
 @gvm_app.command("show")
@@ -285,7 +293,8 @@ def show_cmd(dataset: str = DatasetOpt, run: str = RunOpt,
 
 @gvm_app.command("plot")
 def plot_cmd(dataset: str = DatasetOpt,
-             out: Path = typer.Option(..., "--out", help="PNG file to write."),
+             out: Path = typer.Option(None, "--out", help="PNG file to write [default: "
+                                      "<warehouse>.files/plots/<run>.png]."),
              run: str = RunOpt,
              projection: str = typer.Option("pca", "--projection", help="pca or tsne."),
              encoder: str = EncoderOpt) -> None:
@@ -299,9 +308,14 @@ def plot_cmd(dataset: str = DatasetOpt,
         run_id = resolve_run(con, dataset, run)
         params = json.loads(con.execute("select params from job_runs where run_id = ?",
                                         [run_id]).fetchone()[0])
+    if out is None:
+        from factory.step_cache import files_dir
+
+        out = files_dir(wh.path) / "plots" / f"{run_id}.png"
     chosen = encoder or (None if params.get("encoder") == "default" else params.get("encoder"))
     _, encode = encoder_for(wh, chosen, "path embeddings", read_only=True)   # a reader
-    n = plot(wh, run_id, encode, out, projection, params.get("seed", 0))
+    seed = params.get("sample_seed", params.get("seed", 0))   # older runs: one seed
+    n = plot(wh, run_id, encode, out, projection, seed)
     summary(f"wrote {out}", {"paths": n, "projection": projection, "run": run_id})
 
 

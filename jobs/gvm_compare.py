@@ -20,13 +20,14 @@ import typer
 from factory.errors import FactoryError
 from factory.teacher import TeacherOptions, teacher_options
 from factory.templates import Template
+from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse
 
 
 def run_compare(wh: Warehouse, dataset: str, templates: dict[str, Template], *, job_name: str,
                 teacher: TeacherOptions, split: str, users: int, samples: int, n_items: int,
                 max_history: int, held_out: bool, encoder: str | None,
-                extra: dict[str, Any]) -> tuple[str | None, list[Any]]:
+                extra: dict[str, Any], sample_seed: int = 0) -> tuple[str | None, list[Any]]:
     """Ask the teacher under each template for the same users; store and score the chains.
 
     `templates`: label -> template. Returns the run id and one Evaluation per label.
@@ -52,11 +53,11 @@ def run_compare(wh: Warehouse, dataset: str, templates: dict[str, Template], *, 
     exclude = sorted({t.run_id for t in templates.values()
                       if held_out and t.kind == "discovered" and t.dataset == dataset})
     with wh.read() as con:
-        seqs = sample_sequences(con, dataset, split, users, seed, max_history, exclude)
+        seqs = sample_sequences(con, dataset, split, users, sample_seed, max_history, exclude)
         histories = history_info(con, dataset, seqs)
     params = {"dataset": dataset, "split": split, "users": users, "samples": samples,
               "n_items": n_items, "max_history": max_history, "seed": seed,
-              "held_out_from": exclude, "encoder": encoder or "default",
+              "sample_seed": sample_seed, "held_out_from": exclude, "encoder": encoder or "default",
               "templates": {label: t.name for label, t in templates.items()}, **extra}
     prompt = load_prompt("gvm_recommend")
     with TeacherJob(wh, job_name, dataset=dataset, options=teacher, params=params,
@@ -114,21 +115,26 @@ def register(gvm_app: typer.Typer) -> None:
     common: dict[str, Any] = {
         "split": typer.Option("loo", "--split"),
         "users": typer.Option(200, "--users", min=1, help="Users scored (seeded)."),
-        "samples": typer.Option(1, "--samples", min=1, help="Answers per user and template."),
+        "sample_seed": typer.Option(0, "--sample-seed", help="Seed of the user sample "
+                                    "(--seed is the teacher's sampling seed)."),
+        "samples": typer.Option(1, "--answers-per-user", min=1, help="Teacher answers per "
+                                "user and template."),
     }
 
     @gvm_app.command("compare")
     @teacher_options
     def compare_cmd(
-        dataset: str = typer.Option(..., "--dataset"),
+        dataset: str = DatasetOpt,
         names: str = typer.Option("two-step,three-step,five-step,discovered", "--templates",
                                   help="Comma-separated template names ('discovered': the "
                                   "dataset's latest mined one; see `factory gvm templates`)."),
         split: str = common["split"],
         users: int = common["users"],
         samples: int = common["samples"],
+        sample_seed: int = common["sample_seed"],
         n_items: int = typer.Option(20, "--items", min=1),
-        max_history: int = typer.Option(20, "--max-history", min=1),
+        max_history: int = typer.Option(20, "--history", min=1,
+                                        help="Most recent training items shown."),
         held_out: bool = typer.Option(True, "--held-out/--with-mined-users",
                                       help="Leave out the users a discovered template was "
                                       "mined on."),
@@ -151,7 +157,7 @@ def register(gvm_app: typer.Typer) -> None:
         run_id, evals = run_compare(
             wh, dataset, chosen, job_name="gvm-compare", teacher=teacher, split=split,
             users=users, samples=samples, n_items=n_items, max_history=max_history,
-            held_out=held_out, encoder=encoder, extra={})
+            held_out=held_out, encoder=encoder, extra={}, sample_seed=sample_seed)
         if run_id is None:
             return
         by_name = {e.template: e for e in evals}
@@ -174,8 +180,10 @@ def register(gvm_app: typer.Typer) -> None:
         split: str = common["split"],
         users: int = common["users"],
         samples: int = common["samples"],
+        sample_seed: int = common["sample_seed"],
         n_items: int = typer.Option(20, "--items", min=1),
-        max_history: int = typer.Option(20, "--max-history", min=1),
+        max_history: int = typer.Option(20, "--history", min=1,
+                                        help="Most recent training items shown."),
         held_out: bool = typer.Option(True, "--held-out/--with-mined-users"),
         encoder: str = typer.Option(None, "--encoder"),
         *,
@@ -194,7 +202,8 @@ def register(gvm_app: typer.Typer) -> None:
         run_id, evals = run_compare(
             wh, target, chosen, job_name="gvm-transfer", teacher=teacher, split=split,
             users=users, samples=samples, n_items=n_items, max_history=max_history,
-            held_out=held_out, encoder=encoder, extra={"from": source, "to": target})
+            held_out=held_out, encoder=encoder, extra={"from": source, "to": target},
+            sample_seed=sample_seed)
         if run_id is None:
             return
         native, moved = evals

@@ -24,8 +24,10 @@ import typer
 
 from factory.console import summary
 from factory.errors import FactoryError
-from factory.runs import LATEST, finish_run, resolve_run, start_run
+from factory.i2i import resolve_i2i_run
+from factory.runs import finish_run, start_run
 from factory.teacher.options import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse, require_dataset
 
 
@@ -91,17 +93,7 @@ def run_eval(wh: Warehouse, dataset: str, *, distractors: int = 9, seed: int = 0
         raise FactoryError("--distractors must be at least 1")
     with wh.read() as con:
         require_dataset(con, dataset)
-        if i2i_run is None or i2i_run.strip() == LATEST:
-            row = con.execute("select run_id from i2i_latest where dataset = ?",
-                              [dataset]).fetchone()
-            if row is None:
-                raise FactoryError(f"no I2I pairs for {dataset!r}: run "
-                                   f"`factory mine-i2i --dataset {dataset}` first")
-            i2i_run = row[0]
-        else:
-            i2i_run = resolve_run(con, "mine-i2i", dataset, i2i_run,
-                                  within="select run_id from i2i_runs", option="--i2i-run",
-                                  first=f"factory mine-i2i --dataset {dataset}")
+        i2i_run = resolve_i2i_run(con, dataset, i2i_run)
         params = {"i2i_run": i2i_run, "distractors": distractors, "seed": seed,
                   "max_pairs": max_pairs, "exclude_partners": True}
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
@@ -363,14 +355,15 @@ _TEACHER = ("teacher_url", "teacher_model", "backend", "concurrency", "rpm", "tp
 
 
 def i2i_eval(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     distractors: int = typer.Option(9, "--distractors", help="Random distractors per pair "
                                     "(TwiSTAR 6.3: 9, so 10 candidates); never i or a mined "
                                     "partner of i."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the distractors and positions."),
+    seed: int = typer.Option(0, "--sample-seed", help="Seed of the pair sample, the "
+                             "distractors and their positions."),
     i2i_run: str = typer.Option(None, "--i2i-run", help="Mining run: an id, a unique prefix "
                                 "of one, or latest [default: the dataset's latest]."),
-    max_pairs: int = typer.Option(None, "--max-pairs", help="Seeded sample of pairs "
+    max_pairs: int = typer.Option(None, "--pairs", min=1, help="Seeded sample of pairs "
                                   "[default: all]."),
     out: Path = typer.Option(None, "--out", help="Also write the sets as JSON lines."),
     score: bool = typer.Option(False, "--score", help="Ask the model (the teacher options "

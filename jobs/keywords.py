@@ -13,6 +13,7 @@ import typer
 
 from factory.console import summary
 from factory.teacher.options import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 
 if TYPE_CHECKING:
     from factory.teacher import Outcome, Report
@@ -24,7 +25,7 @@ PROMPT = "thinkrec_keywords"
 
 
 def keywords(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     noun: str = typer.Option(None, "--noun", help="What the prompt calls an item "
                              "[default: movie for MovieLens, else item; ThinkRec: book]."),
     *, teacher: TeacherOptions,

@@ -19,6 +19,7 @@ from factory.console import console, progress, summary
 from factory.errors import FactoryError
 from factory.i2i import SCORES, MineParams, load_training, mine
 from factory.runs import finish_run, heartbeat, start_run
+from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse, require_split
 
 
@@ -140,7 +141,7 @@ def pair_summary(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
 def register(app: typer.Typer) -> None:
     @app.command("mine-i2i")
     def mine_i2i_cmd(
-        dataset: str = typer.Option(..., "--dataset"),
+        dataset: str = DatasetOpt,
         split: str = typer.Option("loo", "--split", help="Only its train part is read."),
         score: str = typer.Option("penalised", "--score", help=f"One of {', '.join(SCORES)}: "
                                   "penalised = sum of 1/(alpha+|I_u|) (the TwiSTAR code's "
@@ -158,7 +159,7 @@ def register(app: typer.Typer) -> None:
         alpha: float = typer.Option(1.0, "--alpha", help="Smoothing of penalised and swing."),
         swing_max_users: int = typer.Option(100, "--swing-max-users", help="Swing: users "
                                             "kept per item (bounds its quadratic cost)."),
-        seed: int = typer.Option(0, "--seed", help="Swing: seed of the user sample."),
+        seed: int = typer.Option(0, "--sample-seed", help="Swing: seed of the user sample."),
         memory_limit: str = typer.Option("2GB", "--memory-limit", help="DuckDB memory "
                                          "limit for mining; beyond it, work spills to disk."),
         threads: int = typer.Option(None, "--threads", help="DuckDB threads [default: all]."),

@@ -33,6 +33,7 @@ from factory.console import console, summary
 from factory.embeddings import Embedder, text_key
 from factory.errors import FactoryError
 from factory.runs import finish_run, start_run
+from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse, require_dataset
 
 TEXT_FIELDS = ("title", "categories", "brand", "description")
@@ -428,7 +429,7 @@ def _publish(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str,
 def register(app: typer.Typer) -> None:
     @app.command("sids")
     def sids_cmd(
-        dataset: str = typer.Option(..., "--dataset"),
+        dataset: str = DatasetOpt,
         levels: int = typer.Option(3, "--levels", help="Quantisation levels L (TwiSTAR: 3)."),
         codebook_size: int = typer.Option(256, "--codebook-size",
                                           help="Codes per level K (TwiSTAR: 256)."),

@@ -33,6 +33,7 @@ import typer
 
 from factory.console import console, summary
 from factory.teacher.options import TeacherOptions, teacher_options
+from factory.vocabulary import DatasetOpt
 
 if TYPE_CHECKING:
     from factory.prompts import Prompt
@@ -54,8 +55,8 @@ SAMPLING = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
 
 
 def thinkrec(
-    dataset: str = typer.Option(..., "--dataset"),
-    sample: int = typer.Option(3000, "--sample", min=1, help="Training instances to explain "
+    dataset: str = DatasetOpt,
+    sample: int = typer.Option(3000, "--instances", min=1, help="Training instances to explain "
                                "(ThinkRec: a few thousand)."),
     max_reflections: int = typer.Option(3, "--max-reflections", min=0, help="Reflect turns "
                                         "(each reveals the label) before giving up."),

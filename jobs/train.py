@@ -16,6 +16,7 @@ import typer
 
 from factory.console import Bars, console, progress, summary
 from factory.errors import FactoryError
+from factory.vocabulary import DatasetOpt
 
 
 def resolve_cache(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
@@ -38,25 +39,31 @@ def resolve_cache(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
     what = {"none": "", "steps": " with reasoning steps",
             "chain": " with whole-chain embeddings"}[needs] + (" with semantic IDs" if sid
                                                                 else "")
-    hint = (f"; run `factory export cache --dataset {dataset} --split {split}"
-            + (f" --max-len {max_len}" if max_len else "") + (" --sids" if sid else "") + "`"
-            if needs == "none" else " (exported with a chain source)")
+    export = (f"`factory export cache --dataset {dataset} --split {split}"
+              + (f" --history {max_len}" if max_len else "") + (" --sids" if sid else ""))
+    hint = {"none": f"; run {export}`",
+            "steps": f"; run {export} --chains student:latest` (or teacher:<run>)",
+            # --ablate single: the whole chain as one vector, which embed-steps only writes
+            # on request, and the cache copies
+            "chain": f" (--ablate single); run `factory embed-steps --dataset {dataset} "
+                     f"--chains <chains> --whole-chain`, then {export} --chains <chains>`"}[needs]
     raise FactoryError(f"no exported cache{what} for dataset {dataset!r}, split {split!r}"
-                       + (f", max_len {max_len}" if max_len else "") + hint)
+                       + (f", history {max_len}" if max_len else "") + hint)
 
 
 def train_cmd(
     ctx: typer.Context,
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     split: str = typer.Option("loo", "--split"),
-    max_len: int = typer.Option(None, "--max-len", help="Pick a cache exported with this "
-                                "max length [default: the newest]."),
+    max_len: int = typer.Option(None, "--history", help="Pick a cache exported with this "
+                                "--history [default: the newest]."),
     cache: Path = typer.Option(None, "--cache", help="Use this cache directory instead."),
 ) -> None:
     """Train SASRec [--fusion scoter] on the dataset's newest exported cache; every other
     option is passed to `python -m train` (see its --help)."""
     from factory.cli import warehouse
     from factory.runs import keep_alive, start_run
+    from factory.step_cache import files_dir
     from factory.warehouse import require_split
     from train.config import ArgumentError, parse_args
     from train.data import TrainError
@@ -78,7 +85,7 @@ def train_cmd(
                                       sid=cfg.sid)
     with wh.write() as con:
         run_id = start_run(con, "train", dataset, cfg.as_dict())
-        cfg.out = cfg.out or str((wh.path.parent / "runs" / run_id).resolve())
+        cfg.out = cfg.out or str((files_dir(wh.path) / "runs" / run_id).resolve())
         con.execute(
             "insert into train_runs (run_id, dataset, split, cache_path, backbone, fusion,"
             " ablate, params, status, out_dir, protocol)"

@@ -14,6 +14,7 @@ import typer
 
 from factory.console import console, summary
 from factory.errors import FactoryError
+from factory.vocabulary import DatasetOpt
 
 METHOD = "truncated SVD of the binary train interaction matrix (user factors U*Sigma)"
 
@@ -23,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
 
 def user_groups_cmd(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = DatasetOpt,
     groups: int = typer.Option(2, "--groups", min=2, help="Number of groups / base experts N."),
     split: str = typer.Option(None, "--split", help="Features learn from its train part "
                               "[default: thinkrec where the dataset has ThinkRec's protocol "

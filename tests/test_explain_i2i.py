@@ -133,6 +133,25 @@ def test_pair_item_without_text_is_skipped_not_invented(mined, openai_server):
     assert all(first not in str(rec.body) for rec in openai_server.records)
 
 
+def test_i2i_run_and_split_choose_the_pairs(mined, openai_server):
+    """explain-i2i picks its mining run as i2i-eval does (--i2i-run, default the latest), and
+    --split narrows the latest to that split's runs."""
+    from factory.i2i import MineParams
+    from jobs.mine_i2i import run_mine
+
+    openai_server.responder = teacher
+    (first,) = _rows(mined, "select run_id from i2i_runs")[0]
+    run_mine(mined, "ml-100k", MineParams(top_k=2))       # the latest now
+    run_explain_i2i(mined, "ml-100k", _options(openai_server), samples=1, pairs=2,
+                    i2i_run=first, target_kept=None)
+    assert _rows(mined, "select distinct pairs_run from i2i_explanations") == [(first,)]
+    with pytest.raises(FactoryError, match="no I2I pairs for 'ml-100k' on split 'temporal'"):
+        run_explain_i2i(mined, "ml-100k", _options(openai_server), split="temporal")
+    with pytest.raises(FactoryError, match="mined split 'loo', not 'other'"):
+        run_explain_i2i(mined, "ml-100k", _options(openai_server), i2i_run=first,
+                        split="other")
+
+
 def test_bad_input(ml100k, openai_server):
     with pytest.raises(FactoryError, match="no I2I pairs"):
         run_explain_i2i(ml100k, "ml-100k", _options(openai_server))

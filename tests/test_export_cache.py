@@ -148,12 +148,43 @@ def test_factory_train_records_the_run(ml100k: Warehouse, tmp_path: Path) -> Non
 
     _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--fusion", "scoter"),
            "no exported cache with reasoning steps")
-    _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--max-len", "50"),
-           "max_len 50")
+    _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--fusion", "scoter", "--ablate",
+                "single"), "--ablate single); run `factory embed-steps --dataset ml-100k "
+           "--chains <chains> --whole-chain`, then `factory export cache")
+    _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--history", "50"),
+           "history 50")
     _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--lr", "fast"),
            "training option: argument --lr")
     _fails(_cli(ml100k, "train", "--dataset", "ml-100k", "--cache", str(tmp_path)),
            "not an exported cache")
+
+
+def test_outputs_default_under_the_warehouse_files_with_the_umask_mode(
+        ml100k: Warehouse, tmp_path: Path) -> None:
+    """export cache and factory train write under <warehouse stem>.files/ (not ./caches,
+    ./runs), and the cache directory has the umask's mode, not mkdtemp's 0700."""
+    import stat
+
+    from train.loop import runs_root
+
+    umask = os.umask(0o022)
+    try:
+        assert _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--history", "10"
+                    ).exit_code == 0
+    finally:
+        os.umask(umask)
+    cache = tmp_path / "factory.files" / "caches" / "ml-100k-loo-L10"
+    assert (cache / "manifest.json").is_file()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o755
+    result = _cli(ml100k, "train", "--dataset", "ml-100k", "--epochs", "1", "--dim", "8",
+                  "--threads", "2")
+    assert result.exit_code == 0, result.output
+    with ml100k.read() as con:
+        (out,) = con.execute("select out_dir from train_runs").fetchone()
+    assert Path(out).parent == tmp_path / "factory.files" / "runs"
+    # python -m train: runs/ beside the cache's caches/ folder, else beside the cache
+    assert runs_root(cache) == (tmp_path / "factory.files" / "runs").resolve()
+    assert runs_root(tmp_path / "mine") == tmp_path.resolve() / "runs"
 
 
 def test_factory_train_refuses_a_diverged_run(ml100k: Warehouse, tmp_path: Path) -> None:

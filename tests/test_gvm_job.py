@@ -98,7 +98,11 @@ def test_gvm_finds_the_style_that_recommends_well_and_reruns_for_free(toy: Wareh
         assert again != run
         assert con.execute("select bool_and(cached) from gvm_chains where run_id = ?",
                            [again]).fetchone() == (True,)
-        assert get_template(con, "discovered", "toy").name == again
+        # the same answers mine the same template: its name (and so distill's chain set
+        # under `--template discovered`) does not change
+        assert get_template(con, "discovered", "toy").name == run
+        assert con.execute("select template from gvm_patterns where run_id = ?",
+                           [again]).fetchone() == (run,)
         # every chain and the abstraction are in `traces`, with verdicts matching the chains
         verdicts = dict(con.execute(
             "select verdict, count(*) from traces where job = 'gvm' and run_id = ?"
@@ -123,6 +127,20 @@ def test_weak_data_completes_and_says_so(toy: Warehouse) -> None:
             [run]).fetchone()
     assert status == "succeeded" and template is None
     assert "Recall@20 = 0" in verdict and error == verdict
+
+
+def test_no_parsed_answer_embeds_nothing(toy: Warehouse) -> None:
+    """Every answer unparseable (the canned test server): nothing to validate, so the
+    catalog is not embedded."""
+    import json
+
+    with OpenAIServer() as server:
+        run = gvm(toy, options(server), users=4, samples=1)
+    with toy.read() as con:
+        counts = json.loads(con.execute("select counts from job_runs where run_id = ?",
+                                        [run]).fetchone()[0])["gvm"]
+    assert counts["kept"] == 0 and counts["chains"] == 0
+    assert counts["embeddings"]["seen"] == 0 and "catalog" not in counts["seconds"]
 
 
 def test_bad_input_is_refused_before_any_request(toy: Warehouse, capsys) -> None:

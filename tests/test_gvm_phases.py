@@ -261,3 +261,31 @@ def test_transfer_change_never_shows_minus_zero() -> None:
     assert relative_change(0.2, 0.25) == "+25.00%"
     assert relative_change(0.2, 0.1) == "-50.00%"
     assert relative_change(0.0, 0.1) == "n/a (native is 0)"
+
+
+def test_the_map_names_clusters_beside_the_points_in_their_colour_bar_colours() -> None:
+    """No label drawn over the points (they hid points under white boxes), one legend entry
+    per cluster, every point opaque in its quality's colour-bar colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from factory.gvm.mine import NOISE
+    from factory.gvm.report import draw_map
+
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(30, 2))
+    labels = np.array([0] * 10 + [1] * 10 + [NOISE] * 10)
+    quality = np.array([0.8] * 10 + [0.1] * 10 + [np.nan] * 10)
+    fig = draw_map(xy, labels, quality, {0}, "title")
+    ax = fig.axes[0]
+    assert not ax.texts
+    names = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert names == ["noise", "cluster 0 (P*): n=10, Recall@20 0.80",
+                     "cluster 1: n=10, Recall@20 0.10"]
+    cmap, vmax = plt.get_cmap("viridis"), 0.8
+    for points, q in zip(ax.collections[1:], (0.8, 0.1), strict=True):
+        assert np.allclose(points.get_facecolors()[0], to_rgba(cmap(q / vmax)))
+    plt.close(fig)

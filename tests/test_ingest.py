@@ -190,6 +190,28 @@ def test_table_ingest_with_mapping(wh: Warehouse, tmp_path: Path) -> None:
         load_table(_touch(tmp_path / "x.xlsx"), None, cols)
 
 
+def test_table_ingest_cli_says_labels_are_none_and_records_its_time(tmp_path: Path) -> None:
+    """Without --label-threshold the summary says labels are null; the ingest run's times
+    span its work (one transaction's current_timestamp made them equal: 0 s in `runs`)."""
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    inter = tmp_path / "inter.csv"
+    inter.write_text("user_id,item_id,timestamp,rating\n" + "".join(
+        f"{u},{i},{1_600_000_000 + k},4\n" for k, (u, i) in
+        enumerate((u, i) for u in USERS for i in ITEMS)))
+    wh = tmp_path / "factory.duckdb"
+    result = CliRunner().invoke(app, ["--warehouse", str(wh), "ingest", "table",
+                                      "--interactions", str(inter), "--name", "t", "--core", "2"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "labels" in result.output and "none (no --label-threshold)" in result.output
+    with Warehouse(wh).read() as con:
+        assert con.execute("select finished_at > started_at from job_runs"
+                           " where job = 'ingest'").fetchone() == (True,)
+
+
 def _touch(p: Path) -> Path:
     p.write_bytes(b"PK")
     return p

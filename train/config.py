@@ -14,7 +14,7 @@ from train.metrics import PROTOCOLS
 @dataclass
 class Config:
     cache: str
-    out: str | None = None  # default: runs/<cache name>-<variant>-<time>
+    out: str | None = None  # default: <runs root>/<cache name>-<variant>-<time> (loop.runs_root)
     backbone: str = "sasrec"
     fusion: str = "none"  # none | scoter
     ablate: list[str] = field(default_factory=list)
@@ -102,7 +102,8 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
                             "exported cache; leave-one-out evaluation by full ranking, "
                             "reported with and without the history masked.")
     p.add_argument("--cache", required=require_cache, help="exported cache directory")
-    p.add_argument("--out", help="output directory [runs/<cache>-<variant>-<time>]")
+    p.add_argument("--out", help="output directory [runs/<cache>-<variant>-<time>, runs/ "
+                   "beside the cache's caches/ folder, else beside the cache]")
     p.add_argument("--backbone", default=d.backbone, choices=["sasrec"])
     p.add_argument("--fusion", default=d.fusion, choices=["none", "scoter"])
     p.add_argument("--ablate", action="append", default=[], metavar="|".join(ABLATIONS),

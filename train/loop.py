@@ -73,7 +73,9 @@ def build_model(cfg: Config, cache: Cache) -> Recommender:
         meta = cache.steps_meta if kind == "steps" else cache.chain_meta
         if meta is None:
             what = ("step embeddings (steps)" if kind == "steps"
-                    else "whole-chain embeddings (chain), needed by --ablate single")
+                    else "whole-chain embeddings (chain), needed by --ablate single: run "
+                    "`factory embed-steps --whole-chain` for its chains, then `factory export "
+                    "cache --chains` again")
             raise CacheError(f"{cache.path}: --fusion scoter needs {what}; this cache has none")
         fusion = ScoterFusion(int(meta["D"]), cfg.dim, int(meta.get("K", 1)), cfg.fusion_heads,
                               cfg.fusion_dropout, frozenset(cfg.ablate), cfg.fusion_head_dim)
@@ -164,7 +166,15 @@ def default_out(cfg: Config) -> Path:
         variant += "-no-" + "-".join(cfg.ablate)
     if cfg.shuffle_steps:
         variant += "-shuffled"
-    return Path("runs") / f"{Path(cfg.cache).name}-{variant}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = f"{Path(cfg.cache).name}-{variant}-{datetime.now():%Y%m%d-%H%M%S}"
+    return runs_root(Path(cfg.cache)) / name
+
+
+def runs_root(cache: Path) -> Path:
+    """`runs/` beside the cache's `caches/` folder (`<warehouse>.files/caches/X` ->
+    `<warehouse>.files/runs/`, `caches/X` -> `runs/`), else beside the cache itself."""
+    parent = cache.resolve().parent
+    return (parent.parent if parent.name == "caches" else parent) / "runs"
 
 
 def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dict[str, Any]:

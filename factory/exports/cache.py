@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 from factory import __version__
 from factory.errors import FactoryError
 from factory.splits import require_loo
+from factory.step_cache import staging_dir
 from factory.warehouse import Warehouse, require_split
 from train.format import FLOAT_DTYPES, FORMAT, VERSION, sha256_file
 from train.format import SPLITS as PARTS
@@ -156,8 +156,7 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
     for dtype in {s.dtype for s in (item_text, steps) if s is not None}:
         if dtype not in FLOAT_DTYPES:
             raise FactoryError(f"embedding dtype must be float16 or float32, not {dtype}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         pq.write_table(items, tmp / "items.parquet")
         text_meta = None
@@ -356,7 +355,7 @@ def export_cache(wh: Warehouse, dataset: str, split: str, out: Path, max_len: in
     `text_fields` (default title, categories) through the shared embedding cache with
     `text_encoder` (default: the embedded MiniLM)."""
     if max_len < 1:
-        raise FactoryError("--max-len must be at least 1")
+        raise FactoryError("--history must be at least 1")
     sid_meta = texts = None
     without = 0
     fields = text_fields or ["title", "categories"]

@@ -37,9 +37,10 @@ def show(con: duckdb.DuckDBPyConnection, run_id: str, out: Any, exemplars: int =
         [run_id]).fetchone()
     status = next((r.state for r in liveness(con, "run_id = ?", [run_id])), status)
     p = json.loads(params)
-    out.print(f"[bold]{run_id}[/] ({status}): {p['users']} users x {p['samples']} samples "
-              f"of {p['dataset']} (split {p['split']}, seed {p['seed']}), teacher {backend} "
-              f"{model}")
+    sample_seed = p.get("sample_seed", p["seed"])   # runs before --sample-seed: one seed
+    out.print(f"[bold]{run_id}[/] ({status}): {p['users']} users x {p['samples']} answers "
+              f"of {p['dataset']} (split {p['split']}, sample seed {sample_seed}), teacher "
+              f"{backend} {model}")
     tally = con.execute(
         "select case when status <> 'ok' then status when pruned then 'pruned'"
         " else 'kept' end, count(*), count(distinct user_id), avg(score), sum(score)"
@@ -115,25 +116,48 @@ def plot(wh: Warehouse, run_id: str, encode: Encode, out: Path, method: str = "p
         raise FactoryError(f"unknown projection {method!r} (pca or tsne)")
     labels = np.array([r[1] for r in rows])
     quality = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=float)
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    noise = labels == NOISE
-    if noise.any():
-        ax.scatter(xy[noise, 0], xy[noise, 1], s=8, c="lightgrey", label="noise")
-    points = ax.scatter(xy[~noise, 0], xy[~noise, 1], s=12, c=quality[~noise], cmap="viridis",
-                        vmin=0, vmax=max(float(np.nanmax(quality)), 1e-9) if (~noise).any()
-                        else 1)
-    fig.colorbar(points, ax=ax, label="cluster quality (Recall@20)")
-    for c in sorted(set(labels.tolist()) - {NOISE}):
-        member = labels == c
-        cx, cy = xy[member].mean(axis=0)
-        chosen = bool(rows[int(np.flatnonzero(member)[0])][3])
-        ax.annotate(f"{c}{' P*' if chosen else ''} (n={int(member.sum())})", (cx, cy),
-                    fontsize=9, weight="bold" if chosen else "normal",
-                    bbox={"boxstyle": "round", "fc": "white", "alpha": 0.7})
-    ax.set_title(f"GVM reasoning paths, {dataset}, run {run_id} ({method.upper()})")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    chosen = {r[1] for r in rows if r[3]}
+    fig = draw_map(xy, labels, quality, chosen,
+                   f"GVM reasoning paths, {dataset}, run {run_id} ({method.upper()})")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return len(rows)
+
+
+#: one marker per cluster, so clusters of similar quality stay apart
+MARKERS = "os^Dv<>pP*hX"
+
+
+def draw_map(xy: np.ndarray, labels: np.ndarray, quality: np.ndarray, chosen: set[int],
+             title: str) -> Any:
+    """The 2-D map. Cluster names go in a legend below the axes, never over the points
+    (labels at centroids hid points under white boxes and were clipped at the edges); each
+    point is opaque in exactly its colour-bar colour."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    scored = quality[~np.isnan(quality)]
+    norm = Normalize(vmin=0, vmax=max(float(scored.max()), 1e-9) if scored.size else 1)
+    cmap = plt.get_cmap("viridis")
+    noise = labels == NOISE
+    if noise.any():
+        ax.scatter(xy[noise, 0], xy[noise, 1], s=8, c="lightgrey", label="noise")
+    for k, c in enumerate(sorted(set(labels.tolist()) - {NOISE})):
+        member = labels == c
+        q = float(quality[member][0])
+        colour = "lightgrey" if np.isnan(q) else cmap(norm(q))
+        name = f"cluster {c}{' (P*)' if c in chosen else ''}: n={int(member.sum())}" + (
+            "" if np.isnan(q) else f", Recall@20 {q:.2f}")
+        ax.scatter(xy[member, 0], xy[member, 1], s=16, color=colour, alpha=1.0,
+                   marker=MARKERS[k % len(MARKERS)], linewidths=0.3, edgecolors="black",
+                   label=name)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
+                 label="cluster quality (Recall@20)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8,
+              frameon=False)
+    ax.set_title(title, fontsize=10, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
