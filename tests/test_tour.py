@@ -16,7 +16,7 @@ from tour import SKIP, TourWalk, skip_reason, strip_comment, tour_commands, tour
 SHRINK: list[tuple[str, str, str]] = [
     ("--target-kept 300", "--target-kept 60", "each kept explanation is embedded"),
     ("--limit 300", "--limit 60", "fewer items and sequences"),
-    ("--sample 300", "--sample 60", "fewer ThinkRec instances"),
+    ("--instances 300", "--instances 60", "fewer ThinkRec instances"),
     ("--epochs 5", "--epochs 1", "an ml-100k epoch is ~40 s on 2 busy cores"),
 ]
 
