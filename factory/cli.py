@@ -22,7 +22,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from factory.console import console, summary
-from factory.errors import FactoryError, Interrupted
+from factory.errors import FactoryError, Interrupted, note_signal
 from factory.settings import warehouse_path
 from factory.teacher.options import record_argv
 from factory.vocabulary import DatasetOpt, command_path, rename_old_options
@@ -457,6 +457,7 @@ for _module in PLATFORM_MODULES + JOB_MODULES:
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM (Slurm's time limit, scancel, docker stop, systemd) stops like Ctrl-C."""
+    note_signal("SIGTERM")
     raise Interrupted("interrupted (SIGTERM); everything committed so far is kept", "SIGTERM")
 
 

@@ -195,3 +195,63 @@ def test_each_shard_runs_the_users_command_on_its_own_file():
     assert job_name(command) == "distill-teach"
     assert last_error_line("progress\nerror: unknown dataset 'x'\n\n") == (
         "error: unknown dataset 'x'")
+
+
+def test_operational_options_keep_the_shard_folder(tmp_path: Path) -> None:
+    from factory.teacher.ray_executor import shard_folder
+
+    wh = tmp_path / "w.duckdb"
+    cmd = ["describe-items", "--dataset", "d", "--limit", "20"]
+    same = shard_folder(wh, "describe-items", cmd, 3)
+    assert shard_folder(wh, "describe-items", [*cmd, "--concurrency", "64", "--rpm=100"],
+                        3) == same
+    assert shard_folder(wh, "describe-items", cmd[:-1] + ["30"], 3) != same
+    assert shard_folder(wh, "describe-items", cmd, 4) != same
+
+
+def test_an_unreachable_ray_address_is_one_line_in_seconds() -> None:
+    """ray.init retries an address where nothing listens for ever; the driver asks first."""
+    import socket
+
+    from factory.teacher.ray_executor import probe_address
+
+    with socket.socket() as s:            # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(FactoryError, match=f"nothing answers at 127.0.0.1:{port}"):
+        probe_address(f"127.0.0.1:{port}")
+    with pytest.raises(FactoryError, match="expected host:port"):
+        probe_address("nonsense")
+    probe_address("auto")                 # left to Ray
+
+
+@needs_ray
+@pytest.mark.slow
+def test_sigterm_stops_the_driver_and_its_shards_like_ctrl_c(base: Path, tmp_path: Path) -> None:
+    """A real SIGTERM (Slurm's time limit, scancel) to a driver that started Ray itself: Ray
+    installs its own handler in ray.init, which used to crash the driver (exit 1, Ray's
+    dump) and kill the shards hard. Now: one line, exit 143, every shard run `interrupted`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    main = fresh(base, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FACTORY_STOP_GRACE": "1"}
+    with OpenAIServer(latency=0.5) as slow:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "factory", "--warehouse", str(main), "describe-items",
+             "--dataset", DATASET, "--teacher-url", slow.url, "--teacher-model", "test-model",
+             "--concurrency", "1", "--executor", "ray", "--shards", "2"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while slow.count() < 4 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        assert slow.count() >= 4, driver.communicate()[0]
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 143, out
+    assert "interrupted (SIGTERM)" in out and "SIGTERM received at time" not in out, out
+    statuses = [rows(p, "select status from job_runs where job = 'describe-items'")
+                for p in sorted((main.parent / "factory.files" / "shards").rglob("shard-*.duckdb"))]
+    assert statuses == [[("interrupted",)], [("interrupted",)]], statuses

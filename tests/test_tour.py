@@ -49,6 +49,7 @@ def test_strip_comment_keeps_quoted_hashes() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.tour
 def test_walk_the_tour(tmp_path: Path) -> None:
     """Every tour command, in order, in one working directory (./factory.duckdb)."""
     walk = TourWalk(tmp_path)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory.errors import FactoryError, Interrupted, first_line
+from factory.errors import FactoryError, Interrupted, first_line, stopping_signal
 from factory.teacher.keys import KEY_ENV
 from factory.teacher.options import TeacherOptions, recorded_argv
 
@@ -72,11 +72,55 @@ def shard_command(command: list[str], shard: Path, index: int, count: int) -> li
     return ["--warehouse", str(shard), *command, "--shard", f"{index}/{count}"]
 
 
+#: options that change how requests are sent, not which: the same work keeps its shard files
+OPERATIONAL = {"--concurrency", "--rpm", "--tpm", "--timeout", "--min-tokens-per-s",
+               "--stall-timeout", "--attempts", "--max-cost", "--price-table"}
+
+
+def work_of(command: list[str]) -> list[str]:
+    """`command` without its operational options (and their values)."""
+    out, j = [], 0
+    while j < len(command):
+        name = command[j].split("=", 1)[0]
+        if name in OPERATIONAL:
+            j += 1 if "=" in command[j] else 2
+            continue
+        out.append(command[j])
+        j += 1
+    return out
+
+
 def shard_folder(warehouse: Path, job: str, command: list[str], count: int) -> Path:
-    """One folder per (command, shard count): the same command finds its shard files again;
-    another one never resumes from files made for different work."""
-    digest = hashlib.sha256(json.dumps([command, count]).encode()).hexdigest()[:12]
+    """One folder per (work, shard count): the same work finds its shard files again, even
+    with another --concurrency; other work never resumes from files made for it."""
+    digest = hashlib.sha256(json.dumps([work_of(command), count]).encode()).hexdigest()[:12]
     return warehouse.parent / f"{warehouse.stem}.files" / "shards" / f"{job}-{digest}"
+
+
+def probe_address(address: str) -> None:
+    """Fail in seconds, with one line, when nothing listens at a Ray address (`ray.init`
+    itself retries an unreachable one for ever)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    target = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = target.hostname, target.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise FactoryError(f"--ray-address {address!r}: expected host:port, ray://host:port, "
+                           "auto or local")
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise FactoryError(f"--ray-address {address}: nothing answers at {host}:{port} "
+                           f"({exc.strerror or exc}); is the cluster up?") from None
+
+
+PROBE_TIMEOUT_S = 5.0
 
 
 def last_error_line(text: str) -> str:
@@ -95,6 +139,17 @@ def forwarded_env() -> dict[str, str]:
 
 
 # -- the Ray task -------------------------------------------------------------------------
+def _term_with_parent() -> None:
+    """In the shard's process before exec (Linux): SIGTERM it when the Ray worker that
+    started it dies (ray.shutdown, a lost node), so a shard never runs on unowned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_shard(argv: list[str], cwd: str, env: dict[str, str], log: str) -> tuple[int, str, float]:
     """Run one shard as `python -m factory ARGV`, its output in `log`; returns (exit status,
     last error line or "", seconds). Cancelled (driver's Ctrl-C), it stops the job as Ctrl-C
@@ -104,9 +159,16 @@ def run_shard(argv: list[str], cwd: str, env: dict[str, str], log: str) -> tuple
         proc = subprocess.Popen(
             [sys.executable, "-m", "factory", *argv], cwd=cwd if os.path.isdir(cwd) else None,
             env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT)
+            stderr=subprocess.STDOUT, preexec_fn=_term_with_parent)
         try:
-            status = proc.wait()
+            # Ray cancels a running task by raising in its thread between bytecodes: a wait
+            # blocked in waitpid would never see it, so wait in short slices
+            while True:
+                try:
+                    status = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         except BaseException:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -187,24 +249,38 @@ def run_sharded(options: TeacherOptions) -> None:
 
     owned = not ray.is_initialized()
     if owned:
+        if options.ray_address:
+            probe_address(options.ray_address)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             ray.init(address=options.ray_address, log_to_driver=False,
                      logging_level=logging.WARNING)
-        except Exception as exc:       # a wrong address, a cluster that is down
+        except Exception as exc:       # a cluster that is down
             raise FactoryError(f"--executor ray: cannot start or reach Ray: "
                                f"{first_line(exc)}") from None
+        finally:   # ray.init installs its own: SIGTERM must stop the shards as Ctrl-C does
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     console.print(f"ray: {count} shard(s) of {job} in {folder}", highlight=False,
                   soft_wrap=True, markup=False)
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         if options.ray_gpus_per_shard > gpus:    # not refused: an autoscaler may add GPUs
             console.print(f"note: the Ray cluster has {gpus:g} GPU(s) now; shards wait for "
-                          f"{options.ray_gpus_per_shard:g} each", highlight=False, markup=False)
-        results = _run_tasks(ray, options, command, paths, console)
+                          f"{options.ray_gpus_per_shard:g} each until it has them (Ctrl-C "
+                          "to stop)", highlight=False, markup=False)
+        results, stopped = _run_tasks(ray, options, command, paths, console)
     finally:
         if owned:
             ray.shutdown()
 
+    if stopped is not None:      # merge what finished, then say what happened
+        done = [r.path for r in results if r.ok]
+        if done:
+            merge_warehouses(main, done)
+        raise Interrupted(f"interrupted ({stopped}); {len(done)} finished shard(s) merged, "
+                          "the others stopped and keep what they got: re-run the same command "
+                          "to resume", stopped)
     ended = [r for r in results if r.status is not None]
     if ended:
         merged = merge_warehouses(main, [r.path for r in ended])
@@ -224,8 +300,9 @@ def run_sharded(options: TeacherOptions) -> None:
 
 
 def _run_tasks(ray: Any, options: TeacherOptions, command: list[str], paths: list[Path],
-               console: Any) -> list[ShardResult]:
-    """Submit one task per shard; print a line as each ends; return them in shard order."""
+               console: Any) -> tuple[list[ShardResult], str | None]:
+    """Submit one task per shard; print a line as each ends; return them in shard order,
+    and the signal that stopped them (None when they all ended)."""
     count = len(paths)
     task = ray.remote(run_shard)
     env, cwd = forwarded_env(), os.getcwd()
@@ -261,7 +338,5 @@ def _run_tasks(ray: Any, options: TeacherOptions, command: list[str], paths: lis
             ray.cancel(ref)
         grace = float(os.environ.get("FACTORY_STOP_GRACE", "10")) + 10
         ray.wait(pending, num_returns=len(pending), timeout=grace)
-        name = getattr(exc, "signal_name", "SIGINT")
-        raise Interrupted(f"interrupted ({name}); the shards stopped and keep what they got; "
-                          "nothing was merged: re-run the same command to resume", name) from None
-    return [results[i] for i in range(count)]
+        return [results[i] for i in range(count)], stopping_signal(exc)
+    return [results[i] for i in range(count)], None
