@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,15 @@ from amazon_fixtures import write_2014
 
 from factory.warehouse import Warehouse
 
+#: tables piped to stdout honour COLUMNS, and pytest's process carries COLUMNS=80 in its C
+#: environment (children inherit it though os.environ does not show it): set it here
+WIDE = {**os.environ, "COLUMNS": "240"}
+
 
 def factory(*args: str, wh: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "factory", "--warehouse", str(wh), *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=WIDE,
     )
 
 
@@ -66,7 +71,7 @@ def test_the_warehouse_option_may_follow_the_command(ml100k: Warehouse) -> None:
     for args in (["datasets", "--warehouse", str(ml100k.path)],
                  ["datasets", f"--warehouse={ml100k.path}"]):
         out = subprocess.run([sys.executable, "-m", "factory", *args], capture_output=True,
-                             text=True, timeout=300, cwd=ml100k.path.parent.parent)
+                             text=True, timeout=300, cwd=ml100k.path.parent.parent, env=WIDE)
         assert out.returncode == 0 and "ml-100k" in out.stdout, out.stderr
 
 
