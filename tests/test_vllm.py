@@ -107,6 +107,8 @@ def test_transformers_backend_prompt_has_one_bos_as_in_training() -> None:
     backend._tokenizer, backend._model = tok, model
     [reply] = backend._generate([request()])
     assert not isinstance(reply, Exception)
+    # counted live, a token per step, so a long in-process batch shows progress (issue 14)
+    assert backend.generated_tokens == reply.output_tokens > 0
     trained = encode_pairs(tok, [(MESSAGES, "a b")], max_length=64)[0][0]
     n_prompt = len(chat_prompt_ids(tok, MESSAGES))
     assert seen[0] == trained.input_ids[:n_prompt]

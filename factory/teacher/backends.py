@@ -52,6 +52,9 @@ class Backend:
     local: bool = False
     #: concurrent requests (remote) or batch size (in-process) when the user sets none
     default_concurrency: int = 16
+    #: tokens an in-process model has generated so far, counted while it generates (remote
+    #: backends report tokens with each answer)
+    generated_tokens: int = 0
 
     def __init__(self, model: str):
         self.model = model
@@ -394,6 +397,13 @@ class TransformersBackend(_InProcessBackend):
                 results[i] = reply
         return results
 
+    def _count_tokens(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        """A stopping criterion that never stops: it counts one token per row per step."""
+        import torch
+
+        self.generated_tokens += int(input_ids.shape[0])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
     def _generate_group(self, requests: list[Request]) -> list[Reply]:
         import torch
 
@@ -414,7 +424,7 @@ class TransformersBackend(_InProcessBackend):
             # Reproducible for the same batch; a batch shares one generator.
             torch.manual_seed(params.get("seed", 0))
         with torch.no_grad():
-            out = model.generate(**enc, **gen)
+            out = model.generate(**enc, **gen, stopping_criteria=[self._count_tokens])
         prompt_len = enc["input_ids"].shape[1]
         eos = {tok.eos_token_id, tok.pad_token_id} - {None}
         replies = []

@@ -840,18 +840,26 @@ class _RunState:
             r.rejected += (outcome.error or "").startswith(PARSER_GAVE_UP)
         if outcome.cached:
             r.cached += 1
+        self.bar.update(self.task, advance=1, stats=self._stats())
+
+    def _stats(self) -> str:
+        r = self.report
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         cost = "" if r.cost_usd is None else f" · ${r.cost_usd:.4f}"
         behind = f" · {len(self.calls):,} waiting to be stored" if self.store_error else ""
+        # an in-process model finishes a whole batch at once: its live token count shows
+        # that it is generating long before the first item of the batch is done
+        tokens = max(r.output_tokens, self.job.backend.generated_tokens)
         # items/s is the bar's own rate; a second (requests/s) read as a contradiction
-        self.bar.update(self.task, advance=1, stats=(
-            f"cached {r.cached:,} · failed {r.failed:,} · "
-            f"{r.output_tokens / elapsed:,.0f} tok/s{cost}{behind}"))
+        return (f"cached {r.cached:,} · failed {r.failed:,} · "
+                f"{tokens / elapsed:,.0f} tok/s{cost}{behind}")
 
     async def _flush_every(self) -> None:
         while not self.done.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.done.wait(), self.job.flush_s)
+            if self.job.backend.generated_tokens:
+                self.bar.update(self.task, stats=self._stats())
             self._watch_stall()
             await self._flush()
 
