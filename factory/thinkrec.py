@@ -97,11 +97,20 @@ def load_instances(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
             [dataset, split, history]).fetchall()
     finally:
         con.unregister("_instance_keys")
+    # one (immutable) entry per (item, label), shared by every history that holds it: 100k
+    # instances x 10 items would otherwise build a million identical objects
+    shown: dict[tuple[str, bool], HistoryEntry | None] = {}
+
+    def entry(i: str, lab: bool | None) -> HistoryEntry | None:
+        key = (i, lab)
+        if key not in shown:
+            shown[key] = (HistoryEntry(i, items[i].title, bool(lab), keywords.get(i))
+                          if i in items and items[i].title and lab is not None else None)
+        return shown[key]
+
     out = []
     for k, item_id, label, h_items, h_labels in rows:
-        entries = tuple(HistoryEntry(i, items[i].title, bool(lab), keywords.get(i))
-                        for i, lab in zip(h_items or [], h_labels or [], strict=True)
-                        if i in items and items[i].title and lab is not None)
+        entries = tuple(e for e in map(entry, h_items or [], h_labels or []) if e is not None)
         if (entries or not need_history) and label is not None:
             part, user_id, position = keys[k]
             out.append(Instance(part, user_id, position, str(item_id), bool(label), entries))

@@ -65,3 +65,16 @@ def test_shipped_prompts_load_from_the_package_and_cite_a_source() -> None:
     assert "Title: Heat" in messages[-1]["content"] and "Year: 1995" in messages[-1]["content"]
     with pytest.raises(FactoryError, match="unknown prompt 'nope' \\(known: .*describe_item"):
         load_prompt("nope")
+
+
+def test_a_renderer_fills_rows_exactly_as_render_does() -> None:
+    prompt = load_prompt("thinkrec_recommendation")
+    fill = prompt.renderer(("history", "target_title"), noun="movie", nouns="movies")
+    for history, title in (("none", "Heat"), ('"A" (evaluation: yes)', "{{ x }} 100%")):
+        assert fill(history=history, target_title=title) == prompt.render(
+            history=history, target_title=title, noun="movie", nouns="movies")
+    # a value the template transforms, or uses twice, is rendered in full every time
+    shouty = parse_prompt("t", "{# purpose: p\noutput: o\nsource: s #}"
+                          "{% block user %}{{ a | upper }} {{ b }} {{ b }}{% endblock %}")
+    fill = shouty.renderer(("a", "b"))
+    assert fill(a="x", b="y") == [{"role": "user", "content": "X y y"}]

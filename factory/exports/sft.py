@@ -194,9 +194,10 @@ def thinkrec_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, 
     items = load_items(con, dataset)
     keywords = latest_keywords(con, dataset)
 
+    fill = prompt.renderer(("history", "target_title"), noun=noun, nouns=plural(noun))
+
     def render(entries: Sequence[HistoryEntry], target: str) -> str:
-        return _user(prompt.render(history=render_history(entries, features=True),
-                                   target_title=target, noun=noun, nouns=plural(noun)))
+        return _user(fill(history=render_history(entries, features=True), target_title=target))
 
     traces = con.execute(
         "select t.user_id, t.position, t.item_id, t.label, t.history, t.explanation, t.run_id"

@@ -336,7 +336,9 @@ def _run_tasks(ray: Any, options: TeacherOptions, command: list[str], paths: lis
     except KeyboardInterrupt as exc:
         for ref in pending:
             ray.cancel(ref)
-        grace = float(os.environ.get("FACTORY_STOP_GRACE", "10")) + 10
+        # each shard gets its stop grace, then its own exit: wait for both before
+        # ray.shutdown, which would kill the workers mid-stop
+        grace = 2 * float(os.environ.get("FACTORY_STOP_GRACE", "10")) + 30
         ray.wait(pending, num_returns=len(pending), timeout=grace)
         return [results[i] for i in range(count)], stopping_signal(exc)
     return [results[i] for i in range(count)], None
