@@ -317,7 +317,9 @@ def _run_tasks(ray: Any, options: TeacherOptions, command: list[str], paths: lis
     pending = list(refs)
     try:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            # in slices: a signal handler runs only when the main thread is back in Python,
+            # and an open-ended ray.wait would hold SIGTERM until a shard ends
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
             for ref in done:
                 result = results[refs[ref]]
                 try:
