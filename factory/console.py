@@ -167,12 +167,13 @@ def progress(*extra: ProgressColumn, transient: bool = False) -> Bars:
 
 def summary(title: str, rows: dict[str, Any], sql_hint: str | None = None) -> None:
     """Print a short end-of-job summary: one `key: value` per line, then where to look."""
-    console.print(f"[bold green]{title}[/]")
+    # soft_wrap: a log file gets whole lines, and the look: line pastes as one command
+    console.print(f"[bold green]{title}[/]", soft_wrap=True)
     for key, value in rows.items():
         if isinstance(value, float):
             value = f"{value:,.4g}"
         elif isinstance(value, int):
             value = f"{value:,}"
-        console.print(f"  {key}: {value}")
+        console.print(f"  {key}: {value}", soft_wrap=True)
     if sql_hint:
-        console.print(f"  look: factory sql \"{sql_hint}\"")
+        console.print(f"  look: factory sql \"{sql_hint}\"", soft_wrap=True)

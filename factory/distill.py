@@ -399,7 +399,8 @@ def run_chains(wh: Any, source: str, *, dataset: str, split: str | None, parts: 
     if source == "student" and rejected:
         console.print(f"  {rejected:,} rejected: `--redraw-rejected` redraws only them; "
                       "`export cache --missing skip` marks them instead")
-    console.print(f"  next: --chains {source}:{student_run if record else report.run_id}")
+    console.print(f"  next: --chains {source}:latest (this run: "
+                  f"{student_run if record else report.run_id})", soft_wrap=True)
     return report
 
 

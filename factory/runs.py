@@ -369,6 +369,7 @@ def resolve_run(con: duckdb.DuckDBPyConnection, job: str | tuple[str, ...],
                            f"{listing}")
     latest = con.execute(f"select run_id from job_runs where {fits} and status = 'succeeded'"
                          " order by started_at desc, run_id desc limit 1", args).fetchone()
-    known = (f"the latest is {latest[0]}, or pass {option} latest" if latest
+    joined = f"{option}latest" if option.endswith(":") else f"{option} latest"
+    known = (f"the latest is {latest[0]}, or pass {joined}" if latest
              else f"there is none yet{': run `' + first + '`' if first else ''}")
     raise FactoryError(f"no {what} run {word!r}{of} ({known}; {listing})")

@@ -212,7 +212,8 @@ class StepCache:
             raise FactoryError(
                 f"step cache {self.manifest.get('cache_id', self.path)} "
                 f"({self.manifest.get('chains')}) has no {part} chain for {len(missing)} "
-                f"sequence(s) (e.g. user {missing[0]}): none was kept for them; run {redo}, "
+                f"sequence(s) (e.g. user {missing[0]}): none was asked for (--limit) or kept; "
+                f"run {redo}, "
                 "then `factory embed-steps`, or export with `--missing skip` to mark them "
                 "(zero H rows, has_steps false)")
         return np.asarray(out, dtype=np.int64)

@@ -70,3 +70,24 @@ def test_keywords_bad_input(ml100k, wh, openai_server):
     with pytest.raises(FactoryError, match="unknown dataset"):
         run_keywords(ml100k, "nope", options(openai_server))
     assert not openai_server.records
+
+
+def test_the_bar_says_rejected_where_the_summary_does(ml100k, openai_server):
+    """Off a terminal the bar's last line uses the summary's words: an answer the parser
+    rejected is `rejected`, not `failed` (a failure is no answer at all)."""
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    openai_server.responder = keyword_teacher
+    heat = _rows(ml100k, "select item_id from items where title like 'Heat%'")[0][0]
+    with ml100k.write() as con:
+        con.execute("update items set item_id = '0000' where item_id = ?", [heat])
+    out = CliRunner().invoke(app, ["--warehouse", str(ml100k.path), "keywords", "--dataset",
+                                   "ml-100k", "--limit", "5", "--teacher-url",
+                                   openai_server.url, "--teacher-model", "m"]).output
+    import re
+
+    rejected = int(re.search(r"rejected by the parser: (\d+)", out).group(1))
+    assert rejected > 0 and "failed (no answer): 0" in out, out
+    assert f"· {rejected} rejected · failed 0 ·" in out, out

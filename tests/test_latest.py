@@ -101,6 +101,9 @@ def test_run_options_take_latest_and_unique_prefixes(generated) -> None:
                        "nope", "--teacher-url", server.url)
     assert missing.startswith("no distill student run 'nope' for dataset 'tiny' (the latest "
                               f"is {STUDENT_B}, or pass --student latest")
+    # a hint that can be pasted: `--chains teacher:latest`, not `teacher: latest`
+    assert "or pass --chains teacher:latest;" in error_of(
+        wh.path, "embed-steps", "--dataset", "tiny", "--chains", "teacher:zz")
     # student:latest / teacher:<prefix> in embed-steps and export cache
     ok(wh.path, "embed-steps", "--dataset", "tiny", "--chains", "teacher:" + teach[:20])
     ok(wh.path, "embed-steps", "--dataset", "tiny")          # default: student:latest

@@ -851,8 +851,13 @@ class _RunState:
         # that it is generating long before the first item of the batch is done
         tokens = max(r.output_tokens, self.job.backend.generated_tokens)
         # items/s is the bar's own rate; a second (requests/s) read as a contradiction
-        return (f"cached {r.cached:,} · failed {r.failed:,} · "
-                f"{tokens / elapsed:,.0f} tok/s{cost}{behind}")
+        # the summary's words: rejected by the parser and truncated are not transport failures
+        failed = r.failed - r.rejected - r.truncated
+        parts = [f"cached {r.cached:,}"]
+        parts += [f"{n:,} {w}" for n, w in ((r.rejected, "rejected"), (r.truncated, "truncated"))
+                  if n]
+        parts += [f"failed {failed:,}", f"{tokens / elapsed:,.0f} tok/s"]
+        return " · ".join(parts) + cost + behind
 
     async def _flush_every(self) -> None:
         while not self.done.is_set():
