@@ -272,7 +272,7 @@ def resolve_student(con: duckdb.DuckDBPyConnection, dataset: str, text: str | No
 TEACHER_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
 #: the student writes one deterministic chain per sequence
 #: optimizer steps `distill student` takes on a CPU unless --max-steps says otherwise
-CPU_MAX_STEPS = 20
+CPU_MAX_STEPS = 10
 STUDENT_SAMPLING = {"temperature": 0.0, "max_tokens": 1024}
 
 

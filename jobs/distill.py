@@ -112,7 +112,7 @@ def student(
     lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0.0, max=0.9),
     epochs: float = typer.Option(1.0, "--epochs", min=0.01),
     max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after N optimizer "
-                                  "steps (before the epochs end) [default on a CPU: 20]."),
+                                  "steps (before the epochs end) [default on a CPU: 10]."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1),
     lr: float = typer.Option(2e-4, "--lr", min=0.0),

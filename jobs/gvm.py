@@ -270,6 +270,12 @@ def gvm_cmd(
         raise FactoryError("--cluster must be kmeans or hdbscan")
     if k_min > k_max:
         raise FactoryError(f"--k-min {k_min} is larger than --k-max {k_max}")
+    if teacher.sampling.seed is not None and teacher.sampling.seed != sample_seed:
+        from factory.console import console
+
+        # --seed used to draw the users too: an old script would now get other users silently
+        console.print(f"note: --seed {teacher.sampling.seed} is the teacher's sampling seed; "
+                      f"the users are drawn with --sample-seed {sample_seed}", soft_wrap=True)
     from factory.cli import warehouse
 
     run_gvm(warehouse(), dataset, teacher=teacher, split=split, users=users, samples=samples,

@@ -280,3 +280,16 @@ def test_prune_scope_defaults_to_all_paths(toy: Warehouse, monkeypatch) -> None:
     assert cli(toy, "gvm", "--dataset", "toy").exit_code == 0
     assert cli(toy, "gvm", "--dataset", "toy", "--prune-scope", "user").exit_code == 0
     assert [kw["prune_scope"] for kw in seen] == ["global", "user"]
+
+
+def test_a_teacher_seed_alone_says_how_the_users_are_drawn(ml100k) -> None:
+    """`gvm --seed 3` used to draw the users too; now it is only the teacher's seed, so an old
+    script is told, instead of silently getting other users."""
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    out = CliRunner().invoke(app, ["--warehouse", str(ml100k.path), "gvm", "--dataset",
+                                   "ml-100k", "--users", "2", "--seed", "3", "--dry-run"]).output
+    assert "note: --seed 3 is the teacher's sampling seed; the users are drawn with " \
+           "--sample-seed 0" in out, out
