@@ -335,19 +335,6 @@ def score_eval(wh: Warehouse, eval_run: str, teacher: TeacherOptions, *,
     return out
 
 
-def latest_eval_run(wh: Warehouse, dataset: str) -> str:
-    with wh.read() as con:
-        require_dataset(con, dataset)
-        row = con.execute(
-            "select run_id from job_runs where job = 'i2i-eval' and dataset = ?"
-            " and status = 'succeeded' and run_id in (select run_id from i2i_eval_sets)"
-            " order by started_at desc limit 1", [dataset]).fetchone()
-    if row is None:
-        raise FactoryError(f"no I2I evaluation set for {dataset!r}: run "
-                           f"`factory i2i-eval --dataset {dataset}` first")
-    return row[0]
-
-
 #: teacher options of --score (all but --seed, which is the set's seed here)
 _TEACHER = ("teacher_url", "teacher_model", "backend", "concurrency", "rpm", "tpm", "timeout",
             "stall_timeout", "attempts", "temperature", "top_p", "max_tokens", "price_table",

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from factory.cli import app
 from factory.testing.simulated import ChainTeacher
+from factory.warehouse import Warehouse
 
 __all__ = ["ChainTeacher", "error_of", "factory", "fake_student", "invoke", "ok"]
 
@@ -76,3 +77,19 @@ def fake_student(con: Any, run_id: str, teach_chain_set: str, adapter_dir: Path,
          MAX_HISTORY, model_id, str(adapter_dir), sha256_file(weights),
          json.dumps({"r": 8})])
     return model_id
+
+
+def tiny_table_dataset(tmp_path: Path) -> Warehouse:
+    """6 users x 5 items each (10 items), ingested with `factory ingest table`."""
+    lines = ["user_id,item_id,timestamp,rating"]
+    for u in range(6):
+        for j in range(5):
+            lines.append(f"u{u},i{(u + 2 * j) % 10},{1000 * u + j},5")
+    (tmp_path / "inter.csv").write_text("\n".join(lines) + "\n")
+    items = ["item_id,title,description"] + [f"i{i},Thing {i},A useful thing number {i}"
+                                            for i in range(10)]
+    (tmp_path / "items.csv").write_text("\n".join(items) + "\n")
+    wh = tmp_path / "tiny.duckdb"
+    ok(wh, "ingest", "table", "--interactions", str(tmp_path / "inter.csv"), "--items",
+       str(tmp_path / "items.csv"), "--name", "tiny", "--core", "1")
+    return Warehouse(wh)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from distill_fixtures import ChainTeacher, error_of, ok
+from distill_fixtures import ChainTeacher, error_of, ok, tiny_table_dataset
 from tiny_data import fake_encode
 
 from factory.distill import find_step_cache
@@ -247,19 +247,7 @@ def test_minilm_reads_256_tokens_unless_told_otherwise() -> None:
 
 @pytest.fixture()
 def tiny(tmp_path: Path) -> Warehouse:
-    """6 users x 5 items each (10 items), ingested with `factory ingest table`."""
-    lines = ["user_id,item_id,timestamp,rating"]
-    for u in range(6):
-        for j in range(5):
-            lines.append(f"u{u},i{(u + 2 * j) % 10},{1000 * u + j},5")
-    (tmp_path / "inter.csv").write_text("\n".join(lines) + "\n")
-    items = ["item_id,title,description"] + [f"i{i},Thing {i},A useful thing number {i}"
-                                            for i in range(10)]
-    (tmp_path / "items.csv").write_text("\n".join(items) + "\n")
-    wh = tmp_path / "tiny.duckdb"
-    ok(wh, "ingest", "table", "--interactions", str(tmp_path / "inter.csv"), "--items",
-       str(tmp_path / "items.csv"), "--name", "tiny", "--core", "1")
-    return Warehouse(wh)
+    return tiny_table_dataset(tmp_path)
 
 
 def test_teacher_chains_for_every_part_feed_the_training_cache(tiny: Warehouse, fake_st,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from distill_fixtures import ChainTeacher, error_of, fake_student, ok
+from distill_fixtures import ChainTeacher, error_of, fake_student, ok, tiny_table_dataset
 
 from factory.testing.openai_server import OpenAIServer
 from factory.warehouse import Warehouse
@@ -21,19 +21,7 @@ pytestmark = pytest.mark.slow  # the embedded MiniLM encoder
 
 @pytest.fixture()
 def tiny(tmp_path: Path) -> Warehouse:
-    """6 users x 5 items each (10 items), ingested with `factory ingest table`."""
-    lines = ["user_id,item_id,timestamp,rating"]
-    for u in range(6):
-        for j in range(5):
-            lines.append(f"u{u},i{(u + 2 * j) % 10},{1000 * u + j},5")
-    (tmp_path / "inter.csv").write_text("\n".join(lines) + "\n")
-    items = ["item_id,title,description"] + [f"i{i},Thing {i},A useful thing number {i}"
-                                            for i in range(10)]
-    (tmp_path / "items.csv").write_text("\n".join(items) + "\n")
-    wh = tmp_path / "tiny.duckdb"
-    ok(wh, "ingest", "table", "--interactions", str(tmp_path / "inter.csv"), "--items",
-       str(tmp_path / "items.csv"), "--name", "tiny", "--core", "1")
-    return Warehouse(wh)
+    return tiny_table_dataset(tmp_path)
 
 
 def test_exported_steps_are_aligned_with_the_rows(tiny: Warehouse, tmp_path: Path) -> None:
