@@ -337,6 +337,7 @@ def score_eval(wh: Warehouse, eval_run: str, teacher: TeacherOptions, *,
 
 #: teacher options of --score (all but --seed, which is the set's seed here)
 _TEACHER = ("teacher_url", "teacher_model", "backend", "concurrency", "rpm", "tpm", "timeout",
+            "min_tokens_per_s",
             "stall_timeout", "attempts", "temperature", "top_p", "max_tokens", "price_table",
             "dry_run", "max_cost", "cache_only", "refresh", "limit", "shard")
 
