@@ -68,7 +68,7 @@ def test_constant_scores_earn_nothing() -> None:
 
 # -- standing alone ----------------------------------------------------------------------
 def test_train_imports_no_duckdb_factory_or_llm_libraries() -> None:
-    code = ("import sys, train, train.data, train.model, train.fusion, train.loop, "
+    code = ("import sys, train, train.data, train.model, train.sasrec, train.fusion, train.loop, "
             "train.metrics, train.config, train.__main__; "
             "print(','.join(sorted(m.split('.')[0] for m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
@@ -145,11 +145,12 @@ def test_time_budget_stops_and_still_tests_the_best_epoch(caches: dict[str, Path
 def test_sid_embeddings_are_summed_into_items(caches: dict[str, Path], tmp_path: Path) -> None:
     cache = Cache(caches["cycle"])
     model = build_model(Config(cache="", sid=True, dim=16), cache)
-    assert len(model.backbone.sid_emb) == 2
+    assert len(model.backbone.items.sid_emb) == 2
     items = torch.tensor([1, 2])
-    expected = model.backbone.item_emb(items) + sum(
-        emb(model.backbone.sid[items, lvl]) for lvl, emb in enumerate(model.backbone.sid_emb))
-    assert torch.allclose(model.backbone.item_vectors(items), expected)
+    table = model.backbone.items
+    expected = table.item_emb(items) + sum(
+        emb(table.sid[items, lvl]) for lvl, emb in enumerate(table.sid_emb))
+    assert torch.allclose(model.backbone.items(items), expected)
     assert _run(tmp_path, caches["cycle"], "sid", sid=True, epochs=2)["epochs_run"] == 2
     with pytest.raises(CacheError, match="sid column"):
         build_model(Config(cache="", sid=True), Cache(caches["plain"]))
@@ -171,7 +172,7 @@ def test_informative_steps_beat_the_baseline_and_shuffled_steps_do_not(
 def test_each_ablation_runs(ablation: str, caches: dict[str, Path], tmp_path: Path) -> None:
     result = _run(tmp_path, caches["oracle"], ablation, epochs=2, fusion="scoter",
                   ablate=[ablation])
-    assert set(result["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
+    assert set(result["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20, 50)}
     assert ("nce" in result["history"][0]) == (ablation != "contrastive")
     fusion = build_model(Config(cache="", fusion="scoter", ablate=[ablation], dim=32),
                          Cache(caches["oracle"])).fusion
@@ -325,7 +326,7 @@ def test_non_finite_scores_stop_the_evaluation(caches: dict[str, Path]) -> None:
     cache = Cache(caches["plain"])
     model = build_model(Config(cache="", dim=16), cache)
     with torch.no_grad():
-        model.backbone.item_emb.weight[5] = float("nan")
+        model.backbone.items.item_emb.weight[5] = float("nan")
     with pytest.raises(DivergedError, match="non-finite ranking scores"):
         evaluate(model, cache.splits["valid"], Config(cache=""), torch.device("cpu"))
 

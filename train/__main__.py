@@ -10,11 +10,12 @@ from typing import TextIO
 from train.config import ArgumentError, parse_args
 from train.data import TrainError
 from train.loop import run
+from train.metrics import KS
 
 
 def format_metrics(result: dict) -> str:
     """Both protocols, the one that chose the best epoch first and starred."""
-    keys = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)]
+    keys = [f"{m}@{k}" for m in ("recall", "ndcg") for k in KS]
     lines = ["split  protocol " + "  ".join(f"{k:>9}" for k in keys)]
     chosen = result["protocol"]
     order = [chosen] + [p for p in result["protocols"] if p != chosen]
@@ -22,10 +23,13 @@ def format_metrics(result: dict) -> str:
         for split in ("valid", "test"):
             m = result["protocols"][proto][split]
             lines.append(f"{split:<5}  {proto + ('*' if proto == chosen else ''):<8} "
-                         + "  ".join(f"{m[k]:>9.4f}" for k in keys))
+                         + "  ".join("        -" if m[k] is None else f"{m[k]:>9.4f}"
+                                     for k in keys))
     for proto in order:
         lines.append(f"{proto + ('*' if proto == chosen else ''):<8} "
                      f"{result['protocols'][proto]['name']}")
+    if any(v is None for v in result["test"].values()):
+        lines.append(f"- beyond the ranked list: {result['params']['beam']} beams (--beam)")
     lines.append(f"* selected the best epoch. "
                  f"best epoch {result['best_epoch']} of {result['epochs_run']}, "
                  f"{result['seconds_per_epoch']:.2f} s/epoch on {result['device']}; "

@@ -10,6 +10,8 @@ from typing import Any
 from train.fusion import ABLATIONS, check_ablations
 from train.metrics import PROTOCOLS
 
+BACKBONES = ("sasrec",)  # dense: score the last state against every item vector
+GENERATIVE = ("tiger",)  # decode semantic IDs; ranked lists are their beams
 
 @dataclass
 class Config:
@@ -45,17 +47,22 @@ class Config:
     protocol: str = "full"  # ranking that early-stops and heads the report (both reported)
     verify: bool = True  # check every cache file's sha256 on open
     save_model: bool = False
+    beam: int = 20  # generative backbones: beams decoded = depth of the ranked list (SCoTER A.1)
+    predict: bool = False  # write the top-K candidates of every row after training
+    top_k: int = 50  # candidates per row (TwiSTAR's M_fast retrieves 50)
+    candidates: str | None = None  # default: <out>/candidates.parquet
 
     def check(self) -> None:
-        if self.backbone != "sasrec":
-            raise ValueError(f"unknown backbone {self.backbone!r} (known: sasrec)")
+        if self.backbone not in BACKBONES + GENERATIVE:
+            raise ValueError(f"unknown backbone {self.backbone!r} "
+                             f"(known: {', '.join(BACKBONES + GENERATIVE)})")
         if self.fusion not in ("none", "scoter"):
             raise ValueError(f"unknown fusion {self.fusion!r} (known: none, scoter)")
         check_ablations(frozenset(self.ablate))
         if self.fusion == "none" and (self.ablate or self.shuffle_steps):
             raise ValueError("--ablate and --shuffle-steps need --fusion scoter")
         for name in ("dim", "layers", "heads", "fusion_heads", "batch_size", "eval_batch_size",
-                     "epochs", "patience", "eval_every"):
+                     "epochs", "patience", "eval_every", "beam", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.fusion_head_dim is not None and self.fusion_head_dim < 1:
@@ -104,7 +111,7 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cache", required=require_cache, help="exported cache directory")
     p.add_argument("--out", help="output directory [runs/<cache>-<variant>-<time>, runs/ "
                    "beside the cache's caches/ folder, else beside the cache]")
-    p.add_argument("--backbone", default=d.backbone, choices=["sasrec"])
+    p.add_argument("--backbone", default=d.backbone, choices=list(BACKBONES + GENERATIVE))
     p.add_argument("--fusion", default=d.fusion, choices=["none", "scoter"])
     p.add_argument("--ablate", action="append", default=[], metavar="|".join(ABLATIONS),
                    help="SCoTER Table 4 ablation; repeat or comma-separate to combine")
@@ -145,6 +152,13 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of the cache files")
     p.add_argument("--save-model", action="store_true", help="write model.pt (best epoch)")
+    p.add_argument("--beam", type=int, default=d.beam,
+                   help=f"generative backbones: beams decoded, the ranked list's depth [{d.beam}]")
+    p.add_argument("--predict", action="store_true",
+                   help="after training, write the top --top-k items of every train/valid/"
+                        "test row (the best epoch, ranked under --protocol) to "
+                        "<out>/candidates.parquet, or to --out when it ends in .parquet")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"candidates per row [{d.top_k}]")
     return p
 
 
@@ -154,6 +168,8 @@ def parse_args(argv: list[str], require_cache: bool = True) -> Config:
     ns["ablate"] = sorted({a.strip() for arg in ns["ablate"] for a in arg.split(",")
                            if a.strip()})
     ns["cache"] = ns["cache"] or ""
+    if ns["predict"] and (ns["out"] or "").endswith(".parquet"):
+        ns["candidates"], ns["out"] = ns["out"], None  # `--predict --out cands.parquet`
     cfg = Config(**ns)
     try:
         cfg.check()

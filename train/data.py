@@ -35,6 +35,7 @@ class Split:
     target: np.ndarray  # (rows,) int32
     steps: np.ndarray | None  # (rows, K, D): H_i, one step embedding per reasoning step
     chain: np.ndarray | None  # (rows, D): the whole chain as one vector (ablation "single")
+    time: np.ndarray | None = None  # (rows, max_len) int64 unix seconds, 0 = padding
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -46,11 +47,14 @@ class Batch:
     seq: torch.Tensor  # (B, L) long
     target: torch.Tensor  # (B,) long
     reasoning: torch.Tensor | None  # (B, K, D) float32, or (B, 1, D) for a chain vector
+    time: torch.Tensor | None = None  # (B, L) long unix seconds, where the cache has them
 
     def to(self, device: torch.device) -> Batch:
-        r = None if self.reasoning is None else self.reasoning.to(device, non_blocking=True)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
         return Batch(self.rows, self.seq.to(device, non_blocking=True),
-                     self.target.to(device, non_blocking=True), r)
+                     self.target.to(device, non_blocking=True), move(self.reasoning),
+                     move(self.time))
 
 
 class Cache:
@@ -181,7 +185,9 @@ def batches(split: Split, batch_size: int, *, reasoning: str = "none",
             picked = np.asarray(source[np.sort(src_rows)], dtype=np.float32)
             picked = picked[np.argsort(np.argsort(src_rows))]  # back to `rows` order
             r = torch.from_numpy(picked if picked.ndim == 3 else picked[:, None, :])
-        yield Batch(rows, seq, target, r)
+        time = (None if split.time is None
+                else torch.from_numpy(np.asarray(split.time[rows], dtype=np.int64)))
+        yield Batch(rows, seq, target, r, time)
 
 
 def next_item_labels(seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from train.config import Config
-from train.data import Cache, CacheError, Split, TrainError, batches, next_item_labels
+from train.config import GENERATIVE, Config
+from train.data import Batch, Cache, CacheError, Split, TrainError, batches, next_item_labels
 from train.fusion import ScoterFusion
-from train.metrics import PROTOCOL_NAMES, PROTOCOLS, metrics_from_ranks, target_ranks
-from train.model import Recommender, SASRec
+from train.metrics import PROTOCOL_NAMES, PROTOCOLS, list_ranks, metrics_from_ranks, target_ranks
+from train.model import ItemTable, Recommender
+from train.sasrec import SASRec
 
 Log = Callable[[str], None]
 #: progress(stage, done, total) after each batch; stage: "epoch 3/50", "valid 3", "test"
@@ -59,14 +61,8 @@ def reasoning_kind(cfg: Config) -> str:
     return "chain" if "single" in cfg.ablate else "steps"
 
 
-def build_model(cfg: Config, cache: Cache) -> Recommender:
-    sid = None
-    if cfg.sid:
-        if cache.sid is None:
-            raise CacheError(f"{cache.path}: --sid needs a sid column in items.parquet")
-        sid = torch.from_numpy(cache.sid)
-    backbone = SASRec(cache.n_items, cache.max_len, cfg.dim, cfg.layers, cfg.heads,
-                      cfg.ffn_dim, cfg.dropout, sid)
+def build_fusion(cfg: Config, cache: Cache, dim: int) -> ScoterFusion | None:
+    """SCoTER fusion of width `dim` (the backbone's), or None without --fusion."""
     fusion = None
     kind = reasoning_kind(cfg)
     if kind != "none":
@@ -77,9 +73,23 @@ def build_model(cfg: Config, cache: Cache) -> Recommender:
                     "`factory embed-steps --whole-chain` for its chains, then `factory export "
                     "cache --chains` again")
             raise CacheError(f"{cache.path}: --fusion scoter needs {what}; this cache has none")
-        fusion = ScoterFusion(int(meta["D"]), cfg.dim, int(meta.get("K", 1)), cfg.fusion_heads,
+        fusion = ScoterFusion(int(meta["D"]), dim, int(meta.get("K", 1)), cfg.fusion_heads,
                               cfg.fusion_dropout, frozenset(cfg.ablate), cfg.fusion_head_dim)
-    return Recommender(backbone, fusion, cfg.lam, cfg.temperature)
+    return fusion
+
+
+def build_model(cfg: Config, cache: Cache) -> nn.Module:
+    """The backbone named by cfg.backbone, with its fusion. Dense backbones (SASRec) are a
+    Recommender over an encoder; a generative backbone is its own model with the same
+    `losses` and a `ranked(seq, reasoning, k)` that returns its beams."""
+    sid = None
+    if cfg.sid:
+        if cache.sid is None:
+            raise CacheError(f"{cache.path}: --sid needs a sid column in items.parquet")
+        sid = torch.from_numpy(cache.sid)
+    items = ItemTable(cache.n_items, cfg.dim, sid)
+    encoder = SASRec(items, cache.max_len, cfg.layers, cfg.heads, cfg.ffn_dim, cfg.dropout)
+    return Recommender(encoder, build_fusion(cfg, cache, cfg.dim), cfg.lam, cfg.temperature)
 
 
 def _autocast(device: torch.device, enabled: bool) -> Any:
@@ -89,36 +99,99 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
+def _check_finite(scores: torch.Tensor, split: Split, where: str) -> None:
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        n = int(bad.any(dim=1).sum())
+        raise DivergedError(f"training diverged: non-finite ranking scores for {n} "
+                            f"{split.name} rows{where}; the run is not ranked or "
+                            "reported (lower --lr?)")
+
+
+def list_depth(cfg: Config) -> int | None:
+    """How deep a generative model's ranked list goes (its beams); None for dense models,
+    which rank the whole catalog."""
+    return cfg.beam if cfg.backbone in GENERATIVE else None
+
+
 @torch.no_grad()
-def evaluate(model: Recommender, split: Split, cfg: Config, device: torch.device,
+def rank_batch(model: nn.Module, batch: Batch, cfg: Config, split: Split, where: str
+               ) -> dict[str, torch.Tensor]:
+    """The batch's 0-based target ranks under both protocols (train.metrics). A NaN or
+    infinite score raises DivergedError: such a model is never ranked."""
+    with _autocast(batch.seq.device, cfg.amp):
+        if isinstance(model, Recommender):
+            scores = model.scores(batch.seq, batch.reasoning, batch.time).float()
+        else:
+            items, scores = model.ranked(batch.seq, batch.reasoning, cfg.beam)
+            scores = scores.float()
+    if isinstance(model, Recommender):
+        _check_finite(scores[:, 1:], split, where)  # column 0 (padding) is -inf by design
+        full = target_ranks(scores, batch.target)
+        scores.scatter_(1, batch.seq, float("-inf"))  # padding 0 is -inf already
+        return {"full": full, "masked": target_ranks(scores, batch.target)}
+    _check_finite(scores.masked_fill(items == 0, 0.0), split, where)
+    return {"full": list_ranks(items, scores, batch.target),
+            "masked": list_ranks(items, scores, batch.target, exclude=batch.seq)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, cfg: Config, device: torch.device,
              reasoning_rows: np.ndarray | None = None, where: str = "",
              progress: Progress = _no_progress, stage: str = "evaluate"
-             ) -> dict[str, dict[str, float]]:
-    """Full-catalog ranking of each row's target under both protocols (train.metrics):
-    {"full": metrics, "masked": metrics}; rows in file order, no dropout. A NaN or infinite
-    score for any item raises DivergedError: such a model is never ranked."""
+             ) -> dict[str, dict[str, float | None]]:
+    """Ranking of each row's target under both protocols (train.metrics): {"full":
+    metrics, "masked": metrics}; rows in file order, no dropout."""
     model.eval()
     ranks: dict[str, list[torch.Tensor]] = {p: [] for p in PROTOCOLS}
     total = n_batches(len(split), cfg.eval_batch_size)
     for done, batch in enumerate(batches(split, cfg.eval_batch_size,
                                          reasoning=reasoning_kind(cfg),
                                          reasoning_rows=reasoning_rows), 1):
-        batch = batch.to(device)
-        with _autocast(device, cfg.amp):
-            scores = model.scores(batch.seq, batch.reasoning).float()
-        bad = ~torch.isfinite(scores[:, 1:])  # column 0 (padding) is -inf by design
-        if bad.any():
-            n = int(bad.any(dim=1).sum())
-            raise DivergedError(f"training diverged: non-finite ranking scores for {n} "
-                                f"{split.name} rows{where}; the run is not ranked or "
-                                "reported (lower --lr?)")
-        ranks["full"].append(target_ranks(scores, batch.target).cpu())
-        scores.scatter_(1, batch.seq, float("-inf"))  # padding 0 is -inf already
-        ranks["masked"].append(target_ranks(scores, batch.target).cpu())
+        for p, r in rank_batch(model, batch.to(device), cfg, split, where).items():
+            ranks[p].append(r.cpu())
         progress(stage, done, total)
     if not ranks["full"]:
         return {p: {} for p in PROTOCOLS}
-    return {p: metrics_from_ranks(torch.cat(r)) for p, r in ranks.items()}
+    return {p: metrics_from_ranks(torch.cat(r), depth=list_depth(cfg))
+            for p, r in ranks.items()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, cfg: Config, device: torch.device,
+            reasoning_rows: np.ndarray | None = None, progress: Progress = _no_progress
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The top `cfg.top_k` items (item_idx, 0 = none) and scores of every row, ranked as
+    `cfg.protocol` ranks (masked: history items left out); a generative model's beams are
+    widened to top_k when narrower."""
+    model.eval()
+    items_out, scores_out = [], []
+    total = n_batches(len(split), cfg.eval_batch_size)
+    for done, batch in enumerate(batches(split, cfg.eval_batch_size,
+                                         reasoning=reasoning_kind(cfg),
+                                         reasoning_rows=reasoning_rows), 1):
+        batch = batch.to(device)
+        with _autocast(device, cfg.amp):
+            if isinstance(model, Recommender):
+                scores = model.scores(batch.seq, batch.reasoning, batch.time).float()
+                if cfg.protocol == "masked":
+                    scores.scatter_(1, batch.seq, float("-inf"))
+                k = min(cfg.top_k, scores.shape[1] - 1)
+                top, items = scores.topk(k, dim=1)
+            else:
+                items, top = model.ranked(batch.seq, batch.reasoning, max(cfg.beam, cfg.top_k))
+                top = top.float()
+                if cfg.protocol == "masked":
+                    drop = (items[:, :, None] == batch.seq[:, None, :]).any(-1)
+                    top = top.masked_fill(drop, float("-inf"))
+                    top, order = top.sort(dim=1, descending=True, stable=True)
+                    items = items.gather(1, order)
+                items, top = items[:, :cfg.top_k], top[:, :cfg.top_k]
+        items = items.masked_fill(~torch.isfinite(top), 0)
+        items_out.append(items.cpu().numpy())
+        scores_out.append(top.cpu().numpy())
+        progress(f"predict {split.name}", done, total)
+    return np.concatenate(items_out), np.concatenate(scores_out)
 
 
 def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.device,
@@ -135,7 +208,7 @@ def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.dev
         batch = batch.to(device)
         labels = next_item_labels(batch.seq, batch.target)
         with _autocast(device, cfg.amp):
-            out = model.losses(batch.seq, labels, batch.target, batch.reasoning)
+            out = model.losses(batch.seq, labels, batch.target, batch.reasoning, batch.time)
         values = {k: float(v.detach()) for k, v in out.items()}
         if not all(np.isfinite(v) for v in values.values()):
             shown = ", ".join(f"{k} {v}" for k, v in values.items())
@@ -255,11 +328,54 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
                    if model.fusion is not None else None},    # the width used
         "history": history,
     }
+    if cfg.predict:
+        path = Path(cfg.candidates) if cfg.candidates else out / "candidates.parquet"
+        result["candidates"] = str(path)
+        write_candidates(model, cache, cfg, device, perms, path, progress)
+        log(f"candidates: top {cfg.top_k} of every train/valid/test row written to {path}")
     (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     plot_curves(history, best["epoch"], out / "curves.png", proto)
     if cfg.save_model:
         torch.save(best["state"], out / "model.pt")
     return result
+
+
+def write_candidates(model: nn.Module, cache: Cache, cfg: Config, device: torch.device,
+                     perms: dict[str, np.ndarray | None], path: Path,
+                     progress: Progress = _no_progress) -> None:
+    """One Parquet row per cache row of every split: part, row, user_id, target_item_id,
+    item_ids (the top K, best first) and scores, ranked as `predict` ranks; written to a
+    temporary name and renamed, so a reader never sees half a file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(cache.path / "items.parquet", columns=["item_idx", "item_id"])
+    item_id = np.empty(cache.n_items + 1, dtype=object)
+    item_id[ids["item_idx"].to_numpy()] = ids["item_id"].cast(pa.string()).to_numpy(
+        zero_copy_only=False)
+    tables = []
+    for name, split in cache.splits.items():
+        if not len(split):
+            continue
+        items, scores = predict(model, split, cfg, device, perms[name], progress)
+        users = pq.read_table(cache.path / f"{name}.users.parquet", columns=["row", "user_id"])
+        keep = items > 0   # fewer than K beams: the list is shorter
+        offsets = pa.array(np.concatenate([[0], np.cumsum(keep.sum(1))]), pa.int32())
+
+        def lists(values: np.ndarray, kind: pa.DataType, offsets: pa.Array = offsets
+                  ) -> pa.Array:
+            return pa.ListArray.from_arrays(offsets, pa.array(values, kind))
+        tables.append(pa.table({
+            "part": pa.array([name] * len(split)),
+            "row": users["row"], "user_id": users["user_id"].cast(pa.string()),
+            "target_item_id": pa.array(item_id[np.asarray(split.target)], pa.string()),
+            "item_ids": lists(item_id[items[keep]], pa.string()),
+            "scores": lists(scores[keep], pa.float32()),
+        }))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.concat_tables(tables), tmp)
+    tmp.replace(path)
 
 
 def plot_curves(history: list[dict[str, Any]], best_epoch: int, path: Path,
