@@ -13,6 +13,14 @@ from train.metrics import PROTOCOLS
 BACKBONES = ("sasrec",)  # dense: score the last state against every item vector
 GENERATIVE = ("tiger",)  # decode semantic IDs; ranked lists are their beams
 
+#: each backbone's own defaults for the options left unset (None) on the command line
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "sasrec": {"dim": 64, "layers": 2, "heads": 1, "dropout": 0.2, "lr": 1e-3,
+               "batch_size": 128},
+    "tiger": {"dim": 128, "layers": 4, "heads": 6, "ffn_dim": 1024, "dropout": 0.1,
+              "lr": 1e-4, "batch_size": 256},  # SCoTER A.1, Table 8
+}
+
 @dataclass
 class Config:
     cache: str
@@ -22,19 +30,20 @@ class Config:
     ablate: list[str] = field(default_factory=list)
     shuffle_steps: bool = False  # control: give each row another user's reasoning
     sid: bool = False  # sum semantic-ID embeddings into item embeddings
-    dim: int = 64
-    layers: int = 2
-    heads: int = 1
+    # None: the backbone's default (DEFAULTS), filled in on construction
+    dim: int = None  # type: ignore[assignment]
+    layers: int = None  # type: ignore[assignment]
+    heads: int = None  # type: ignore[assignment]
     ffn_dim: int | None = None  # default: dim, as in SASRec
-    dropout: float = 0.2
+    dropout: float = None  # type: ignore[assignment]
     fusion_heads: int = 4  # SCoTER-H: 4, SCoTER-T: 6
     fusion_head_dim: int | None = None  # default: dim // fusion_heads, else ceil
     fusion_dropout: float = 0.1  # SCoTER Table 8
     lam: float = 0.1  # SCoTER eq. 8
     temperature: float = 0.1  # eq. 6; the paper gives no value
-    lr: float = 1e-3
+    lr: float = None  # type: ignore[assignment]
     weight_decay: float = 0.0
-    batch_size: int = 128
+    batch_size: int = None  # type: ignore[assignment]
     eval_batch_size: int = 512
     epochs: int = 200
     patience: int = 20  # SCoTER Table 8; counted in evaluations
@@ -51,6 +60,11 @@ class Config:
     predict: bool = False  # write the top-K candidates of every row after training
     top_k: int = 50  # candidates per row (TwiSTAR's M_fast retrieves 50)
     candidates: str | None = None  # default: <out>/candidates.parquet
+
+    def __post_init__(self) -> None:
+        for name, value in DEFAULTS.get(self.backbone, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def check(self) -> None:
         if self.backbone not in BACKBONES + GENERATIVE:
@@ -135,7 +149,13 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
         ("seed", int, "random seed"),
         ("threads", int, "CPU threads for torch [all]"),
     ]:
-        default = getattr(d, name.replace("-", "_"))
+        field_name = name.replace("-", "_")
+        per_backbone = {b: v[field_name] for b, v in DEFAULTS.items() if field_name in v}
+        if per_backbone:  # left None here, filled in for the chosen backbone
+            p.add_argument(f"--{name}", type=typ, default=None, help=f"{hlp} [" + ", ".join(
+                f"{b} {v:g}" for b, v in per_backbone.items()) + "]")
+            continue
+        default = getattr(d, field_name)
         p.add_argument(f"--{name}", type=typ, default=default,
                        help=hlp if default is None else f"{hlp} [{default}]")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
@@ -153,7 +173,8 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
                    help="skip the sha256 check of the cache files")
     p.add_argument("--save-model", action="store_true", help="write model.pt (best epoch)")
     p.add_argument("--beam", type=int, default=d.beam,
-                   help=f"generative backbones: beams decoded, the ranked list's depth [{d.beam}]")
+                   help="generative backbones: beams decoded, the ranked list's depth "
+                        f"[{d.beam}]")
     p.add_argument("--predict", action="store_true",
                    help="after training, write the top --top-k items of every train/valid/"
                         "test row (the best epoch, ranked under --protocol) to "

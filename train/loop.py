@@ -4,6 +4,7 @@ CPU by default and CUDA (with mixed precision) when present; writes metrics and 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import random
 import time
@@ -21,7 +22,6 @@ from train.data import Batch, Cache, CacheError, Split, TrainError, batches, nex
 from train.fusion import ScoterFusion
 from train.metrics import PROTOCOL_NAMES, PROTOCOLS, list_ranks, metrics_from_ranks, target_ranks
 from train.model import ItemTable, Recommender
-from train.sasrec import SASRec
 
 Log = Callable[[str], None]
 #: progress(stage, done, total) after each batch; stage: "epoch 3/50", "valid 3", "test"
@@ -79,16 +79,23 @@ def build_fusion(cfg: Config, cache: Cache, dim: int) -> ScoterFusion | None:
 
 
 def build_model(cfg: Config, cache: Cache) -> nn.Module:
-    """The backbone named by cfg.backbone, with its fusion. Dense backbones (SASRec) are a
-    Recommender over an encoder; a generative backbone is its own model with the same
-    `losses` and a `ranked(seq, reasoning, k)` that returns its beams."""
+    """The backbone named by cfg.backbone (module train.<backbone>), with its fusion.
+
+    A dense backbone's module has `build(cfg, items, max_len) -> encoder`, wrapped in a
+    Recommender. A generative backbone's has `build(cfg, cache, fusion) -> model`, where
+    `fusion(dim)` builds the fusion for its width; the model has the Recommender's `losses`
+    and `fusion`, and `ranked(seq, reasoning, k) -> (items, scores)`: its beams, best first
+    (item 0 / -inf where fewer than k exist)."""
+    module = importlib.import_module(f"train.{cfg.backbone}")  # TIGER imports transformers
+    if cfg.backbone in GENERATIVE:
+        return module.build(cfg, cache, lambda dim: build_fusion(cfg, cache, dim))
     sid = None
     if cfg.sid:
         if cache.sid is None:
             raise CacheError(f"{cache.path}: --sid needs a sid column in items.parquet")
         sid = torch.from_numpy(cache.sid)
     items = ItemTable(cache.n_items, cfg.dim, sid)
-    encoder = SASRec(items, cache.max_len, cfg.layers, cfg.heads, cfg.ffn_dim, cfg.dropout)
+    encoder = module.build(cfg, items, cache.max_len)
     return Recommender(encoder, build_fusion(cfg, cache, cfg.dim), cfg.lam, cfg.temperature)
 
 

@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.config import Config
 from train.model import ItemTable, init_weights
+
+
+def build(cfg: Config, items: ItemTable, max_len: int) -> SASRec:
+    return SASRec(items, max_len, cfg.layers, cfg.heads, cfg.ffn_dim, cfg.dropout)
 
 
 class CausalSelfAttention(nn.Module):
