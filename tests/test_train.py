@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from train_synthetic import synthetic_cache
@@ -403,3 +404,42 @@ def test_a_sequence_without_steps_is_not_fused(caches: dict[str, Path]) -> None:
     losses = model.losses(seq, next_item_labels(seq, torch.tensor([5, 6, 7])),
                           torch.tensor([5, 6, 7]), steps)
     assert torch.isfinite(losses["loss"]) and "nce" in losses
+
+
+def test_predict_writes_the_top_k_of_every_row(caches: dict[str, Path], tmp_path: Path) -> None:
+    """--predict: one row per cache row and part, K items best first, as the metrics rank
+    them (a hit at rank r in the file is a hit at rank r in recall), history left out under
+    the masked protocol; `--out X.parquet` names the candidates file."""
+    import duckdb
+
+    from train.__main__ import main
+
+    cands = tmp_path / "cands.parquet"
+    assert main(["--cache", str(caches["cycle"]), "--epochs", "2", "--dim", "16", "--threads",
+                 "2", "--predict", "--top-k", "7", "--out", str(cands)]) == 0
+    con = duckdb.connect()
+    parts = dict(con.execute(f"select part, count(*) from '{cands}' group by 1").fetchall())
+    cache = Cache(caches["cycle"])
+    assert parts == {s: len(cache.splits[s]) for s in ("train", "valid", "test")}
+    assert con.execute(f"select min(len(item_ids)), max(len(item_ids)), bool_and(len(scores)"
+                       f" = len(item_ids)), bool_and(list_sort(scores, 'DESC') = scores)"
+                       f" from '{cands}'").fetchone() == (7, 7, True, True)
+    from train.loop import runs_root
+
+    metrics = next(m for m in (json.loads(f.read_text()) for f in
+                               runs_root(caches["cycle"]).glob("*/metrics.json"))
+                   if m.get("candidates") == str(cands))
+    hit5 = con.execute(f"select avg((list_position(item_ids[1:5], target_item_id) is not null)"
+                       f"::int) from '{cands}' where part = 'test'").fetchone()[0]
+    assert hit5 == pytest.approx(metrics["test"]["recall@5"])
+    # masked: no candidate is an item of the row's own history
+    items = pq.read_table(caches["cycle"] / "items.parquet").to_pydict()
+    idx = dict(zip(map(str, items["item_id"]), items["item_idx"], strict=True))
+    masked = tmp_path / "masked.parquet"
+    assert main(["--cache", str(caches["cycle"]), "--epochs", "1", "--dim", "16", "--threads",
+                 "2", "--predict", "--top-k", "5", "--protocol", "masked",
+                 "--out", str(masked)]) == 0
+    test = [ids for (ids,) in con.execute(f"select item_ids from '{masked}' where part = 'test'"
+                                          " order by row").fetchall()]
+    for seq, cands_row in zip(np.asarray(cache.splits["test"].seq), test, strict=True):
+        assert not {idx[i] for i in cands_row} & set(seq[seq > 0].tolist())
