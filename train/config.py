@@ -79,6 +79,9 @@ class Config:
                      "epochs", "patience", "eval_every", "beam", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.backbone in GENERATIVE and self.beam < 10:
+            raise ValueError(f"--beam {self.beam}: at least 10 (the best epoch is chosen by "
+                             "NDCG@10, which needs ten ranked items)")
         if self.fusion_head_dim is not None and self.fusion_head_dim < 1:
             raise ValueError("--fusion-head-dim must be at least 1")
         # a NaN compares false with everything, so each range is written to fail on it
