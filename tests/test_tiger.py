@@ -221,7 +221,7 @@ def test_tiger_learns_a_planted_rule_well_above_popularity(caches: dict[str, Pat
 def test_oracle_steps_lift_fused_tiger_and_shuffled_steps_do_not(
         caches: dict[str, Path], tmp_path: Path) -> None:
     cache = caches["oracle"]  # random histories; the last step embeds the target's text
-    kw = {"epochs": 12, "lr": 5e-3}
+    kw = {"epochs": 8, "lr": 5e-3}
     base = _run(tmp_path, cache, "base", **kw)["test"]["ndcg@10"]
     fused = _run(tmp_path, cache, "fused", fusion="scoter", **kw)
     shuffled = _run(tmp_path, cache, "shuffled", fusion="scoter", shuffle_steps=True,
