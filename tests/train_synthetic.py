@@ -12,10 +12,13 @@ from factory.exports.cache import StepSource, build_parts, write_cache
 
 def synthetic_cache(out: Path, *, n_items: int = 40, n_users: int = 300, length: int = 8,
                     pattern: str = "random", steps: str | None = None, step_dim: int = 16,
-                    k: int = 3, sid_levels: int = 0, seed: int = 0) -> Path:
+                    k: int = 3, sid_levels: int = 0, sid_codes: int = 8,
+                    unique_sids: bool = False, seed: int = 0) -> Path:
     """pattern "random": histories carry no signal; "cycle": the next item is always the
     previous one plus one (mod n). steps "oracle": the last reasoning step embeds the row's
-    own target item's text vector (the others are noise); "noise": all steps are noise."""
+    own target item's text vector (the others are noise); "noise": all steps are noise.
+    sid_levels codes per item, each in 0..sid_codes-1; unique_sids: no two items share one
+    (TIGER decodes one item per SID)."""
     rng = np.random.default_rng(seed)
     users, train, valid, test = [], [], [], []
     for u in range(n_users):
@@ -35,7 +38,13 @@ def synthetic_cache(out: Path, *, n_items: int = 40, n_users: int = 300, length:
         "title": pa.array([f"item {i}" for i in range(1, n_items + 1)]),
     }
     if sid_levels:
-        codes = rng.integers(0, 8, size=(n_items, sid_levels)).astype(np.int32).tolist()
+        if unique_sids:
+            flat = rng.choice(sid_codes ** sid_levels, size=n_items, replace=False)
+            digits = [flat // sid_codes ** lvl % sid_codes for lvl in reversed(range(sid_levels))]
+            codes = np.stack(digits, axis=1).astype(np.int32).tolist()
+        else:
+            codes = rng.integers(0, sid_codes, size=(n_items, sid_levels)).astype(
+                np.int32).tolist()
         columns["sid"] = pa.array(codes, pa.list_(pa.int32()))
     source = None
     if steps is not None:

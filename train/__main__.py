@@ -49,8 +49,9 @@ class StderrProgress:
     bars: on a terminal one line redrawn in place, elsewhere a line every `every` seconds
     and one when a stage ends, so that log files stay readable."""
 
-    def __init__(self, stream: TextIO = sys.stderr, every: float = 10.0,
+    def __init__(self, stream: TextIO | None = None, every: float = 10.0,
                  clock: Callable[[], float] = time.monotonic, tty: bool | None = None):
+        stream = sys.stderr if stream is None else stream  # now, not when imported
         self.stream, self.every, self.clock = stream, every, clock
         self.tty = stream.isatty() if tty is None else tty
         self.stage: str | None = None

@@ -17,8 +17,8 @@ GENERATIVE = ("tiger",)  # decode semantic IDs; ranked lists are their beams
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sasrec": {"dim": 64, "layers": 2, "heads": 1, "dropout": 0.2, "lr": 1e-3,
                "batch_size": 128},
-    "tiger": {"dim": 128, "layers": 4, "heads": 6, "ffn_dim": 1024, "dropout": 0.1,
-              "lr": 1e-4, "batch_size": 256},  # SCoTER A.1, Table 8
+    "tiger": {"dim": 128, "layers": 4, "heads": 6, "d_kv": 64, "ffn_dim": 1024,
+              "dropout": 0.1, "lr": 1e-4, "batch_size": 256},  # SCoTER A.1, Table 8
 }
 
 @dataclass
@@ -34,6 +34,7 @@ class Config:
     dim: int = None  # type: ignore[assignment]
     layers: int = None  # type: ignore[assignment]
     heads: int = None  # type: ignore[assignment]
+    d_kv: int | None = None  # T5 (TIGER) per-head width, independent of dim
     ffn_dim: int | None = None  # default: dim, as in SASRec
     dropout: float = None  # type: ignore[assignment]
     fusion_heads: int = 4  # SCoTER-H: 4, SCoTER-T: 6
@@ -82,8 +83,9 @@ class Config:
         if self.backbone in GENERATIVE and self.beam < 10:
             raise ValueError(f"--beam {self.beam}: at least 10 (the best epoch is chosen by "
                              "NDCG@10, which needs ten ranked items)")
-        if self.fusion_head_dim is not None and self.fusion_head_dim < 1:
-            raise ValueError("--fusion-head-dim must be at least 1")
+        for name in ("fusion_head_dim", "d_kv"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         # a NaN compares false with everything, so each range is written to fail on it
         for name, ok, what in (
                 ("lr", self.lr > 0 and math.isfinite(self.lr), "a positive number"),
@@ -96,7 +98,7 @@ class Config:
             if not ok:
                 value = getattr(self, name)
                 raise ValueError(f"--{name.replace('_', '-')} {value:g}: must be {what}")
-        if self.dim % self.heads:
+        if self.backbone not in GENERATIVE and self.dim % self.heads:
             raise ValueError(f"--heads ({self.heads}) must divide --dim ({self.dim}) "
                              "(the backbone's self-attention)")
         if self.protocol not in PROTOCOLS:
@@ -137,7 +139,9 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--sid", action="store_true", help="add semantic-ID embeddings")
     for name, typ, hlp in [
         ("dim", int, "model and item dimension"), ("layers", int, "transformer blocks"),
-        ("heads", int, "self-attention heads"), ("ffn-dim", int, "FFN width [dim]"),
+        ("heads", int, "self-attention heads"),
+        ("d-kv", int, "TIGER: width of each T5 attention head, independent of --dim"),
+        ("ffn-dim", int, "FFN width [dim]"),
         ("dropout", float, "backbone dropout"), ("fusion-heads", int, "cross-attention heads"),
         ("fusion-head-dim", int, "width of each cross-attention head, independent of --dim "
          "[dim // fusion-heads when it divides, else rounded up]"),

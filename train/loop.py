@@ -287,10 +287,14 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
     log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device}: "
         f"{len(cache.splits['train']):,} train rows, {cache.n_items:,} items, "
         f"max_len {cache.max_len}")
+    train_split, train_perm = cache.splits["train"], perms["train"]
+    if hasattr(model, "training_split"):  # TIGER: one example per next item of each row
+        train_split, train_perm = model.training_split(train_split, train_perm), None
+        log(f"{len(train_split):,} training examples (sliding prefixes of the train rows)")
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        losses = train_epoch(model, cache.splits["train"], cfg, device, opt, scaler, rng,
-                             perms["train"], epoch, progress, f"epoch {epoch}/{cfg.epochs}")
+        losses = train_epoch(model, train_split, cfg, device, opt, scaler, rng,
+                             train_perm, epoch, progress, f"epoch {epoch}/{cfg.epochs}")
         train_seconds.append(time.perf_counter() - t0)
         row: dict[str, Any] = {"epoch": epoch, "seconds": train_seconds[-1], **losses}
         over_time = (cfg.max_minutes is not None
