@@ -16,9 +16,11 @@ GENERATIVE = ("tiger",)  # decode semantic IDs; ranked lists are their beams
 #: each backbone's own defaults for the options left unset (None) on the command line
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sasrec": {"dim": 64, "layers": 2, "heads": 1, "dropout": 0.2, "lr": 1e-3,
-               "batch_size": 128},
+               "batch_size": 128, "fusion_heads": 4},
+    # SCoTER A.1, Table 8 (SCoTER-T: 6 fusion heads of T5's d_kv 64)
     "tiger": {"dim": 128, "layers": 4, "heads": 6, "d_kv": 64, "ffn_dim": 1024,
-              "dropout": 0.1, "lr": 1e-4, "batch_size": 256},  # SCoTER A.1, Table 8
+              "dropout": 0.1, "lr": 1e-4, "batch_size": 256, "fusion_heads": 6,
+              "fusion_head_dim": 64},
 }
 
 @dataclass
@@ -37,7 +39,7 @@ class Config:
     d_kv: int | None = None  # T5 (TIGER) per-head width, independent of dim
     ffn_dim: int | None = None  # default: dim, as in SASRec
     dropout: float = None  # type: ignore[assignment]
-    fusion_heads: int = 4  # SCoTER-H: 4, SCoTER-T: 6
+    fusion_heads: int = None  # type: ignore[assignment]  # SCoTER-H: 4, SCoTER-T: 6
     fusion_head_dim: int | None = None  # default: dim // fusion_heads, else ceil
     fusion_dropout: float = 0.1  # SCoTER Table 8
     lam: float = 0.1  # SCoTER eq. 8
@@ -80,6 +82,9 @@ class Config:
                      "epochs", "patience", "eval_every", "beam", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.backbone in GENERATIVE and self.sid:
+            raise ValueError(f"--sid adds semantic-ID embeddings to a dense backbone; "
+                             f"{self.backbone} always works on semantic IDs")
         if self.backbone in GENERATIVE and self.beam < 10:
             raise ValueError(f"--beam {self.beam}: at least 10 (the best epoch is chosen by "
                              "NDCG@10, which needs ten ranked items)")
