@@ -96,7 +96,8 @@ def build_model(cfg: Config, cache: Cache) -> nn.Module:
         sid = torch.from_numpy(cache.sid)
     items = ItemTable(cache.n_items, cfg.dim, sid)
     encoder = module.build(cfg, items, cache.max_len)
-    return Recommender(encoder, build_fusion(cfg, cache, cfg.dim), cfg.lam, cfg.temperature)
+    return Recommender(encoder, build_fusion(cfg, cache, cfg.dim), cfg.lam, cfg.temperature,
+                       cfg.loss, cfg.negatives, cfg.softmax_temperature)
 
 
 def _autocast(device: torch.device, enabled: bool) -> Any:
@@ -287,6 +288,10 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
     log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device}: "
         f"{len(cache.splits['train']):,} train rows, {cache.n_items:,} items, "
         f"max_len {cache.max_len}")
+    if getattr(getattr(model, "backbone", None), "uses_time", False) and (
+            cache.splits["train"].time is None):
+        log(f"{cfg.backbone}: the cache has no timestamps ({{split}}.time.npy): relative "
+            "position bias only")
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         losses = train_epoch(model, cache.splits["train"], cfg, device, opt, scaler, rng,
