@@ -194,7 +194,8 @@ def main() -> None:
           f"ranking; {args.loss} softmax; best epoch chosen under {PUBLISHED_PROTOCOL!r}; "
           f"{budget}; {args.threads} threads")
     rb = run_recbole(args.recbole, warehouse, args.dataset, args, work) if args.recbole else None
-    head = (f"{'model':<50} {'R@10':>7} {'N@10':>7} {'R/pub':>6} {'N/pub':>6} {'s/epoch':>8} "
+    w = 2 + max(len("published " + name) for name in PUBLISHED)
+    head = (f"{'model':<{w}} {'R@10':>7} {'N@10':>7} {'R/pub':>6} {'N/pub':>6} {'s/epoch':>8} "
             f"{'best/run':>9} {'wall s':>7}")
     for proto in ("masked", "full"):
         print(f"\nprotocol {proto}: {PROTOCOL_NAMES[proto]}")
@@ -205,13 +206,13 @@ def main() -> None:
             ref = published.get(REFERENCE[b]) if args.dataset == "ml-1m" else None
             ratios = (f"{r10 / ref[0]:>6.3f} {n10 / ref[1]:>6.3f}" if ref
                       else f"{'-':>6} {'-':>6}")
-            print(f"{'ours ' + b + ' (train/)':<50} {r10:>7.4f} {n10:>7.4f} {ratios} "
+            print(f"{'ours ' + b + ' (train/)':<{w}} {r10:>7.4f} {n10:>7.4f} {ratios} "
                   f"{res['seconds_per_epoch']:>8.1f} "
                   f"{str(res['best_epoch']) + '/' + str(res['epochs_run']):>9} "
                   f"{res['wall_seconds']:>7.0f}")
         if args.dataset == "ml-1m":
             for name, (pr, pn, _) in published.items():
-                print(f"{'published ' + name:<50} {pr:>7.4f} {pn:>7.4f}")
+                print(f"{'published ' + name:<{w}} {pr:>7.4f} {pn:>7.4f}")
         if not published or args.dataset != "ml-1m":
             print("(no published figure under this protocol on this dataset; R/pub and N/pub "
                   "are ours over the same backbone's published row)")
@@ -220,7 +221,7 @@ def main() -> None:
             r10 = ours["sasrec"]["protocols"][proto]["test"]["recall@10"]
             n10 = ours["sasrec"]["protocols"][proto]["test"]["ndcg@10"]
             spe = ours["sasrec"]["seconds_per_epoch"]
-            print(f"{'RecBole 1.2.1 SASRec':<50} {t['recall@10']:>7.4f} {t['ndcg@10']:>7.4f} "
+            print(f"{'RecBole 1.2.1 SASRec':<{w}} {t['recall@10']:>7.4f} {t['ndcg@10']:>7.4f} "
                   f"{'':>13} {rb['seconds_per_epoch']:>8.1f} {'-/' + str(rb['epochs_run']):>9}")
             print(f"ratio ours sasrec / RecBole: R@10 {r10 / t['recall@10']:.3f}, N@10 "
                   f"{n10 / t['ndcg@10']:.3f}, s/epoch {spe / rb['seconds_per_epoch']:.3f}")
