@@ -1,14 +1,19 @@
-"""Baseline SASRec on MovieLens through the whole pipeline (ingest -> export cache -> train),
-against published full-ranking figures and, optionally, RecBole on the very same split.
+"""Dense backbones (SASRec, HSTU) on MovieLens through the whole pipeline (ingest -> export
+cache -> train), against published full-ranking figures and, optionally, RecBole's SASRec on
+the very same split.
 
-    python bench/train.py                                   # ML-1M, max_len 200, 30 epochs
+    python bench/train.py                                   # SASRec, ML-1M, max_len 200
+    python bench/train.py --backbone sasrec,hstu --max-minutes 3   # both, same cache, one table
     python bench/train.py --epochs 200 --patience 20        # the published budget
+    python bench/train.py --loss sampled                    # the published loss (128 negatives)
     python bench/train.py --recbole /tmp/recbole-venv/bin/python --dataset ml-100k
 
 Published reference (ML-1M, leave-one-out, full-catalog ranking, max_len 200, d=50, 2 blocks,
 1 head, dropout 0.2, lr 1e-3, batch 128): facebookresearch/generative-recommenders README,
-"MovieLens-1M" table (verified there 04/15/2024), row SASRec (sampled softmax, 128
-negatives): HR@10 0.2853, NDCG@10 0.1603; rows BERT4Rec 0.2843 / 0.1537 and GRU4Rec
+"MovieLens-1M" table (verified there 04/15/2024), rows SASRec (sampled softmax, 128
+negatives): HR@10 0.2853, NDCG@10 0.1603; HSTU (same settings, configs/ml-1m/hstu-sampled-
+softmax-n128-final.gin): 0.3097 / 0.1720; HSTU-large (8 blocks, 2 heads of 25): 0.3294 /
+0.1893; rows BERT4Rec 0.2843 / 0.1537 and GRU4Rec
 0.2811 / 0.1648 quoted there from Klenitskiy & Vasilev, RecSys 2023. With one target per
 user HR@10 = Recall@10. Their ML-1M is BERT4Rec's (6,040 users, 3,416 items), which is what a
 5-core ingest of ML-1M gives. `--recbole PY` runs RecBole's SASRec (CE loss) with the same
@@ -30,9 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from train.metrics import PROTOCOL_NAMES  # noqa: E402  (after the path is set)
+
 #: (HR@10 = Recall@10, NDCG@10, protocol), ML-1M, leave-one-out, full-catalog ranking
 PUBLISHED = {
     "SASRec (generative-recommenders README)": (0.2853, 0.1603, "masked"),
+    "HSTU (generative-recommenders README)": (0.3097, 0.1720, "masked"),
+    "HSTU-large (generative-recommenders README)": (0.3294, 0.1893, "masked"),
     "BERT4Rec (Klenitskiy & Vasilev 2023, via the same README)": (0.2843, 0.1537, "masked"),
 }
 #: the published figures' protocol: it also chooses our best epoch here
@@ -73,15 +82,25 @@ def prepare(work: Path, variant: str, max_len: int) -> tuple[Path, Path]:
     return wh.path, cache
 
 
-def run_ours(cache: Path, args: argparse.Namespace, out: Path) -> dict:
+#: each backbone's published row, the one its ratios are taken against
+REFERENCE = {"sasrec": "SASRec (generative-recommenders README)",
+             "hstu": "HSTU (generative-recommenders README)"}
+
+
+def run_ours(cache: Path, args: argparse.Namespace, out: Path, backbone: str) -> dict:
+    """One backbone with the published ML-1M settings (the same for SASRec and HSTU)."""
     from train.config import Config
     from train.loop import run
 
-    cfg = Config(cache=str(cache), out=str(out), dim=50, layers=2, heads=1, dropout=0.2,
-                 lr=1e-3, batch_size=128, epochs=args.epochs, patience=args.patience,
-                 threads=args.threads, seed=args.seed, max_minutes=args.max_minutes,
-                 protocol=PUBLISHED_PROTOCOL)
-    return run(cfg, log=lambda m: print("  ours: " + m, flush=True))
+    cfg = Config(cache=str(cache), out=str(out), backbone=backbone, dim=50, layers=2,
+                 heads=1, dropout=0.2, lr=1e-3, batch_size=128, epochs=args.epochs,
+                 patience=args.patience, threads=args.threads, seed=args.seed,
+                 max_minutes=args.max_minutes, protocol=PUBLISHED_PROTOCOL, loss=args.loss,
+                 negatives=args.negatives, device=args.device)
+    t = time.perf_counter()
+    result = run(cfg, log=lambda m: print(f"  {backbone}: " + m, flush=True))
+    result["wall_seconds"] = time.perf_counter() - t
+    return result
 
 
 def write_atomic(warehouse: Path, dataset: str, root: Path) -> None:
@@ -142,10 +161,17 @@ def run_recbole(python: str, warehouse: Path, dataset: str, args: argparse.Names
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="ml-1m", choices=["ml-1m", "ml-100k"])
+    p.add_argument("--backbone", default="sasrec",
+                   help="comma-separated dense backbones, each trained on the same cache "
+                        "(sasrec, hstu) [sasrec]")
+    p.add_argument("--loss", default="full", choices=["full", "sampled"],
+                   help="full softmax, or the published sampled softmax [full]")
+    p.add_argument("--negatives", type=int, default=128, help="sampled softmax [128]")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=20)
-    p.add_argument("--max-minutes", type=float, help="training time budget (ours)")
+    p.add_argument("--max-minutes", type=float, help="training time budget of each backbone")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work", type=Path, help="keep the warehouse and cache here")
@@ -154,37 +180,54 @@ def main() -> None:
                    help="RecBole's epoch budget [--epochs]; its epochs hold one sample per "
                         "prefix, about L/2 times our gradient steps")
     args = p.parse_args()
+    backbones = [b.strip() for b in args.backbone.split(",") if b.strip()]
+    unknown = [b for b in backbones if b not in REFERENCE]
+    if unknown or not backbones:
+        p.error(f"--backbone: choose among {', '.join(REFERENCE)} (got {args.backbone!r})")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     warehouse, cache = prepare(work, args.dataset.removeprefix("ml-"), args.max_len)
-    ours = run_ours(cache, args, work / "ours")
-    by = ours["protocols"]
-    spe, be = ours["seconds_per_epoch"], f"{ours['best_epoch']}/{ours['epochs_run']}"
+    ours = {b: run_ours(cache, args, work / b, b) for b in backbones}
+    budget = (f"{args.max_minutes:g} minutes of training each" if args.max_minutes
+              else f"{args.epochs} epochs at most")
     print(f"\n{args.dataset}, max_len {args.max_len}, test split, leave-one-out, full-catalog "
-          f"ranking; best epoch chosen under {ours['protocol']!r}; {args.epochs} epochs at "
-          f"most (RecBole {args.recbole_epochs or args.epochs}), {args.threads} threads")
+          f"ranking; {args.loss} softmax; best epoch chosen under {PUBLISHED_PROTOCOL!r}; "
+          f"{budget}; {args.threads} threads")
     rb = run_recbole(args.recbole, warehouse, args.dataset, args, work) if args.recbole else None
-    head = f"{'model':<58} {'R@10':>7} {'N@10':>7} {'s/epoch':>8} {'best/run':>9}"
+    w = 2 + max(len("published " + name) for name in PUBLISHED)
+    head = (f"{'model':<{w}} {'R@10':>7} {'N@10':>7} {'R/pub':>6} {'N/pub':>6} {'s/epoch':>8} "
+            f"{'best/run':>9} {'wall s':>7}")
     for proto in ("masked", "full"):
-        print(f"\nprotocol {proto}: {by[proto]['name']}")
+        print(f"\nprotocol {proto}: {PROTOCOL_NAMES[proto]}")
         print(head)
-        r10, n10 = by[proto]["test"]["recall@10"], by[proto]["test"]["ndcg@10"]
-        print(f"{'ours (train/)':<58} {r10:>7.4f} {n10:>7.4f} {spe:>8.1f} {be:>9}")
         published = {k: v for k, v in PUBLISHED.items() if v[2] == proto}
+        for b, res in ours.items():
+            r10, n10 = (res["protocols"][proto]["test"][m] for m in ("recall@10", "ndcg@10"))
+            ref = published.get(REFERENCE[b]) if args.dataset == "ml-1m" else None
+            ratios = (f"{r10 / ref[0]:>6.3f} {n10 / ref[1]:>6.3f}" if ref
+                      else f"{'-':>6} {'-':>6}")
+            print(f"{'ours ' + b + ' (train/)':<{w}} {r10:>7.4f} {n10:>7.4f} {ratios} "
+                  f"{res['seconds_per_epoch']:>8.1f} "
+                  f"{str(res['best_epoch']) + '/' + str(res['epochs_run']):>9} "
+                  f"{res['wall_seconds']:>7.0f}")
         if args.dataset == "ml-1m":
             for name, (pr, pn, _) in published.items():
-                print(f"{'published ' + name:<58} {pr:>7.4f} {pn:>7.4f}")
-            for name, (pr, pn, _) in list(published.items())[:1]:
-                print(f"ratio ours / published {name.split(' (')[0]}: R@10 {r10 / pr:.3f}, "
-                      f"N@10 {n10 / pn:.3f}")
+                print(f"{'published ' + name:<{w}} {pr:>7.4f} {pn:>7.4f}")
         if not published or args.dataset != "ml-1m":
-            print("(no published figure under this protocol on this dataset)")
-        if rb is not None and proto == RECBOLE_PROTOCOL:
+            print("(no published figure under this protocol on this dataset; R/pub and N/pub "
+                  "are ours over the same backbone's published row)")
+        if rb is not None and proto == RECBOLE_PROTOCOL and "sasrec" in ours:
             t = rb["test_result"]
-            print(f"{'RecBole 1.2.1 SASRec':<58} {t['recall@10']:>7.4f} {t['ndcg@10']:>7.4f} "
-                  f"{rb['seconds_per_epoch']:>8.1f} {'-/' + str(rb['epochs_run']):>9}")
-            print(f"ratio ours / RecBole: R@10 {r10 / t['recall@10']:.3f}, N@10 "
+            r10 = ours["sasrec"]["protocols"][proto]["test"]["recall@10"]
+            n10 = ours["sasrec"]["protocols"][proto]["test"]["ndcg@10"]
+            spe = ours["sasrec"]["seconds_per_epoch"]
+            print(f"{'RecBole 1.2.1 SASRec':<{w}} {t['recall@10']:>7.4f} {t['ndcg@10']:>7.4f} "
+                  f"{'':>13} {rb['seconds_per_epoch']:>8.1f} {'-/' + str(rb['epochs_run']):>9}")
+            print(f"ratio ours sasrec / RecBole: R@10 {r10 / t['recall@10']:.3f}, N@10 "
                   f"{n10 / t['ndcg@10']:.3f}, s/epoch {spe / rb['seconds_per_epoch']:.3f}")
+    if "sasrec" in ours and "hstu" in ours:
+        ratio = ours["hstu"]["seconds_per_epoch"] / ours["sasrec"]["seconds_per_epoch"]
+        print(f"\nepoch time HSTU / SASRec: {ratio:.2f}")
     print(f"files: {work}")
 
 

@@ -74,6 +74,42 @@ def test_export_writes_leave_one_out_rows_without_leakage(ml100k: Warehouse,
             assert not set(seq) & set(later)
 
 
+def test_export_writes_history_times_aligned_without_the_targets(ml100k: Warehouse,
+                                                                 tmp_path: Path) -> None:
+    manifest = export_cache(ml100k, "ml-100k", "loo", tmp_path / "cache", 20)
+    assert manifest["time"] == {"unit": "s"}
+    cache = Cache(tmp_path / "cache")
+    users = {p: pq.read_table(tmp_path / "cache" / f"{p}.users.parquet")["user_id"].to_pylist()
+             for p in ("train", "valid", "test")}
+    with ml100k.read() as con:
+        rows = con.execute(
+            "select user_id, part, list(ts order by position) from split_interactions"
+            " where dataset = 'ml-100k' and split = 'loo' group by all").fetchall()
+    ts = {(u, p): t for u, p, t in rows}
+    for part in ("train", "valid", "test"):
+        split = cache.splits[part]
+        assert f"{part}.time.npy" in manifest["files"] and split.time is not None
+        assert split.time.dtype == np.int64 and split.time.shape == split.seq.shape
+        assert not (np.asarray(split.time)[np.asarray(split.seq) == 0]).any()  # 0 at padding
+        for row, user in enumerate(users[part]):
+            train, valid = ts[(user, "train")], ts.get((user, "valid"), [])
+            history, target_time = {
+                "train": (train[:-1], train[-1]),
+                "valid": (train, valid[0] if valid else None),
+                "test": (train + valid, ts.get((user, "test"), [None])[0]),
+            }[part]
+            got = [int(t) for t, i in zip(split.time[row], split.seq[row], strict=True) if i]
+            assert got == history[-20:]  # one time per history item, in its order
+            assert len(got) == int((split.seq[row] > 0).sum())
+            assert max(got) <= target_time  # the target's own time is never a history's
+    with ml100k.write() as con:
+        con.execute("update interactions set ts = null where dataset = 'ml-100k'"
+                    " and user_id = (select min(user_id) from interactions)")
+    untimed = export_cache(ml100k, "ml-100k", "loo", tmp_path / "untimed", 20)
+    assert untimed["time"] is None and not any(".time." in f for f in untimed["files"])
+    assert all(s.time is None for s in Cache(tmp_path / "untimed").splits.values())
+
+
 def test_export_refuses_what_it_cannot_write(ml100k: Warehouse, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     assert _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--out", str(out)

@@ -13,14 +13,16 @@ from factory.exports.cache import StepSource, build_parts, write_cache
 def synthetic_cache(out: Path, *, n_items: int = 40, n_users: int = 300, length: int = 8,
                     pattern: str = "random", steps: str | None = None, step_dim: int = 16,
                     k: int = 3, sid_levels: int = 0, sid_codes: int = 8,
-                    unique_sids: bool = False, seed: int = 0) -> Path:
+                    unique_sids: bool = False, seed: int = 0, times: bool = False) -> Path:
     """pattern "random": histories carry no signal; "cycle": the next item is always the
     previous one plus one (mod n). steps "oracle": the last reasoning step embeds the row's
     own target item's text vector (the others are noise); "noise": all steps are noise.
     sid_levels codes per item, each in 0..sid_codes-1; unique_sids: no two items share one
-    (TIGER decodes one item per SID)."""
+    (TIGER decodes one item per SID). `times`: each user's interactions get increasing unix
+    seconds, gaps of 1 s to ~11 days."""
     rng = np.random.default_rng(seed)
     users, train, valid, test = [], [], [], []
+    stamps: tuple[list, list, list] = ([], [], [])
     for u in range(n_users):
         if pattern == "cycle":
             start = int(rng.integers(n_items))
@@ -31,7 +33,12 @@ def synthetic_cache(out: Path, *, n_items: int = 40, n_users: int = 300, length:
         train.append(items[:-2])
         valid.append([items[-2]])
         test.append([items[-1]])
-    parts = build_parts(users, train, valid, test, max_len=length)
+        when = (1_600_000_000 + np.cumsum(np.exp(rng.uniform(0, 14, size=length)))).astype(
+            np.int64).tolist()
+        for part, chunk in zip(stamps, (when[:-2], [when[-2]], [when[-1]]), strict=True):
+            part.append(chunk)
+    parts = build_parts(users, train, valid, test, max_len=length,
+                        times=stamps if times else None)
     columns = {
         "item_idx": pa.array(np.arange(1, n_items + 1, dtype=np.int32)),
         "item_id": pa.array([f"i{i}" for i in range(1, n_items + 1)]),

@@ -10,13 +10,19 @@ from typing import Any
 from train.fusion import ABLATIONS, check_ablations
 from train.metrics import PROTOCOLS
 
-BACKBONES = ("sasrec",)  # dense: score the last state against every item vector
+BACKBONES = ("sasrec", "hstu")  # dense: score the last state against every item vector
 GENERATIVE = ("tiger",)  # decode semantic IDs; ranked lists are their beams
 
 #: each backbone's own defaults for the options left unset (None) on the command line
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sasrec": {"dim": 64, "layers": 2, "heads": 1, "dropout": 0.2, "lr": 1e-3,
                "batch_size": 128, "fusion_heads": 4},
+    # generative-recommenders configs/ml-1m/hstu-sampled-softmax-n128-final.gin (the README's
+    # ML-1M HSTU row): item_embedding_dim 50, num_blocks 2, num_heads 1, dqk = dv = 50,
+    # dropout_rate = linear_dropout_rate 0.2, learning_rate 1e-3, weight_decay 0, batch 128;
+    # SCoTER-H fuses with 4 heads (Table 8)
+    "hstu": {"dim": 50, "layers": 2, "heads": 1, "dropout": 0.2, "lr": 1e-3,
+             "batch_size": 128, "fusion_heads": 4},
     # SCoTER A.1, Table 8 (SCoTER-T: 6 fusion heads of T5's d_kv 64)
     "tiger": {"dim": 128, "layers": 4, "heads": 6, "d_kv": 64, "ffn_dim": 1024,
               "dropout": 0.1, "lr": 1e-4, "batch_size": 256, "fusion_heads": 6,
@@ -44,6 +50,9 @@ class Config:
     fusion_dropout: float = 0.1  # SCoTER Table 8
     lam: float = 0.1  # SCoTER eq. 8
     temperature: float = 0.1  # eq. 6; the paper gives no value
+    loss: str = "full"  # full | sampled (dense backbones)
+    negatives: int = 128  # sampled softmax: uniform negatives per batch
+    softmax_temperature: float = 0.05  # sampled softmax over L2-normalised vectors
     lr: float = None  # type: ignore[assignment]
     weight_decay: float = 0.0
     batch_size: int = None  # type: ignore[assignment]
@@ -76,10 +85,15 @@ class Config:
         if self.fusion not in ("none", "scoter"):
             raise ValueError(f"unknown fusion {self.fusion!r} (known: none, scoter)")
         check_ablations(frozenset(self.ablate))
+        if self.loss not in ("full", "sampled"):
+            raise ValueError(f"unknown loss {self.loss!r} (known: full, sampled)")
+        if self.loss == "sampled" and self.backbone not in BACKBONES:
+            raise ValueError(f"--loss sampled is for the dense backbones "
+                             f"({', '.join(BACKBONES)})")
         if self.fusion == "none" and (self.ablate or self.shuffle_steps):
             raise ValueError("--ablate and --shuffle-steps need --fusion scoter")
         for name in ("dim", "layers", "heads", "fusion_heads", "batch_size", "eval_batch_size",
-                     "epochs", "patience", "eval_every", "beam", "top_k"):
+                     "epochs", "patience", "eval_every", "beam", "top_k", "negatives"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.backbone in GENERATIVE and self.sid:
@@ -99,7 +113,9 @@ class Config:
                 ("fusion_dropout", 0 <= self.fusion_dropout < 1, "in [0, 1)"),
                 ("lam", 0 <= self.lam < math.inf, "a number >= 0"),
                 ("temperature", self.temperature > 0 and math.isfinite(self.temperature),
-                 "a positive number")):
+                 "a positive number"),
+                ("softmax_temperature", self.softmax_temperature > 0
+                 and math.isfinite(self.softmax_temperature), "a positive number")):
             if not ok:
                 value = getattr(self, name)
                 raise ValueError(f"--{name.replace('_', '-')} {value:g}: must be {what}")
@@ -129,9 +145,9 @@ class _Parser(argparse.ArgumentParser):
 def parser(require_cache: bool = True) -> argparse.ArgumentParser:
     d = Config(cache="")
     p = _Parser(prog="python -m train",
-                description="Train SASRec, optionally with SCoTER reasoning fusion, on an "
-                            "exported cache; leave-one-out evaluation by full ranking, "
-                            "reported with and without the history masked.")
+                description="Train SASRec, HSTU or TIGER, optionally with SCoTER reasoning "
+                            "fusion, on an exported cache; leave-one-out evaluation by full "
+                            "ranking, reported with and without the history masked.")
     p.add_argument("--cache", required=require_cache, help="exported cache directory")
     p.add_argument("--out", help="output directory [runs/<cache>-<variant>-<time>, runs/ "
                    "beside the cache's caches/ folder, else beside the cache]")
@@ -142,6 +158,10 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--shuffle-steps", action="store_true",
                    help="control: each row gets another user's reasoning")
     p.add_argument("--sid", action="store_true", help="add semantic-ID embeddings")
+    p.add_argument("--loss", default=d.loss, choices=["full", "sampled"],
+                   help="dense backbones: softmax over the whole catalog, or sampled softmax "
+                        "over --negatives uniform items with L2-normalised vectors "
+                        f"(generative-recommenders' ML-1M runs) [{d.loss}]")
     for name, typ, hlp in [
         ("dim", int, "model and item dimension"), ("layers", int, "transformer blocks"),
         ("heads", int, "self-attention heads"),
@@ -151,7 +171,10 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
         ("fusion-head-dim", int, "width of each cross-attention head, independent of --dim "
          "[dim // fusion-heads when it divides, else rounded up]"),
         ("fusion-dropout", float, "fusion dropout"), ("lam", float, "InfoNCE weight lambda"),
-        ("temperature", float, "InfoNCE temperature tau"), ("lr", float, "Adam learning rate"),
+        ("temperature", float, "InfoNCE temperature tau"),
+        ("negatives", int, "sampled softmax: negatives drawn per batch"),
+        ("softmax-temperature", float, "sampled softmax: temperature of its cosine logits"),
+        ("lr", float, "Adam learning rate"),
         ("weight-decay", float, "Adam weight decay"), ("batch-size", int, "training batch"),
         ("eval-batch-size", int, "evaluation batch"), ("epochs", int, "most epochs"),
         ("patience", int, "evaluations without a better valid NDCG@10 before stopping"),

@@ -90,6 +90,7 @@ class Cache:
                 raise CacheError(f"{f}: sha256 differs from the manifest (changed or truncated)")
         self.steps_meta: dict | None = m.get("steps")
         self.chain_meta: dict | None = m.get("chain")
+        self.time_meta: dict | None = m.get("time")  # optional in version 1: older caches
         self.item_text = self._array("item_text.npy", (self.n_items + 1, None), FLOAT_DTYPES,
                                      required=m.get("item_text") is not None)
         self.sid = self._read_sid()
@@ -156,7 +157,14 @@ class Cache:
         if self.chain_meta is not None:
             chain = self._array(f"{s}.chain.npy", (rows, int(self.chain_meta["D"])),
                                 FLOAT_DTYPES, required=True)
-        return Split(s, seq, target, steps, chain)
+        time = None
+        if self.time_meta is not None:
+            time = self._array(f"{s}.time.npy", (rows, self.max_len), ("int64",), required=True)
+            assert time is not None
+            if rows and bool((np.asarray(time)[np.asarray(seq) == 0] != 0).any()):
+                raise CacheError(f"{self.path}/{s}.time.npy: a time where the history is "
+                                 "padding (0 is padding)")
+        return Split(s, seq, target, steps, chain, time)
 
 
 # -- batching ----------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def build_model(cfg: Config, cache: Cache) -> nn.Module:
         sid = torch.from_numpy(cache.sid)
     items = ItemTable(cache.n_items, cfg.dim, sid)
     encoder = module.build(cfg, items, cache.max_len)
-    return Recommender(encoder, build_fusion(cfg, cache, cfg.dim), cfg.lam, cfg.temperature)
+    return Recommender(encoder, build_fusion(cfg, cache, cfg.dim), cfg.lam, cfg.temperature,
+                       cfg.loss, cfg.negatives, cfg.softmax_temperature)
 
 
 def _autocast(device: torch.device, enabled: bool) -> Any:
@@ -291,6 +292,10 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
     if hasattr(model, "training_split"):  # TIGER: one example per next item of each row
         train_split, train_perm = model.training_split(train_split, train_perm), None
         log(f"{len(train_split):,} training examples (sliding prefixes of the train rows)")
+    if getattr(getattr(model, "backbone", None), "uses_time", False) and (
+            cache.splits["train"].time is None):
+        log(f"{cfg.backbone}: the cache has no timestamps ({{split}}.time.npy): relative "
+            "position bias only")
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         losses = train_epoch(model, train_split, cfg, device, opt, scaler, rng,

@@ -1,7 +1,16 @@
 """What the dense backbones (SASRec, HSTU) share: the item table (ID embedding plus one
 embedding per semantic-ID level, summed, as SCoTER's HSTU variant, App. A.1) and the
 Recommender that scores a sequence's last state against every item vector, with
-full-softmax cross-entropy over the catalog and optional SCoTER fusion of the reasoning.
+full-softmax cross-entropy over the catalog (default) or sampled softmax, and optional
+SCoTER fusion of the reasoning.
+
+Sampled softmax (`loss="sampled"`) is generative-recommenders' ML-1M recipe (configs/ml-1m/
+{sasrec,hstu}-sampled-softmax-n128-final.gin): states and item vectors L2-normalised (eps
+1e-6), logits divided by a temperature of 0.05, 128 negatives drawn uniformly from the
+catalog, a negative equal to the positive masked out. Here one set of negatives is drawn
+per batch and shared by all its positions (the reference draws per position): the same
+estimator in expectation, at a (positions x N) matmul instead of a gather per position.
+Ranking then scores by the same cosine / temperature.
 
 Where the fusion applies: a row's chain H_i was generated from its whole history, so it may
 describe items that are *targets* of earlier positions. The per-position next-item loss
@@ -19,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.fusion import ScoterFusion, info_nce
+
+LOSSES = ("full", "sampled")
+L2_EPS = 1e-6  # generative-recommenders' l2_norm_eps
 
 
 def init_weights(m: nn.Module) -> None:
@@ -72,10 +84,34 @@ class Recommender(nn.Module):
     """Backbone plus optional fusion; computes the training losses and the ranking scores."""
 
     def __init__(self, backbone: nn.Module, fusion: ScoterFusion | None = None,
-                 lam: float = 0.1, temperature: float = 0.1):
+                 lam: float = 0.1, temperature: float = 0.1, loss: str = "full",
+                 negatives: int = 128, softmax_temperature: float = 0.05):
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}")
         self.backbone, self.fusion = backbone, fusion
         self.lam, self.temperature = lam, temperature
+        self.loss, self.negatives = loss, negatives
+        self.softmax_temperature = softmax_temperature
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampled softmax compares directions (cosine), as the reference; full: identity."""
+        if self.loss == "full":
+            return x
+        return x / x.norm(dim=-1, keepdim=True).clamp(min=L2_EPS)
+
+    def sampled_logits(self, states: torch.Tensor, labels: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (M, 1 + N), the positive first, and the negatives drawn (N,): uniform
+        over items 1..n from torch's RNG; where a negative is the row's own positive its
+        logit is -inf, so the positive is never counted against itself."""
+        n_items = self.backbone.items.item_emb.num_embeddings - 1
+        neg = torch.randint(1, n_items + 1, (self.negatives,), device=states.device)
+        q = self._norm(states)
+        pos = (q * self._norm(self.backbone.items(labels))).sum(-1, keepdim=True)
+        negl = (q @ self._norm(self.backbone.items(neg)).T).masked_fill(
+            neg[None, :] == labels[:, None], float("-inf"))
+        return torch.cat([pos, negl], dim=1) / self.softmax_temperature, neg
 
     def _last_state(self, h_last: torch.Tensor, reasoning: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -98,22 +134,29 @@ class Recommender(nn.Module):
     def scores(self, seq: torch.Tensor, reasoning: torch.Tensor | None = None,
                time: torch.Tensor | None = None) -> torch.Tensor:
         """Scores (B, n_items + 1) for every item; column 0 (padding) is -inf."""
-        s = self.user_vectors(seq, reasoning, time) @ self.backbone.items().T
+        s = self._norm(self.user_vectors(seq, reasoning, time)) @ self._norm(
+            self.backbone.items()).T
+        if self.loss == "sampled":
+            s = s / self.softmax_temperature
         s[:, 0] = float("-inf")
         return s
 
     def losses(self, seq: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
                reasoning: torch.Tensor | None = None, time: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
-        """Cross-entropy over the full catalog at every labelled position (the last one
-        fused), plus lambda * InfoNCE when fusing (eq. 8)."""
+        """Next-item cross-entropy at every labelled position (the last one fused), over the
+        full catalog or sampled negatives, plus lambda * InfoNCE when fusing (eq. 8)."""
         h = self.backbone(seq, time)
         last, z_last = self._last_state(h[:, -1], reasoning)
         states = torch.cat([h[:, :-1], last[:, None]], dim=1)
         mask = labels > 0
-        logits = states[mask] @ self.backbone.items().T
-        logits[:, 0] = float("-inf")
-        rec = F.cross_entropy(logits.float(), labels[mask])
+        if self.loss == "sampled":
+            logits, _ = self.sampled_logits(states[mask], labels[mask])
+            rec = -F.log_softmax(logits.float(), dim=1)[:, 0].mean()
+        else:
+            logits = states[mask] @ self.backbone.items().T
+            logits[:, 0] = float("-inf")
+            rec = F.cross_entropy(logits.float(), labels[mask])
         out = {"rec": rec, "loss": rec}
         if z_last is not None and len(z_last) and "contrastive" not in self.fusion.ablate:
             if reasoning is not None and len(z_last) < len(target):

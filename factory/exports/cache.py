@@ -70,10 +70,15 @@ class Part:
     target: np.ndarray  # (rows,) int32
     user_ids: list[str]
     history_len: np.ndarray  # (rows,) int32, before truncation
+    time: np.ndarray | None = None  # (rows, max_len) int64 unix seconds of seq, 0 = padding
 
 
-def _pad_left(history: list[int], max_len: int) -> np.ndarray:
-    row = np.zeros(max_len, dtype=np.int32)
+#: each user's (train, valid, test) interaction times, aligned with their item lists
+Times = tuple[list[list[int]], list[list[int]], list[list[int]]]
+
+
+def _pad_left(history: list[int], max_len: int, dtype: type = np.int32) -> np.ndarray:
+    row = np.zeros(max_len, dtype=dtype)
     tail = history[-max_len:]
     if tail:
         row[max_len - len(tail):] = tail
@@ -81,37 +86,49 @@ def _pad_left(history: list[int], max_len: int) -> np.ndarray:
 
 
 def build_parts(users: list[str], train: list[list[int]], valid: list[list[int]],
-                test: list[list[int]], max_len: int) -> dict[str, Part]:
-    """The three leave-one-out parts from each user's chronological item indices."""
-    rows: dict[str, tuple[list, list, list, list]] = {p: ([], [], [], []) for p in PARTS}
+                test: list[list[int]], max_len: int, times: Times | None = None
+                ) -> dict[str, Part]:
+    """The three leave-one-out parts from each user's chronological item indices; with
+    `times`, each history's times padded exactly as its items (the target's own time is
+    never written: it is not part of the history)."""
+    rows: dict[str, tuple[list, ...]] = {p: ([], [], [], [], []) for p in PARTS}
 
-    def add(part: str, user: str, history: list[int], target: int) -> None:
+    def add(part: str, user: str, history: list[int], target: int,
+            when: list[int] | None) -> None:
         if not history:
             return  # nothing to condition on
-        seqs, targets, uids, lens = rows[part]
+        seqs, targets, uids, lens, stamps = rows[part]
         seqs.append(_pad_left(history, max_len))
         targets.append(target)
         uids.append(user)
         lens.append(len(history))
+        if when is not None:
+            stamps.append(_pad_left(when, max_len, np.int64))
 
-    for user, tr, va, te in zip(users, train, valid, test, strict=True):
+    no_times: list[list[int] | None] = [None] * len(users)
+    tr_t, va_t, te_t = times if times is not None else (no_times, no_times, no_times)
+    # the test item's own time is a target's: no history ever holds it
+    for user, tr, va, te, trt, vat, _tet in zip(users, train, valid, test, tr_t, va_t, te_t,
+                                                strict=True):
         if len(va) > 1 or len(te) > 1:
             raise FactoryError(
                 f"user {user} has {len(va)} validation and {len(te)} test items: a cache needs "
                 "a leave-one-out split (one of each per user)")
         if tr:
-            add("train", user, tr[:-1], tr[-1])
+            add("train", user, tr[:-1], tr[-1], None if trt is None else trt[:-1])
         if va:
-            add("valid", user, tr, va[0])
+            add("valid", user, tr, va[0], trt)
         if te:
-            add("test", user, tr + va, te[0])
+            add("test", user, tr + va, te[0], None if trt is None else trt + vat)
     out = {}
-    for part, (seqs, targets, uids, lens) in rows.items():
+    for part, (seqs, targets, uids, lens, stamps) in rows.items():
         out[part] = Part(
             seq=np.stack(seqs) if seqs else np.zeros((0, max_len), np.int32),
             target=np.asarray(targets, dtype=np.int32),
             user_ids=uids,
             history_len=np.asarray(lens, dtype=np.int32),
+            time=None if times is None else (
+                np.stack(stamps) if stamps else np.zeros((0, max_len), np.int64)),
         )
     return out
 
@@ -153,6 +170,9 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
         raise FactoryError("sid_meta without a sid column")
     if sid_meta is None and "sid" in items.column_names:
         sid_meta = {"run_id": None, "levels": len(items["sid"][0].as_py())}
+    with_time = {p.time is not None for p in parts.values()}
+    if len(with_time) > 1:
+        raise FactoryError("either every part has times or none has")
     for dtype in {s.dtype for s in (item_text, steps) if s is not None}:
         if dtype not in FLOAT_DTYPES:
             raise FactoryError(f"embedding dtype must be float16 or float32, not {dtype}")
@@ -177,6 +197,10 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
                 raise FactoryError(f"{name}: a row has no target or an empty history")
             np.save(tmp / f"{name}.seq.npy", part.seq.astype(np.int32))
             np.save(tmp / f"{name}.target.npy", part.target.astype(np.int32))
+            if part.time is not None:
+                if part.time.shape != part.seq.shape or (part.time[part.seq == 0] != 0).any():
+                    raise FactoryError(f"{name}: times not aligned with the histories")
+                np.save(tmp / f"{name}.time.npy", part.time.astype(np.int64))
             columns = {
                 "row": pa.array(np.arange(len(part.user_ids), dtype=np.int64)),
                 "user_id": pa.array(part.user_ids, pa.string()),
@@ -204,6 +228,7 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
             "format": FORMAT, "version": VERSION, "dataset": dataset, "split": split,
             "n_items": n_items, "max_len": max_len, "item_text": text_meta, "sid": sid_meta,
             "steps": steps_meta, "chain": chain_meta,
+            "time": {"unit": "s"} if True in with_time else None,
             "rows": {name: int(len(p.target)) for name, p in parts.items()},
             "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -220,9 +245,11 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
 
 
 def read_split(con: duckdb.DuckDBPyConnection, dataset: str, split: str
-               ) -> tuple[pa.Table, list[str], list[list[int]], list[list[int]], list[list[int]]]:
-    """Items (numbered 1..n by item_id) and each user's train/valid/test item indices in
-    chronological order, straight from `split_interactions`."""
+               ) -> tuple[pa.Table, list[str], list[list[int]], list[list[int]], list[list[int]],
+                          Times | None]:
+    """Items (numbered 1..n by item_id), each user's train/valid/test item indices in
+    chronological order, straight from `split_interactions`, and their interaction times
+    (unix seconds) in the same order, None unless every interaction of the split has one."""
     require_split(con, dataset, split)
     require_loo(con, dataset, split, "a training cache")
     rows = con.execute(
@@ -245,7 +272,14 @@ def read_split(con: duckdb.DuckDBPyConnection, dataset: str, split: str
             " coalesce(list(m.item_idx order by si.position) filter (where si.part = 'valid'),"
             "  []) as va,"
             " coalesce(list(m.item_idx order by si.position) filter (where si.part = 'test'),"
-            "  []) as te"
+            "  []) as te,"
+            " coalesce(list(si.ts order by si.position) filter (where si.part = 'train'),"
+            "  []) as tr_ts,"
+            " coalesce(list(si.ts order by si.position) filter (where si.part = 'valid'),"
+            "  []) as va_ts,"
+            " coalesce(list(si.ts order by si.position) filter (where si.part = 'test'),"
+            "  []) as te_ts,"
+            " count(*) filter (where si.ts is null) as untimed"
             " from split_interactions si join _cache_items m using (item_id)"
             " where si.dataset = $d and si.split = $s group by si.user_id order by si.user_id",
             {"d": dataset, "s": split},
@@ -253,7 +287,11 @@ def read_split(con: duckdb.DuckDBPyConnection, dataset: str, split: str
     finally:
         con.unregister("_cache_items")
     users = [r[0] for r in rows]
-    return items, users, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
+    times: Times | None = None
+    if rows and not any(r[7] for r in rows):
+        times = ([r[4] for r in rows], [r[5] for r in rows], [r[6] for r in rows])
+    return (items, users, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+            times)
 
 
 def resolve_sids_run(con: duckdb.DuckDBPyConnection, dataset: str, run: str | None) -> str:
@@ -360,7 +398,7 @@ def export_cache(wh: Warehouse, dataset: str, split: str, out: Path, max_len: in
     without = 0
     fields = text_fields or ["title", "categories"]
     with wh.read() as con:
-        items, users, train, valid, test = read_split(con, dataset, split)
+        items, users, train, valid, test, times = read_split(con, dataset, split)
         if sids or sids_run:
             items, sid_meta = attach_sids(con, dataset, items, sids_run)
         if embed_item_text:
@@ -374,7 +412,7 @@ def export_cache(wh: Warehouse, dataset: str, split: str, out: Path, max_len: in
                                          without_text=without)
     if not users:
         raise FactoryError(f"split {split!r} of {dataset!r} has no interactions")
-    parts = build_parts(users, train, valid, test, max_len)
+    parts = build_parts(users, train, valid, test, max_len, times)
     if not len(parts["train"].target):
         raise FactoryError(f"split {split!r} of {dataset!r} has no user with two training "
                            "items: nothing to train on")
