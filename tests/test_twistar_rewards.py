@@ -201,3 +201,53 @@ def test_planner_reward_paths():
     with pytest.raises(ValueError, match="slow_candidates"):
         planner_reward(["p"], ["think_and_rec(3)"], reference_sid=["i12"],
                        fast_candidates=[fast])
+
+
+@pytest.mark.slow
+def test_grpo_trainer_smoke(tmp_path, monkeypatch):
+    """Two GRPO steps of a tiny random Llama (built from a config, no hub) with the rewards:
+    TRL passes the dataset column, and logs what the functions return."""
+    pytest.importorskip("trl")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
+
+    vocab = ["<pad>", "<eos>", "<think>", "</think>", "<|sid_begin|>", "<|sid_end|>",
+             *(f"<s_{level}_{k}>" for level in "abc" for k in range(4)), *"abcdefghij "]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(r"<[^>]*>|.", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                        eos_token="<eos>")
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1))
+    refs = ["<|sid_begin|><s_a_1><s_b_2><s_c_3><|sid_end|>",
+            "<|sid_begin|><s_a_0><s_b_2><s_c_1><|sid_end|>"]
+    data = Dataset.from_dict({"prompt": ["<|sid_begin|><s_a_0><s_b_0><s_c_0><|sid_end|>"] * 4,
+                              "reference_sid": refs * 2})
+    seen: list[tuple[list, list, list]] = []
+
+    def recorded(prompts, completions, **kwargs):
+        out = slow_reward(prompts, completions, **kwargs)
+        seen.append((completions, kwargs["reference_sid"], out))
+        return out
+
+    recorded.__name__ = "slow_reward"
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                      num_generations=4, max_completion_length=8, report_to="none",
+                      use_cpu=True, logging_steps=1, save_strategy="no",
+                      temperature=0.7, epsilon=0.2)               # E.1.3's sampling and clip
+    trainer = GRPOTrainer(model=model, reward_funcs=[recorded, sid_reward], args=args,
+                          train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    assert len(seen) == 2
+    for completions, ref_column, out in seen:
+        assert len(completions) == len(ref_column) == len(out) == 4
+        assert set(ref_column) <= set(refs)
+        assert out == slow_reward(["p"] * 4, completions, reference_sid=ref_column)
+    logged = [h["rewards/slow_reward/mean"] for h in trainer.state.log_history
+              if "rewards/slow_reward/mean" in h]
+    assert logged == [pytest.approx(sum(out) / 4) for _, _, out in seen]
