@@ -113,6 +113,9 @@ def test_counts_match_the_train_prefixes_in_duckdb(sids_wh, exported):
     assert manifest["params"]["kind"] == "twistar-fast" and manifest["params"]["seed"] == 3
     assert manifest["params"]["history"] == 20
     assert manifest["notes"]["sids_run"] == result.notes["sids_run"]
+    users = len({r["user_id"] for r in rows["test"]})
+    assert manifest["notes"]["targets_without_history"] == {"test": 0, "train": users,
+                                                            "valid": 0}
     assert manifest["files"] == ["ml.train.parquet", "ml.valid.parquet", "ml.test.parquet"]
 
 

@@ -249,6 +249,13 @@ def twistar_fast_table(con: duckdb.DuckDBPyConnection, dataset: str, split: str,
     notes = {"sids_run": run_id, "sid_levels": levels, "history": n,
              "prompt": "the SIDs of the history, oldest first (TwiSTAR 4.2)"}
     con.execute(sql, {"run": run_id, "dataset": dataset, "split": split, "seed": seed})
+    # targets left out for want of an earlier item: each user's first train item, and any
+    # valid/test item with nothing allowed before it
+    notes["targets_without_history"] = dict(con.execute(
+        f"select p.part, count(*) filter (where t.position is null) from split_parts p"
+        f" left join {table} t on t.user_id = p.user_id and t.position = p.position"
+        " where p.dataset = ? and p.split = ? group by p.part order by p.part",
+        [dataset, split]).fetchall())
     return notes
 
 
@@ -256,10 +263,6 @@ def write_table(con: duckdb.DuckDBPyConnection, table: str, paths: dict[str, Pat
                 fmt: str) -> dict[str, dict[str, int]]:
     """Write the rows of `table` (Parquet columns + `_order`) per part, in `_order`, from
     DuckDB: `messages` only as chat JSONL, every column as Parquet; atomically."""
-    counts: dict[str, dict[str, int]] = {p: {} for p in paths}
-    for part, kind, n in con.execute(f"select part, kind, count(*) from {table}"
-                                     " group by all order by all").fetchall():
-        counts[part][kind] = int(n)
     for part, path in paths.items():
         rows = f"select * exclude (_order) from {table} where part = '{part}' order by _order"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +275,14 @@ def write_table(con: duckdb.DuckDBPyConnection, table: str, paths: dict[str, Pat
 
             pq.write_table(con.execute(rows).to_arrow_table().cast(_parquet_schema()), tmp)
         os.replace(tmp, path)
+
+
+def table_counts(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, dict[str, int]]:
+    """part -> kind -> rows of an export table (every part present, empty ones too)."""
+    counts: dict[str, dict[str, int]] = {p: {} for p in PARTS}
+    for part, kind, n in con.execute(f"select part, kind, count(*) from {table}"
+                                     " group by all order by all").fetchall():
+        counts[part][kind] = int(n)
     return counts
 
 
@@ -488,11 +499,12 @@ def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-
             examples: list[Example] = []
             if kind == "twistar-fast":
                 notes = twistar_fast_table(con, dataset, split, history=history, seed=seed)
-                paths = output_paths(out, fmt)
-                counts_fast = write_table(con, "_twistar_fast", paths, fmt)
+                counts_fast = table_counts(con, "_twistar_fast")
                 if not any(counts_fast.values()):
                     raise FactoryError(f"nothing to export for {dataset!r} ({kind}, split "
-                                       f"{split!r}): no user has two train interactions")
+                                       f"{split!r}): no target has an earlier item")
+                paths = output_paths(out, fmt)
+                write_table(con, "_twistar_fast", paths, fmt)
             elif kind == "i2i":
                 examples, notes = i2i_examples(con, dataset, split, mix=mix, holdout=holdout,
                                                seed=seed, model=model)
