@@ -81,6 +81,9 @@ def export_sft_cmd(
                 rows[f"{key} {part}"] = ", ".join(
                     f"{k} {n:,}" for k, n in sorted(kinds.items())) or "empty"
     rows["split"] = result.notes["split"]
+    if result.notes.get("sids_run"):
+        rows["SIDs"] = f"sids run {result.notes['sids_run']} " \
+            f"({result.notes['sid_levels']} levels), history up to {result.notes['history']}"
     if result.notes.get("traces_not_in_split_train"):
         rows["kept traces left out (not in the split's train part; was it replaced?)"] = \
             result.notes["traces_not_in_split_train"]
