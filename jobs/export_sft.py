@@ -14,6 +14,7 @@ from factory.vocabulary import DatasetOpt
 class Kind(str, Enum):
     i2i = "i2i"
     thinkrec = "thinkrec"
+    twistar_fast = "twistar-fast"
 
 
 class Format(str, Enum):
@@ -30,13 +31,16 @@ def register(app: typer.Typer) -> None:
 def export_sft_cmd(
     dataset: str = DatasetOpt,
     kind: Kind = typer.Option(..., "--kind", help="i2i: TwiSTAR explanations + SID/text "
-                              "alignment; thinkrec: reasoning traces + Yes/No examples."),
+                              "alignment; thinkrec: reasoning traces + Yes/No examples; "
+                              "twistar-fast: TwiSTAR M_fast's SID history -> next item's SID "
+                              "(4.2), from the latest `factory sids` run."),
     out: Path = typer.Option(None, "--out", help="e.g. sports.jsonl -> sports.train.jsonl, "
                              "sports.valid.jsonl, sports.test.jsonl, sports.manifest.json "
                              "[default: <warehouse>.files/sft/<dataset>-<kind>]."),
     fmt: Format = typer.Option(Format.chat_jsonl, "--format"),
-    split: str = typer.Option(None, "--split", help="i2i: loo; thinkrec: thinkrec (ThinkRec "
-                              "4.1's protocol) where the dataset has one, else loo."),
+    split: str = typer.Option(None, "--split", help="i2i, twistar-fast: loo; thinkrec: "
+                              "thinkrec (ThinkRec 4.1's protocol) where the dataset has one, "
+                              "else loo."),
     seed: int = typer.Option(0, "--sample-seed", help="Seed of the holdout, the mix and "
                              "the shuffles."),
     mix: str = typer.Option("alignment:1", "--mix", help="i2i: alignment examples per "
@@ -46,7 +50,9 @@ def export_sft_cmd(
     share: float = typer.Option(0.2, "--reasoning-share", help="thinkrec: share of reasoning "
                                 "examples in train (ThinkRec 4.1: 0.2). Every recommendation "
                                 "instance is kept; traces are repeated to reach the share."),
-    history: int = typer.Option(10, "--history", min=1, help="thinkrec: history items shown."),
+    history: int = typer.Option(None, "--history", min=1, help="thinkrec: history items "
+                                "shown [default: 10]; twistar-fast: history items before "
+                                "each target [default: 20]."),
     exclude_revealed: bool = typer.Option(False, "--exclude-revealed", help="thinkrec: drop "
                                           "traces that needed the label revealed."),
     grouping: str = typer.Option(None, "--grouping", help="thinkrec: one set of files per "
@@ -75,6 +81,9 @@ def export_sft_cmd(
                 rows[f"{key} {part}"] = ", ".join(
                     f"{k} {n:,}" for k, n in sorted(kinds.items())) or "empty"
     rows["split"] = result.notes["split"]
+    if result.notes.get("sids_run"):
+        rows["SIDs"] = f"sids run {result.notes['sids_run']} " \
+            f"({result.notes['sid_levels']} levels), history up to {result.notes['history']}"
     if result.notes.get("traces_not_in_split_train"):
         rows["kept traces left out (not in the split's train part; was it replaced?)"] = \
             result.notes["traces_not_in_split_train"]

@@ -23,6 +23,14 @@ what the paper's sampler draws. When there are more traces than the share needs,
 of them is used. The manifest's notes record traces, examples, passes, the recommendation
 count and the share reached.
 
+TwiSTAR M_fast (4.2, eq. 6): every prefix of a user's train-part sequence with at least one
+earlier item becomes (SIDs of the last `history` items -> the item's SID), prompt and answer in
+App. A.2's token form and nothing else (4.2: "the input contains only the SID tokens of
+historical items"). Valid rows show the user's train items before the valid item; test rows
+the train and valid items before the test item, so no train row ever names a held-out target.
+SIDs are the dataset's latest `factory sids` run. Built in DuckDB and written from there (no
+per-row Python), shuffled by a seeded hash of (user, position).
+
 Parts: ThinkRec examples take the part of their target interaction in the split (reasoning
 traces are made from the train part only, so valid/test hold recommendation examples).
 I2I pairs are mined from the split's train part and have no part of their own: a seeded share
@@ -56,6 +64,12 @@ from factory.thinkrec import candidates, load_instances, require_labels
 
 PARTS = ("train", "valid", "test")
 FORMATS = ("chat-jsonl", "parquet")
+KINDS = ("i2i", "thinkrec", "twistar-fast")
+# --history when not given: ThinkRec's 10 items (factory's long-standing default); TwiSTAR
+# gives no history length for M_fast (4.2, E.1.2 only cap sequences at 512 tokens, E.1.1),
+# so 20 items (100 SID tokens at L = 3 plus the markers, well inside 512)
+DEFAULT_HISTORY = {"thinkrec": 10, "twistar-fast": 20}
+TWISTAR_FAST_KIND = "next-item"
 
 
 @dataclass
@@ -178,6 +192,102 @@ def i2i_examples(con: duckdb.DuckDBPyConnection, dataset: str, split: str, *, mi
 def _user(messages: list[dict[str, str]]) -> str:
     """The prompt text of a one-turn template (factory's prompts have no system block here)."""
     return "\n\n".join(m["content"] for m in messages)
+
+
+# -- TwiSTAR M_fast: SID history -> next item's SID ----------------------------------------
+def twistar_fast_table(con: duckdb.DuckDBPyConnection, dataset: str, split: str, *,
+                       history: int, seed: int, table: str = "_twistar_fast") -> dict[str, Any]:
+    """Every M_fast example into the temporary table `table`, one row per target with the
+    export's Parquet columns plus `_order` (the seeded shuffle key); returns the notes.
+    Fails when the dataset has no SID run, or the run lacks an item of the split."""
+    from factory.exports.cache import resolve_sids_run
+
+    run_id = resolve_sids_run(con, dataset, None)
+    missing, example = con.execute(
+        "select count(distinct i.item_id), min(i.item_id) from split_interactions i"
+        " anti join item_sids_all s on s.dataset = i.dataset and s.run_id = ?"
+        "  and s.item_id = i.item_id where i.dataset = ? and i.split = ?",
+        [run_id, dataset, split]).fetchone()
+    if missing:
+        raise FactoryError(f"sids run {run_id} has no SID for {missing:,} items of split "
+                           f"{split!r} (e.g. {example!r}); re-run `factory sids --dataset "
+                           f"{dataset}`")
+    levels = con.execute("select max(len(codes)) from item_sids_all where dataset = ?"
+                         " and run_id = ?", [dataset, run_id]).fetchone()[0]
+    n = int(history)
+    sql = f"""
+        create or replace temp table {table} as
+        with seq as (
+            select i.part, i.user_id, i.position, i.item_id, s.sid
+            from split_interactions i join item_sids_all s
+              on s.dataset = i.dataset and s.run_id = $run and s.item_id = i.item_id
+            where i.dataset = $dataset and i.split = $split),
+        train as (               -- 4.2: each train prefix, the last {n} earlier train items
+            select part, user_id, position, item_id, sid, list(sid) over (
+                partition by user_id order by position
+                rows between {n} preceding and 1 preceding) as hist
+            from seq where part = 'train'),
+        held_out as (            -- valid: train before it; test: train and valid before it
+            select t.part, t.user_id, t.position, t.item_id, t.sid, h.sid as h_sid,
+                   h.position as h_pos, row_number() over (
+                       partition by t.user_id, t.position order by h.position desc) as back
+            from seq t join seq h on h.user_id = t.user_id and h.position < t.position
+              and (h.part = 'train' or (t.part = 'test' and h.part = 'valid'))
+            where t.part in ('valid', 'test')),
+        examples as (
+            select * from train where len(hist) > 0
+            union all
+            select part, user_id, position, item_id, sid, list(h_sid order by h_pos)
+            from held_out where back <= {n} group by all)
+        select [{{'role': 'user', 'content': array_to_string(hist, '')}},
+                {{'role': 'assistant', 'content': sid}}] as messages,
+               part, '{TWISTAR_FAST_KIND}' as kind, item_id, null::varchar as other_item_id,
+               user_id, position::integer as position, null::integer as sample_index,
+               null::boolean as label, $run as run_id, null::integer as group_id,
+               md5(concat_ws(chr(31), $seed, user_id, position)) as _order
+        from examples"""
+    notes = {"sids_run": run_id, "sid_levels": levels, "history": n,
+             "prompt": "the SIDs of the history, oldest first (TwiSTAR 4.2)"}
+    con.execute(sql, {"run": run_id, "dataset": dataset, "split": split, "seed": seed})
+    # targets left out for want of an earlier item: each user's first train item, and any
+    # valid/test item with nothing allowed before it
+    notes["targets_without_history"] = dict(con.execute(
+        f"select p.part, count(*) filter (where t.position is null) from split_parts p"
+        f" left join {table} t on t.user_id = p.user_id and t.position = p.position"
+        " where p.dataset = ? and p.split = ? group by p.part order by p.part",
+        [dataset, split]).fetchall())
+    return notes
+
+
+def write_table(con: duckdb.DuckDBPyConnection, table: str, paths: dict[str, Path],
+                fmt: str) -> dict[str, dict[str, int]]:
+    """Write the rows of `table` (Parquet columns + `_order`) per part, in `_order`, from
+    DuckDB: `messages` only as chat JSONL, every column as Parquet; atomically."""
+    for part, path in paths.items():
+        rows = f"select * exclude (_order) from {table} where part = '{part}' order by _order"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if fmt == "chat-jsonl":
+            con.execute(f"copy (select messages from ({rows})) to '{_sql_path(tmp)}'"
+                        " (format json)")
+        else:
+            import pyarrow.parquet as pq
+
+            pq.write_table(con.execute(rows).to_arrow_table().cast(_parquet_schema()), tmp)
+        os.replace(tmp, path)
+
+
+def table_counts(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, dict[str, int]]:
+    """part -> kind -> rows of an export table (every part present, empty ones too)."""
+    counts: dict[str, dict[str, int]] = {p: {} for p in PARTS}
+    for part, kind, n in con.execute(f"select part, kind, count(*) from {table}"
+                                     " group by all order by all").fetchall():
+        counts[part][kind] = int(n)
+    return counts
+
+
+def _sql_path(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 # -- ThinkRec: reasoning traces + Yes/No recommendation ---------------------------------------
@@ -345,7 +455,8 @@ def _parquet_schema() -> Any:
 def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-jsonl",
                split: str | None = None, seed: int = 0, mix: float = 1.0,
                holdout: float = 0.05,
-               share: float = 0.2, history: int = 10, exclude_revealed: bool = False,
+               share: float = 0.2, history: int | None = None,
+               exclude_revealed: bool = False,
                grouping: str | None = None, noun: str | None = None,
                model: str | None = None) -> ExportResult:
     """Build, mix and write one SFT export; recorded as an `export-sft` job run."""
@@ -356,15 +467,19 @@ def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-
 
     if fmt not in FORMATS:
         raise FactoryError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if kind not in ("i2i", "thinkrec"):
-        raise FactoryError(f"--kind {kind!r}: expected i2i or thinkrec")
+    if kind not in KINDS:
+        raise FactoryError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    history = DEFAULT_HISTORY.get(kind, 10) if history is None else history
+    if history < 1:
+        raise FactoryError("--history must be at least 1")
     if not 0 <= holdout < 0.5:
         raise FactoryError("--holdout must be in [0, 0.5): it is the share of pairs for "
                            "valid and again for test")
     if not 0 <= share <= 1:
         raise FactoryError("--reasoning-share must be in [0, 1]")
     if grouping and kind != "thinkrec":
-        raise FactoryError("--grouping splits users into groups; I2I examples have no user")
+        raise FactoryError("--grouping splits users into groups; I2I examples have no user"
+                           if kind == "i2i" else "--grouping is for thinkrec exports")
     with wh.write() as con:
         require_dataset(con, dataset)
         if kind == "thinkrec":
@@ -381,18 +496,30 @@ def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-
     try:
         with wh.read() as con:
             groups = user_group_ids(con, dataset, grouping) if grouping else None
-            if kind == "i2i":
+            examples: list[Example] = []
+            if kind == "twistar-fast":
+                notes = twistar_fast_table(con, dataset, split, history=history, seed=seed)
+                counts_fast = table_counts(con, "_twistar_fast")
+                if not any(counts_fast.values()):
+                    raise FactoryError(f"nothing to export for {dataset!r} ({kind}, split "
+                                       f"{split!r}): no target has an earlier item")
+                paths = output_paths(out, fmt)
+                write_table(con, "_twistar_fast", paths, fmt)
+            elif kind == "i2i":
                 examples, notes = i2i_examples(con, dataset, split, mix=mix, holdout=holdout,
                                                seed=seed, model=model)
             else:
                 examples, notes = thinkrec_examples(
                     con, dataset, split, share=share, history=history, seed=seed,
                     exclude_revealed=exclude_revealed, groups=groups, noun=noun, model=model)
-        if not examples:
+        if not examples and kind != "twistar-fast":
             raise FactoryError(f"nothing to export for {dataset!r} ({kind}, split {split!r})")
         files: list[Path] = []
         counts: dict[str, Any] = {}
-        if groups is None:
+        if kind == "twistar-fast":
+            counts = counts_fast
+            files += paths.values()
+        elif groups is None:
             paths = output_paths(out, fmt)
             counts = write_examples(examples, paths, fmt, seed)
             files += paths.values()
