@@ -186,26 +186,32 @@ def _compare_table(done: list[tuple[Any, str, dict[str, Any] | None, str | None]
                    dataset: str, split: str) -> None:
     """One row per variant: test metrics under the protocol that chose each best epoch,
     and R/N@10 under the other one."""
+    from rich import box
     from rich.table import Table
 
     from train.metrics import PROTOCOL_NAMES, PROTOCOLS
 
     proto = done[0][0].protocol
     other = next(p for p in PROTOCOLS if p != proto)
-    table = Table(title=f"{dataset}/{split}, test: {PROTOCOL_NAMES[proto]}", title_justify="left")
-    for col in ("variant", "R@5", "R@10", "N@5", "N@10", f"R@10 {other}", f"N@10 {other}",
-                "best epoch", "s/epoch", "run"):
-        table.add_column(col, justify="left" if col in ("variant", "run") else "right")
-    for cfg, run_id, result, error in done:
+    # fits 80 columns: the run ids go to the look: line below
+    table = Table(title=f"{dataset}/{split}, test: {PROTOCOL_NAMES[proto]}",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("variant", "R@5", "R@10", "N@5", "N@10", f"R@10\n{other}", f"N@10\n{other}",
+                "best\nepoch", "s/\nepoch"):
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
+    for cfg, _, result, _error in done:
         if result is None:
-            table.add_row(_name(cfg), f"failed: {error}", *[""] * 7, run_id)
+            table.add_row(_name(cfg), "failed")
             continue
         t, o = result["protocols"][proto]["test"], result["protocols"][other]["test"]
         table.add_row(_name(cfg), _f(t["recall@5"]), _f(t["recall@10"]), _f(t["ndcg@5"]),
                       _f(t["ndcg@10"]), _f(o["recall@10"]), _f(o["ndcg@10"]),
-                      f"{result['best_epoch']} of {result['epochs_run']}",
-                      f"{result['seconds_per_epoch']:.2f}", run_id)
+                      f"{result['best_epoch']}/{result['epochs_run']}",
+                      f"{result['seconds_per_epoch']:.1f}")
     console.print(table)
+    for cfg, _, _, error in done:
+        if error:
+            console.print(f"  {_name(cfg)} failed: {error}", markup=False, soft_wrap=True)
     ids = ", ".join(f"'{run_id}'" for _, run_id, _, _ in done)
     console.print(f"  look: factory sql \"select backbone, fusion, test->>'ndcg@10' from"
                   f" train_runs where run_id in ({ids})\"", soft_wrap=True)

@@ -303,3 +303,31 @@ def test_export_sids_and_item_text_feed_train_sid(ml100k: Warehouse, tmp_path: P
     assert done.returncode == 0, done.stderr
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["params"]["sid"] is True and saved["epochs_run"] == 1
+
+
+def test_factory_train_compare_trains_each_variant_on_one_cache(ml100k: Warehouse,
+                                                                tmp_path: Path) -> None:
+    assert _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--max-len", "10",
+                "--out", str(tmp_path / "c")).exit_code == 0
+    common = ("train", "--dataset", "ml-100k", "--epochs", "1", "--dim", "16", "--threads", "2")
+    _fails(_cli(ml100k, *common, "--compare", "sasrec"), "names a variant twice")
+    _fails(_cli(ml100k, *common, "--compare", "hstu+gnn"), "a backbone, optionally +scoter")
+    _fails(_cli(ml100k, *common, "--compare", "hstu+scoter"),
+           "no exported cache with reasoning steps")
+    _fails(_cli(ml100k, *common, "--compare", "tiger"), "with semantic IDs")
+    result = _cli(ml100k, *common, "--backbone", "hstu", "--compare", "sasrec",
+                  "--out", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    with ml100k.read() as con:
+        runs = con.execute("select backbone, cache_path, status, out_dir, params->>'dim',"
+                           " test_full->>'ndcg@10' from train_runs order by started_at"
+                           ).fetchall()
+    assert [r[:3] for r in runs] == [("hstu", str(tmp_path / "c"), "succeeded"),
+                                     ("sasrec", str(tmp_path / "c"), "succeeded")]
+    assert [r[3] for r in runs] == [str(tmp_path / "runs" / b) for b in ("hstu", "sasrec")]
+    assert {r[4] for r in runs} == {"16"}       # shared options reach every variant
+    # one table: both variants, the protocol named, each run's test NDCG@10 as recorded
+    table = result.output[result.output.index("ml-100k/loo, test: full ranking"):]
+    for backbone, *_, ndcg in runs:
+        row = next(line for line in table.splitlines() if line.strip("│ ").startswith(backbone))
+        assert f"{float(ndcg):.4f}" in row
