@@ -1,9 +1,12 @@
-"""Dense backbones (SASRec, HSTU) on MovieLens through the whole pipeline (ingest -> export
+"""Backbones (SASRec, HSTU, TIGER) on MovieLens through the whole pipeline (ingest -> export
 cache -> train), against published full-ranking figures and, optionally, RecBole's SASRec on
 the very same split.
 
     python bench/train.py                                   # SASRec, ML-1M, max_len 200
     python bench/train.py --backbone sasrec,hstu --max-minutes 3   # both, same cache, one table
+    python bench/train.py --backbone sasrec,tiger --dataset ml-100k --max-minutes 10
+                          # TIGER: SIDs (factory sids, extra level on collisions), its own
+                          # cache (--tiger-max-len, SCoTER's 20) and SCoTER's T5 settings
     python bench/train.py --epochs 200 --patience 20        # the published budget
     python bench/train.py --loss sampled                    # the published loss (128 negatives)
     python bench/train.py --recbole /tmp/recbole-venv/bin/python --dataset ml-100k
@@ -58,7 +61,9 @@ print("RESULT " + json.dumps({k: (dict(v) if hasattr(v, "items") else v)
 """
 
 
-def prepare(work: Path, variant: str, max_len: int) -> tuple[Path, Path]:
+def prepare(work: Path, variant: str, max_len: int, sids: bool = False) -> tuple[Path, Path]:
+    """The warehouse and a cache of `max_len`; with `sids`, semantic IDs from `factory sids`
+    (3 levels of 256, an extra level where items collide: TIGER decodes one item per SID)."""
     from factory.datasets.ingest import NormaliseOptions, dataset_exists, ingest
     from factory.datasets.movielens import load_movielens
     from factory.exports.cache import export_cache
@@ -74,28 +79,38 @@ def prepare(work: Path, variant: str, max_len: int) -> tuple[Path, Path]:
         t = time.perf_counter()
         ingest(wh, name, load_movielens(variant), NormaliseOptions(core=5))
         print(f"ingested {name} in {time.perf_counter() - t:.1f}s", flush=True)
-    cache = work / f"{name}-loo-L{max_len}"
+    cache = work / f"{name}-loo-L{max_len}" if not sids else work / f"{name}-loo-L{max_len}-sid"
+    if sids and not (cache / "manifest.json").exists():
+        from jobs.sids import run_sids
+
+        t = time.perf_counter()
+        run_sids(wh, name, collisions="extra-level")
+        print(f"semantic IDs in {time.perf_counter() - t:.1f}s", flush=True)
     if not (cache / "manifest.json").exists():
         t = time.perf_counter()
-        export_cache(wh, name, "loo", cache, max_len)
+        export_cache(wh, name, "loo", cache, max_len, sids=sids)
         print(f"exported the cache in {time.perf_counter() - t:.1f}s", flush=True)
     return wh.path, cache
 
 
 #: each backbone's published row, the one its ratios are taken against
 REFERENCE = {"sasrec": "SASRec (generative-recommenders README)",
-             "hstu": "HSTU (generative-recommenders README)"}
+             "hstu": "HSTU (generative-recommenders README)",
+             "tiger": None}  # no binding public ML-1M TIGER figure
 
 
 def run_ours(cache: Path, args: argparse.Namespace, out: Path, backbone: str) -> dict:
-    """One backbone with the published ML-1M settings (the same for SASRec and HSTU)."""
+    """One backbone: the published ML-1M settings for SASRec and HSTU (the same for both),
+    SCoTER's T5 settings (TIGER's own defaults) for TIGER."""
     from train.config import Config
     from train.loop import run
 
-    cfg = Config(cache=str(cache), out=str(out), backbone=backbone, dim=50, layers=2,
-                 heads=1, dropout=0.2, lr=1e-3, batch_size=128, epochs=args.epochs,
+    dense = {"dim": 50, "layers": 2, "heads": 1, "dropout": 0.2, "lr": 1e-3,
+             "batch_size": 128} if backbone != "tiger" else {}
+    cfg = Config(cache=str(cache), out=str(out), backbone=backbone, **dense, epochs=args.epochs,
                  patience=args.patience, threads=args.threads, seed=args.seed,
-                 max_minutes=args.max_minutes, protocol=PUBLISHED_PROTOCOL, loss=args.loss,
+                 max_minutes=args.max_minutes, protocol=PUBLISHED_PROTOCOL,
+                 loss=args.loss if backbone != "tiger" else "full",
                  negatives=args.negatives, device=args.device)
     t = time.perf_counter()
     result = run(cfg, log=lambda m: print(f"  {backbone}: " + m, flush=True))
@@ -162,13 +177,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="ml-1m", choices=["ml-1m", "ml-100k"])
     p.add_argument("--backbone", default="sasrec",
-                   help="comma-separated dense backbones, each trained on the same cache "
-                        "(sasrec, hstu) [sasrec]")
+                   help="comma-separated backbones (sasrec, hstu, tiger); the dense ones "
+                        "share one cache, TIGER has its own with SIDs [sasrec]")
     p.add_argument("--loss", default="full", choices=["full", "sampled"],
                    help="full softmax, or the published sampled softmax [full]")
     p.add_argument("--negatives", type=int, default=128, help="sampled softmax [128]")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-len", type=int, default=200)
+    p.add_argument("--tiger-max-len", type=int, default=20,
+                   help="TIGER's history length (its own cache, with SIDs) [20, SCoTER A.1]")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--max-minutes", type=float, help="training time budget of each backbone")
@@ -186,8 +203,12 @@ def main() -> None:
         p.error(f"--backbone: choose among {', '.join(REFERENCE)} (got {args.backbone!r})")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
-    warehouse, cache = prepare(work, args.dataset.removeprefix("ml-"), args.max_len)
-    ours = {b: run_ours(cache, args, work / b, b) for b in backbones}
+    variant = args.dataset.removeprefix("ml-")
+    warehouse, cache = prepare(work, variant, args.max_len)
+    caches = {b: cache for b in backbones}
+    if "tiger" in backbones:
+        caches["tiger"] = prepare(work, variant, args.tiger_max_len, sids=True)[1]
+    ours = {b: run_ours(caches[b], args, work / b, b) for b in backbones}
     budget = (f"{args.max_minutes:g} minutes of training each" if args.max_minutes
               else f"{args.epochs} epochs at most")
     print(f"\n{args.dataset}, max_len {args.max_len}, test split, leave-one-out, full-catalog "
@@ -203,10 +224,11 @@ def main() -> None:
         published = {k: v for k, v in PUBLISHED.items() if v[2] == proto}
         for b, res in ours.items():
             r10, n10 = (res["protocols"][proto]["test"][m] for m in ("recall@10", "ndcg@10"))
-            ref = published.get(REFERENCE[b]) if args.dataset == "ml-1m" else None
+            ref = published.get(REFERENCE[b] or "") if args.dataset == "ml-1m" else None
             ratios = (f"{r10 / ref[0]:>6.3f} {n10 / ref[1]:>6.3f}" if ref
                       else f"{'-':>6} {'-':>6}")
-            print(f"{'ours ' + b + ' (train/)':<{w}} {r10:>7.4f} {n10:>7.4f} {ratios} "
+            label = f"ours {b} (train/" + (f", L{args.tiger_max_len})" if b == "tiger" else ")")
+            print(f"{label:<{w}} {r10:>7.4f} {n10:>7.4f} {ratios} "
                   f"{res['seconds_per_epoch']:>8.1f} "
                   f"{str(res['best_epoch']) + '/' + str(res['epochs_run']):>9} "
                   f"{res['wall_seconds']:>7.0f}")
@@ -225,9 +247,10 @@ def main() -> None:
                   f"{'':>13} {rb['seconds_per_epoch']:>8.1f} {'-/' + str(rb['epochs_run']):>9}")
             print(f"ratio ours sasrec / RecBole: R@10 {r10 / t['recall@10']:.3f}, N@10 "
                   f"{n10 / t['ndcg@10']:.3f}, s/epoch {spe / rb['seconds_per_epoch']:.3f}")
-    if "sasrec" in ours and "hstu" in ours:
-        ratio = ours["hstu"]["seconds_per_epoch"] / ours["sasrec"]["seconds_per_epoch"]
-        print(f"\nepoch time HSTU / SASRec: {ratio:.2f}")
+    for b in ("hstu", "tiger"):
+        if "sasrec" in ours and b in ours:
+            ratio = ours[b]["seconds_per_epoch"] / ours["sasrec"]["seconds_per_epoch"]
+            print(f"epoch time {b} / sasrec: {ratio:.2f}")
     print(f"files: {work}")
 
 
