@@ -61,7 +61,8 @@ class _RootGroup(TyperGroup):
 #: `factory --help` lists commands in the order a user runs them
 COMMAND_ORDER = ("ingest", "split", "datasets", "mine-i2i", "sids", "i2i-eval", "teacher",
                  "testing", "models", "describe-items", "explain-i2i", "keywords", "thinkrec",
-                 "user-groups", "gvm", "distill", "embed-steps", "export", "train", "runs",
+                 "user-groups", "gvm", "distill", "embed-steps", "export", "train", "twistar",
+                 "runs",
                  "sql", "merge", "migrate")
 
 
@@ -449,7 +450,7 @@ PLATFORM_MODULES: list[str] = ["factory.teacher.commands", "factory.testing.comm
 JOB_MODULES: list[str] = ["jobs.describe_items", "jobs.mine_i2i", "jobs.sids", "jobs.i2i_eval",
                           "jobs.gvm", "jobs.explain_i2i", "jobs.keywords", "jobs.thinkrec",
                           "jobs.user_groups", "jobs.export_sft", "jobs.export_cache", "jobs.train",
-                          "jobs.distill", "jobs.embed_steps"]
+                          "jobs.distill", "jobs.embed_steps", "jobs.twistar"]
 
 for _module in PLATFORM_MODULES + JOB_MODULES:
     importlib.import_module(_module).register(app)

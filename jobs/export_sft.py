@@ -15,6 +15,8 @@ class Kind(str, Enum):
     i2i = "i2i"
     thinkrec = "thinkrec"
     twistar_fast = "twistar-fast"
+    twistar_ranker = "twistar-ranker"
+    twistar_planner = "twistar-planner"
 
 
 class Format(str, Enum):
@@ -33,7 +35,10 @@ def export_sft_cmd(
     kind: Kind = typer.Option(..., "--kind", help="i2i: TwiSTAR explanations + SID/text "
                               "alignment; thinkrec: reasoning traces + Yes/No examples; "
                               "twistar-fast: TwiSTAR M_fast's SID history -> next item's SID "
-                              "(4.2), from the latest `factory sids` run."),
+                              "(4.2), from the latest `factory sids` run; twistar-ranker: DIN rows "
+                              "for M_rank, positive + K1-1 negatives from M_fast's top K2 "
+                              "(4.2); twistar-planner: history -> tool-call JSON of the "
+                              "planner labels (4.4)."),
     out: Path = typer.Option(None, "--out", help="e.g. sports.jsonl -> sports.train.jsonl, "
                              "sports.valid.jsonl, sports.test.jsonl, sports.manifest.json "
                              "[default: <warehouse>.files/sft/<dataset>-<kind>]."),
@@ -46,12 +51,13 @@ def export_sft_cmd(
     mix: str = typer.Option("alignment:1", "--mix", help="i2i: alignment examples per "
                             "explanation (TwiSTAR E.1.3: 1:1)."),
     holdout: float = typer.Option(0.05, "--holdout", help="i2i: share of pairs held out for "
-                                  "valid, and again for test."),
+                                  "valid, and again for test; twistar-planner: share of "
+                                  "users held out for valid."),
     share: float = typer.Option(0.2, "--reasoning-share", help="thinkrec: share of reasoning "
                                 "examples in train (ThinkRec 4.1: 0.2). Every recommendation "
                                 "instance is kept; traces are repeated to reach the share."),
     history: int = typer.Option(None, "--history", min=1, help="thinkrec: history items "
-                                "shown [default: 10]; twistar-fast: history items before "
+                                "shown [default: 10]; twistar-*: history items before "
                                 "each target [default: 20]."),
     exclude_revealed: bool = typer.Option(False, "--exclude-revealed", help="thinkrec: drop "
                                           "traces that needed the label revealed."),
@@ -60,6 +66,12 @@ def export_sft_cmd(
     noun: str = typer.Option(None, "--noun", help="thinkrec: what the prompt calls an item "
                              "[default: movie for MovieLens, else item]."),
     model: str = typer.Option(None, "--model", help="Only rows from this teacher model."),
+    k1: int = typer.Option(10, "--k1", min=1, help="twistar-ranker: rows per sequence, the "
+                           "positive and K1-1 negatives (4.2)."),
+    k2: int = typer.Option(50, "--k2", min=1, help="twistar-ranker: negatives come from "
+                           "M_fast's top K2 (4.2)."),
+    source: str = typer.Option(None, "--source", help="twistar-ranker: stored candidates "
+                               "train or file [default: the newest]."),
 ) -> None:
     """Write chat-format fine-tuning data (JSONL or Parquet), split into train/valid/test."""
     from factory.cli import warehouse
@@ -71,7 +83,7 @@ def export_sft_cmd(
     result = export_sft(warehouse(), dataset, kind.value, out, fmt=fmt.value, split=split,
                         seed=seed, mix=ratio, holdout=holdout, share=share, history=history,
                         exclude_revealed=exclude_revealed, grouping=grouping, noun=noun,
-                        model=model)
+                        model=model, k1=k1, k2=k2, source=source)
     rows = {}
     for key, value in result.counts.items():
         if all(isinstance(v, int) for v in value.values()):

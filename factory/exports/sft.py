@@ -64,12 +64,16 @@ from factory.thinkrec import candidates, load_instances, require_labels
 
 PARTS = ("train", "valid", "test")
 FORMATS = ("chat-jsonl", "parquet")
-KINDS = ("i2i", "thinkrec", "twistar-fast")
+KINDS = ("i2i", "thinkrec", "twistar-fast", "twistar-ranker", "twistar-planner")
+#: kinds built as a DuckDB table and written from there (no per-row Python)
+TABLE_KINDS = ("twistar-fast", "twistar-ranker", "twistar-planner")
 # --history when not given: ThinkRec's 10 items (factory's long-standing default); TwiSTAR
 # gives no history length for M_fast (4.2, E.1.2 only cap sequences at 512 tokens, E.1.1),
 # so 20 items (100 SID tokens at L = 3 plus the markers, well inside 512)
-DEFAULT_HISTORY = {"thinkrec": 10, "twistar-fast": 20}
+DEFAULT_HISTORY = {"thinkrec": 10, "twistar-fast": 20, "twistar-ranker": 20,
+                   "twistar-planner": 20}
 TWISTAR_FAST_KIND = "next-item"
+TWISTAR_PLANNER_KIND = "planner"
 
 
 @dataclass
@@ -458,7 +462,8 @@ def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-
                share: float = 0.2, history: int | None = None,
                exclude_revealed: bool = False,
                grouping: str | None = None, noun: str | None = None,
-               model: str | None = None) -> ExportResult:
+               model: str | None = None, k1: int = 10, k2: int = 50,
+               source: str | None = None) -> ExportResult:
     """Build, mix and write one SFT export; recorded as an `export-sft` job run."""
     from factory.console import console
     from factory.runs import finish_run, start_run
@@ -492,6 +497,8 @@ def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-
                   "mix": mix, "holdout": holdout, "reasoning_share": share,
                   "history": history, "exclude_revealed": exclude_revealed,
                   "grouping": grouping, "noun": noun, "model": model}
+        if kind in ("twistar-ranker", "twistar-planner"):
+            params.update(k1=k1, k2=k2, source=source)
         run_id = start_run(con, "export-sft", dataset, params)
     try:
         with wh.read() as con:
@@ -505,6 +512,23 @@ def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-
                                        f"{split!r}): no target has an earlier item")
                 paths = output_paths(out, fmt)
                 write_table(con, "_twistar_fast", paths, fmt)
+            elif kind == "twistar-ranker":
+                from factory.exports.twistar import ranker_table, write_rows
+
+                notes = ranker_table(con, dataset, k1=k1, k2=k2, seed=seed, history=history,
+                                     source=source)
+                # DIN rows, not chat: chat-jsonl writes the same columns as JSON lines
+                paths = output_paths(out, fmt)
+                counts_fast = {p: {"ranker": n} for p, n in
+                               write_rows(con, "_twistar_ranker", paths, fmt).items()}
+            elif kind == "twistar-planner":
+                from factory.exports.twistar import planner_table
+
+                notes = planner_table(con, dataset, history=history, seed=seed,
+                                      holdout=holdout, noun=noun)
+                counts_fast = table_counts(con, "_twistar_planner")
+                paths = output_paths(out, fmt)
+                write_table(con, "_twistar_planner", paths, fmt)
             elif kind == "i2i":
                 examples, notes = i2i_examples(con, dataset, split, mix=mix, holdout=holdout,
                                                seed=seed, model=model)
@@ -512,11 +536,11 @@ def export_sft(wh: Any, dataset: str, kind: str, out: Path, *, fmt: str = "chat-
                 examples, notes = thinkrec_examples(
                     con, dataset, split, share=share, history=history, seed=seed,
                     exclude_revealed=exclude_revealed, groups=groups, noun=noun, model=model)
-        if not examples and kind != "twistar-fast":
+        if not examples and kind not in TABLE_KINDS:
             raise FactoryError(f"nothing to export for {dataset!r} ({kind}, split {split!r})")
         files: list[Path] = []
         counts: dict[str, Any] = {}
-        if kind == "twistar-fast":
+        if kind in TABLE_KINDS:
             counts = counts_fast
             files += paths.values()
         elif groups is None:
