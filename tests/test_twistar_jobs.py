@@ -314,6 +314,9 @@ def test_ranker_rows_one_positive_and_k1_minus_1_retrieved_negatives(wh, base, t
             pos = [r for r in seq if r["label"] == 1]
             neg = [r["item_id"] for r in seq if r["label"] == 0]
             assert len(pos) == 1 and pos[0]["item_id"] == src["target_item_id"]
+            rank = hand_rank(part, user)
+            assert pos[0]["fast_rank"] == rank and all(r["retrieved"] is (rank is not None)
+                                                       for r in seq)
             assert len(neg) == 9 == len(set(neg))
             assert set(neg) <= set(src["item_ids"][:50]) - {src["target_item_id"]}
             assert src["target_item_id"] not in seq[0]["history"]
@@ -373,8 +376,8 @@ def test_steps_name_what_to_run_first(ml100k):
 
 # -- one real M_fast: factory train --predict -------------------------------------------------
 def test_from_a_train_run(wh):
-    ok(wh, "export", "cache", "--dataset", "ml-100k", "--history", "20")
-    ok(wh, "train", "--dataset", "ml-100k", "--backbone", "sasrec", "--epochs", "1",
+    ok(wh, "export", "cache", "--dataset", "ml-100k", "--history", "10")
+    ok(wh, "train", "--dataset", "ml-100k", "--backbone", "sasrec", "--epochs", "1", "--dim", "16",
        "--predict", "--top-k", "50")
     out = ok(wh, "twistar", "candidates", "--dataset", "ml-100k", "--from-train", "latest")
     assert "trained on train" in out

@@ -81,7 +81,7 @@ def ranker_table(con: duckdb.DuckDBPyConnection, dataset: str, *, k1: int, k2: i
         hist as ({history_sql(dataset, src['split'], rows, history)})
         select x.part, x.user_id, coalesce(h.history, []::varchar[]) as history,
                x.item_id, x.label, x.fast_rank::integer as fast_rank,
-               c.hit_rank <= {k2} as retrieved,
+               coalesce(c.hit_rank <= {k2}, false) as retrieved,
                {unit_sql(seed, "'order'", "x.part", "x.user_id", "x.item_id")} as _order
         from cand x join c using (part, user_id)
         left join hist h using (part, user_id)""")
