@@ -15,9 +15,10 @@ import pytest
 import torch
 from train_synthetic import synthetic_cache
 
+import train.loop
 from train.config import Config, parse_args
-from train.data import Cache, CacheError, batches
-from train.loop import build_model, evaluate, run
+from train.data import Cache, CacheError, batches, bucketed_order
+from train.loop import build_model, evaluate, run, train_epoch
 from train.metrics import MISS, list_ranks, metrics_from_ranks
 from train.tiger import Tiger, Trie, prefix_split
 
@@ -105,6 +106,22 @@ def test_beams_are_catalogue_items_even_from_an_untrained_model(caches: dict[str
     assert torch.allclose(logp.gather(2, want[..., None]).sum((1, 2)), scores[:, 3], atol=1e-4)
 
 
+def test_every_beams_score_is_its_teacher_forced_log_probability(
+        caches: dict[str, Path]) -> None:
+    model = _model(caches["sparse"], seed=3)
+    seq = _seqs(caches["sparse"], n=16)
+    items, scores = model.ranked(seq, None, 12)
+    want = model.item_tokens[items]  # (rows, beams, levels)
+    h, mask, _, _ = model.encode(seq, None)
+    dec = torch.cat([torch.ones_like(want[..., :1]), want[..., :-1]], -1).flatten(0, 1)
+    with torch.no_grad():
+        logp = model.t5(encoder_outputs=(h.repeat_interleave(12, 0),),
+                        attention_mask=mask.repeat_interleave(12, 0).long(),
+                        decoder_input_ids=dec).logits.log_softmax(-1)
+    forced = logp.gather(2, want.flatten(0, 1)[..., None]).sum((1, 2)).view(16, 12)
+    assert torch.allclose(forced, scores, atol=1e-4)
+
+
 def test_a_small_catalogue_gives_fewer_beams(caches: dict[str, Path]) -> None:
     model = _model(caches["small"])
     items, scores = model.ranked(_seqs(caches["small"]), None, 20)
@@ -173,6 +190,49 @@ def test_training_examples_are_sliding_prefixes_without_their_target(
             k += 1
     batch = next(batches(ex, 32, reasoning="steps", order=every[::-1].copy()))
     assert batch.reasoning.shape == (32, 3, 16)
+
+
+def test_bucketed_batches_visit_every_example_once_and_are_seeded(
+        caches: dict[str, Path]) -> None:
+    ex = prefix_split(Cache(caches["cycle"]).splits["train"])
+    n, every = len(ex), np.arange(len(ex))
+    assert np.array_equal(ex.lengths, (ex.seq[every] > 0).sum(1))  # items per example
+
+    def order(seed: int, size: int = 64, chunk: int = 4) -> np.ndarray:
+        return bucketed_order(ex.lengths, size, np.random.default_rng(seed), chunk=chunk)
+
+    def padded(o: np.ndarray, size: int = 64) -> int:
+        return sum(int(ex.lengths[o[i:i + size]].max()) * len(o[i:i + size])
+                   for i in range(0, n, size))
+
+    for size, chunk in itertools.product((64, 100, n, n + 1), (1, 4, 50)):
+        assert np.array_equal(np.sort(order(0, size, chunk)), every)  # each example once
+    assert np.array_equal(order(0), order(0)) and not np.array_equal(order(0), order(1))
+    assert padded(order(0, chunk=50)) < 1.05 * ex.lengths.sum()  # shuffled: about 5/3
+    assert padded(order(0)) < padded(order(0, chunk=1))  # more batches sorted together
+    assert padded(np.random.default_rng(0).permutation(n)) > 1.5 * ex.lengths.sum()
+    # the loop batches TIGER's epoch in that order: every example once, similar lengths
+    seen: list[np.ndarray] = []
+
+    def recording(*args, **kw):
+        for batch in batches(*args, **kw):
+            seen.append(batch.rows)
+            yield batch
+    model = _model(caches["cycle"]).train()
+    cfg = Config(cache="", **TINY)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    original, train.loop.batches = train.loop.batches, recording
+    try:
+        train_epoch(model, ex, cfg, torch.device("cpu"), opt,
+                    torch.amp.GradScaler("cuda", enabled=False), np.random.default_rng(7),
+                    None)
+    finally:
+        train.loop.batches = original
+    assert np.array_equal(np.sort(np.concatenate(seen)), every)
+    assert np.array_equal(np.concatenate(seen), np.concatenate(
+        [np.sort(b) for b in np.array_split(bucketed_order(
+            ex.lengths, cfg.batch_size, np.random.default_rng(7)),
+            range(cfg.batch_size, n, cfg.batch_size))]))
 
 
 def test_rows_without_steps_keep_their_plain_encoder_states(caches: dict[str, Path]) -> None:

@@ -36,6 +36,9 @@ class Split:
     steps: np.ndarray | None  # (rows, K, D): H_i, one step embedding per reasoning step
     chain: np.ndarray | None  # (rows, D): the whole chain as one vector (ablation "single")
     time: np.ndarray | None = None  # (rows, max_len) int64 unix seconds, 0 = padding
+    #: (rows,) history lengths: where set, training batches are length-bucketed
+    #: (`bucketed_order`), for models whose cost follows the batch's longest history
+    lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -196,6 +199,22 @@ def batches(split: Split, batch_size: int, *, reasoning: str = "none",
         time = (None if split.time is None
                 else torch.from_numpy(np.asarray(split.time[rows], dtype=np.int64)))
         yield Batch(rows, seq, target, r, time)
+
+
+def bucketed_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                   chunk: int = 50) -> np.ndarray:
+    """A random order of all rows whose consecutive `batch_size` slices (the batches) hold
+    rows of similar length: shuffle, sort each run of `chunk` batches by length, then
+    shuffle the whole batches (a last, partial, batch stays last). Every row once, drawn
+    from `rng` only."""
+    order = rng.permutation(len(lengths))
+    span = batch_size * chunk
+    for start in range(0, len(order), span):
+        part = order[start:start + span]
+        order[start:start + span] = part[np.argsort(lengths[part], kind="stable")]
+    full = len(order) // batch_size * batch_size
+    batched = order[:full].reshape(-1, batch_size)
+    return np.concatenate([batched[rng.permutation(len(batched))].reshape(-1), order[full:]])
 
 
 def next_item_labels(seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from train.config import GENERATIVE, Config
-from train.data import Batch, Cache, CacheError, Split, TrainError, batches, next_item_labels
+from train.data import (
+    Batch,
+    Cache,
+    CacheError,
+    Split,
+    TrainError,
+    batches,
+    bucketed_order,
+    next_item_labels,
+)
 from train.fusion import ScoterFusion
 from train.metrics import PROTOCOL_NAMES, PROTOCOLS, list_ranks, metrics_from_ranks, target_ranks
 from train.model import ItemTable, Recommender
@@ -211,8 +220,10 @@ def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.dev
     sums: dict[str, float] = {}
     n = 0
     total = n_batches(len(split), cfg.batch_size)
+    order = (rng.permutation(len(split)) if split.lengths is None
+             else bucketed_order(split.lengths, cfg.batch_size, rng))
     for batch in batches(split, cfg.batch_size, reasoning=reasoning_kind(cfg),
-                         order=rng.permutation(len(split)), reasoning_rows=reasoning_rows):
+                         order=order, reasoning_rows=reasoning_rows):
         batch = batch.to(device)
         labels = next_item_labels(batch.seq, batch.target)
         with _autocast(device, cfg.amp):
