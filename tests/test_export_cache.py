@@ -331,3 +331,46 @@ def test_factory_train_compare_trains_each_variant_on_one_cache(ml100k: Warehous
     for backbone, *_, ndcg in runs:
         row = next(line for line in table.splitlines() if line.strip("│ ").startswith(backbone))
         assert f"{float(ndcg):.4f}" in row
+
+
+def test_masked_protocol_leaves_out_the_whole_history(ml100k: Warehouse, tmp_path: Path) -> None:
+    """A history longer than the window: its older items are in {split}.older.npy, and the
+    masked protocol (metrics and --predict) leaves every one of them out, not only the last
+    --history items (the reviewer found 791 seen items in masked top-10s before)."""
+    import duckdb
+
+    from train.config import Config
+    from train.loop import run
+
+    assert _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--max-len", "5",
+                "--out", str(tmp_path / "c")).exit_code == 0
+    cache = Cache(tmp_path / "c")
+    test = cache.splits["test"]
+    ptr, older = test.older
+    users = pq.read_table(tmp_path / "c" / "test.users.parquet").to_pydict()
+    items = pq.read_table(tmp_path / "c" / "items.parquet").to_pydict()
+    item_id = dict(zip(items["item_idx"], map(str, items["item_id"]), strict=True))
+    with ml100k.read() as con:
+        seen = {}
+        for u, i in con.execute("select user_id, item_id from split_interactions where"
+                                " dataset = 'ml-100k' and split = 'loo' and part <> 'test'"
+                                " order by position").fetchall():
+            seen.setdefault(str(u), []).append(str(i))
+    for r in (0, 1, len(test) - 1):
+        window = [item_id[i] for i in np.asarray(test.seq[r]) if i]
+        old = [item_id[i] for i in older[ptr[r]:ptr[r + 1]]]
+        assert old + window == seen[users["user_id"][r]]
+    assert len(older) > 50_000          # most ml-100k histories are longer than 5
+
+    out = tmp_path / "run"
+    run(Config(cache=str(tmp_path / "c"), out=str(out), epochs=1, dim=8, threads=2,
+               protocol="masked", predict=True, top_k=50), log=lambda _m: None)
+    con = duckdb.connect()
+    con.execute(f"create table c as select * from '{out / 'candidates.parquet'}'")
+    con.execute("create table seen (user_id varchar, item_id varchar)")
+    con.executemany("insert into seen values (?, ?)",
+                    [(u, i) for u, items_ in seen.items() for i in items_])
+    leaked = con.execute("select count(*) from (select user_id, unnest(item_ids) as item_id"
+                         " from c where part = 'test') join seen using (user_id, item_id)"
+                         ).fetchone()[0]
+    assert leaked == 0

@@ -36,6 +36,9 @@ class Split:
     steps: np.ndarray | None  # (rows, K, D): H_i, one step embedding per reasoning step
     chain: np.ndarray | None  # (rows, D): the whole chain as one vector (ablation "single")
     time: np.ndarray | None = None  # (rows, max_len) int64 unix seconds, 0 = padding
+    #: history items older than the window, ragged (row r: older[ptr[r]:ptr[r + 1]]), so
+    #: the masked protocol leaves out the whole history; None in caches made before them
+    older: tuple[np.ndarray, np.ndarray] | None = None  # (ptr (rows + 1,), items)
     #: (rows,) history lengths: where set, training batches are length-bucketed
     #: (`bucketed_order`), for models whose cost follows the batch's longest history
     lengths: np.ndarray | None = None
@@ -51,13 +54,18 @@ class Batch:
     target: torch.Tensor  # (B,) long
     reasoning: torch.Tensor | None  # (B, K, D) float32, or (B, 1, D) for a chain vector
     time: torch.Tensor | None = None  # (B, L) long unix seconds, where the cache has them
+    older: torch.Tensor | None = None  # (B, M) long, history beyond the window, 0-padded
+
+    def history(self) -> torch.Tensor:
+        """Every history item of each row (0 = padding): the window and what is older."""
+        return self.seq if self.older is None else torch.cat([self.seq, self.older], dim=1)
 
     def to(self, device: torch.device) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
         return Batch(self.rows, self.seq.to(device, non_blocking=True),
                      self.target.to(device, non_blocking=True), move(self.reasoning),
-                     move(self.time))
+                     move(self.time), move(self.older))
 
 
 class Cache:
@@ -167,7 +175,19 @@ class Cache:
             if rows and bool((np.asarray(time)[np.asarray(seq) == 0] != 0).any()):
                 raise CacheError(f"{self.path}/{s}.time.npy: a time where the history is "
                                  "padding (0 is padding)")
-        return Split(s, seq, target, steps, chain, time)
+        older = None
+        if self.manifest.get("older"):
+            ptr = self._array(f"{s}.older_ptr.npy", (rows + 1,), ("int64",), required=True)
+            items = self._array(f"{s}.older.npy", (None,), ("int32",), required=True)
+            assert ptr is not None and items is not None
+            if rows and (ptr[0] != 0 or ptr[-1] != len(items) or (np.diff(ptr) < 0).any()):
+                raise CacheError(f"{self.path}/{s}.older_ptr.npy: offsets do not index "
+                                 f"{s}.older.npy")
+            if len(items) and (int(items.min()) < 1 or int(items.max()) > self.n_items):
+                raise CacheError(f"{self.path}/{s}.older.npy: item index outside "
+                                 f"1..{self.n_items}")
+            older = (np.asarray(ptr), np.asarray(items))
+        return Split(s, seq, target, steps, chain, time, older)
 
 
 # -- batching ----------------------------------------------------------------------------
@@ -198,7 +218,20 @@ def batches(split: Split, batch_size: int, *, reasoning: str = "none",
             r = torch.from_numpy(picked if picked.ndim == 3 else picked[:, None, :])
         time = (None if split.time is None
                 else torch.from_numpy(np.asarray(split.time[rows], dtype=np.int64)))
-        yield Batch(rows, seq, target, r, time)
+        older = None if split.older is None else torch.from_numpy(_ragged(*split.older, rows))
+        yield Batch(rows, seq, target, r, time, older)
+
+
+def _ragged(ptr: np.ndarray, items: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` of a ragged array as one (len(rows), longest) int64 array, 0-padded."""
+    starts, counts = ptr[rows], ptr[rows + 1] - ptr[rows]
+    width = int(counts.max()) if len(rows) else 0
+    out = np.zeros((len(rows), width), np.int64)
+    if width:
+        col = np.arange(width)
+        inside = col[None, :] < counts[:, None]
+        out[inside] = items[(starts[:, None] + col[None, :])[inside]]
+    return out
 
 
 def bucketed_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,

@@ -145,11 +145,11 @@ def rank_batch(model: nn.Module, batch: Batch, cfg: Config, split: Split, where:
     if isinstance(model, Recommender):
         _check_finite(scores[:, 1:], split, where)  # column 0 (padding) is -inf by design
         full = target_ranks(scores, batch.target)
-        scores.scatter_(1, batch.seq, float("-inf"))  # padding 0 is -inf already
+        scores.scatter_(1, batch.history(), float("-inf"))  # padding 0 is -inf already
         return {"full": full, "masked": target_ranks(scores, batch.target)}
     _check_finite(scores.masked_fill(items == 0, 0.0), split, where)
     return {"full": list_ranks(items, scores, batch.target),
-            "masked": list_ranks(items, scores, batch.target, exclude=batch.seq)}
+            "masked": list_ranks(items, scores, batch.target, exclude=batch.history())}
 
 
 @torch.no_grad()
@@ -192,14 +192,14 @@ def predict(model: nn.Module, split: Split, cfg: Config, device: torch.device,
             if isinstance(model, Recommender):
                 scores = model.scores(batch.seq, batch.reasoning, batch.time).float()
                 if cfg.protocol == "masked":
-                    scores.scatter_(1, batch.seq, float("-inf"))
+                    scores.scatter_(1, batch.history(), float("-inf"))
                 k = min(cfg.top_k, scores.shape[1] - 1)
                 top, items = scores.topk(k, dim=1)
             else:
                 items, top = model.ranked(batch.seq, batch.reasoning, max(cfg.beam, cfg.top_k))
                 top = top.float()
                 if cfg.protocol == "masked":
-                    drop = (items[:, :, None] == batch.seq[:, None, :]).any(-1)
+                    drop = (items[:, :, None] == batch.history()[:, None, :]).any(-1)
                     top = top.masked_fill(drop, float("-inf"))
                     top, order = top.sort(dim=1, descending=True, stable=True)
                     items = items.gather(1, order)
@@ -303,6 +303,9 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
     if hasattr(model, "training_split"):  # TIGER: one example per next item of each row
         train_split, train_perm = model.training_split(train_split, train_perm), None
         log(f"{len(train_split):,} training examples (sliding prefixes of the train rows)")
+    if cache.splits["test"].older is None:
+        log("this cache predates {split}.older.npy: the masked protocol leaves out only the "
+            f"last {cache.max_len} history items; export it again to mask the whole history")
     if getattr(getattr(model, "backbone", None), "uses_time", False) and (
             cache.splits["train"].time is None):
         log(f"{cfg.backbone}: the cache has no timestamps ({{split}}.time.npy): relative "

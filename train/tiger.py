@@ -311,5 +311,5 @@ def prefix_split(split: Split, reasoning_rows: np.ndarray | None = None) -> Spli
     def view(a: np.ndarray | None) -> _OwnRowOnly | None:
         return None if a is None else _OwnRowOnly(a, row, own, reasoning_rows)
     return replace(split, seq=_Prefixes(seq, row, end), target=target,  # type: ignore[arg-type]
-                   steps=view(split.steps), chain=view(split.chain), time=None,
+                   steps=view(split.steps), chain=view(split.chain), time=None, older=None,
                    lengths=end - first[row] + 1)  # length-bucketed batches

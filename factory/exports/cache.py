@@ -71,6 +71,9 @@ class Part:
     user_ids: list[str]
     history_len: np.ndarray  # (rows,) int32, before truncation
     time: np.ndarray | None = None  # (rows, max_len) int64 unix seconds of seq, 0 = padding
+    #: the history items older than the window, ragged: row r's are older[ptr[r]:ptr[r+1]]
+    older: np.ndarray | None = None  # int32
+    older_ptr: np.ndarray | None = None  # (rows + 1,) int64
 
 
 #: each user's (train, valid, test) interaction times, aligned with their item lists
@@ -91,14 +94,15 @@ def build_parts(users: list[str], train: list[list[int]], valid: list[list[int]]
     """The three leave-one-out parts from each user's chronological item indices; with
     `times`, each history's times padded exactly as its items (the target's own time is
     never written: it is not part of the history)."""
-    rows: dict[str, tuple[list, ...]] = {p: ([], [], [], [], []) for p in PARTS}
+    rows: dict[str, tuple[list, ...]] = {p: ([], [], [], [], [], []) for p in PARTS}
 
     def add(part: str, user: str, history: list[int], target: int,
             when: list[int] | None) -> None:
         if not history:
             return  # nothing to condition on
-        seqs, targets, uids, lens, stamps = rows[part]
+        seqs, targets, uids, lens, stamps, older = rows[part]
         seqs.append(_pad_left(history, max_len))
+        older.append(history[:-max_len])  # for the masked protocol: the whole history
         targets.append(target)
         uids.append(user)
         lens.append(len(history))
@@ -121,8 +125,11 @@ def build_parts(users: list[str], train: list[list[int]], valid: list[list[int]]
         if te:
             add("test", user, tr + va, te[0], None if trt is None else trt + vat)
     out = {}
-    for part, (seqs, targets, uids, lens, stamps) in rows.items():
+    for part, (seqs, targets, uids, lens, stamps, older) in rows.items():
+        counts = np.fromiter((len(o) for o in older), np.int64, len(older))
         out[part] = Part(
+            older=np.fromiter((i for o in older for i in o), np.int32, int(counts.sum())),
+            older_ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             seq=np.stack(seqs) if seqs else np.zeros((0, max_len), np.int32),
             target=np.asarray(targets, dtype=np.int32),
             user_ids=uids,
@@ -201,6 +208,9 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
                 if part.time.shape != part.seq.shape or (part.time[part.seq == 0] != 0).any():
                     raise FactoryError(f"{name}: times not aligned with the histories")
                 np.save(tmp / f"{name}.time.npy", part.time.astype(np.int64))
+            assert part.older is not None and part.older_ptr is not None
+            np.save(tmp / f"{name}.older.npy", part.older.astype(np.int32))
+            np.save(tmp / f"{name}.older_ptr.npy", part.older_ptr.astype(np.int64))
             columns = {
                 "row": pa.array(np.arange(len(part.user_ids), dtype=np.int64)),
                 "user_id": pa.array(part.user_ids, pa.string()),
@@ -229,6 +239,7 @@ def write_cache(out: Path, *, dataset: str, split: str, items: pa.Table,
             "n_items": n_items, "max_len": max_len, "item_text": text_meta, "sid": sid_meta,
             "steps": steps_meta, "chain": chain_meta,
             "time": {"unit": "s"} if True in with_time else None,
+            "older": True,  # {split}.older[_ptr].npy: history beyond the window (masking)
             "rows": {name: int(len(p.target)) for name, p in parts.items()},
             "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
