@@ -73,11 +73,9 @@ def train_cmd(
 
     variants = [_config(list(ctx.args))]
     for spec in (compare or "").split(","):
-        if spec.strip():
+        # the main run (default: sasrec) may be listed too: `--compare sasrec,hstu+scoter`
+        if spec.strip() and spec.strip() not in {_name(v) for v in variants}:
             variants.append(_variant(list(ctx.args), spec.strip()))
-    if len({_name(v) for v in variants}) < len(variants):
-        raise FactoryError("--compare names a variant twice (the main run counts: "
-                           f"{_name(variants[0])})")
     wh = warehouse()
     with wh.read() as con:
         require_split(con, dataset, split)
@@ -94,6 +92,8 @@ def train_cmd(
         v.cache = path
         if out and len(variants) > 1:  # one directory per variant under --out
             v.out = str(Path(out) / _name(v))
+        if v.candidates and len(variants) > 1:  # and one candidates file: X.<variant>.parquet
+            v.candidates = str(Path(v.candidates).with_suffix(f".{_name(v)}.parquet"))
     done = [_train_one(wh, dataset, split, v) for v in variants]
     if len(done) > 1:
         _compare_table(done, dataset, split)
@@ -149,11 +149,14 @@ def _train_one(wh: Any, dataset: str, split: str, cfg: Any
     try:
         # keep_alive: a sign of life while training, for other hosts
         with keep_alive(wh, run_id), progress(transient=True) as bar:
-            result = run(cfg, log=lambda msg: console.print(msg, markup=False, highlight=False),
+            result = run(cfg, log=lambda msg: console.print(msg, markup=False, highlight=False,
+                                                            soft_wrap=True),
                          progress=batch_progress(bar))
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        _finish(wh, run_id, status, error=str(exc) or type(exc).__name__)
+        error = str(exc) or ("interrupted (Ctrl-C)" if status == "interrupted"
+                             else type(exc).__name__)
+        _finish(wh, run_id, status, error=error)
         if isinstance(exc, TrainError):
             return cfg, run_id, None, str(exc)
         raise
@@ -208,7 +211,9 @@ def _compare_table(done: list[tuple[Any, str, dict[str, Any] | None, str | None]
                       _f(t["ndcg@10"]), _f(o["recall@10"]), _f(o["ndcg@10"]),
                       f"{result['best_epoch']}/{result['epochs_run']}",
                       f"{result['seconds_per_epoch']:.1f}")
-    console.print(table)
+    from factory.cli import stdout_console
+
+    stdout_console().print(table)  # a result, as `factory runs`: 240 wide when piped
     for cfg, _, _, error in done:
         if error:
             console.print(f"  {_name(cfg)} failed: {error}", markup=False, soft_wrap=True)

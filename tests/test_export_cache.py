@@ -310,13 +310,13 @@ def test_factory_train_compare_trains_each_variant_on_one_cache(ml100k: Warehous
     assert _cli(ml100k, "export", "cache", "--dataset", "ml-100k", "--max-len", "10",
                 "--out", str(tmp_path / "c")).exit_code == 0
     common = ("train", "--dataset", "ml-100k", "--epochs", "1", "--dim", "16", "--threads", "2")
-    _fails(_cli(ml100k, *common, "--compare", "sasrec"), "names a variant twice")
     _fails(_cli(ml100k, *common, "--compare", "hstu+gnn"), "a backbone, optionally +scoter")
     _fails(_cli(ml100k, *common, "--compare", "hstu+scoter"),
            "no exported cache with reasoning steps")
     _fails(_cli(ml100k, *common, "--compare", "tiger"), "with semantic IDs")
-    result = _cli(ml100k, *common, "--backbone", "hstu", "--compare", "sasrec",
-                  "--out", str(tmp_path / "runs"))
+    # the main run listed again is not a second run; each variant its own candidates file
+    result = _cli(ml100k, *common, "--backbone", "hstu", "--compare", "hstu,sasrec",
+                  "--out", str(tmp_path / "runs"), "--predict", "--top-k", "5")
     assert result.exit_code == 0, result.output
     with ml100k.read() as con:
         runs = con.execute("select backbone, cache_path, status, out_dir, params->>'dim',"
@@ -326,6 +326,13 @@ def test_factory_train_compare_trains_each_variant_on_one_cache(ml100k: Warehous
                                      ("sasrec", str(tmp_path / "c"), "succeeded")]
     assert [r[3] for r in runs] == [str(tmp_path / "runs" / b) for b in ("hstu", "sasrec")]
     assert {r[4] for r in runs} == {"16"}       # shared options reach every variant
+    assert all((tmp_path / "runs" / b / "candidates.parquet").is_file()
+               for b in ("hstu", "sasrec"))
+    named = _cli(ml100k, *common, "--compare", "sasrec,hstu", "--predict", "--top-k", "5",
+                 "--epochs", "1", "--out", str(tmp_path / "cands.parquet"))
+    assert named.exit_code == 0, named.output
+    assert {f.name for f in tmp_path.glob("cands.*.parquet")} == {
+        "cands.sasrec.parquet", "cands.hstu.parquet"}
     # one table: both variants, the protocol named, each run's test NDCG@10 as recorded
     table = result.output[result.output.index("ml-100k/loo, test: full ranking"):]
     for backbone, *_, ndcg in runs:

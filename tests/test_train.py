@@ -443,3 +443,44 @@ def test_predict_writes_the_top_k_of_every_row(caches: dict[str, Path], tmp_path
                                           " order by row").fetchall()]
     for seq, cands_row in zip(np.asarray(cache.splits["test"].seq), test, strict=True):
         assert not {idx[i] for i in cands_row} & set(seq[seq > 0].tolist())
+
+
+def test_options_that_cannot_hold_together_are_refused() -> None:
+    for args, says in (
+            (["--out", "x.parquet"], "a .parquet --out names the candidates file"),
+            (["--backbone", "tiger", "--predict", "--top-k", "50"],
+             "--top-k 50 > --beam 20: tiger's candidates are its beams; pass --beam 50"),
+            (["--backbone", "tiger", "--beam", "5"], "--beam 5: at least 10"),
+            (["--backbone", "tiger", "--sid"], "tiger always works on semantic IDs"),
+            (["--backbone", "tiger", "--loss", "sampled"], "--loss sampled is for the dense")):
+        with pytest.raises(ArgumentError, match=re.escape(says)):
+            parse_args(["--cache", "c", *args])
+
+
+def test_more_negatives_than_items_is_one_line(caches: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="--negatives 40: the catalog has 40 items"):
+        _run(tmp_path, caches["plain"], "neg", epochs=1, loss="sampled", negatives=40)
+    assert not (tmp_path / "neg").exists()      # nothing written for a run that never ran
+
+
+def test_sigterm_stops_python_m_train_with_one_line(caches: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """A batch scheduler's SIGTERM: exit 143, one line, no metrics or run folder."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", "--cache", str(caches["plain"]), "--epochs", "100000",
+         "--dim", "8", "--threads", "1", "--out", str(out)], cwd=tmp_path, text=True,
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stderr is not None
+    for line in proc.stderr:   # wait until it trains
+        if line.startswith("epoch 1:"):
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143
+    assert "interrupted (SIGTERM): nothing is reported or written" in rest
+    assert "Traceback" not in rest and not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -84,12 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as exc:
         print(f"error: {exc} (python -m train --help)", file=sys.stderr)
         return 2
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)   # a batch scheduler's stop, like Ctrl-C
     try:
         result = run(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                      progress=StderrProgress())
     except TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        how = "SIGTERM" if str(exc) == "SIGTERM" else "Ctrl-C"
+        print(f"\ninterrupted ({how}): nothing is reported or written for this run",
+              file=sys.stderr)
+        return 143 if how == "SIGTERM" else 130
     print(format_metrics(result))
     return 0
 

@@ -99,6 +99,10 @@ class Config:
         if self.backbone in GENERATIVE and self.sid:
             raise ValueError(f"--sid adds semantic-ID embeddings to a dense backbone; "
                              f"{self.backbone} always works on semantic IDs")
+        if self.backbone in GENERATIVE and self.predict and self.top_k > self.beam:
+            raise ValueError(f"--top-k {self.top_k} > --beam {self.beam}: {self.backbone}'s "
+                             f"candidates are its beams; pass --beam {self.top_k} (a wider "
+                             "search would rank differently from the reported metrics)")
         if self.backbone in GENERATIVE and self.beam < 10:
             raise ValueError(f"--beam {self.beam}: at least 10 (the best epoch is chosen by "
                              "NDCG@10, which needs ten ranked items)")
@@ -224,7 +228,10 @@ def parse_args(argv: list[str], require_cache: bool = True) -> Config:
     ns["ablate"] = sorted({a.strip() for arg in ns["ablate"] for a in arg.split(",")
                            if a.strip()})
     ns["cache"] = ns["cache"] or ""
-    if ns["predict"] and (ns["out"] or "").endswith(".parquet"):
+    if (ns["out"] or "").endswith(".parquet"):
+        if not ns["predict"]:
+            raise ArgumentError(f"--out {ns['out']}: a .parquet --out names the candidates "
+                                "file, written with --predict; without it --out is a directory")
         ns["candidates"], ns["out"] = ns["out"], None  # `--predict --out cands.parquet`
     cfg = Config(**ns)
     try:

@@ -81,7 +81,9 @@ def build_fusion(cfg: Config, cache: Cache, dim: int) -> ScoterFusion | None:
                     else "whole-chain embeddings (chain), needed by --ablate single: run "
                     "`factory embed-steps --whole-chain` for its chains, then `factory export "
                     "cache --chains` again")
-            raise CacheError(f"{cache.path}: --fusion scoter needs {what}; this cache has none")
+            raise CacheError(f"{cache.path}: --fusion scoter needs {what}; this cache has none "
+                             "(`factory embed-steps --chains <chains>`, then `factory export "
+                             "cache --chains <chains>`)")
         fusion = ScoterFusion(int(meta["D"]), dim, int(meta.get("K", 1)), cfg.fusion_heads,
                               cfg.fusion_dropout, frozenset(cfg.ablate), cfg.fusion_head_dim)
     return fusion
@@ -179,8 +181,8 @@ def predict(model: nn.Module, split: Split, cfg: Config, device: torch.device,
             reasoning_rows: np.ndarray | None = None, progress: Progress = _no_progress
             ) -> tuple[np.ndarray, np.ndarray]:
     """The top `cfg.top_k` items (item_idx, 0 = none) and scores of every row, ranked as
-    `cfg.protocol` ranks (masked: history items left out); a generative model's beams are
-    widened to top_k when narrower."""
+    `cfg.protocol` ranks (masked: history items left out); a generative model's are its
+    `cfg.beam` beams, the very lists the metrics were computed on."""
     model.eval()
     items_out, scores_out = [], []
     total = n_batches(len(split), cfg.eval_batch_size)
@@ -196,7 +198,7 @@ def predict(model: nn.Module, split: Split, cfg: Config, device: torch.device,
                 k = min(cfg.top_k, scores.shape[1] - 1)
                 top, items = scores.topk(k, dim=1)
             else:
-                items, top = model.ranked(batch.seq, batch.reasoning, max(cfg.beam, cfg.top_k))
+                items, top = model.ranked(batch.seq, batch.reasoning, cfg.beam)  # as evaluated
                 top = top.float()
                 if cfg.protocol == "masked":
                     drop = (items[:, :, None] == batch.history()[:, None, :]).any(-1)
@@ -281,14 +283,16 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
     cache = Cache(cfg.cache, verify=cfg.verify)
     if len(cache.splits["train"]) == 0 or len(cache.splits["valid"]) == 0:
         raise CacheError(f"{cache.path}: the train and valid splits must have rows")
+    if cfg.loss == "sampled" and cfg.negatives >= cache.n_items:
+        raise CacheError(f"--negatives {cfg.negatives}: the catalog has {cache.n_items:,} "
+                         "items; sample fewer, or use --loss full")
     device = pick_device(cfg.device)
     model = build_model(cfg, cache).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     perms = _permutations(cache, cfg)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)  # made once there is a result
     rng = np.random.default_rng(cfg.seed)
 
     history: list[dict[str, Any]] = []
@@ -358,9 +362,10 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
                    if model.fusion is not None else None},    # the width used
         "history": history,
     }
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.predict:
         path = Path(cfg.candidates) if cfg.candidates else out / "candidates.parquet"
-        result["candidates"] = str(path)
+        result["candidates"] = result["params"]["candidates"] = str(path)
         write_candidates(model, cache, cfg, device, perms, path, progress)
         log(f"candidates: top {cfg.top_k} of every train/valid/test row written to {path}")
     (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
