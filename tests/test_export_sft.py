@@ -127,6 +127,17 @@ def test_thinkrec_chat_format(ml100k, tmp_path):
         == r.counts["train"]["reasoning"]
     manifest = json.loads((tmp_path / "tr.manifest.json").read_text())
     assert {f"tr.{p}.jsonl" for p in ("train", "valid", "test")} <= set(manifest["files"])
+    # deterministic given the seed: the same bytes again, another order with another seed
+    again = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "again.jsonl", share=0.2,
+                       seed=7)
+    other = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "other.jsonl", share=0.2,
+                       seed=8)
+    assert r.counts == again.counts == other.counts
+    for part in ("train", "valid", "test"):
+        assert (tmp_path / f"tr.{part}.jsonl").read_bytes() == \
+            (tmp_path / f"again.{part}.jsonl").read_bytes()
+    assert (tmp_path / "tr.train.jsonl").read_bytes() != \
+        (tmp_path / "other.train.jsonl").read_bytes()
     # exclude traces whose label had to be revealed
     r2 = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "nr.jsonl", exclude_revealed=True)
     assert r2.notes["reasoning_traces"] == 10 - len(range(0, 10, 3))
@@ -137,10 +148,10 @@ def test_thinkrec_chat_format(ml100k, tmp_path):
     assert r1.counts["train"] == {"reasoning": 10}
 
 
-def test_thinkrec_parts_follow_the_split(ml100k, tmp_path):
+def test_thinkrec_parts_follow_the_split_and_histories_stop_before_the_target(ml100k, tmp_path):
     _insert_traces(ml100k, 10)
     out = tmp_path / "t.parquet"
-    export_sft(ml100k, "ml-100k", "thinkrec", out, fmt="parquet", seed=1)
+    export_sft(ml100k, "ml-100k", "thinkrec", out, fmt="parquet", seed=1, history=2)
     with ml100k.read() as con:
         parts = dict(((u, p), part) for u, p, part in con.execute(
             "select user_id, position, part from split_parts where dataset = 'ml-100k'"
@@ -156,12 +167,8 @@ def test_thinkrec_parts_follow_the_split(ml100k, tmp_path):
             assert row["label"] == labels[(row["user_id"], row["position"])]
             if row["kind"] == "recommendation":
                 assert row["messages"][1]["content"] == ("Yes" if row["label"] else "No")
-
-
-def test_history_never_shows_the_target_or_later_items(ml100k, tmp_path):
-    _insert_traces(ml100k, 5)
-    export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "h.parquet", fmt="parquet", history=2)
-    rows = pq.read_table(tmp_path / "h.test.parquet").to_pylist()
+    # the history shows the item just before the target and no later one (history=2)
+    rows = pq.read_table(tmp_path / "t.test.parquet").to_pylist()
     with ml100k.read() as con:
         title = dict(con.execute("select item_id, title from items where dataset = 'ml-100k'"
                                  ).fetchall())
@@ -173,18 +180,6 @@ def test_history_never_shows_the_target_or_later_items(ml100k, tmp_path):
         history = prompt.split("following movies: ", 1)[1].split(". Additionally", 1)[0]
         assert f'"{title[prev[(row["user_id"], row["position"] - 1)]]}"' in history
         assert history.count("(evaluation: ") == 2
-
-
-def test_deterministic_given_seed(ml100k, tmp_path):
-    _insert_traces(ml100k, 20)
-    a = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "a.jsonl", seed=3)
-    b = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "b.jsonl", seed=3)
-    c = export_sft(ml100k, "ml-100k", "thinkrec", tmp_path / "c.jsonl", seed=4)
-    assert a.counts == b.counts == c.counts
-    for part in ("train", "valid", "test"):
-        assert (tmp_path / f"a.{part}.jsonl").read_bytes() == \
-            (tmp_path / f"b.{part}.jsonl").read_bytes()
-    assert (tmp_path / "a.train.jsonl").read_bytes() != (tmp_path / "c.train.jsonl").read_bytes()
 
 
 def test_per_group_exports(ml100k, tmp_path):
