@@ -9,7 +9,6 @@ trainer can load the same model, offline.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 import typer
 
 from factory.errors import FactoryError, first_line
+from train.format import sha256_file
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,14 +37,6 @@ def gguf_source(source: str) -> tuple[Path, str]:
     if not path.is_file():
         raise FactoryError(f"{source}: no such GGUF file")
     return path.resolve().parent, path.name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_hf(source: str, out: Path, dtype: str = "float32", force: bool = False) -> Path:
@@ -88,7 +80,7 @@ def export_hf(source: str, out: Path, dtype: str = "float32", force: bool = Fals
         tokenizer.save_pretrained(staging)
         (staging / "factory_export.json").write_text(json.dumps({
             "source": source, "gguf": str(directory / name),
-            "gguf_sha256": _sha256(directory / name), "dtype": dtype,
+            "gguf_sha256": sha256_file(directory / name), "dtype": dtype,
             "transformers": transformers.__version__,
         }, indent=2), encoding="utf-8")
         os.chmod(staging, 0o755)      # mkdtemp's 0700 would hide the model from a server user

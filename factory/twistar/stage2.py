@@ -14,7 +14,6 @@ the valid item), test = (train + valid items -> the test item).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import duckdb
 
 from factory.errors import FactoryError
 from factory.twistar.rewards import valid_tool_sequence
+from train.format import sha256_file
 
 PARTS = ("train", "valid", "test")
 SOURCE_KINDS = ("train", "file")
@@ -37,14 +37,6 @@ def unit_sql(seed: int, *keys: str) -> str:
     """SQL for a stable number in [0, 1) from the seed and the key columns (md5, 48 bits)."""
     cols = ", ".join(["'" + str(int(seed)) + "'", *keys])
     return f"(('0x' || left(md5(concat_ws(chr(31), {cols})), 12))::bigint / 281474976710656.0)"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _q(path: Path | str) -> str:
