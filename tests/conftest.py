@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# xdist workers get COLUMNS=80 from their launcher; a plain run has none. Tables printed to a
+# pipe are then 240 wide (factory.cli.stdout_console) in both, as tests expect.
+os.environ.pop("COLUMNS", None)
 
 from factory.datasets.ingest import NormaliseOptions, ingest  # noqa: E402
 from factory.datasets.movielens import load_movielens  # noqa: E402
