@@ -126,6 +126,12 @@ def candidates_cmd(
     for part, r in result["recall"].items():
         rows[part] = (f"{r['rows']:,} sequences, Recall@10 {_pct(r['recall@10'])}, "
                       f"Recall@50 {_pct(r['recall@50'])}")
+    hard, labels = (result["dropped"][t] for t in ("twistar_hard_samples",
+                                                    "twistar_planner_labels"))
+    if hard or labels:
+        rows["replaced"] = (f"{hard:,} hard samples and {labels:,} planner labels made from the "
+                            "earlier candidates were dropped with them: run `factory twistar "
+                            "hard-samples` and `planner-labels` again")
     rows["run"] = run_id
     summary(f"stored TwiSTAR candidates of {dataset}", rows,
             f"select part, count(*), avg(coalesce(hit_rank <= 10, false)::int)"

@@ -391,3 +391,22 @@ def test_from_a_train_run(wh):
     text = fails(wh, "twistar", "planner-labels", "--dataset", "ml-100k", "--source",
                  "train", "--parts", "train")
     assert "trained on the train part" in text
+
+
+def test_replaced_candidates_take_what_was_derived_from_them(wh, base, tmp_path):
+    """Hard samples and planner labels of one M_fast are never exported under another's name
+    (a review found the planner file of a replaced model byte-identical after the swap)."""
+    ok(wh, "twistar", "hard-samples", "--dataset", "ml-100k")
+    ok(wh, "twistar", "planner-labels", "--dataset", "ml-100k")
+    hard = q(wh, "select count(*) from twistar_hard_samples")[0][0]
+    labels = q(wh, "select count(*) from twistar_planner_labels")[0][0]
+    assert hard and labels
+    write_candidates(wh, tmp_path / "new.parquet", parts=("train", "valid", "test"), shift=3)
+    out = ok(wh, "twistar", "candidates", "--dataset", "ml-100k", "--from-file",
+             str(tmp_path / "new.parquet"), "--trained-on", "train")
+    assert f"{hard:,} hard samples and {labels:,} planner labels" in " ".join(out.split())
+    assert q(wh, "select count(*) from twistar_hard_samples") == [(0,)]
+    assert q(wh, "select count(*) from twistar_planner_labels") == [(0,)]
+    res = cli(wh, "export", "sft", "--dataset", "ml-100k", "--kind", "twistar-planner",
+              "--out", str(tmp_path / "p.jsonl"))
+    assert res.exit_code != 0 and "planner-labels" in str(res.exception)

@@ -40,7 +40,8 @@ def _one(fn, completion, **columns):
     ("<think></think>" + "x" * 30, -1.0),                      # empty block
     ("x" * 30 + REF, -1.0),                                    # no block
     ("<think>" + "x" * 40, -1.0),                              # never closed
-    ("x" * 40 + "</think>", -1.0),                             # never opened
+    ("x" * 40 + "</think>" + REF, 1.0),                        # opened by the chat template
+    ("x" * 19 + "</think>" + REF, -1.0),                       # ... and still 20 characters
     ("Sure. " + THINK20 + REF, 1.0),                           # A.1 asks only that it exists
     (THINK20 + "<think>short</think>", 1.0),                    # the first block counts
 ])
@@ -56,6 +57,7 @@ def test_r_think(text, expected):
     ("<|sid_begin|><s_a_12><s_b_3><|sid_end|>", 0.2),           # a level missing
     ("<|sid_begin|> <s_a_12> <s_b_3> <s_c_200> <|sid_end|>", 0.2),  # spaced out
     ("<|sid_begin|>12 3 200<|sid_end|>", 0.2),                  # markers only
+    ("<|sid_begin|><s_a_012><s_b_3><s_c_200><|sid_end|>", 0.2),  # not a vocabulary token
     ("<|sid_begin|><s_a_12><s_b_3><s_c_200><s_d_1><|sid_end|>", 0.2),  # 4 levels for 3
     ("item 12-3-200", -1.0),
     ("", -1.0),
@@ -84,7 +86,9 @@ def test_r_sid_levels_follow_the_reference():
     ("<|sid_begin|><s_a_13><s_b_3><s_c_200><|sid_end|>", 0.0),  # b, c match but a does not
     ("<|sid_begin|><s_b_3><s_a_12><s_c_200><|sid_end|>", 0.0),  # wrong level order
     ("<s_a_12><s_b_3>", 2.0),                                   # a soft SID is parsed too
-    ("<s_a_12> <s_b_3><s_c_200>", 1.0),                         # only the first adjacent run
+    ("<s_a_12> <s_b_3> <s_c_200>", 5.0),                        # spaced: A.3 parses the levels
+    ("<s_a_12> then <s_b_3><s_c_200>", 1.0),                    # only the first run of tokens
+    ("<|sid_begin|><s_a_012><s_b_3><s_c_200><|sid_end|>", 0.0),  # <s_a_012> is no token
     ("nothing", 0.0),
 ])
 def test_r_hit_longest_prefix(answer, expected):

@@ -62,7 +62,7 @@ TOOL_LATENCY_S: dict[str, float] = {
 }
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_LEVEL = re.compile(r"<s_([a-z])_(\d+)>")
+_LEVEL = re.compile(r"<s_([a-z])_(0|[1-9]\d*)>")  # a vocabulary token: no leading zeros
 _SOFT = re.compile(r"<s_[a-z]_\d+>|<\|?\s*sid_begin\s*\|?>.*?<\|?\s*sid_end\s*\|?>",
                    re.DOTALL | re.IGNORECASE)
 _TOOL = re.compile(r"\b(fast_rec|rank_candidates|think_and_rec)\s*\(\s*(\d+)\s*"
@@ -79,7 +79,7 @@ def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
 
 
 def _strict_sid(levels: int) -> re.Pattern[str]:
-    tokens = "".join(f"<s_{chr(ord('a') + k)}_(\\d+)>" for k in range(levels))
+    tokens = "".join(f"<s_{chr(ord('a') + k)}_(0|[1-9]\\d*)>" for k in range(levels))
     return re.compile(re.escape(SID_BEGIN) + tokens + re.escape(SID_END))
 
 
@@ -110,7 +110,8 @@ def _levels(reference: str | Sequence[int] | None, sid_levels: int | None) -> in
 
 def predicted_codes(text: str, levels: int = PAPER_LEVELS) -> list[tuple[str, int]]:
     """The recommended SID as (level letter, code) pairs, in the order written: the first
-    strict SID of the answer, else its first run of adjacent level tokens (a soft SID)."""
+    strict SID of the answer, else its first run of level tokens with nothing but spaces
+    between them (a soft SID; App. A.3 parses both SIDs into their levels)."""
     answer = _answer(text)
     strict = _strict_sid(levels).search(answer)
     if strict:
@@ -118,7 +119,7 @@ def predicted_codes(text: str, levels: int = PAPER_LEVELS) -> list[tuple[str, in
     run: list[tuple[str, int]] = []
     end = None
     for m in _LEVEL.finditer(answer):
-        if run and m.start() != end:
+        if run and answer[end:m.start()].strip():
             break
         run.append((m.group(1), int(m.group(2))))
         end = m.end()
@@ -128,9 +129,17 @@ def predicted_codes(text: str, levels: int = PAPER_LEVELS) -> list[tuple[str, in
 def think_score(text: str) -> float:
     """Eq. 9: +1 when a <think>...</think> block holds at least 20 characters (App. A.1;
     counted after stripping surrounding whitespace, so an empty block never passes). The
-    paper asks only that the block exists, not that it comes first."""
+    paper asks only that the block exists, not that it comes first. A completion that
+    closes a block it never opened counts as one: chat templates of reasoning models
+    (Qwen3, R1) put the opening <think> in the prompt."""
     m = _THINK.search(text)
-    return R_THINK_OK if m and len(m.group(1).strip()) >= THINK_MIN_CHARS else R_THINK_MISSING
+    if m:
+        thought = m.group(1)
+    else:
+        thought, closed, _ = text.partition("</think>")
+        if not closed:
+            return R_THINK_MISSING
+    return R_THINK_OK if len(thought.strip()) >= THINK_MIN_CHARS else R_THINK_MISSING
 
 
 def sid_score(text: str, levels: int = PAPER_LEVELS) -> float:

@@ -98,7 +98,7 @@ def resolve_train_candidates(con: duckdb.DuckDBPyConnection, dataset: str,
 
     run_id = resolve_run(con, "train", dataset, run, option="--from-train",
                          first=f"factory train --dataset {dataset} --backbone tiger "
-                               "--predict --top-k 50")
+                               "--protocol masked --beam 50 --predict --top-k 50")
     row = con.execute("select split, backbone, fusion, out_dir, status, params"
                       " from train_runs where run_id = ?", [run_id]).fetchone()
     if row is None:
@@ -206,6 +206,14 @@ def import_candidates(con: duckdb.DuckDBPyConnection, dataset: str, *, source_ki
         bad = first(f"select file_row, len(item_ids) from _cands where len(item_ids) < {k}")
         raise FactoryError(f"{name}: {short:,} of {n:,} rows have fewer than K = {k} items "
                            f"(first: row {bad[0]:,}, {bad[1]} items); every list needs K")
+    # what was derived from the replaced candidates goes with them, in the same transaction:
+    # hard samples or labels of one model must never be exported under another's name
+    dropped = {}
+    for table in ("twistar_hard_samples", "twistar_planner_labels"):
+        dropped[table] = con.execute(f"select count(*) from {table} where dataset = ? and"
+                                     " source_kind = ?", [dataset, source_kind]).fetchone()[0]
+        con.execute(f"delete from {table} where dataset = ? and source_kind = ?",
+                    [dataset, source_kind])
     con.execute("delete from twistar_candidates where dataset = ? and source_kind = ?",
                 [dataset, source_kind])
     con.execute("delete from twistar_candidate_sets where dataset = ? and source_kind = ?",
@@ -223,7 +231,8 @@ def import_candidates(con: duckdb.DuckDBPyConnection, dataset: str, *, source_ki
                 [dataset, source_kind, source, str(path.resolve()), sha256_file(path), split,
                  model, trained_on, k, json.dumps(rows), run_id])
     con.execute("drop table _cands")
-    return {"k": k, "rows": rows, "recall": recall_by_part(con, dataset, source_kind)}
+    return {"k": k, "rows": rows, "recall": recall_by_part(con, dataset, source_kind),
+            "dropped": dropped}
 
 
 def recall_by_part(con: duckdb.DuckDBPyConnection, dataset: str,
