@@ -277,7 +277,7 @@ def write_table(con: duckdb.DuckDBPyConnection, table: str, paths: dict[str, Pat
         else:
             import pyarrow.parquet as pq
 
-            pq.write_table(con.execute(rows).to_arrow_table().cast(_parquet_schema()), tmp)
+            pq.write_table(con.sql(rows).to_arrow_table().cast(_parquet_schema()), tmp)
         os.replace(tmp, path)
 
 
