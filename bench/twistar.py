@@ -63,7 +63,7 @@ def main() -> None:
         export.append("--sids")
     factory(wh, *export)
     factory(wh, "train", "--dataset", name, "--history", str(args.history), "--backbone",
-            args.backbone, "--epochs", str(args.epochs), "--max-minutes",
+            args.backbone, "--protocol", "masked", "--epochs", str(args.epochs), "--max-minutes",
             str(args.max_minutes), "--device", args.device, "--predict", "--top-k",
             str(args.k2), *(["--beam", str(args.k2)] if args.backbone == "tiger" else []))
     factory(wh, "twistar", "candidates", "--dataset", name, "--from-train", "latest")
@@ -79,7 +79,7 @@ def main() -> None:
     paths = sql(wh, "select part, path, count(*) as n, sum(flipped::int) as flipped from"
                     f" twistar_planner_labels where dataset = '{name}' group by all order by all")
     total = {r["part"]: r["n"] for r in recall}
-    print(f"\n{name}, M_fast {args.backbone} (history {args.history}, budget "
+    print(f"\n{name}, M_fast {args.backbone} (history {args.history}, masked, budget "
           f"{args.max_minutes:g} min), K1 {args.k1}, K2 {args.k2}; "
           f"{time.perf_counter() - start:.0f}s in all")
     print(f"{'part':<6} {'rows':>6} {'R@10':>7} {'R@K2':>7} {'hard share':>10}")
