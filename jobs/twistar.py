@@ -124,8 +124,12 @@ def candidates_cmd(
                                      f"{src['trained_on']}",
                             "split": src["split"], "K": result["k"]}
     for part, r in result["recall"].items():
-        rows[part] = (f"{r['rows']:,} sequences, Recall@10 {_pct(r['recall@10'])}, "
+        of = result["sequences"].get(part, r["rows"])
+        rows[part] = (f"{r['rows']:,}" + (f" of {of:,}" if r["rows"] < of else "")
+                      + f" sequences, Recall@10 {_pct(r['recall@10'])}, "
                       f"Recall@50 {_pct(r['recall@50'])}")
+    for part, of in sorted(result["sequences"].items()):
+        rows.setdefault(part, f"0 of {of:,} sequences (none in the candidates)")
     hard, labels = (result["dropped"][t] for t in ("twistar_hard_samples",
                                                     "twistar_planner_labels"))
     if hard or labels:

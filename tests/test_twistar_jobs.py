@@ -177,9 +177,13 @@ def test_from_file_needs_trained_on_and_one_source(wh, base):
 
 def test_reimport_replaces_the_same_source_kind_atomically(wh, base, tmp_path):
     rows = write_candidates(wh, tmp_path / "b.parquet", parts=("valid", "test"), shift=3)
-    ok(wh, "twistar", "candidates", "--dataset", "ml-100k", "--from-file",
-       str(tmp_path / "b.parquet"), "--trained-on", "none")
+    out = ok(wh, "twistar", "candidates", "--dataset", "ml-100k", "--from-file",
+             str(tmp_path / "b.parquet"), "--trained-on", "none")
     assert q(wh, "select count(*) from twistar_candidates") == [(len(rows),)]
+    # a file that ranks only some sequences is stored and said to
+    n_train = q(wh, "select count(distinct user_id) from split_interactions where dataset ="
+                    " 'ml-100k' and split = 'loo' and part = 'train'")[0][0]
+    assert f"train: 0 of {n_train:,} sequences (none in the candidates)" in out
     assert q(wh, "select count(*), any_value(trained_on) from twistar_candidate_sets") == [
         (1, "none")]
     got = {(p, u): i for p, u, i in q(wh, "select part, user_id, item_ids from"

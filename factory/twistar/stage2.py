@@ -230,9 +230,11 @@ def import_candidates(con: duckdb.DuckDBPyConnection, dataset: str, *, source_ki
                 " values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [dataset, source_kind, source, str(path.resolve()), sha256_file(path), split,
                  model, trained_on, k, json.dumps(rows), run_id])
+    # a file may rank only some sequences (one part, a sample of users): said, not refused
+    sequences = dict(con.execute("select part, count(*) from _targets group by 1").fetchall())
     con.execute("drop table _cands")
     return {"k": k, "rows": rows, "recall": recall_by_part(con, dataset, source_kind),
-            "dropped": dropped}
+            "dropped": dropped, "sequences": sequences}
 
 
 def recall_by_part(con: duckdb.DuckDBPyConnection, dataset: str,
