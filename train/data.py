@@ -195,11 +195,12 @@ REASONING = ("none", "steps", "chain")
 
 
 def batches(split: Split, batch_size: int, *, reasoning: str = "none",
-            order: np.ndarray | None = None, reasoning_rows: np.ndarray | None = None
-            ) -> Iterator[Batch]:
+            order: np.ndarray | None = None, reasoning_rows: np.ndarray | None = None,
+            older: bool = True) -> Iterator[Batch]:
     """Yield batches over `order` (default: row order). Rows within a batch are read in
     increasing order so memmapped reads stay local. `reasoning_rows[i]` names the row whose
-    reasoning row i receives (a permutation for the shuffled-steps control)."""
+    reasoning row i receives (a permutation for the shuffled-steps control). `older`: also
+    the history beyond the window (only ranking needs it: the masked protocol)."""
     if reasoning not in REASONING:
         raise ValueError(f"reasoning must be one of {REASONING}")
     source = {"none": None, "steps": split.steps, "chain": split.chain}[reasoning]
@@ -218,8 +219,9 @@ def batches(split: Split, batch_size: int, *, reasoning: str = "none",
             r = torch.from_numpy(picked if picked.ndim == 3 else picked[:, None, :])
         time = (None if split.time is None
                 else torch.from_numpy(np.asarray(split.time[rows], dtype=np.int64)))
-        older = None if split.older is None else torch.from_numpy(_ragged(*split.older, rows))
-        yield Batch(rows, seq, target, r, time, older)
+        old = (None if split.older is None or not older
+               else torch.from_numpy(_ragged(*split.older, rows)))
+        yield Batch(rows, seq, target, r, time, old)
 
 
 def _ragged(ptr: np.ndarray, items: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -29,7 +29,14 @@ from train.data import (
     next_item_labels,
 )
 from train.fusion import ScoterFusion
-from train.metrics import PROTOCOL_NAMES, PROTOCOLS, list_ranks, metrics_from_ranks, target_ranks
+from train.metrics import (
+    PROTOCOL_NAMES,
+    PROTOCOLS,
+    list_ranks,
+    listed_in,
+    metrics_from_ranks,
+    target_ranks,
+)
 from train.model import ItemTable, Recommender
 
 Log = Callable[[str], None]
@@ -133,18 +140,24 @@ def list_depth(cfg: Config) -> int | None:
     return cfg.beam if cfg.backbone in GENERATIVE else None
 
 
+def _score(model: nn.Module, batch: Batch, cfg: Config
+           ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(None, scores of every item) from a dense model, or (items, scores) of a generative
+    model's `cfg.beam` beams: what both evaluation and --predict rank."""
+    with _autocast(batch.seq.device, cfg.amp):
+        if isinstance(model, Recommender):
+            return None, model.scores(batch.seq, batch.reasoning, batch.time).float()
+        items, scores = model.ranked(batch.seq, batch.reasoning, cfg.beam)
+        return items, scores.float()
+
+
 @torch.no_grad()
 def rank_batch(model: nn.Module, batch: Batch, cfg: Config, split: Split, where: str
                ) -> dict[str, torch.Tensor]:
     """The batch's 0-based target ranks under both protocols (train.metrics). A NaN or
     infinite score raises DivergedError: such a model is never ranked."""
-    with _autocast(batch.seq.device, cfg.amp):
-        if isinstance(model, Recommender):
-            scores = model.scores(batch.seq, batch.reasoning, batch.time).float()
-        else:
-            items, scores = model.ranked(batch.seq, batch.reasoning, cfg.beam)
-            scores = scores.float()
-    if isinstance(model, Recommender):
+    items, scores = _score(model, batch, cfg)
+    if items is None:
         _check_finite(scores[:, 1:], split, where)  # column 0 (padding) is -inf by design
         full = target_ranks(scores, batch.target)
         scores.scatter_(1, batch.history(), float("-inf"))  # padding 0 is -inf already
@@ -190,22 +203,18 @@ def predict(model: nn.Module, split: Split, cfg: Config, device: torch.device,
                                          reasoning=reasoning_kind(cfg),
                                          reasoning_rows=reasoning_rows), 1):
         batch = batch.to(device)
-        with _autocast(device, cfg.amp):
-            if isinstance(model, Recommender):
-                scores = model.scores(batch.seq, batch.reasoning, batch.time).float()
-                if cfg.protocol == "masked":
-                    scores.scatter_(1, batch.history(), float("-inf"))
-                k = min(cfg.top_k, scores.shape[1] - 1)
-                top, items = scores.topk(k, dim=1)
-            else:
-                items, top = model.ranked(batch.seq, batch.reasoning, cfg.beam)  # as evaluated
-                top = top.float()
-                if cfg.protocol == "masked":
-                    drop = (items[:, :, None] == batch.history()[:, None, :]).any(-1)
-                    top = top.masked_fill(drop, float("-inf"))
-                    top, order = top.sort(dim=1, descending=True, stable=True)
-                    items = items.gather(1, order)
-                items, top = items[:, :cfg.top_k], top[:, :cfg.top_k]
+        items, scores = _score(model, batch, cfg)
+        if items is None:
+            if cfg.protocol == "masked":
+                scores.scatter_(1, batch.history(), float("-inf"))
+            top, items = scores.topk(min(cfg.top_k, scores.shape[1] - 1), dim=1)
+        else:
+            top = scores
+            if cfg.protocol == "masked":
+                top = top.masked_fill(listed_in(items, batch.history()), float("-inf"))
+                top, order = top.sort(dim=1, descending=True, stable=True)
+                items = items.gather(1, order)
+            items, top = items[:, :cfg.top_k], top[:, :cfg.top_k]
         items = items.masked_fill(~torch.isfinite(top), 0)
         items_out.append(items.cpu().numpy())
         scores_out.append(top.cpu().numpy())
@@ -224,7 +233,7 @@ def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.dev
     total = n_batches(len(split), cfg.batch_size)
     order = (rng.permutation(len(split)) if split.lengths is None
              else bucketed_order(split.lengths, cfg.batch_size, rng))
-    for batch in batches(split, cfg.batch_size, reasoning=reasoning_kind(cfg),
+    for batch in batches(split, cfg.batch_size, reasoning=reasoning_kind(cfg), older=False,
                          order=order, reasoning_rows=reasoning_rows):
         batch = batch.to(device)
         labels = next_item_labels(batch.seq, batch.target)

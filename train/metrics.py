@@ -42,6 +42,11 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 MISS = 2**40  # the rank of a target that a ranked list does not contain
 
 
+def listed_in(items: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool: whether each listed item is among its row's `rows` (B, m) items."""
+    return (items[:, :, None] == rows[:, None, :]).any(-1)
+
+
 def list_ranks(items: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor,
                exclude: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of each row's target in a ranked list (B, n) of item ids (0 = no item,
@@ -50,7 +55,7 @@ def list_ranks(items: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor,
     target, as in `target_ranks`: a listed item scored >= the target's score ranks ahead."""
     listed = items > 0
     if exclude is not None:
-        listed &= ~(items[:, :, None] == exclude[:, None, :]).any(-1)
+        listed &= ~listed_in(items, exclude)
     is_target = listed & (items == targets[:, None])
     found = is_target.any(1)
     t_score = torch.where(is_target, scores, torch.full_like(scores, float("inf"))).amin(1)
