@@ -9,6 +9,7 @@ already-cached model name for real runs on a GPU; nothing is downloaded. Heavy i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -61,6 +62,7 @@ def resolve_base(name: str) -> Base:
     return Base(name, name)  # a model name: must already be in the local Hugging Face cache
 
 
+@functools.cache  # one hash of the GGUF per process: the tokenizer and the weights both ask
 def converted(base: Base) -> Base:
     """A GGUF base as a transformers folder, converted once into the factory's cache
     (`<data dir>/hf/<gguf stem>-<sha256[:12]>`) and read from there afterwards: dequantising
