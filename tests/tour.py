@@ -38,6 +38,10 @@ SKIP: dict[str, str] = {
     "factory split --dataset ml-1m": "needs ML-1M",
     "factory gvm --dataset ml-1m": "needs ML-1M",
     "factory gvm transfer --from ml-1m": "needs a gvm run on ML-1M",
+    "python -m train --cache factory.files/caches/ml-100k-loo-L20 --backbone tiger":
+    "TIGER: ~5 min of CPU per ml-100k epoch, and as long again to decode (tests/test_tiger.py)",
+    "factory train --dataset ml-100k --history 20 --backbone tiger": "TIGER: minutes per epoch",
+    "factory twistar candidates --dataset ml-100k --from-file": "needs your own M_fast output",
 }
 
 
