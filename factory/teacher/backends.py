@@ -120,11 +120,15 @@ class OpenAIBackend(Backend):
     def describe(self) -> str:
         return f"openai {self.model} at {safe_url(self.url)}"
 
+    def payload(self, request: Request) -> dict[str, Any]:
+        """The JSON body of `request` (sent over HTTP, or one line of a batch input file)."""
+        return {"model": self.model, "messages": request.message_dicts(),
+                **request.param_dict()}
+
     async def complete(self, request: Request, timeout: float | None = None) -> Reply:
         import openai
 
-        payload = {"model": self.model, "messages": request.message_dicts(),
-                   **request.param_dict()}
+        payload = self.payload(request)
         started = time.perf_counter()
         limit = timeout or self.timeout
         try:
@@ -139,28 +143,9 @@ class OpenAIBackend(Backend):
             raise TransientError(f"connection error: {detail}") from None
         except openai.APIStatusError as exc:
             raise self._classify(exc) from None
-        latency = time.perf_counter() - started
-        try:
-            data = json.loads(body)
-            choice = data["choices"][0]
-            message = choice.get("message") or {}
-            usage = data.get("usage") or {}
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise TransientError("malformed response body (not a chat completion)",
-                                 body=_head(self.secrets.redact(body))) from None
-        secrets = self.secrets
-        return Reply(
-            # the answer text is data: only the known secrets are removed from it
-            text=secrets.redact_values(message.get("content") or "") or "",
-            finish_reason=choice.get("finish_reason"),
-            input_tokens=usage.get("prompt_tokens"),
-            output_tokens=usage.get("completion_tokens"),
-            raw=secrets.redact(body) or "",
-            latency_s=latency,
-            # vLLM's reasoning parsers and DeepSeek's API: `reasoning_content`; some servers
-            # (newer vLLM, OpenRouter) name it `reasoning`
-            reasoning=secrets.redact_values(_reasoning_of(message)),
-        )
+        reply = reply_from_body(body, self.secrets)
+        reply.latency_s = time.perf_counter() - started
+        return reply
 
     def _classify(self, exc: Any) -> Exception:
         status = exc.status_code
@@ -183,6 +168,30 @@ class OpenAIBackend(Backend):
         for client in self.clients:
             await client.close()
         self.clients = []
+
+
+def reply_from_body(body: str, secrets: Secrets) -> Reply:
+    """The Reply in a chat-completion response body (an HTTP answer, or one line of a batch
+    output file), redacted: the raw body fully, the answer text of the known secrets only."""
+    try:
+        data = json.loads(body)
+        choice = data["choices"][0]
+        message = choice.get("message") or {}
+        usage = data.get("usage") or {}
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise TransientError("malformed response body (not a chat completion)",
+                             body=_head(secrets.redact(body))) from None
+    return Reply(
+        # the answer text is data: only the known secrets are removed from it
+        text=secrets.redact_values(message.get("content") or "") or "",
+        finish_reason=choice.get("finish_reason"),
+        input_tokens=usage.get("prompt_tokens"),
+        output_tokens=usage.get("completion_tokens"),
+        raw=secrets.redact(body) or "",
+        # vLLM's reasoning parsers and DeepSeek's API: `reasoning_content`; some servers
+        # (newer vLLM, OpenRouter) name it `reasoning`
+        reasoning=secrets.redact_values(_reasoning_of(message)),
+    )
 
 
 def _head(text: str | None, limit: int = 500) -> str | None:
