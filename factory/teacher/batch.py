@@ -85,6 +85,11 @@ _BATCH_COLUMNS = ("batch_id, kind, provider_batch_id, input_file_id, status, req
                   " epoch(created_at)")
 
 
+def say(line: str) -> None:
+    """One line of what batch mode does, unwrapped (logs grep it)."""
+    console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
 def read_output(text: str, where: str) -> list[dict[str, Any]]:
     """The lines of a batch output (or error) file; a line that is not one is a one-line
     error naming its number."""
@@ -114,7 +119,10 @@ def _line_error(line: dict[str, Any]) -> tuple[str, str | None]:
     body = response.get("body")
     error = line.get("error") or (body.get("error") if isinstance(body, dict) else None)
     if isinstance(error, dict):
-        what = f"{error.get('code') or error.get('type') or 'error'}: {error.get('message')}"
+        code, message = error.get("code"), error.get("message")
+        what = str(message or code or "error")
+        if isinstance(code, str) and code and message:     # batch_expired: ...
+            what = f"{code}: {message}"
     else:
         what = str(error or body or "no answer")
     status = response.get("status_code")
@@ -256,9 +264,8 @@ class BatchMode:
                         [sorted({b for b, _, _ in found.values()})]).fetchall()
         ok = sum(r["status"] == "ok" for r in written)
         known = len(rows) - len(written)
-        console.print(f"imported {ok:,} answers and {len(written) - ok:,} errors from {path}"
-                      + (f"; {known:,} were in the cache already" if known else ""),
-                      highlight=False)
+        say(f"imported {ok:,} answers and {len(written) - ok:,} errors from {path}"
+                      + (f"; {known:,} were in the cache already" if known else ""))
         self.imported = written
 
 
@@ -385,12 +392,12 @@ class Rounds:
             argv = _without_option(argv, "--batch-file") + ["--import-batch", str(results)]
         again = "factory " + shlex.join(argv) if argv else (
             f"the same command with --import-batch {results}")
-        console.print(
+        say(
             f"wrote {len(requests):,} requests to {path} (batch {batch_id}, model "
             f"{self.backend.model}); run them, then import the results:\n"
             f"  python -m vllm.entrypoints.openai.run_batch -i {shlex.quote(str(path))} "
             f"-o {shlex.quote(str(results))} --model {shlex.quote(self.backend.model)}\n"
-            f"  {again}", highlight=False, soft_wrap=True)
+            f"  {again}")
         self.state._stop(f"{len(requests):,} requests written to {path} for a batch run; "
                          f"import its results with --import-batch")
 
@@ -409,9 +416,9 @@ class Rounds:
         keys = list(self.deferred)
         pending = await self._write(lambda con: _pending(con, keys))
         if pending:
-            console.print(f"resuming {len(pending)} batch(es) submitted before and not yet "
+            say(f"resuming {len(pending)} batch(es) submitted before and not yet "
                           f"imported ({', '.join(b.batch_id for b in pending)}): their "
-                          "requests are not submitted again", highlight=False)
+                          "requests are not submitted again")
         covered = set(await self._write(lambda con: _keys_of(con, [b.batch_id for b in pending]))
                       ) if pending else set()
         new = [r for k, r in self.deferred.items() if k not in covered]
@@ -422,10 +429,10 @@ class Rounds:
         while active:
             active = [b for b in active if not await self._check(b)]
             if active and not await self._nap():
-                console.print(
+                say(
                     f"batch(es) {', '.join(b.provider_batch_id or b.batch_id for b in active)} "
                     "still running at the provider: a re-run polls and imports them (they are "
-                    "not submitted again)", highlight=False)
+                    "not submitted again)")
                 return
 
     async def _api(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -457,22 +464,30 @@ class Rounds:
                       str(self.job.run_id), time.time())
         await self._create(batch)
         price = self.job.pricing
-        console.print(f"submitted {len(requests):,} requests as batch {batch.provider_batch_id}"
-                      f" ({batch_id}; estimated ${self.estimates:.4f}, {price.label})"
-                      if price.known else
-                      f"submitted {len(requests):,} requests as batch {batch.provider_batch_id}"
-                      f" ({batch_id})", highlight=False)
+        cost = f"; estimated ${self.estimates:.4f} ({price.label})" if price.known else ""
+        say(f"batch {batch.provider_batch_id}: {batch.status} · {len(requests):,} requests "
+            f"submitted as {batch_id}{cost}")
         return batch
 
     async def _create(self, batch: Batch) -> None:
-        """Create `batch` at the provider (unless a crash came after creating it: then find
-        it), and record its id."""
+        """Create `batch` at the provider and record its id. A create whose answer was lost
+        (a dropped connection, a crash after it) may have created it: before creating again,
+        look for it."""
         client = self.backend.clients[0]
-        found = await self._find(batch) if batch.status == "submitting" and (
-            batch.run_id != self.job.run_id) else None
-        created = found or await self._api(lambda: client.batches.create(
-            input_file_id=batch.input_file_id, endpoint=ENDPOINT,
-            completion_window=COMPLETION_WINDOW, metadata={"factory_batch": batch.batch_id}))
+        tries = 0 if batch.run_id == self.job.run_id else 1     # resumed: look first
+
+        async def once() -> Any:
+            nonlocal tries
+            tries += 1
+            with self.backend.translated_errors(self.options.timeout):
+                found = await self._find(batch) if tries > 1 else None
+                return found or await client.batches.create(
+                    input_file_id=str(batch.input_file_id), endpoint=ENDPOINT,
+                    completion_window=COMPLETION_WINDOW,
+                    metadata={"factory_batch": batch.batch_id})
+
+        created = await with_retries(once, self.options.attempts,
+                                     initial_wait=self.options.backoff)
         batch.provider_batch_id, batch.status = created.id, created.status
         await self._write(lambda con: con.execute(
             "update teacher_batches set provider_batch_id = ?, status = ? where batch_id = ?",
@@ -481,16 +496,13 @@ class Rounds:
     async def _find(self, batch: Batch) -> Any:
         """The provider's batch made from `batch`'s input file, if one was created (newest
         first; batches a day older than ours are not looked at)."""
-        client = self.backend.clients[0]
-        async def search() -> Any:
-            async for other in client.batches.list(limit=100):
-                if other.input_file_id == batch.input_file_id or (
-                        other.metadata or {}).get("factory_batch") == batch.batch_id:
-                    return other
-                if other.created_at < batch.created_at - 86400:
-                    return None
-            return None
-        return await self._api(search)
+        async for other in self.backend.clients[0].batches.list(limit=100):
+            if other.input_file_id == batch.input_file_id or (
+                    other.metadata or {}).get("factory_batch") == batch.batch_id:
+                return other
+            if other.created_at < batch.created_at - 86400:
+                return None
+        return None
 
     async def _nap(self) -> bool:
         """Wait --poll-s seconds; False when the run is stopping (a signal)."""
@@ -513,7 +525,7 @@ class Rounds:
                 f"{counts.failed:,} failed" if counts else "")
         if info.status != batch.status:
             batch.status = info.status
-            console.print(f"batch {provider_id}: {info.status}{done}", highlight=False)
+            say(f"batch {provider_id}: {info.status}{done}")
             await self._write(lambda con: con.execute(
                 "update teacher_batches set status = ?, completed = ?, failed = ?"
                 " where batch_id = ?", [info.status, counts.completed if counts else None,
@@ -557,8 +569,8 @@ class Rounds:
         for row in written:
             self.count(row)
         ok = sum(r["status"] == "ok" for r in written)
-        console.print(f"imported batch {info.id}: {ok:,} answers, {len(written) - ok:,} "
-                      f"failed{f' ({why})' if why else ''}", highlight=False)
+        say(f"imported batch {info.id}: {ok:,} answers, {len(written) - ok:,} "
+                      f"failed{f' ({why})' if why else ''}")
 
 
 def _pending(con: duckdb.DuckDBPyConnection, keys: list[str]) -> list[Batch]:

@@ -107,13 +107,16 @@ class BatchPlan:
       (code batch_expired / batch_cancelled);
     - failed: nothing answered, `errors` says why.
 
-    `retrieve_errors`: the first N retrieves of each batch answer 500 (a client must retry).
+    `retrieve_errors`: the first N retrieves of each batch answer 500 (a client must retry);
+    `lost_creates`: the first N batches are created but the connection drops before the
+    answer (a client that simply retries creates a second batch and pays twice).
     """
 
     statuses: tuple[str, ...] = ("validating", "in_progress", "finalizing")
     end: str = "completed"
     answered: int = 0
     retrieve_errors: int = 0
+    lost_creates: int = 0
 
 
 #: faults that a batch line gets as an error-file line (with this status), not as an answer
@@ -410,6 +413,18 @@ class OpenAIServer:
         if err:
             batch.error_file_id = self.add_file("batch_output", _jsonl(err))
 
+    def run_batch(self, content: bytes) -> bytes:
+        """What `vllm run_batch` makes of a batch input file: one output file holding every
+        line's answer or error (the lines are recorded as a batch's are)."""
+        batch = self.create_batch({"input_file_id": self.add_file("batch", content),
+                                   "endpoint": "/v1/chat/completions"})
+        if batch.errors:
+            raise ValueError("; ".join(e["message"] for e in batch.errors))
+        if batch.status != self.batch_plan.end:
+            self._finish(batch)
+        return b"".join(self.files[f][1] for f in (batch.output_file_id, batch.error_file_id)
+                        if f is not None)
+
     def log_to(self, path: str) -> None:
         """Also append `<outcome> <delivered> <key>` per finished request to `path` (line
         buffered), so a benchmark can count what was answered across a job's kill."""
@@ -557,7 +572,11 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 self._error(400, "request body is not JSON")
                 return
-            self._json(state.create_batch(request).json())
+            batch = state.create_batch(request)
+            if len(state.batches) <= state.batch_plan.lost_creates:
+                self.close_connection = True       # created, but the answer never arrives
+                return
+            self._json(batch.json())
 
     def _respond(self, record: Record, body: dict[str, Any]) -> bool:
         state, outcome = self.server_state, record.outcome
