@@ -257,11 +257,12 @@ class BatchMode:
                 rows += self.rows(batch_id, run_id, answers,
                                   [ln for ln in lines if ln["custom_id"] in answers], "")
             written = self.store(con, rows)
+            # every batch file holding these requests (one written twice too) is answered
             con.execute("update teacher_batches set imported_at = current_timestamp,"
-                        " finished_at = coalesce(finished_at, current_timestamp),"
-                        " status = 'imported' where imported_at is null and batch_id in"
-                        " (select unnest(?::varchar[]))",
-                        [sorted({b for b, _, _ in found.values()})]).fetchall()
+                        " finished_at = current_timestamp, status = 'imported'"
+                        " where kind = 'file' and imported_at is null and batch_id in"
+                        " (select batch_id from teacher_batch_lines where custom_id in"
+                        " (select unnest(?::varchar[])))", [ids]).fetchall()
         ok = sum(r["status"] == "ok" for r in written)
         known = len(rows) - len(written)
         say(f"imported {ok:,} answers and {len(written) - ok:,} errors from {path}"
