@@ -57,9 +57,9 @@ def ok(result) -> str:
     return result.output
 
 
-def rows(wh: Warehouse, sql: str) -> list[tuple]:
+def rows(wh: Warehouse, sql: str, params: list | None = None) -> list[tuple]:
     with Warehouse(wh.path, lock_timeout=30).read() as con:
-        return con.execute(sql).fetchall()
+        return con.execute(sql, params).fetchall()
 
 
 DESCRIPTIONS = ("select item_id, description, status, error, work_key, call_key, draws"
@@ -104,6 +104,7 @@ def test_batch_mode_stores_the_rows_of_online_mode_and_never_pays_twice(tiny):
         assert f"requests sent: {server.count()}" in out and "answered from cache: 0" in out
         assert rows(tiny, "select distinct cached from item_descriptions") == [(False,)]
         assert rows(tiny, "select distinct mode from llm_calls") == [("batch",)]
+        assert rows(online_wh, "select distinct mode from llm_calls") == [("online",)]
         assert rows(tiny, "select count(*) from teacher_batches where imported_at is null"
                     ) == [(0,)]
         assert rows(tiny, "select params->'teacher'->>'mode' from job_runs"
@@ -243,6 +244,15 @@ def test_a_batch_file_holds_the_online_bodies_and_its_results_import_once(tiny, 
                                   "--batch-file", str(second))))
         assert f"imported 0 answers and 0 errors from {results}; {ITEMS} were in the cache" \
             in again
+        # an error line for a request answered already replaces nothing
+        answered = json.loads(results.read_text().splitlines()[0])
+        answered["response"] = {"status_code": 500, "body": {"error": {"message": "down"}}}
+        (tmp_path / "late.jsonl").write_text(json.dumps(answered) + "\n")
+        late = ok(cli(tiny, *job(None, "--import-batch", str(tmp_path / "late.jsonl"),
+                                 "--batch-file", str(second))))
+        assert "imported 0 answers and 0 errors" in late
+        assert rows(tiny, "select status from llm_calls where key = ?",
+                    [answered["custom_id"]]) == [("ok",)]
         for _ in range(3):               # round after round until nothing is rejected
             results.write_bytes(runner.run_batch(second.read_bytes()))
             out = ok(cli(tiny, *job(None, "--import-batch", str(results),

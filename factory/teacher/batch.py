@@ -195,7 +195,8 @@ class BatchMode:
         return rows
 
     def _row(self, batch_id: str, run_id: str, call: dict[str, Any]) -> dict[str, Any]:
-        return {"key": call["key"], "model": self.backend.model, "backend": self.backend.name,
+        model = json.loads(call["request"])["model"]      # the request's, whatever this run's
+        return {"key": call["key"], "model": model, "backend": self.backend.name,
                 "sample": call["sample"], "draw": call["draw"], "request": call["request"],
                 "attempts": 1, "run_id": run_id, "mode": "batch", "batch_id": batch_id}
 
