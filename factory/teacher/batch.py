@@ -158,9 +158,11 @@ class BatchMode:
 
     # -- llm_calls rows from output lines ---------------------------------------------------
     def rows(self, batch_id: str, run_id: str, answers: dict[str, list[dict[str, Any]]],
-             lines: Iterable[dict[str, Any]], missing: str) -> list[dict[str, Any]]:
-        """One llm_calls row per recorded answer: line `custom_id`'s choice i answers
-        `answers[custom_id][i]`; a recorded line without an output line gets `missing`."""
+             lines: Iterable[dict[str, Any]], missing: str | None = None
+             ) -> list[dict[str, Any]]:
+        """One llm_calls row per answer of `answers` (custom_id -> its recorded calls) that
+        `lines` hold: choice i of a line answers its call i. With `missing`, a call without
+        a line gets a failed row saying that."""
         key, pricing = self.job._key, self.job.pricing
         secrets = self.backend.secrets
         rows = []
@@ -190,7 +192,7 @@ class BatchMode:
                 rows.append({**self._row(batch_id, run_id, call),
                              **answer_fields(reply, pricing, key), "latency_s": None})
         for custom_id, calls in answers.items():
-            if custom_id not in seen:
+            if missing is not None and custom_id not in seen:
                 rows += [self._failed(batch_id, run_id, call, missing, None) for call in calls]
         return rows
 
@@ -243,7 +245,7 @@ class BatchMode:
                 " any_value(b.run_id) from teacher_batch_lines l join teacher_batches b"
                 " using (batch_id) where b.kind = 'file' and l.custom_id in"
                 " (select unnest(?::varchar[])) group by l.custom_id", [ids]).fetchall()
-            found = {c: (b, a, r) for c, b, a, r in known}
+            found = {c for c, _, _, _ in known}
             unknown = [(n, c) for n, c in enumerate(ids, 1) if c not in found]
             if unknown:
                 n, custom_id = unknown[0]
@@ -252,11 +254,11 @@ class BatchMode:
                     f"batch file written by --batch-file to this warehouse"
                     + (f" ({len(unknown) - 1:,} more unknown)" if len(unknown) > 1 else "")
                     + "; nothing imported")
-            rows: list[dict[str, Any]] = []
-            for batch_id, run_id in {(b, r) for b, _, r in found.values()}:
-                answers = {c: a for c, (b, a, _) in found.items() if b == batch_id}
-                rows += self.rows(batch_id, run_id, answers,
-                                  [ln for ln in lines if ln["custom_id"] in answers], "")
+            batches: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+            for custom_id, batch_id, answers, run_id in known:
+                batches.setdefault((batch_id, run_id), {})[custom_id] = answers
+            rows = [row for (batch_id, run_id), answers in batches.items()
+                    for row in self.rows(batch_id, run_id, answers, lines)]
             written = self.store(con, rows)
             # every batch file holding these requests (one written twice too) is answered
             con.execute("update teacher_batches set imported_at = current_timestamp,"
@@ -264,10 +266,9 @@ class BatchMode:
                         " where kind = 'file' and imported_at is null and batch_id in"
                         " (select batch_id from teacher_batch_lines where custom_id in"
                         " (select unnest(?::varchar[])))", [ids]).fetchall()
-        ok = sum(r["status"] == "ok" for r in written)
-        known = len(rows) - len(written)
+        ok, already = sum(r["status"] == "ok" for r in written), len(rows) - len(written)
         say(f"imported {ok:,} answers and {len(written) - ok:,} errors from {path}"
-                      + (f"; {known:,} were in the cache already" if known else ""))
+            + (f"; {already:,} were in the cache already" if already else ""))
         self.imported = written
 
 
@@ -416,13 +417,11 @@ class Rounds:
     async def _resume_and_submit(self) -> None:
         await self.backend.start()
         keys = list(self.deferred)
-        pending = await self._write(lambda con: _pending(con, keys))
+        pending, covered = await self._write(lambda con: _pending(con, keys))
         if pending:
-            say(f"resuming {len(pending)} batch(es) submitted before and not yet "
-                          f"imported ({', '.join(b.batch_id for b in pending)}): their "
-                          "requests are not submitted again")
-        covered = set(await self._write(lambda con: _keys_of(con, [b.batch_id for b in pending]))
-                      ) if pending else set()
+            say(f"resuming {len(pending)} batch(es) submitted before and not yet imported "
+                f"({', '.join(b.batch_id for b in pending)}): their requests are not "
+                "submitted again")
         new = [r for k, r in self.deferred.items() if k not in covered]
         batches = list(pending)
         if new:
@@ -571,24 +570,26 @@ class Rounds:
         for row in written:
             self.count(row)
         ok = sum(r["status"] == "ok" for r in written)
-        say(f"imported batch {info.id}: {ok:,} answers, {len(written) - ok:,} "
-                      f"failed{f' ({why})' if why else ''}")
+        say(f"imported batch {info.id}: {ok:,} answers, {len(written) - ok:,} failed"
+            + (f" ({why})" if why else ""))
 
 
-def _pending(con: duckdb.DuckDBPyConnection, keys: list[str]) -> list[Batch]:
-    """Batches submitted to the provider, not yet imported, that hold any of `keys`."""
+def _pending(con: duckdb.DuckDBPyConnection, keys: list[str]) -> tuple[list[Batch], set[str]]:
+    """Batches submitted to the provider, not yet imported, that hold any of `keys`, and
+    every key they hold."""
+    con.execute("create or replace temp view _batch_keys as select batch_id,"
+                " unnest(answers).key as key from teacher_batch_lines where batch_id in"
+                " (select batch_id from teacher_batches where kind = 'api'"
+                " and imported_at is null)").fetchall()
     rows = con.execute(
-        f"select {_BATCH_COLUMNS} from teacher_batches where kind = 'api'"
-        " and imported_at is null and batch_id in (select batch_id from"
-        " (select batch_id, unnest(answers).key as key from teacher_batch_lines)"
-        " where key in (select unnest(?::varchar[]))) order by created_at", [keys]).fetchall()
-    return [Batch(*r) for r in rows]
-
-
-def _keys_of(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> list[str]:
-    return [k for (k,) in con.execute(
-        "select unnest(answers).key from teacher_batch_lines where batch_id in"
-        " (select unnest(?::varchar[]))", [batch_ids]).fetchall()]
+        f"select {_BATCH_COLUMNS} from teacher_batches where batch_id in (select batch_id"
+        " from _batch_keys where key in (select unnest(?::varchar[]))) order by created_at",
+        [keys]).fetchall()
+    pending = [Batch(*r) for r in rows]
+    covered = {k for (k,) in con.execute(
+        "select key from _batch_keys where batch_id in (select unnest(?::varchar[]))",
+        [[b.batch_id for b in pending]]).fetchall()}
+    return pending, covered
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:
