@@ -131,6 +131,17 @@ def test_a_lost_create_answer_and_failing_retrieves_create_one_batch(tiny):
     assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(5,)]
 
 
+def test_each_shard_submits_its_own_requests(tiny):
+    with OpenAIServer() as server:
+        for shard in ("0/2", "1/2"):
+            ok(cli(tiny, *job(server, "--mode", "batch", "--shard", shard, *FAST)))
+        lines = [{ln["custom_id"] for ln in b.lines} for b in server.batches.values()]
+    assert len(lines) == 2 and not lines[0] & lines[1]
+    assert len(lines[0] | lines[1]) == ITEMS
+    assert rows(tiny, "select shard, requests from teacher_batches order by shard") == [
+        ("0/2", len(lines[0])), ("1/2", len(lines[1]))]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_job_stopped_while_polling_resumes_its_batch(tiny, sig):
     """kill -9 or SIGTERM while the batch runs at the provider: the re-run polls the batch it
@@ -265,6 +276,19 @@ def test_a_batch_file_holds_the_online_bodies_and_its_results_import_once(tiny, 
         online_wh, "select count(*) from llm_calls")
     assert rows(tiny, "select distinct kind, status from teacher_batches") == [
         ("file", "imported")]
+
+
+def test_testing_run_batch_answers_a_batch_file_with_the_simulated_teacher(tiny, tmp_path):
+    batch_file, results = tmp_path / "d.jsonl", tmp_path / "r.jsonl"
+    ok(cli(tiny, "describe-items", "--dataset", "tiny", "--teacher-model", "simulated-teacher",
+           "--limit", "4", "--batch-file", str(batch_file)))
+    out = ok(cli(tiny, "testing", "run-batch", "-i", str(batch_file), "-o", str(results)))
+    assert f"answered 4 requests of {batch_file}" in out
+    answers = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [a["response"]["status_code"] for a in answers] == [200] * 4
+    assert "simulated" in answers[0]["response"]["body"]["model"]
+    missing = cli(tiny, "testing", "run-batch", "-i", str(tmp_path / "no"), "-o", str(results))
+    assert "No such file or directory" in str(missing.exception)
 
 
 def test_bad_results_files_are_one_line_errors_that_import_nothing(tiny, tmp_path):

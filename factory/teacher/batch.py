@@ -524,6 +524,8 @@ class Rounds:
         counts = info.request_counts
         done = (f" · {counts.completed + counts.failed:,}/{counts.total:,} done · "
                 f"{counts.failed:,} failed" if counts else "")
+        state = self.state
+        state.bar.update(state.task, stats=f"batch {provider_id} {info.status}{done}")
         if info.status != batch.status:
             batch.status = info.status
             say(f"batch {provider_id}: {info.status}{done}")
