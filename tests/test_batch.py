@@ -131,6 +131,29 @@ def test_a_lost_create_answer_and_failing_retrieves_create_one_batch(tiny):
     assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(5,)]
 
 
+def test_a_garbled_output_line_is_one_unanswered_request(tiny):
+    with OpenAIServer(batch_plan=BatchPlan(garbled_lines=1)) as server:
+        out = ok(cli(tiny, *job(server, "--mode", "batch", "--limit", "5", *FAST)))
+        assert "1 malformed line(s) skipped (first: line 1)" in out
+        assert rows(tiny, "select error from item_descriptions where status = 'failed'") == [
+            ("batch batch_0001: no answer to this request in its output",)]
+        server.batch_plan = BatchPlan()
+        ok(cli(tiny, *job(server, "--mode", "batch", "--limit", "5", *FAST)))
+        assert len(server.batches["batch_0002"].lines) == 1
+    assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(5,)]
+
+
+def test_more_requests_than_a_batch_holds_go_out_as_several(tiny, monkeypatch):
+    from factory.teacher import batch
+
+    monkeypatch.setattr(batch, "MAX_LINES", 10)
+    with OpenAIServer() as server:
+        ok(cli(tiny, *job(server, "--mode", "batch", *FAST)))
+        assert [len(b.lines) for b in server.batches.values()] == [10, 10, 5]
+    assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [
+        (ITEMS,)]
+
+
 def test_each_shard_submits_its_own_requests(tiny):
     with OpenAIServer() as server:
         for shard in ("0/2", "1/2"):

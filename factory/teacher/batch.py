@@ -54,6 +54,8 @@ COMPLETION_WINDOW = "24h"
 ENDED = ("completed", "failed", "expired", "cancelled")
 #: how often a poll's wait looks for a signal
 WAKE_S = 0.1
+#: what one provider batch may hold (OpenAI: 50,000 requests, 200 MB); more is split
+MAX_LINES, MAX_BYTES = 50_000, 190 << 20
 
 
 def file_backend(options: TeacherOptions, api_key: str | None) -> OpenAIBackend | None:
@@ -90,26 +92,33 @@ def say(line: str) -> None:
     console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
-def read_output(text: str, where: str) -> list[dict[str, Any]]:
-    """The lines of a batch output (or error) file; a line that is not one is a one-line
-    error naming its number."""
-    lines = []
+def read_output(text: str, where: str, strict: bool = True) -> list[dict[str, Any]]:
+    """The lines of a batch output (or error) file. A line that is not one is a one-line
+    error naming its number, or without `strict` (a provider's file: its request counts as
+    unanswered, and is sent again by the next run) a warning."""
+    lines, bad = [], []
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
         try:
             line = json.loads(raw)
         except ValueError:
-            raise FactoryError(f"{where} line {n}: not JSON; expected a batch output line "
-                               '{"custom_id", "response": {"status_code", "body"}, "error"}'
-                               ) from None
+            line = None
         response = line.get("response") if isinstance(line, dict) else None
-        if not (isinstance(line, dict) and isinstance(line.get("custom_id"), str) and (
+        if isinstance(line, dict) and isinstance(line.get("custom_id"), str) and (
                 isinstance(response, dict) and isinstance(response.get("status_code"), int)
-                or response is None and line.get("error"))):
-            raise FactoryError(f"{where} line {n}: not a batch output line (needs a custom_id "
-                               "and a response with a status_code, or an error)")
-        lines.append(line)
+                or response is None and line.get("error")):
+            lines.append(line)
+            continue
+        why = ("not JSON" if line is None else "not a batch output line (needs a custom_id "
+               "and a response with a status_code, or an error)")
+        if strict:
+            raise FactoryError(f"{where} line {n}: {why}; expected a batch output line "
+                               '{"custom_id", "response": {"status_code", "body"}, "error"}')
+        bad.append(n)
+    if bad:
+        say(f"{where}: {len(bad):,} malformed line(s) skipped (first: line {bad[0]}); "
+            "their requests count as unanswered")
     return lines
 
 
@@ -367,11 +376,11 @@ class Rounds:
              "answers": [{"key": r.key, "request": r.canonical_json(), "sample": r.sample,
                           "draw": r.draw}]} for r in requests])
 
-    def _input(self, requests: list[Request]) -> bytes:
-        """The batch input file: one request per line, its body what the online path sends."""
-        return "".join(json.dumps({"custom_id": r.key, "method": "POST", "url": ENDPOINT,
-                                   "body": self.backend.payload(r)}, ensure_ascii=False) + "\n"
-                       for r in requests).encode()
+    def _lines(self, requests: list[Request]) -> list[bytes]:
+        """The batch input file's lines: one request each, its body what online mode sends."""
+        return [(json.dumps({"custom_id": r.key, "method": "POST", "url": ENDPOINT,
+                             "body": self.backend.payload(r)}, ensure_ascii=False) + "\n"
+                 ).encode() for r in requests]
 
     # -- --batch-file -----------------------------------------------------------------------
     def _write_file(self) -> None:
@@ -385,7 +394,7 @@ class Rounds:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "ab" if self.mode.file_written else "wb") as f:
-                    f.write(self._input(requests))
+                    f.writelines(self._lines(requests))
             except OSError as exc:
                 raise FactoryError(f"--batch-file {path}: {exc.strerror or exc}") from None
         self.mode.file_written = True
@@ -424,8 +433,8 @@ class Rounds:
                 "submitted again")
         new = [r for k, r in self.deferred.items() if k not in covered]
         batches = list(pending)
-        if new:
-            batches.append(await self._submit(new))
+        for part, lines in _split(new, self._lines(new)):
+            batches.append(await self._submit(part, b"".join(lines)))
         active = batches
         while active:
             active = [b for b in active if not await self._check(b)]
@@ -444,12 +453,11 @@ class Rounds:
         return await with_retries(once, self.options.attempts,
                                   initial_wait=self.options.backoff)
 
-    async def _submit(self, requests: list[Request]) -> Batch:
+    async def _submit(self, requests: list[Request], data: bytes) -> Batch:
         """Upload, record (before creating: a crash in between is resumed, not re-sent),
         create."""
         client = self.backend.clients[0]
         batch_id = self.mode.next_id()
-        data = self._input(requests)
         try:
             upload = await self._api(lambda: client.files.create(
                 file=(f"{batch_id}.jsonl", data, "application/jsonl"), purpose="batch"))
@@ -541,7 +549,7 @@ class Rounds:
             if file_id:
                 content = await self._api(lambda f=file_id: client.files.content(f))
                 lines += read_output(content.content.decode("utf-8", "replace"),
-                                     f"batch {provider_id} file {file_id}")
+                                     f"batch {provider_id} file {file_id}", strict=False)
         errors = "; ".join(f"{e.code}: {e.message}" for e in (info.errors.data or [])
                            ) if info.errors else ""
         why = None if info.status == "completed" else (
@@ -592,6 +600,19 @@ def _pending(con: duckdb.DuckDBPyConnection, keys: list[str]) -> tuple[list[Batc
         "select key from _batch_keys where batch_id in (select unnest(?::varchar[]))",
         [[b.batch_id for b in pending]]).fetchall()}
     return pending, covered
+
+
+def _split(requests: list[Request], lines: list[bytes]
+           ) -> Iterable[tuple[list[Request], list[bytes]]]:
+    """The requests and their lines in parts a provider accepts (MAX_LINES, MAX_BYTES)."""
+    start, size = 0, 0
+    for i, line in enumerate(lines):
+        if i > start and (i - start >= MAX_LINES or size + len(line) > MAX_BYTES):
+            yield requests[start:i], lines[start:i]
+            start, size = i, 0
+        size += len(line)
+    if start < len(lines):
+        yield requests[start:], lines[start:]
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

@@ -109,7 +109,8 @@ class BatchPlan:
 
     `retrieve_errors`: the first N retrieves of each batch answer 500 (a client must retry);
     `lost_creates`: the first N batches are created but the connection drops before the
-    answer (a client that simply retries creates a second batch and pays twice).
+    answer (a client that simply retries creates a second batch and pays twice);
+    `garbled_lines`: the first N lines of each output file are cut in half (not JSON).
     """
 
     statuses: tuple[str, ...] = ("validating", "in_progress", "finalizing")
@@ -117,6 +118,7 @@ class BatchPlan:
     answered: int = 0
     retrieve_errors: int = 0
     lost_creates: int = 0
+    garbled_lines: int = 0
 
 
 #: faults that a batch line gets as an error-file line (with this status), not as an answer
@@ -409,7 +411,10 @@ class OpenAIServer:
             err.append(entry)
         batch.completed, batch.failed = len(out), len(err)
         if out:
-            batch.output_file_id = self.add_file("batch_output", _jsonl(out))
+            data = _jsonl(out).splitlines(keepends=True)
+            for n in range(min(plan.garbled_lines, len(data))):
+                data[n] = data[n][:len(data[n]) // 2] + b"\n"
+            batch.output_file_id = self.add_file("batch_output", b"".join(data))
         if err:
             batch.error_file_id = self.add_file("batch_output", _jsonl(err))
 
