@@ -272,6 +272,10 @@ def test_a_batch_file_holds_the_online_bodies_and_its_results_import_once(tiny, 
         out = ok(cli(tiny, *job(None, "--import-batch", str(results),
                                 "--batch-file", str(second))))
         assert f"imported {ITEMS} answers and 0 errors from {results}" in out
+        next_import = [x for x in out.splitlines() if x.startswith("  factory ")]
+        assert next_import == [f"  factory --warehouse {tiny.path} describe-items --dataset tiny "
+                               f"--teacher-model m --import-batch "
+                               f"{tmp_path / 'redraws.results.jsonl'}"]
         redraws = second.read_text().splitlines()
         assert redraws and len(redraws) < ITEMS
         again = ok(cli(tiny, *job(None, "--import-batch", str(results),

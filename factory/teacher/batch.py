@@ -352,11 +352,10 @@ class Rounds:
             self.failed[row["key"]] = row["error"]
 
     # -- the warehouse ----------------------------------------------------------------------
-    async def _write(self, fn: Callable[[duckdb.DuckDBPyConnection], T],
-                     lock_timeout: float | None = None) -> T:
+    async def _write(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """`fn` in one transaction, on a thread, never beside the engine's own writes."""
         def locked() -> T:
-            with self.state.write_mutex, self.job.wh.write(lock_timeout=lock_timeout) as con:
+            with self.state.write_mutex, self.job.wh.write() as con:
                 return fn(con)
         return await asyncio.to_thread(locked)
 
@@ -401,7 +400,9 @@ class Rounds:
         results = path.with_name(f"{path.stem}.results.jsonl")
         argv = recorded_argv()
         if argv is not None:
-            argv = _without_option(argv, "--batch-file") + ["--import-batch", str(results)]
+            for name in ("--batch-file", "--import-batch"):
+                argv = _without_option(argv, name)
+            argv += ["--import-batch", str(results)]
         again = "factory " + shlex.join(argv) if argv else (
             f"the same command with --import-batch {results}")
         say(
