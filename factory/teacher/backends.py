@@ -126,15 +126,25 @@ class OpenAIBackend(Backend):
                 **request.param_dict()}
 
     async def complete(self, request: Request, timeout: float | None = None) -> Reply:
-        import openai
-
         payload = self.payload(request)
         started = time.perf_counter()
         limit = timeout or self.timeout
-        try:
+        with self.translated_errors(limit):
             # the client's timeout is between bytes: a long generation sends none until done
             body = await next(self._next).post("/chat/completions", cast_to=str, body=payload,
                                                options={"timeout": limit})
+        reply = reply_from_body(body, self.secrets)
+        reply.latency_s = time.perf_counter() - started
+        return reply
+
+    @contextmanager
+    def translated_errors(self, limit: float) -> Iterator[None]:
+        """The client's exceptions as the engine's classes (what to retry, what is fatal),
+        redacted: for chat completions and the files/batches calls of batch mode alike."""
+        import openai
+
+        try:
+            yield
         except openai.APITimeoutError:
             raise AttemptTimeout(f"timed out after {limit:g}s") from None
         except openai.APIConnectionError as exc:
@@ -143,9 +153,6 @@ class OpenAIBackend(Backend):
             raise TransientError(f"connection error: {detail}") from None
         except openai.APIStatusError as exc:
             raise self._classify(exc) from None
-        reply = reply_from_body(body, self.secrets)
-        reply.latency_s = time.perf_counter() - started
-        return reply
 
     def _classify(self, exc: Any) -> Exception:
         status = exc.status_code

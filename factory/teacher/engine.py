@@ -14,6 +14,11 @@ See `factory.teacher` for the API a job uses. Inside one `run()`:
    `factory sql` gets in between;
 5. the run stops early, keeping everything, at the `--max-cost` budget, on a fatal
    credentials/URL error, or when most recent requests fail.
+
+In batch mode (`--mode batch`, factory.teacher.batch) step 2 sends nothing: each uncached
+request is deferred (its item gets no row yet), the deferred requests go out as one provider
+batch, its results land in `llm_calls`, and the deferred items run again from the cache (a
+redraw defers again: another batch), until nothing is deferred.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from factory.errors import FactoryError, Interrupted, first_line
 from factory.prompts import Prompt
 from factory.runs import finish_run, live_runs, start_run
 from factory.teacher.backends import Backend, TransformersBackend, make_backend
+from factory.teacher.batch import BatchMode, file_backend
 from factory.teacher.cost import PriceTable, Pricing
 from factory.teacher.journal import Journal, journal_dir
 from factory.teacher.keys import api_key, redact
@@ -51,8 +57,15 @@ from factory.teacher.limits import (
     with_retries,
 )
 from factory.teacher.options import TeacherOptions, parse_shard
-from factory.teacher.request import Reply, Request, Sampling, join_reasoning, split_reasoning
-from factory.teacher.store import CachedAnswer, cached_answers, upsert, write_calls
+from factory.teacher.request import Reply, Request, Sampling, split_reasoning
+from factory.teacher.store import (
+    CachedAnswer,
+    answer_fields,
+    cached_answers,
+    json_or_none,
+    upsert,
+    write_calls,
+)
 from factory.verdicts import TRUNCATED_ROW, truncated_note
 from factory.warehouse import Warehouse
 
@@ -194,12 +207,13 @@ class TeacherJob:
         self.batch = batch
         self.flush_s = flush_s
         self._key = api_key()
-        self.backend: Backend = backend or make_backend(
+        self.backend: Backend = backend or file_backend(options, self._key) or make_backend(
             options.backend_name, options.url, options.model, self._key, options.timeout,
             options.concurrency, options.vllm_args)
         self.concurrency = options.concurrency or self.backend.default_concurrency
         table = PriceTable.load(options.price_table) if options.price_table else None
-        self.pricing = Pricing.for_model(table, self.backend.model, self.backend.local)
+        self.pricing = Pricing.for_model(table, self.backend.model, self.backend.local,
+                                         batch=options.mode == "batch")
         if options.max_cost is not None and not self.pricing.known:
             raise FactoryError(
                 f"--max-cost needs a price for model {self.backend.model!r}: add it to the "
@@ -216,6 +230,7 @@ class TeacherJob:
         self._last_failure: str | None = None
         self._answers = 0            # answers obtained (sent or cached), over all rounds
         self.announced = False       # "starting <backend>" printed
+        self.batch_mode = BatchMode(self) if options.mode == "batch" else None
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> TeacherJob:
@@ -304,6 +319,8 @@ class TeacherJob:
         if self.options.dry_run:
             return self._dry_run(items, prompt)
         self._record_prompt(prompt)
+        if self.batch_mode is not None:
+            self.batch_mode.import_file()      # --import-batch: its answers first
         if self.options.cache_only:
             self._require_cached(items)
         state = _RunState(self, items, prompt, parse, table, row, with_reasoning)
@@ -382,7 +399,7 @@ class TeacherJob:
             "requests to send": len(to_send), "estimated input tokens": est_in,
             f"estimated output tokens ({how})": est_out,
             "estimated cost": "unknown: no price for this model (--price-table)"
-            if cost is None else f"${cost:.4f} (price table {self.pricing.version})",
+            if cost is None else f"${cost:.4f} ({self.pricing.label})",
         })
         return Report(items=len(items), cached=len(items) - len(to_send), dry_run=True,
                       input_tokens=est_in, output_tokens=est_out, cost_usd=cost)
@@ -454,6 +471,10 @@ class _RunState:
         self.started = time.perf_counter()
         self.last_answer = time.monotonic()        # or when the first request went out
         self.on_wire = 0                          # requests sent and not yet answered
+        #: batch mode: the deferred requests and their rounds; `fresh`: keys answered by
+        #: this run's batches (their items count as sent, not cached)
+        self.fresh: set[str] = set()
+        self.batches = job.batch_mode.rounds(self) if job.batch_mode is not None else None
 
     # -- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -461,23 +482,18 @@ class _RunState:
         if not self.items:
             return
         self.start_lock = asyncio.Lock()
-        queue: asyncio.Queue[tuple[Work, Request] | None] = asyncio.Queue(job.concurrency * 2)
         self.write_lock = asyncio.Lock()
         bar = progress(TextColumn("{task.fields[stats]}"))
         self.bar = bar
         restore = self._catch_signals()
         with bar:
             self.task = bar.add_task(self.label, total=len(self.items), stats="")
-            workers = [asyncio.create_task(self._worker(queue)) for _ in range(job.concurrency)]
-            self.tasks = [asyncio.create_task(self._produce(queue, len(workers))), *workers]
             self.done = asyncio.Event()
             flusher = asyncio.create_task(self._flush_every())
             try:
-                results = await asyncio.gather(*self.tasks, return_exceptions=True)
-                errors = [r for r in results if isinstance(r, BaseException)
-                          and not isinstance(r, asyncio.CancelledError)]
-                if errors:
-                    raise errors[0]
+                await self.work(self.items)
+                if self.batches is not None:
+                    await self.batches.run()
             finally:
                 self._cancel_all()
                 self.done.set()              # a flush in progress is finished, not cancelled
@@ -486,6 +502,23 @@ class _RunState:
                 await job.backend.aclose()
                 restore()
             await self._drain()
+
+    async def work(self, items: list[tuple[Work, Request]]) -> None:
+        """Process `items` with the producer and `concurrency` workers (self.tasks)."""
+        queue: asyncio.Queue[tuple[Work, Request] | None] = asyncio.Queue(
+            self.job.concurrency * 2)
+        await self.gather(self._produce(queue, items, self.job.concurrency),
+                          *(self._worker(queue) for _ in range(self.job.concurrency)))
+
+    async def gather(self, *coroutines: Any) -> None:
+        """Run `coroutines` as self.tasks (what a signal's grace period cancels); re-raise the
+        first error."""
+        self.tasks = [asyncio.create_task(c) for c in coroutines]
+        results = await asyncio.gather(*self.tasks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)
+                  and not isinstance(r, asyncio.CancelledError)]
+        if errors:
+            raise errors[0]
 
     async def _drain(self) -> None:
         """The last flushes: keep retrying a warehouse that cannot be written yet (a reader
@@ -588,11 +621,12 @@ class _RunState:
 
         self.cache.update(await asyncio.to_thread(locked))
 
-    async def _produce(self, queue: asyncio.Queue, n_workers: int) -> None:
-        for start in range(0, len(self.items), LOOKUP_CHUNK):
+    async def _produce(self, queue: asyncio.Queue, items: list[tuple[Work, Request]],
+                       n_workers: int) -> None:
+        for start in range(0, len(items), LOOKUP_CHUNK):
             if self.stop_reason:
                 break
-            chunk = self.items[start:start + LOOKUP_CHUNK]
+            chunk = items[start:start + LOOKUP_CHUNK]
             if not self.refresh:
                 await self._lookup([r.key for _, r in chunk])
             for item in chunk:
@@ -624,8 +658,10 @@ class _RunState:
                 if not self.refresh and req.key not in self.cache:    # redraws are rare:
                     await self._lookup([req.key])                     # look them up lazily
             call = await self._ask(req)
-            if call is None:
-                return None                       # stopped before this could be sent
+            if call is None:                      # stopped before this could be sent, or
+                if self.batches is not None:      # deferred to a batch: the item waits
+                    self.batches.waiting(work, first, req)
+                return None
             all_cached = all_cached and call.cached
             if call.error is not None:
                 return self._outcome(work, first, req, draw + 1, all_cached, error=call.error)
@@ -663,20 +699,22 @@ class _RunState:
         hit = self.cache.get(req.key)      # with --refresh, only answers from this run
         if hit is not None:
             self.job._answers += 1
-            return _Call(hit, None, cached=True)
+            return _Call(hit, None, cached=req.key not in self.fresh)
         if req.key in self.inflight:               # the same request from another item
             return await asyncio.shield(self.inflight[req.key])
         if self.job.options.cache_only:
             return _Call(None, "not in the cache (--cache-only)", cached=True)
+        if self.batches is not None:               # never sent here: a batch sends it
+            error = self.batches.defer(req)
+            return None if error is None else _Call(None, error, cached=False)
         while len(self.calls) >= self.max_buffer and not self.stop_reason:
             await asyncio.sleep(0.05)     # the warehouse is behind: no new requests meanwhile
         if self.stop_reason:
             return None
-        estimate = self.job.pricing.cost(req.estimated_input_tokens(), self.max_out) or 0.0
-        budget = self.job.options.max_cost
-        if budget is not None and self.job.spent + self.reserved + estimate > budget:
-            self._stop(f"budget reached: ${self.job.spent:.4f} spent of --max-cost "
-                       f"${budget:g}; re-run with a higher --max-cost to continue")
+        estimate = self.estimate(req)
+        over = self.over_budget(estimate)
+        if over:
+            self._stop(over)
             return None
         future: asyncio.Future[_Call | None] = asyncio.get_running_loop().create_future()
         self.inflight[req.key] = future
@@ -689,6 +727,18 @@ class _RunState:
             del self.inflight[req.key]
             future.set_result(call)
         return call
+
+    def estimate(self, req: Request) -> float:
+        """What `req` may cost (generous input, max_tokens out), reserved until answered."""
+        return self.job.pricing.cost(req.estimated_input_tokens(), self.max_out) or 0.0
+
+    def over_budget(self, estimate: float) -> str | None:
+        """Why a request of this estimate may not be sent (--max-cost), or None."""
+        budget = self.job.options.max_cost
+        if budget is not None and self.job.spent + self.reserved + estimate > budget:
+            return (f"budget reached: ${self.job.spent:.4f} spent of --max-cost "
+                    f"${budget:g}; re-run with a higher --max-cost to continue")
+        return None
 
     async def _send(self, req: Request) -> _Call | None:
         attempts = 0
@@ -763,40 +813,39 @@ class _RunState:
         row: dict[str, Any] = {
             "key": req.key, "model": req.model, "backend": backend.name,
             "sample": req.sample, "draw": req.draw, "request": req.canonical_json(),
-            "attempts": attempts, "run_id": self.job.run_id,
+            "attempts": attempts, "run_id": self.job.run_id, "mode": "online",
         }
         if reply is None:
             self.last_error = error
-            row.update(status="failed", error=error, response=_json_or_none(body, key),
+            row.update(status="failed", error=error, response=json_or_none(body, key),
                        latency_s=time.perf_counter() - started)
             self._record(row)
             self.recent.append(False)
             self._check_failures()
             return _Call(None, error, cached=False)
-        cost = self.job.pricing.cost(reply.input_tokens, reply.output_tokens)
-        inline = split_reasoning(reply.text)[0]      # two substring tests without a tag
-        reasoning = join_reasoning(reply.reasoning, inline) if inline else reply.reasoning
-        row.update(status="ok", response=redact(reply.raw, key),
-                   text=reply.text, reasoning=reasoning, finish_reason=reply.finish_reason,
-                   input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
-                   latency_s=reply.latency_s, cost_usd=cost,
-                   price_version=self.job.pricing.version if cost is not None else None)
+        row.update(answer_fields(reply, self.job.pricing, key))
         self._record(row)
         self.recent.append(True)
-        self.job._answers += 1
         self.last_answer = time.monotonic()
-        self.report.input_tokens += reply.input_tokens or 0
-        self.report.output_tokens += reply.output_tokens or 0
+        return _Call(self.answered(row), None, cached=False)
+
+    def answered(self, row: dict[str, Any]) -> CachedAnswer:
+        """Count an 'ok' llm_calls row received in this run (sent, or imported from a batch)
+        and cache its answer."""
+        self.job._answers += 1
+        self.report.input_tokens += row["input_tokens"] or 0
+        self.report.output_tokens += row["output_tokens"] or 0
+        cost = row["cost_usd"]
         if cost is not None:
             self.job.spent += cost
             if self.report.cost_usd is not None:
                 self.report.cost_usd += cost
         else:
             self.report.cost_usd = None
-        answer = CachedAnswer(reply.text, reply.finish_reason, reply.input_tokens,
-                              reply.output_tokens, reasoning)
-        self.cache[req.key] = answer
-        return _Call(answer, None, cached=False)
+        answer = CachedAnswer(row["text"], row["finish_reason"], row["input_tokens"],
+                              row["output_tokens"], row["reasoning"])
+        self.cache[row["key"]] = answer
+        return answer
 
     def _record(self, row: dict[str, Any]) -> None:
         """Journal a received row before anything else happens to it, then buffer it."""
@@ -981,14 +1030,3 @@ def truncation(answer: CachedAnswer, limit: int | None) -> str | None:
     if text.count("<think>") > text.count("</think>"):
         return f"reasoning block (<think>) never closed: {budget}"
     return None
-
-
-def _json_or_none(body: str | None, key: str | None) -> str | None:
-    """An error body as JSON when it is JSON, else wrapped in {"body": ...}; redacted."""
-    if not body:
-        return None
-    try:
-        json.loads(body)
-        return redact(body, key)
-    except ValueError:
-        return json.dumps({"body": redact(body, key)})

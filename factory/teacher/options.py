@@ -46,6 +46,11 @@ class ExecutorName(str, Enum):
     ray = "ray"
 
 
+class ModeName(str, Enum):
+    online = "online"
+    batch = "batch"
+
+
 _argv: list[str] | None = None
 
 
@@ -104,14 +109,20 @@ class TeacherOptions:
     ray_gpus_per_shard: float = 0.0
     #: vLLM engine arguments (offline backend): --vllm-args FILE, then --vllm-arg key=value
     vllm_args: dict[str, Any] = field(default_factory=dict)
+    #: online: one request per call; batch: the provider's batch API (factory.teacher.batch)
+    mode: str = "online"
+    batch_file: Path | None = None          # batch: write the input file instead of uploading
+    import_batch: Path | None = None        # batch: read a results file into the cache first
+    poll_s: float = 30.0                    # batch: seconds between polls of a batch
 
     def __post_init__(self) -> None:
         if self.cache_only and self.refresh:
             raise FactoryError("--cache-only and --refresh contradict each other")
         self._check_executor()
+        self._check_mode()
         if self.backend is not None and self.backend not in {b.value for b in BackendName}:
             raise FactoryError(f"unknown backend {self.backend!r}")
-        if self.backend == "openai" and not self.url:
+        if self.backend == "openai" and not self.url and not self.batch_offline:
             raise FactoryError("--backend openai needs --teacher-url (or FACTORY_TEACHER_URL)")
 
     def _check_executor(self) -> None:
@@ -134,9 +145,36 @@ class TeacherOptions:
         if self.ray_gpus_per_shard < 0:
             raise FactoryError("--ray-gpus-per-shard cannot be negative")
 
+    def _check_mode(self) -> None:
+        if self.mode not in {m.value for m in ModeName}:
+            raise FactoryError(f"unknown mode {self.mode!r}")
+        files = self.batch_file is not None or self.import_batch is not None
+        if files and self.mode != "batch":
+            raise FactoryError("--batch-file and --import-batch belong to --mode batch")
+        if self.mode != "batch":
+            return
+        if self.executor != "local":
+            raise FactoryError("--mode batch with --executor ray: run one batch per process "
+                               "with --shard i/N instead")
+        if self.dry_run and self.import_batch is not None:
+            raise FactoryError("--dry-run imports nothing: drop --import-batch")
+        if self.backend_name != "openai":
+            raise FactoryError(
+                f"--mode batch sends OpenAI-compatible requests, not --backend "
+                f"{self.backend_name}: give --teacher-url for a provider's batch API, or "
+                "--batch-file PATH (with --teacher-model) to run the file with vLLM's run_batch")
+        if self.poll_s <= 0:
+            raise FactoryError("--poll-s must be positive")
+
+    @property
+    def batch_offline(self) -> bool:
+        """Batch files only: nothing is uploaded, so no --teacher-url is needed."""
+        return self.mode == "batch" and (self.batch_file is not None or
+                                         self.import_batch is not None)
+
     @property
     def backend_name(self) -> str:
-        return self.backend or ("openai" if self.url else "transformers")
+        return self.backend or ("openai" if self.url or self.batch_offline else "transformers")
 
     def attempt_timeout(self, max_tokens: int | None) -> float:
         """Seconds one HTTP attempt may take: a long generation is slow, not stuck, so the
@@ -153,6 +191,8 @@ class TeacherOptions:
         params["backend"] = self.backend_name
         params["sampling"] = self.sampling.as_dict()
         params["price_table"] = str(self.price_table) if self.price_table else None
+        for name in ("batch_file", "import_batch"):
+            params[name] = str(getattr(self, name)) if getattr(self, name) else None
         params["shard"] = f"{self.shard[0]}/{self.shard[1]}" if self.shard else None
         for name in EXECUTOR_FIELDS:        # how it ran, not what: rows match a local run
             params.pop(name)
@@ -235,6 +275,18 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("vllm_args", Path, typer.Option(
         None, "--vllm-args", help="TOML or JSON file of vLLM engine arguments; --vllm-arg "
         "overrides its keys.")),
+    ("mode", ModeName, typer.Option(
+        ModeName.online, "--mode", help="online: one HTTP request per call; batch: the "
+        "provider's batch API (files + batches endpoints; cheaper, slower): submitted, polled "
+        "(a re-run resumes polling), imported into the same cache.")),
+    ("batch_file", Path, typer.Option(
+        None, "--batch-file", help="Batch mode: write the OpenAI batch input file (JSONL) for "
+        "`vllm run_batch` instead of uploading it; implies --mode batch.")),
+    ("import_batch", Path, typer.Option(
+        None, "--import-batch", help="Batch mode: import a batch output file (JSONL) of a "
+        "--batch-file run into the cache, then run the job; implies --mode batch.")),
+    ("poll_s", float, typer.Option(
+        30.0, "--poll-s", min=0.001, help="Batch mode: seconds between polls of a batch.")),
 ]
 
 
@@ -256,6 +308,9 @@ def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
         shards=values["shards"], ray_address=values["ray_address"] or None,
         ray_gpus_per_shard=values["ray_gpus_per_shard"],
         vllm_args=parse_vllm_args(values.get("vllm_arg"), values.get("vllm_args")),
+        mode="batch" if values["batch_file"] or values["import_batch"] else values["mode"].value,
+        batch_file=values["batch_file"], import_batch=values["import_batch"],
+        poll_s=values["poll_s"],
     )
 
 

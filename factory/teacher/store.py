@@ -6,6 +6,7 @@ successful row is never replaced by a failed one (a --refresh that fails keeps t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +14,14 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from factory.teacher.cost import Pricing
+from factory.teacher.keys import redact
+from factory.teacher.request import Reply, join_reasoning, split_reasoning
+
 LLM_CALL_COLUMNS = (
     "key", "model", "backend", "sample", "draw", "request", "status", "response", "text",
     "finish_reason", "input_tokens", "output_tokens", "latency_s", "attempts", "error",
-    "cost_usd", "price_version", "run_id", "reasoning",
+    "cost_usd", "price_version", "run_id", "reasoning", "mode", "batch_id",
 )
 _UPSERT_CALLS = (
     f"insert into llm_calls ({', '.join(LLM_CALL_COLUMNS)}, created_at)"
@@ -90,3 +95,27 @@ def upsert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]
             f'insert or replace into "{table}" ({cols}) select {cols} from "{view}"').fetchall()
     finally:
         con.unregister(view)
+
+
+def answer_fields(reply: Reply, pricing: Pricing, key: str | None) -> dict[str, Any]:
+    """The llm_calls columns of a successful reply (an HTTP answer or a batch output line):
+    the answer, its thinking from either source, tokens, cost; redacted of `key`."""
+    cost = pricing.cost(reply.input_tokens, reply.output_tokens)
+    inline = split_reasoning(reply.text)[0]      # two substring tests without a tag
+    reasoning = join_reasoning(reply.reasoning, inline) if inline else reply.reasoning
+    return {"status": "ok", "response": redact(reply.raw, key), "text": reply.text,
+            "reasoning": reasoning, "finish_reason": reply.finish_reason,
+            "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens,
+            "latency_s": reply.latency_s, "cost_usd": cost,
+            "price_version": pricing.version if cost is not None else None}
+
+
+def json_or_none(body: str | None, key: str | None) -> str | None:
+    """An error body as JSON when it is JSON, else wrapped in {"body": ...}; redacted."""
+    if not body:
+        return None
+    try:
+        json.loads(body)
+        return redact(body, key)
+    except ValueError:
+        return json.dumps({"body": redact(body, key)})

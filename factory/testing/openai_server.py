@@ -21,6 +21,12 @@ reasoning parsers and DeepSeek's API do); if it raises, the server answers 500.
 Whether a request gets a fault is decided by hashing (seed, request body, how many times this
 body was seen), so it does not depend on timing or order, and a retried request draws again.
 
+It also speaks the batch API the `openai` client uses (`POST /v1/files` with purpose=batch,
+`GET /v1/files/{id}/content`, `POST /v1/batches`, `GET /v1/batches[/{id}]`): each line of a
+batch is answered by the same responder as a chat completion and recorded like one (path
+`/v1/batches/<id>`), so both modes give the same answers. How batches progress and fail is
+set by `batch_plan` (see BatchPlan); `hold_batches()` keeps them from progressing.
+
 Run it standalone (benchmarks start it in its own process): `python -m
 factory.testing.openai_server --latency 0.2` prints the URL and serves until killed.
 """
@@ -36,6 +42,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -88,6 +96,68 @@ class Faults:
 
 
 @dataclass
+class BatchPlan:
+    """How the server's batches go: each `GET /v1/batches/{id}` moves a batch one status on,
+    through `statuses` (the first is what creating it returns), then to `end`:
+
+    - completed: every line answered (faults drawn per line as for chat completions: 429,
+      500, 503 and the connection faults become error-file lines, malformed and empty stay
+      answers);
+    - expired / cancelled: the first `answered` lines answered, the rest in the error file
+      (code batch_expired / batch_cancelled);
+    - failed: nothing answered, `errors` says why.
+
+    `retrieve_errors`: the first N retrieves of each batch answer 500 (a client must retry);
+    `lost_creates`: the first N batches are created but the connection drops before the
+    answer (a client that simply retries creates a second batch and pays twice);
+    `garbled_lines`: the first N lines of each output file are cut in half (not JSON).
+    """
+
+    statuses: tuple[str, ...] = ("validating", "in_progress", "finalizing")
+    end: str = "completed"
+    answered: int = 0
+    retrieve_errors: int = 0
+    lost_creates: int = 0
+    garbled_lines: int = 0
+
+
+#: faults that a batch line gets as an error-file line (with this status), not as an answer
+_LINE_ERRORS = {"429": 429, "500": 500, "503": 503, "drop": 500, "badjson": 500}
+
+
+@dataclass
+class _Batch:
+    id: str
+    input_file_id: str
+    endpoint: str
+    lines: list[dict[str, Any]]
+    created_at: int
+    step: int = 0
+    retrieves: int = 0
+    status: str = ""
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    completed: int = 0
+    failed: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def json(self) -> dict[str, Any]:
+        done = self.status in ("completed", "failed", "expired", "cancelled")
+        return {
+            "id": self.id, "object": "batch", "endpoint": self.endpoint,
+            "input_file_id": self.input_file_id, "completion_window": "24h",
+            "status": self.status, "created_at": self.created_at,
+            "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            f"{self.status}_at" if done else "in_progress_at": self.created_at + self.step,
+            "request_counts": {"total": len(self.lines), "completed": self.completed,
+                               "failed": self.failed},
+            "metadata": self.metadata or None,
+        }
+
+
+@dataclass
 class Record:
     key: str
     body: dict[str, Any]
@@ -114,6 +184,10 @@ class OpenAIServer:
     #: when given, the only model ids served (listed by /v1/models; any other answers 404),
     #: so a simulated server cannot be mistaken for the real model a job names
     model_ids: tuple[str, ...] = ()
+    batch_plan: BatchPlan = field(default_factory=BatchPlan)
+    #: uploaded files (id -> (purpose, content)) and created batches, in order
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    batches: dict[str, _Batch] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -121,6 +195,7 @@ class OpenAIServer:
         self._admitted_ok = 0
         self._hold_after: int | None = None
         self._released = threading.Event()
+        self._batches_held = False
         self._stopping = threading.Event()
         self._log: Any = None
         self._httpd: ThreadingHTTPServer | None = None
@@ -163,7 +238,17 @@ class OpenAIServer:
 
     def release(self) -> None:
         self._hold_after = None
+        self._batches_held = False
         self._released.set()
+
+    def hold_batches(self) -> None:
+        """Keep every batch at its current status (retrieves still answer) until release()."""
+        self._batches_held = True
+
+    def batch_retrieves(self) -> int:
+        """GET /v1/batches/{id} answered so far, over all batches."""
+        with self._lock:
+            return sum(b.retrieves for b in self.batches.values())
 
     def count(self, outcome: str | None = None) -> int:
         with self._lock:
@@ -200,6 +285,151 @@ class OpenAIServer:
             self.records.append(record)
             return record
 
+    def completion(self, record: Record, body: dict[str, Any]) -> dict[str, Any]:
+        """The chat completion answering `body` (a request, or a batch line's body), with the
+        record's fault (malformed, empty) applied; raises when the responder does."""
+        outcome = record.outcome
+        answer = self.responder(body)
+        if isinstance(answer, str):
+            answer = {"content": answer}
+        content = {"malformed": MALFORMED_CONTENT, "empty": ""}.get(outcome, answer["content"])
+        prompt_tokens = answer.get("prompt_tokens", sum(
+            len(str(m.get("content", "")).split()) for m in body.get("messages", [])))
+        completion_tokens = answer.get("completion_tokens", len(content.split()))
+        message = {"role": "assistant", "content": content}
+        if answer.get("reasoning_content") is not None and outcome == "ok":
+            message["reasoning_content"] = answer["reasoning_content"]
+        return {
+            "id": f"chatcmpl-{record.key[:12]}", "object": "chat.completion",
+            "created": 0, "model": answer.get("model", body.get("model", "")),
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": answer.get("finish_reason", "stop")}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+    # -- files and batches ----------------------------------------------------------------
+    def add_file(self, purpose: str, content: bytes) -> str:
+        with self._lock:
+            file_id = f"file-{len(self.files) + 1:04d}"
+            self.files[file_id] = (purpose, content)
+        return file_id
+
+    def file_json(self, file_id: str, name: str = "") -> dict[str, Any]:
+        purpose, content = self.files[file_id]
+        return {"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
+                "filename": name or f"{file_id}.jsonl", "purpose": purpose,
+                "status": "processed"}
+
+    def create_batch(self, request: dict[str, Any]) -> _Batch:
+        """A batch of the lines of an uploaded file; lines that are not requests to the
+        batch's endpoint make it fail validation, as a provider's would."""
+        file_id, endpoint = request.get("input_file_id"), request.get("endpoint")
+        lines, errors = [], []
+        if file_id not in self.files:
+            errors.append({"code": "invalid_file", "message": f"no file {file_id}"})
+        else:
+            custom_ids: set[str] = set()
+            for n, raw in enumerate(self.files[file_id][1].decode().splitlines(), 1):
+                try:
+                    line = json.loads(raw)
+                    assert line["method"] == "POST" and line["url"] == endpoint
+                    assert isinstance(line["body"], dict) and line["custom_id"] not in custom_ids
+                    custom_ids.add(line["custom_id"])
+                    lines.append(line)
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    errors.append({"code": "invalid_request", "line": n,
+                                   "message": f"line {n} is not a unique request to {endpoint}"})
+        plan = self.batch_plan
+        with self._lock:
+            batch = _Batch(f"batch_{len(self.batches) + 1:04d}", str(file_id), str(endpoint),
+                           lines, int(time.time()), metadata=request.get("metadata") or {})
+            self.batches[batch.id] = batch
+        batch.status = plan.statuses[0] if plan.statuses else plan.end
+        if errors:
+            batch.errors, batch.status = errors, "failed"
+        elif batch.status == plan.end:
+            self._finish(batch)
+        return batch
+
+    def retrieve_batch(self, batch: _Batch) -> bool:
+        """Move `batch` one status on; False: this retrieve is answered 500 (a fault)."""
+        plan = self.batch_plan
+        with self._lock:
+            batch.retrieves += 1
+            if batch.retrieves <= plan.retrieve_errors:
+                return False
+            if batch.status == "failed" or batch.status == plan.end or self._batches_held:
+                return True
+            batch.step += 1
+            batch.status = (plan.statuses[batch.step] if batch.step < len(plan.statuses)
+                            else plan.end)
+        if batch.status == plan.end:
+            self._finish(batch)
+        return True
+
+    def _finish(self, batch: _Batch) -> None:
+        """Answer the lines (those an expired or cancelled batch got to) into its files."""
+        plan = self.batch_plan
+        if plan.end == "failed":
+            batch.errors = batch.errors or [{"code": "injected", "message": "batch failed"}]
+            return
+        out, err = [], []
+        for n, line in enumerate(batch.lines):
+            body, custom_id = line["body"], line["custom_id"]
+            key = request_key(body)
+            entry: dict[str, Any] = {"id": f"batch_req_{key[:12]}", "custom_id": custom_id,
+                                     "response": None, "error": None}
+            if plan.end != "completed" and n >= plan.answered:
+                code = f"batch_{plan.end}"
+                entry["error"] = {"code": code, "message": f"not answered: the batch {plan.end}"}
+                with self._lock:
+                    self.records.append(Record(key, body, code, delivered=False, done=True,
+                                               path=f"/v1/batches/{batch.id}"))
+                err.append(entry)
+                continue
+            record = self._admit(key, body, authorized=True)
+            record.path, record.done = f"/v1/batches/{batch.id}", True
+            status = _LINE_ERRORS.get(record.outcome)
+            if self.model_ids and body.get("model") not in self.model_ids:
+                status, record.outcome = 404, "400"
+            if status is None:
+                try:
+                    entry["response"] = {"status_code": 200, "request_id": key[:12],
+                                         "body": self.completion(record, body)}
+                    out.append(entry)
+                    continue
+                except Exception as exc:   # a responder bug: an error line the test can see
+                    status, record.outcome = 500, "error"
+                    message = f"responder failed: {exc!r}"
+            else:
+                message = f"injected {record.outcome}" if status != 404 else (
+                    f"model {body.get('model')!r} is not served here")
+            record.delivered = False
+            entry["response"] = {"status_code": status, "request_id": key[:12], "body": {
+                "error": {"message": message, "type": "test_server", "code": status}}}
+            err.append(entry)
+        batch.completed, batch.failed = len(out), len(err)
+        if out:
+            data = _jsonl(out).splitlines(keepends=True)
+            for n in range(min(plan.garbled_lines, len(data))):
+                data[n] = data[n][:len(data[n]) // 2] + b"\n"
+            batch.output_file_id = self.add_file("batch_output", b"".join(data))
+        if err:
+            batch.error_file_id = self.add_file("batch_output", _jsonl(err))
+
+    def run_batch(self, content: bytes) -> bytes:
+        """What `vllm run_batch` makes of a batch input file: one output file holding every
+        line's answer or error (the lines are recorded as a batch's are)."""
+        batch = self.create_batch({"input_file_id": self.add_file("batch", content),
+                                   "endpoint": "/v1/chat/completions"})
+        if batch.errors:
+            raise ValueError("; ".join(e["message"] for e in batch.errors))
+        if batch.status != self.batch_plan.end:
+            self._finish(batch)
+        return b"".join(self.files[f][1] for f in (batch.output_file_id, batch.error_file_id)
+                        if f is not None)
+
     def log_to(self, path: str) -> None:
         """Also append `<outcome> <delivered> <key>` per finished request to `path` (line
         buffered), so a benchmark can count what was answered across a job's kill."""
@@ -209,6 +439,22 @@ class OpenAIServer:
         if self._log is not None:
             with self._lock:
                 self._log.write(f"{record.outcome} {int(record.delivered)} {record.key}\n")
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, bytes]:
+    """The fields of a multipart/form-data body (what `files.create` uploads)."""
+    message = BytesParser(policy=HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            fields[name] = part.get_payload(decode=True) or b""
+    return fields
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -248,11 +494,38 @@ class _Handler(BaseHTTPRequestHandler):
         body = {"error": {"message": message, "type": "test_server", "code": status}}
         return self._send(status, json.dumps(body).encode(), headers)
 
+    def _authorized(self) -> bool:
+        key = self.server_state.api_key
+        return key is None or self.headers.get("Authorization", "") == f"Bearer {key}"
+
+    def _json(self, payload: dict[str, Any]) -> bool:
+        return self._send(200, json.dumps(payload).encode())
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        if urlsplit(self.path).path.rstrip("/").endswith("/models"):
+        state = self.server_state
+        parts = urlsplit(self.path).path.rstrip("/").split("/")
+        if parts[-1] == "models":
             models = [{"id": m, "object": "model", "owned_by": "factory.testing"}
-                      for m in self.server_state.model_ids]
-            self._send(200, json.dumps({"object": "list", "data": models}).encode())
+                      for m in state.model_ids]
+            self._json({"object": "list", "data": models})
+        elif not self._authorized():
+            self._error(401, "invalid api key")
+        elif parts[-1] == "batches":          # newest first, one page
+            data = [b.json() for b in reversed(list(state.batches.values()))]
+            self._json({"object": "list", "data": data, "has_more": False,
+                        "first_id": data[0]["id"] if data else None,
+                        "last_id": data[-1]["id"] if data else None})
+        elif parts[-2] == "batches" and parts[-1] in state.batches:
+            batch = state.batches[parts[-1]]
+            if state.retrieve_batch(batch):
+                self._json(batch.json())
+            else:
+                self._error(500, "injected error retrieving the batch")
+        elif parts[-3:-2] == ["files"] and parts[-1] == "content" and parts[-2] in state.files:
+            content = state.files[parts[-2]][1]
+            self._send(200, content, {"Content-Type": "application/octet-stream"})
+        elif parts[-2] == "files" and parts[-1] in state.files:
+            self._json(state.file_json(parts[-1]))
         else:
             self._error(404, f"no route {self.path}")
 
@@ -260,7 +533,11 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server_state
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        if not urlsplit(self.path).path.rstrip("/").endswith("/chat/completions"):
+        route = urlsplit(self.path).path.rstrip("/")
+        if route.endswith(("/files", "/batches")):
+            self._batch_api(route, raw)
+            return
+        if not route.endswith("/chat/completions"):
             self._error(404, f"no route {self.path}")
             return
         try:
@@ -282,6 +559,29 @@ class _Handler(BaseHTTPRequestHandler):
         record.delivered = self._respond(record, body)
         record.done = True
         state._logged(record)
+
+    def _batch_api(self, route: str, raw: bytes) -> None:
+        """POST /v1/files (multipart upload) and POST /v1/batches."""
+        state = self.server_state
+        if not self._authorized():
+            self._error(401, "invalid api key")
+        elif route.endswith("/files"):
+            fields = _multipart(self.headers.get("Content-Type", ""), raw)
+            if "file" not in fields or fields.get("purpose") != b"batch":
+                self._error(400, "expected a multipart upload of `file` with purpose=batch")
+                return
+            self._json(state.file_json(state.add_file("batch", fields["file"])))
+        else:
+            try:
+                request = json.loads(raw)
+            except ValueError:
+                self._error(400, "request body is not JSON")
+                return
+            batch = state.create_batch(request)
+            if len(state.batches) <= state.batch_plan.lost_creates:
+                self.close_connection = True       # created, but the answer never arrives
+                return
+            self._json(batch.json())
 
     def _respond(self, record: Record, body: dict[str, Any]) -> bool:
         state, outcome = self.server_state, record.outcome
@@ -317,27 +617,10 @@ class _Handler(BaseHTTPRequestHandler):
         if outcome == "slow":
             time.sleep(faults.slow_s)
         try:
-            answer = state.responder(body)
+            payload = state.completion(record, body)
         except Exception as exc:  # a responder bug shows up as a 500 the test can see
             record.outcome = "error"
             return self._error(500, f"responder failed: {exc!r}")
-        if isinstance(answer, str):
-            answer = {"content": answer}
-        content = {"malformed": MALFORMED_CONTENT, "empty": ""}.get(outcome, answer["content"])
-        prompt_tokens = answer.get("prompt_tokens", sum(
-            len(str(m.get("content", "")).split()) for m in body.get("messages", [])))
-        completion_tokens = answer.get("completion_tokens", len(content.split()))
-        message = {"role": "assistant", "content": content}
-        if answer.get("reasoning_content") is not None and outcome == "ok":
-            message["reasoning_content"] = answer["reasoning_content"]
-        payload = {
-            "id": f"chatcmpl-{record.key[:12]}", "object": "chat.completion",
-            "created": 0, "model": answer.get("model", body.get("model", "")),
-            "choices": [{"index": 0, "message": message,
-                         "finish_reason": answer.get("finish_reason", "stop")}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }
         data = json.dumps(payload).encode()
         if outcome == "trickle":
             return self._trickle(data, faults.trickle_s)
