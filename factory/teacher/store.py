@@ -6,6 +6,7 @@ successful row is never replaced by a failed one (a --refresh that fails keeps t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import pyarrow as pa
 LLM_CALL_COLUMNS = (
     "key", "model", "backend", "sample", "draw", "request", "status", "response", "text",
     "finish_reason", "input_tokens", "output_tokens", "latency_s", "attempts", "error",
-    "cost_usd", "price_version", "run_id", "reasoning",
+    "cost_usd", "price_version", "run_id", "reasoning", "group_key", "choice", "logprobs",
 )
 _UPSERT_CALLS = (
     f"insert into llm_calls ({', '.join(LLM_CALL_COLUMNS)}, created_at)"
@@ -34,6 +35,7 @@ class CachedAnswer:
     input_tokens: int | None
     output_tokens: int | None
     reasoning: str | None = None    # the model's thinking (reasoning_content or inline)
+    logprobs: list[dict[str, Any]] | None = None    # per answer token, when they were asked
 
 
 def cached_answers(con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> dict[str, CachedAnswer]:
@@ -42,10 +44,11 @@ def cached_answers(con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> dict[
     if not keys:
         return {}
     rows = con.execute(
-        "select key, text, finish_reason, input_tokens, output_tokens, reasoning from llm_calls"
-        " where status = 'ok' and key in (select unnest(?::varchar[]))", [keys]
+        "select key, text, finish_reason, input_tokens, output_tokens, reasoning, logprobs"
+        " from llm_calls where status = 'ok' and key in (select unnest(?::varchar[]))", [keys]
     ).fetchall()
-    return {k: CachedAnswer(t or "", f, i, o, r) for k, t, f, i, o, r in rows}
+    return {k: CachedAnswer(t or "", f, i, o, r, json.loads(lp) if lp else None)
+            for k, t, f, i, o, r, lp in rows}
 
 
 def write_calls(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:

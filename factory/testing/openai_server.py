@@ -21,6 +21,13 @@ reasoning parsers and DeepSeek's API do); if it raises, the server answers 500.
 Whether a request gets a fault is decided by hashing (seed, request body, how many times this
 body was seen), so it does not depend on timing or order, and a retried request draws again.
 
+`n` > 1 gets n choices, the responder called once per choice with the request each choice
+answers (`choice_bodies`): the same request without `n`, with the seed that choice stands
+for when the client names them (SEEDS_HEADER, which factory's openai backend sends), so the
+simulated teacher's choice i is what sample i gets when asked alone; a fault hits the whole
+request. `max_choices` caps n (1: a server that ignores it, as llama.cpp's does). With
+`logprobs: true` every choice carries per-token logprobs (`token_logprobs`).
+
 Run it standalone (benchmarks start it in its own process): `python -m
 factory.testing.openai_server --latency 0.2` prints the URL and serves until killed.
 """
@@ -30,6 +37,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import re
 import sys
 import threading
 import time
@@ -49,11 +58,51 @@ FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed", "empty", "badjs
 SLOW_FAULT_KINDS = ("trickle", "hang")
 #: what a "malformed" answer says: no words, so any sensible parser rejects it
 MALFORMED_CONTENT = "~~~#%$@~~~"
+#: the seeds the choices of an `n` request stand for, comma-separated (factory's openai
+#: backend sends it; real servers ignore it)
+SEEDS_HEADER = "X-Factory-Sample-Seeds"
+_TOKEN = re.compile(r"\s*\S+|\s+")
+_ALTERNATIVES = (" the", " a", ",", " and", ".", " of", " to", " it", " Yes", " No")
 
 
 def request_key(body: dict[str, Any]) -> str:
     """Hash of a request body, as the server saw it (for counting repeated requests)."""
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _unit(*parts: Any) -> float:
+    """A number in [0, 1) fixed by `parts`."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def choice_bodies(body: dict[str, Any], seeds: list[int] | None = None,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+    """The request each choice of `body` answers: the request without `n`; for choice i > 0
+    with seeds[i] (the seeds the client named), else with a seed drawn from the request's seed
+    and i. At most `limit` choices."""
+    n = max(1, int(body.get("n") or 1))
+    alone = {k: v for k, v in body.items() if k != "n"}
+    if seeds is None or len(seeds) != n:
+        seeds = [alone.get("seed", 0)] + [int(_unit(alone.get("seed", 0), "choice", i) * 2**31)
+                                          for i in range(1, n)]
+    return [alone if i == 0 else {**alone, "seed": seeds[i]}
+            for i in range(min(n, limit or n))]
+
+
+def token_logprobs(content: str, top: int) -> list[dict[str, Any]]:
+    """Plausible per-token logprobs for `content` (tokens: words with their leading space),
+    deterministic: the drawn token has probability 0.35-1 and is the most likely; `top`
+    alternatives share what is left."""
+    out = []
+    for i, token in enumerate(_TOKEN.findall(content)):
+        p = 0.35 + 0.65 * _unit("logprob", i, token)
+        alternatives = [a for a in _ALTERNATIVES if a != token][:max(0, top - 1)]
+        ranked = [(token, p)] + [(a, (1 - p) / 2 ** (j + 1)) for j, a in enumerate(alternatives)]
+        out.append({"token": token, "logprob": math.log(p), "bytes": list(token.encode()),
+                    "top_logprobs": [{"token": t, "logprob": math.log(q) if q > 0 else -9999.0,
+                                      "bytes": list(t.encode())} for t, q in ranked[:top]]})
+    return out
 
 
 def default_responder(body: dict[str, Any]) -> str:
@@ -114,6 +163,8 @@ class OpenAIServer:
     #: when given, the only model ids served (listed by /v1/models; any other answers 404),
     #: so a simulated server cannot be mistaken for the real model a job names
     model_ids: tuple[str, ...] = ()
+    #: the most choices one request gets, whatever its `n` (None: n; 1: n is ignored)
+    max_choices: int | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -316,25 +367,35 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if outcome == "slow":
             time.sleep(faults.slow_s)
+        header = self.headers.get(SEEDS_HEADER)
         try:
-            answer = state.responder(body)
+            seeds = [int(x) for x in header.split(",")] if header else None
+            answers = [state.responder(b)
+                       for b in choice_bodies(body, seeds, state.max_choices)]
         except Exception as exc:  # a responder bug shows up as a 500 the test can see
             record.outcome = "error"
             return self._error(500, f"responder failed: {exc!r}")
-        if isinstance(answer, str):
-            answer = {"content": answer}
-        content = {"malformed": MALFORMED_CONTENT, "empty": ""}.get(outcome, answer["content"])
-        prompt_tokens = answer.get("prompt_tokens", sum(
+        answers = [{"content": a} if isinstance(a, str) else a for a in answers]
+        prompt_tokens = answers[0].get("prompt_tokens", sum(
             len(str(m.get("content", "")).split()) for m in body.get("messages", [])))
-        completion_tokens = answer.get("completion_tokens", len(content.split()))
-        message = {"role": "assistant", "content": content}
-        if answer.get("reasoning_content") is not None and outcome == "ok":
-            message["reasoning_content"] = answer["reasoning_content"]
+        choices, completion_tokens = [], 0
+        for i, answer in enumerate(answers):
+            content = {"malformed": MALFORMED_CONTENT, "empty": ""}.get(outcome,
+                                                                      answer["content"])
+            completion_tokens += answer.get("completion_tokens", len(content.split()))
+            message = {"role": "assistant", "content": content}
+            if answer.get("reasoning_content") is not None and outcome == "ok":
+                message["reasoning_content"] = answer["reasoning_content"]
+            choice = {"index": i, "message": message,
+                      "finish_reason": answer.get("finish_reason", "stop")}
+            if body.get("logprobs"):
+                choice["logprobs"] = {"content": token_logprobs(
+                    content, int(body.get("top_logprobs") or 0))}
+            choices.append(choice)
         payload = {
             "id": f"chatcmpl-{record.key[:12]}", "object": "chat.completion",
-            "created": 0, "model": answer.get("model", body.get("model", "")),
-            "choices": [{"index": 0, "message": message,
-                         "finish_reason": answer.get("finish_reason", "stop")}],
+            "created": 0, "model": answers[0].get("model", body.get("model", "")),
+            "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
