@@ -144,6 +144,9 @@ class Record:
     delivered: bool = True
     done: bool = False     # the handler finished (answered, failed or gave up)
     path: str = ""         # as requested, query included
+    #: request_key of the request each choice answers as if asked alone (choice_bodies): one
+    #: key per sample, whether it was asked alone or as a choice of an `n` request
+    choices: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -165,6 +168,8 @@ class OpenAIServer:
     model_ids: tuple[str, ...] = ()
     #: the most choices one request gets, whatever its `n` (None: n; 1: n is ignored)
     max_choices: int | None = None
+    #: answer 400 to a request for several choices (a model that takes no `n`)
+    refuse_n: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -328,13 +333,24 @@ class _Handler(BaseHTTPRequestHandler):
         authorized = state.api_key is None or auth == f"Bearer {state.api_key}"
         record = state._admit(key, body, authorized)
         record.path = self.path
+        header = self.headers.get(SEEDS_HEADER)
+        try:
+            seeds = [int(x) for x in header.split(",")] if header else None
+        except ValueError:
+            seeds = None
+        bodies = choice_bodies(body, seeds, state.max_choices)
+        record.choices = [request_key(b) for b in bodies]
         if state.latency:
             time.sleep(state.latency)
-        record.delivered = self._respond(record, body)
+        if state.refuse_n and len(bodies) > 1:
+            record.outcome = "400"
+            record.delivered = self._error(400, "n > 1 is not supported by this model")
+        else:
+            record.delivered = self._respond(record, bodies)
         record.done = True
         state._logged(record)
 
-    def _respond(self, record: Record, body: dict[str, Any]) -> bool:
+    def _respond(self, record: Record, bodies: list[dict[str, Any]]) -> bool:
         state, outcome = self.server_state, record.outcome
         faults = state.faults
         if outcome == "unauthorized":
@@ -367,11 +383,9 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if outcome == "slow":
             time.sleep(faults.slow_s)
-        header = self.headers.get(SEEDS_HEADER)
+        body = record.body
         try:
-            seeds = [int(x) for x in header.split(",")] if header else None
-            answers = [state.responder(b)
-                       for b in choice_bodies(body, seeds, state.max_choices)]
+            answers = [state.responder(b) for b in bodies]
         except Exception as exc:  # a responder bug shows up as a 500 the test can see
             record.outcome = "error"
             return self._error(500, f"responder failed: {exc!r}")

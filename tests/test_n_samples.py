@@ -1,0 +1,292 @@
+"""Several samples in one request (--n-per-request, OpenAI `n`) and logprobs (--logprobs),
+against the local OpenAI-compatible test server over real HTTP.
+
+The server records, per request, the request each choice answers as if asked alone
+(`Record.choices`): one key per sample whichever way it was asked, so the tests count on the
+server side what was paid for, sample by sample.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from factory.prompts import parse_prompt
+from factory.teacher import Sampling, TeacherJob, TeacherOptions, Work
+from factory.teacher.request import Request, split_count
+from factory.testing.openai_server import MALFORMED_CONTENT, Faults, OpenAIServer, token_logprobs
+from factory.warehouse import Warehouse
+
+PROMPT = parse_prompt("question", """{#
+purpose: test prompt
+output: a sentence
+source: tests
+#}
+{% block user %}Question number {{ n }}: tell me something.{% endblock %}
+""")
+
+ANSWERS = ("create table answers (item varchar not null, sample_no integer, answer varchar,"
+           " work_key varchar not null, call_key varchar, run_id varchar, prompt_name varchar,"
+           " prompt_hash varchar, backend varchar, model varchar, sample integer,"
+           " draws integer, cached boolean, status varchar, error varchar,"
+           " primary key (item, work_key))")
+SAMPLES = 4
+
+
+def works(items: int, samples: range = range(SAMPLES)) -> list[Work]:
+    """A GVM-like job: several samples (differing only in Work.sample) of each item."""
+    return [Work(id=f"q{i}/{k}", vars={"n": i}, sample=k) for i in range(items) for k in samples]
+
+
+def parse(text: str) -> str:
+    if len(text.split()) < 3:
+        raise ValueError(f"not an answer: {text!r}")
+    return text
+
+
+def options(server: OpenAIServer, **kw) -> TeacherOptions:
+    base = dict(url=server.url, model="test-model", timeout=5.0, backoff=0.01, concurrency=4,
+                sampling=Sampling(temperature=0.7, seed=3))
+    base.update(kw)
+    return TeacherOptions(**base)
+
+
+@pytest.fixture()
+def answers(wh: Warehouse) -> Warehouse:
+    with wh.write() as con:
+        con.execute(ANSWERS)
+    return wh
+
+
+def run(wh: Warehouse, opts: TeacherOptions, items: list[Work], outcomes: list | None = None):
+    def row(o):
+        if outcomes is not None:
+            outcomes.append(o)
+        return {"item": o.work.id, "sample_no": o.work.sample, "answer": o.value}
+
+    with TeacherJob(wh, "test-job", dataset=None, options=opts) as job:
+        return job.run(items, prompt=PROMPT, parse=parse, table="answers", row=row)
+
+
+def rows(wh: Warehouse, sql: str) -> list[tuple]:
+    with wh.read() as con:
+        return con.execute(sql).fetchall()
+
+
+def asked(server: OpenAIServer) -> list[str]:
+    """Every sample asked, one key per choice of each answered request (repeats included)."""
+    return [c for r in server.records if r.outcome == "ok" for c in r.choices]
+
+
+CALLS = ("select key, sample, draw, request, status, text, finish_reason from llm_calls"
+         " order by key")
+
+
+def test_n_per_request_asks_each_items_samples_in_one_request_stored_as_singles(
+        tmp_path, openai_server):
+    """4 samples x 3 items with --n-per-request 4: 3 requests (n=4), 12 rows with the keys,
+    canonical requests and answers that 12 single requests give; the prompt's tokens are
+    charged once per request and the rows add up to each request's usage."""
+    single, grouped = Warehouse(tmp_path / "single.duckdb"), Warehouse(tmp_path / "n.duckdb")
+    for wh in (single, grouped):
+        with wh.write() as con:
+            con.execute(ANSWERS)
+    alone = run(single, options(openai_server), works(3))
+    singles = list(openai_server.records)
+    openai_server.reset()
+    together = run(grouped, options(openai_server, n_per_request=4), works(3))
+    assert (alone.requests, together.requests) == (12, 3)
+    assert [r.body.get("n") for r in openai_server.records] == [4, 4, 4]
+    assert (together.ok, together.cached) == (12, 0)
+    # the same samples asked, the same answers stored under the same keys
+    assert sorted(asked(openai_server)) == sorted(c for r in singles for c in r.choices)
+    assert rows(grouped, CALLS) == rows(single, CALLS)
+    assert rows(grouped, "select item, answer, call_key, work_key, sample, cached from answers"
+                         " order by item") == \
+        rows(single, "select item, answer, call_key, work_key, sample, cached from answers"
+                     " order by item")
+    # each request once in SQL: group_key and choice; the prompt charged once
+    groups = rows(grouped, "select group_key, list(choice order by choice), list(sample order"
+                           " by choice), sum(input_tokens), sum(output_tokens), sum(cost_usd)"
+                           " from llm_calls group by 1 order by 1")
+    assert len(groups) == 3 and all(g[0] is not None for g in groups)
+    assert all(g[1] == [0, 1, 2, 3] and g[2] == [0, 1, 2, 3] for g in groups)
+    per_single = rows(single, "select sum(input_tokens), sum(output_tokens) from llm_calls")[0]
+    assert sum(g[3] for g in groups) * 4 == per_single[0]        # prompt paid 1x, not 4x
+    assert sum(g[4] for g in groups) == per_single[1]            # completions the same
+    assert (together.input_tokens, together.output_tokens) == (
+        sum(g[3] for g in groups), sum(g[4] for g in groups))
+    assert rows(grouped, "select count(*) from llm_calls where choice > 0 and input_tokens <> 0"
+                ) == [(0,)]
+    # each row keeps its own choice of the body, not the 4-choice body 4 times
+    bodies = rows(grouped, "select choice, response from llm_calls")
+    for choice, response in bodies:
+        data = json.loads(response)
+        assert [c["index"] for c in data["choices"]] == [choice]
+
+
+def test_switching_between_singles_and_n_never_pays_twice(answers, openai_server):
+    run(answers, options(openai_server), works(2))
+    assert openai_server.count() == 8
+    again = run(answers, options(openai_server, n_per_request=4), works(2))
+    assert (again.requests, again.cached, openai_server.count()) == (0, 8, 8)
+    # and the other way: samples first asked together are cached for single requests
+    more = run(answers, options(openai_server, n_per_request=4), works(4))
+    assert (more.requests, openai_server.count()) == (2, 10)
+    last = run(answers, options(openai_server), works(4))
+    assert (last.requests, last.cached) == (0, 16)
+
+
+def test_cached_samples_are_not_asked_again(answers, openai_server):
+    """Samples 1 and 3 cached: one request with n=2 for 0 and 2; 3 of 4 cached: the last one
+    alone, as an ordinary single request."""
+    first = [w for w in works(2) if w.id in ("q0/1", "q0/3", "q1/0", "q1/1", "q1/2")]
+    run(answers, options(openai_server), first)
+    openai_server.reset()
+    report = run(answers, options(openai_server, n_per_request=4), works(2))
+    bodies = sorted((r.body["messages"][-1]["content"], r.body.get("n")) for r in
+                    openai_server.records)
+    assert bodies == [("Question number 0: tell me something.", 2),
+                      ("Question number 1: tell me something.", None)]
+    assert (report.requests, report.cached, report.ok) == (2, 5, 8)
+    assert rows(answers, "select count(*), count(distinct key) from llm_calls") == [(8, 8)]
+
+
+def test_n_larger_than_the_samples_left_and_k_smaller_than_the_samples(answers, openai_server):
+    """--n-per-request 3 with 4 samples: a request for 3 and one for the 4th."""
+    report = run(answers, options(openai_server, n_per_request=3), works(2))
+    assert sorted(r.body.get("n") or 1 for r in openai_server.records) == [1, 1, 3, 3]
+    assert (report.ok, report.requests) == (8, 4)
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_a_server_that_answers_fewer_choices_loses_no_sample(answers, cap, capsys):
+    """llama.cpp ignores n (1 choice), a provider caps it (2): the unanswered samples are then
+    asked one by one, the run says so once, and every sample is stored once."""
+    with OpenAIServer(max_choices=cap) as server:
+        report = run(answers, options(server, n_per_request=4), works(3))
+        assert report.ok == 12
+        assert sorted(asked(server)) == sorted(set(asked(server)))     # nothing asked twice
+        assert len(asked(server)) == 12
+        assert report.requests == 3 + 3 * (4 - cap)
+    out = capsys.readouterr().err
+    assert out.count(f"answered {cap} of the 4 choices asked") == 1, out
+    assert rows(answers, "select count(*) filter (where group_key is not null),"
+                         " count(*) filter (where group_key is null) from llm_calls") == [
+        (3 * cap, 3 * (4 - cap))]
+
+
+def test_a_server_refusing_n_is_asked_one_by_one_from_then_on(answers, capsys):
+    with OpenAIServer(refuse_n=True) as server:
+        report = run(answers, options(server, n_per_request=4, concurrency=1), works(3))
+        refused = server.count("400")
+    assert report.ok == 12 and refused == 1       # refused once, then never asked with n
+    assert report.requests == 13
+    assert capsys.readouterr().err.count("refused a request with n=4") == 1
+
+
+def test_a_rejected_choice_is_redrawn_alone(answers, openai_server):
+    """Sample 2's answer is malformed: its redraw (draw 1) is a single request, no n."""
+    def responder(body: dict) -> str:
+        if body["seed"] == Request.build("test-model", [{"role": "user", "content": "x"}],
+                                         Sampling(seed=3), sample=2).param_dict()["seed"]:
+            return MALFORMED_CONTENT
+        return f"A fine answer for seed {body['seed']}."
+
+    openai_server.responder = responder
+    report = run(answers, options(openai_server, n_per_request=4), works(1))
+    ns = [(r.body.get("n"), r.body["seed"]) for r in openai_server.records]
+    assert [n for n, _ in ns] == [4, None]
+    assert (report.ok, report.requests) == (4, 2)
+    assert rows(answers, "select sample, draw, group_key is null from llm_calls where draw = 1"
+                ) == [(2, 1, True)]
+    assert rows(answers, "select draws from answers where item = 'q0/2'") == [(2,)]
+
+
+def test_faults_hit_the_whole_request_and_retries_lose_nothing(answers):
+    with OpenAIServer(faults=Faults(rate=0.5, kinds=("500", "429", "drop"), seed=2)) as server:
+        report = run(answers, options(server, n_per_request=4, attempts=10), works(6))
+        assert report.ok == 24
+        assert server.count("ok") == 6 and server.count() > 6
+        assert sorted(asked(server)) == sorted(set(asked(server)))
+
+
+def test_a_failed_n_request_asks_its_samples_one_by_one(answers, capsys):
+    """An n-request that fails after its attempts (every 500 here) is no lost sample: its
+    samples are then asked alone."""
+    class FailsN(OpenAIServer):
+        """Answers 500 to every request with n, as a server overloaded by them might."""
+
+        def _admit(self, key, body, authorized):
+            record = super()._admit(key, body, authorized)
+            if body.get("n"):
+                record.outcome = "500"
+            return record
+
+    with FailsN() as server:
+        report = run(answers, options(server, n_per_request=4, attempts=2), works(2))
+        assert report.ok == 8
+        assert server.count("500") == 2 * 2 and server.count("ok") == 8
+    assert capsys.readouterr().err.count("a request for 4 samples failed") == 1
+
+
+def test_the_budget_reserves_the_whole_group(answers, openai_server, tmp_path):
+    """--max-cost: an n-request reserves its prompt once and n answers; the run stops before
+    the budget would be passed, keeps what it got, and a re-run with more finishes."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text('version = "t"\n[models."test-model"]\ninput_per_mtok = 100.0\n'
+                      'output_per_mtok = 1000.0\n')
+    sampling = Sampling(temperature=0.7, seed=3, max_tokens=50)
+    # a request for 4 reserves its prompt and 4 x 50 output tokens (~$0.2) until answered
+    # (~$0.045 each): the 4th would pass $0.3
+    opts = options(openai_server, n_per_request=4, price_table=prices, max_cost=0.3,
+                   concurrency=1, sampling=sampling)
+    report = run(answers, opts, works(8))
+    assert report.stopped and "budget reached" in report.stopped
+    assert 0 < report.ok < 32 and report.cost_usd <= 0.3
+    assert rows(answers, "select sum(cost_usd) from llm_calls")[0][0] == pytest.approx(
+        report.cost_usd)
+    done = run(answers, options(openai_server, n_per_request=4, price_table=prices,
+                                sampling=sampling), works(8))
+    assert done.ok == 32 and done.cached == report.ok
+    assert sorted(asked(openai_server)) == sorted(set(asked(openai_server)))
+
+
+# -- logprobs -------------------------------------------------------------------------------
+def test_logprobs_are_asked_stored_and_on_the_outcome(answers, openai_server):
+    outcomes: list = []
+    opts = options(openai_server, sampling=Sampling(temperature=0.7, seed=3, logprobs=2),
+                   n_per_request=2)
+    run(answers, opts, works(1, range(2)), outcomes)
+    assert [(r.body["logprobs"], r.body["top_logprobs"]) for r in openai_server.records] == [
+        (True, 2)]
+    stored = rows(answers, "select key, text, logprobs, response from llm_calls order by key")
+    for _key, text, logprobs, response in stored:
+        expected = [{k: v for k, v in t.items() if k != "bytes"} | {
+            "top_logprobs": [{"token": a["token"], "logprob": a["logprob"]}
+                             for a in t["top_logprobs"]]} for t in token_logprobs(text, 2)]
+        assert json.loads(logprobs) == expected
+        assert "logprobs" not in json.loads(response)["choices"][0]   # stored once
+    assert {o.call_key: o.logprobs for o in outcomes} == {
+        k: json.loads(lp) for k, _, lp, _ in stored}
+    # visible in SQL: the first token's probability
+    first = rows(answers, "select exp((logprobs->'$[0].logprob')::double) from llm_calls")
+    assert all(0.35 <= p <= 1 for (p,) in first)
+    # the completion tokens are split by the tokens the logprobs list
+    assert rows(answers, "select sum(output_tokens) = sum(json_array_length(logprobs))"
+                         " from llm_calls") == [(True,)]
+    # logprobs are part of the request: without them, other keys; with them, the cache
+    plain = run(answers, options(openai_server), works(1, range(2)))
+    assert plain.requests == 2
+    outcomes.clear()
+    again = run(answers, opts, works(1, range(2)), outcomes)
+    assert again.cached == 2 and all(o.logprobs for o in outcomes)
+
+
+def test_split_count_adds_up() -> None:
+    assert split_count(10, [1, 1, 1]) == [3, 4, 3]
+    assert sum(split_count(7, [5.0, 0.0, 2.0])) == 7
+    assert split_count(None, [1, 2]) == [None, None]
+    assert split_count(5, [0, 0]) == [2, 3]
+    assert sum(split_count(1000, [3.3, 1.1, 7.7])) == 1000
