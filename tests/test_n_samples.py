@@ -290,3 +290,67 @@ def test_split_count_adds_up() -> None:
     assert split_count(None, [1, 2]) == [None, None]
     assert split_count(5, [0, 0]) == [2, 3]
     assert sum(split_count(1000, [3.3, 1.1, 7.7])) == 1000
+
+
+# -- kill -9 --------------------------------------------------------------------------------
+#: a GVM-like job in its own process: 150 items x 4 samples, 4 to a request
+SAMPLES_JOB = r"""
+import sys
+from factory.prompts import parse_prompt
+from factory.teacher import Sampling, TeacherJob, TeacherOptions, Work
+from factory.warehouse import Warehouse
+
+wh = Warehouse(sys.argv[1])
+with wh.write() as con:
+    con.execute("create table if not exists answers (item varchar, answer varchar,"
+                " work_key varchar, call_key varchar, run_id varchar, prompt_name varchar,"
+                " prompt_hash varchar, backend varchar, model varchar, sample integer,"
+                " draws integer, cached boolean, status varchar, error varchar,"
+                " primary key (item, work_key))")
+prompt = parse_prompt("q", "{#\npurpose: t\noutput: t\nsource: t\n#}\n"
+                           "{% block user %}Question {{ n }}{% endblock %}")
+opts = TeacherOptions(url=sys.argv[2], model="m", concurrency=8, n_per_request=4,
+                      sampling=Sampling(temperature=0.7, seed=1))
+works = [Work(id=f"q{i}/{k}", vars={"n": i}, sample=k) for i in range(150) for k in range(4)]
+with TeacherJob(wh, "samples-job", dataset=None, options=opts) as job:
+    job.run(works, prompt=prompt, parse=str.strip, table="answers",
+            row=lambda o: {"item": o.work.id, "answer": o.value})
+"""
+
+
+def test_kill_9_loses_no_choice_received(tmp_path):
+    """kill -9 while n-requests are answered: every choice received was journaled before
+    anything else, so the re-run asks again at most the samples that were in flight."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_durable import env, wait_until
+
+    script = tmp_path / "job.py"
+    script.write_text(SAMPLES_JOB)
+    wh = Warehouse(tmp_path / "factory.duckdb")
+    with OpenAIServer(latency=0.05) as server:
+        cmd = [sys.executable, str(script), str(wh.path), server.url]
+        job = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: server.count("ok") >= 40, "40 answered requests", job)
+            job.send_signal(signal.SIGKILL)
+            job.wait(timeout=30)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        with server._lock:
+            before = {c for r in server.records if r.outcome == "ok" and r.delivered and r.done
+                      for c in r.choices}
+            flying = sum(len(r.choices) for r in server.records if not r.done)
+            seen = len(server.records)
+        assert {len(r.choices) for r in server.records} == {4}
+        rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+        resent = [c for r in server.records[seen:] for c in r.choices if c in before]
+    assert len(before) > 4 * flying        # killed mid-run, with most answers received
+    assert len(resent) <= flying, (len(resent), flying)
+    assert rows(wh, "select count(*), count(distinct key), count(group_key) from llm_calls"
+                    " where status = 'ok'")[0][:2] == (600, 600)
