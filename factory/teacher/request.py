@@ -135,6 +135,22 @@ class Reply:
                    logprobs=first.logprobs, choices=choices)
 
 
+def token_at(logprobs: list[dict[str, Any]], text: str, offset: int) -> dict[str, Any] | None:
+    """The logprobs entry of the token that covers `text[offset]` (`text`: the content the
+    tokens were generated as; an in-process answer is the tokens' text stripped), or None when
+    the tokens do not spell it."""
+    spelled = "".join(t.get("token") or "" for t in logprobs)
+    base = spelled.find(text) if text else -1
+    if base < 0:
+        return None
+    end = 0
+    for entry in logprobs:
+        end += len(entry.get("token") or "")
+        if end > base + offset:
+            return entry
+    return None
+
+
 def _total(counts: Any) -> int | None:
     known = [c for c in counts if c is not None]
     return sum(known) if known else None
