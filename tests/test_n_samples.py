@@ -354,3 +354,88 @@ def test_kill_9_loses_no_choice_received(tmp_path):
     assert len(resent) <= flying, (len(resent), flying)
     assert rows(wh, "select count(*), count(distinct key), count(group_key) from llm_calls"
                     " where status = 'ok'")[0][:2] == (600, 600)
+
+
+# -- in-process backends --------------------------------------------------------------------
+def tiny_llama() -> tuple:
+    """A tiny random Llama and its tokenizer, built here (no hub, no download)."""
+    import torch
+    from test_vllm import llama3_style_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = llama3_style_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id)).eval()
+    return tok, model
+
+
+def test_transformers_backend_generates_n_choices_with_the_models_logprobs(answers):
+    """In-process: a group of 3 samples is one generate call over the prompt repeated 3 times;
+    the logprobs are the model's own (a teacher-forced forward pass agrees), and the engine
+    stores 3 rows per item, the prompt's tokens on choice 0."""
+    import torch
+
+    from factory.teacher.backends import TransformersBackend, chat_prompt_ids
+
+    tok, model = tiny_llama()
+    backend = TransformersBackend("tiny", batch_size=4)
+    backend._tokenizer, backend._model, backend._loaded = tok, model, True
+    batches: list[int] = []
+    generate = model.generate
+    model.generate = lambda **kw: batches.append(len(kw["input_ids"])) or generate(**kw)
+    sampling = Sampling(temperature=1.0, seed=5, max_tokens=6, logprobs=2)
+    opts = TeacherOptions(n_per_request=3, sampling=sampling, parse_retries=0)
+    outcomes: list = []
+    with TeacherJob(answers, "test-job", dataset=None, options=opts, backend=backend) as job:
+        report = job.run(works(2, range(3)), prompt=PROMPT, parse=lambda t: t, table="answers",
+                         row=lambda o: outcomes.append(o) or {"item": o.work.id,
+                                                              "answer": o.value})
+    assert report.requests == 2 and sum(batches) == 6 and len(outcomes) == 6
+    stored = rows(answers, "select group_key, choice, input_tokens, output_tokens, logprobs,"
+                           " request from llm_calls order by group_key, choice")
+    assert [(c, i > 0) for _, c, i, _, _, _ in stored] == [(0, True), (1, False), (2, False)] * 2
+    for o in outcomes:
+        req = Request.build("tiny", PROMPT.render(**o.work.vars), sampling, o.work.sample)
+        assert o.call_key == req.key and len(o.logprobs) <= 6
+        assert all(len(t["top_logprobs"]) == 2 for t in o.logprobs)
+        prompt = chat_prompt_ids(tok, req.message_dicts())
+        drawn = [tok.convert_tokens_to_ids(t["token"].strip()) for t in o.logprobs]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + drawn])).logits[0]
+        expected = torch.log_softmax(logits.float(), -1)[len(prompt) - 1:-1]
+        got = [t["logprob"] for t in o.logprobs]
+        assert got == pytest.approx(expected.gather(1, torch.tensor(drawn)[:, None])[:, 0]
+                                    .tolist(), abs=1e-4)
+        for t, row in zip(o.logprobs, expected, strict=True):    # the top-2, best first
+            assert [a["logprob"] for a in t["top_logprobs"]] == pytest.approx(
+                row.topk(2).values.tolist(), abs=1e-4)
+    assert sum(len(o.logprobs) for o in outcomes) > 6
+
+
+def test_vllm_backend_asks_n_and_logprobs_in_its_sampling_params(monkeypatch):
+    from test_vllm import llama3_style_tokenizer, stub
+
+    from factory.teacher.backends import VLLMBackend
+
+    rec = stub(monkeypatch, llama3_style_tokenizer(), answer=lambda ids: "a fine answer")
+    backend = VLLMBackend("/models/llama3-like")
+    backend._load()
+    members = [Request.build("m", [{"role": "user", "content": "hi"}],
+                             Sampling(temperature=0.7, seed=1, logprobs=2), sample=k)
+               for k in range(3)]
+    [reply] = backend._generate([Request.group(members)])
+    params = rec.sampling[0]
+    assert (params.n, params.logprobs, params.seed) == (3, 2, 1)
+    assert [c.text for c in reply.choices] == [
+        "a fine answer", "a fine answer (choice 1)", "a fine answer (choice 2)"]
+    assert [c.input_tokens > 0 for c in reply.choices] == [True, False, False]
+    assert reply.output_tokens == sum(c.output_tokens for c in reply.choices)
+    for choice in reply.choices:
+        assert "".join(t["token"] for t in choice.logprobs) == choice.text
+        assert all(len(t["top_logprobs"]) == 2 for t in choice.logprobs)
+        assert json.loads(choice.raw)["choices"][0]["message"]["content"] == choice.text
+    backend.shutdown()

@@ -677,7 +677,8 @@ class _RunState:
                 self.max_out if self.job.backend.local else None))
             if cut:     # a redraw at the same budget would be cut again: don't pay for it
                 return self._outcome(work, first, req, draw + 1, all_cached, error=cut,
-                                     text=call.answer.text, status="truncated")
+                                     text=call.answer.text, status="truncated",
+                                     logprobs=call.answer.logprobs)
             # the parser never sees the thinking; rows stored before llm_calls.reasoning
             # existed have it only inline
             inline, answer = split_reasoning(call.answer.text)
