@@ -160,6 +160,18 @@ def test_n_larger_than_the_samples_left_and_k_smaller_than_the_samples(answers, 
     assert (report.ok, report.requests) == (8, 4)
 
 
+def test_dry_run_counts_the_requests_n_makes(answers, openai_server, capsys):
+    """3 items x 4 samples, 2 samples of item 0 cached: a request for item 0's other 2 and one
+    for each other item (n=4), each prompt estimated once."""
+    run(answers, options(openai_server), works(1, range(2)))
+    alone = run(answers, options(openai_server, dry_run=True), works(3))
+    together = run(answers, options(openai_server, dry_run=True, n_per_request=4), works(3))
+    assert openai_server.count() == 2
+    err = capsys.readouterr().err
+    assert "requests to send: 10" in err and "requests to send: 3" in err
+    assert together.input_tokens * 10 == alone.input_tokens * 3
+
+
 @pytest.mark.parametrize("cap", [1, 2])
 def test_a_server_that_answers_fewer_choices_loses_no_sample(answers, cap, capsys):
     """llama.cpp ignores n (1 choice), a provider caps it (2): the unanswered samples are then
