@@ -773,20 +773,19 @@ class _RunState:
         if rest:
             if failure is not None and failure.refused:    # e.g. a server without `n`
                 self.job.n_refused = True
-                self._note(f"the teacher refused a request with n={len(members)} "
+                self._note("refused", f"the teacher refused a request with n={len(members)} "
                            f"({failure.error}); samples are asked one by one from now on")
             elif failure is not None:
-                self._note(f"a request for {len(members)} samples failed ({failure.error}); "
-                           "its samples are asked one by one")
+                self._note("failed", f"a request for {len(members)} samples failed "
+                           f"({failure.error}); its samples are asked one by one")
             else:
-                self._note(f"the teacher answered {len(calls)} of the {len(members)} choices "
-                           "asked (n); the other samples are asked one by one")
+                self._note("fewer", f"the teacher answered {len(calls)} of the {len(members)} "
+                           "choices asked (n); the other samples are asked one by one")
             calls += await asyncio.gather(*(self._send(m) for m in rest))
         return calls
 
-    def _note(self, line: str) -> None:
-        """Say something about the run once (not once per request)."""
-        kind = line.split(" (", 1)[0]
+    def _note(self, kind: str, line: str) -> None:
+        """Say something of this `kind` once per job, not once per request."""
         if kind not in self.job.notes:
             self.job.notes.add(kind)
             console.print(f"[yellow]note:[/] {line}", highlight=False)
