@@ -451,3 +451,25 @@ def test_vllm_backend_asks_n_and_logprobs_in_its_sampling_params(monkeypatch):
         assert all(len(t["top_logprobs"]) == 2 for t in choice.logprobs)
         assert json.loads(choice.raw)["choices"][0]["message"]["content"] == choice.text
     backend.shutdown()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_answers_n_choices_with_logprobs(answers):
+    """The real in-process model: 2 samples in one batch, tokens whose logprobs spell each
+    answer (so a token can be found by its place in the text)."""
+    from factory.teacher.request import token_at
+
+    opts = TeacherOptions(n_per_request=2, parse_retries=0,
+                          sampling=Sampling(temperature=0.7, seed=1, max_tokens=16, logprobs=3))
+    outcomes: list = []
+    with TeacherJob(answers, "test-job", dataset=None, options=opts) as job:
+        report = job.run(works(1, range(2)), prompt=PROMPT, parse=lambda t: t,
+                         table="answers", row=lambda o: outcomes.append(o) or {
+                             "item": o.work.id, "answer": o.value})
+    assert report.requests == 1 and len(outcomes) == 2
+    assert rows(answers, "select list(choice order by choice), count(distinct group_key)"
+                         " from llm_calls") == [([0, 1], 1)]
+    for o in outcomes:
+        assert o.text and o.logprobs
+        assert all(-50 < t["logprob"] <= 0 and len(t["top_logprobs"]) == 3 for t in o.logprobs)
+        assert token_at(o.logprobs, o.text, len(o.text) - 1) is not None
