@@ -49,6 +49,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from factory.teacher.backends import SEEDS_HEADER
+
 Responder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
 
 #: the faults drawn at random by default
@@ -58,9 +60,6 @@ FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed", "empty", "badjs
 SLOW_FAULT_KINDS = ("trickle", "hang")
 #: what a "malformed" answer says: no words, so any sensible parser rejects it
 MALFORMED_CONTENT = "~~~#%$@~~~"
-#: the seeds the choices of an `n` request stand for, comma-separated (factory's openai
-#: backend sends it; real servers ignore it)
-SEEDS_HEADER = "X-Factory-Sample-Seeds"
 _TOKEN = re.compile(r"\s*\S+|\s+")
 _ALTERNATIVES = (" the", " a", ",", " and", ".", " of", " to", " it", " Yes", " No")
 
