@@ -343,12 +343,18 @@ def test_kill_9_loses_no_choice_received(tmp_path):
     script.write_text(SAMPLES_JOB)
     wh = Warehouse(tmp_path / "factory.duckdb")
     with OpenAIServer(latency=0.05) as server:
+        def answered() -> list:
+            with server._lock:
+                return [r for r in server.records if r.outcome == "ok" and r.done]
+
         cmd = [sys.executable, str(script), str(wh.path), server.url]
         job = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         try:
-            wait_until(lambda: server.count("ok") >= 40, "40 answered requests", job)
+            wait_until(lambda: len(answered()) >= 20, "20 answered requests", job)
             job.send_signal(signal.SIGKILL)
+            with server._lock:      # what was in flight at the kill (answered after it or not)
+                flying = sum(len(r.choices) for r in server.records if not r.done)
             job.wait(timeout=30)
         finally:
             if job.poll() is None:
@@ -356,13 +362,12 @@ def test_kill_9_loses_no_choice_received(tmp_path):
         with server._lock:
             before = {c for r in server.records if r.outcome == "ok" and r.delivered and r.done
                       for c in r.choices}
-            flying = sum(len(r.choices) for r in server.records if not r.done)
             seen = len(server.records)
         assert {len(r.choices) for r in server.records} == {4}
         rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
         assert rerun.returncode == 0, rerun.stderr
         resent = [c for r in server.records[seen:] for c in r.choices if c in before]
-    assert len(before) > 4 * flying        # killed mid-run, with most answers received
+    assert len(before) >= 4 * 20           # killed mid-run, with answers received
     assert len(resent) <= flying, (len(resent), flying)
     assert rows(wh, "select count(*), count(distinct key), count(group_key) from llm_calls"
                     " where status = 'ok'")[0][:2] == (600, 600)
