@@ -153,6 +153,15 @@ def test_cached_samples_are_not_asked_again(answers, openai_server):
     assert rows(answers, "select count(*), count(distinct key) from llm_calls") == [(8, 8)]
 
 
+def test_identical_items_share_the_n_request(answers, openai_server):
+    """Two items with the same prompt and samples (in-flight dedup): one request for both."""
+    twice = works(1) + [Work(id=f"again/{w.sample}", vars=w.vars, sample=w.sample)
+                        for w in works(1)]
+    report = run(answers, options(openai_server, n_per_request=4), twice)
+    assert (report.ok, report.requests, openai_server.count()) == (8, 1, 1)
+    assert rows(answers, "select count(distinct call_key), count(*) from answers") == [(4, 8)]
+
+
 def test_n_larger_than_the_samples_left_and_k_smaller_than_the_samples(answers, openai_server):
     """--n-per-request 3 with 4 samples: a request for 3 and one for the 4th."""
     report = run(answers, options(openai_server, n_per_request=3), works(2))
