@@ -340,46 +340,49 @@ with TeacherJob(wh, "samples-job", dataset=None, options=opts) as job:
 
 
 def test_kill_9_loses_no_choice_received(tmp_path):
-    """kill -9 while n-requests are answered: every choice received was journaled before
-    anything else, so the re-run asks again at most the samples that were in flight."""
+    """kill -9 after 20 n-requests were answered (the server holds the rest): each of their 80
+    choices is a line of the run's journal, and the re-run imports them and asks none again."""
     import signal
     import subprocess
     import sys
 
     from test_durable import env, wait_until
 
+    from factory.teacher.journal import journal_dir, read_journal
+
     script = tmp_path / "job.py"
     script.write_text(SAMPLES_JOB)
     wh = Warehouse(tmp_path / "factory.duckdb")
-    with OpenAIServer(latency=0.05) as server:
-        def answered() -> list:
-            with server._lock:
-                return [r for r in server.records if r.outcome == "ok" and r.done]
 
+    def journaled() -> list[dict]:
+        return [row for path in journal_dir(wh.path).glob("*.jsonl")
+                for row in read_journal(path)]
+
+    with OpenAIServer() as server:
+        server.hold_after(20)
         cmd = [sys.executable, str(script), str(wh.path), server.url]
         job = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         try:
-            wait_until(lambda: len(answered()) >= 20, "20 answered requests", job)
+            wait_until(lambda: len(journaled()) >= 80, "80 journaled answers", job)
             job.send_signal(signal.SIGKILL)
-            with server._lock:      # what was in flight at the kill (answered after it or not)
-                flying = sum(len(r.choices) for r in server.records if not r.done)
             job.wait(timeout=30)
         finally:
             if job.poll() is None:
                 job.kill()
-        with server._lock:
-            before = {c for r in server.records if r.outcome == "ok" and r.delivered and r.done
-                      for c in r.choices}
-            seen = len(server.records)
-        assert {len(r.choices) for r in server.records} == {4}
+        rows_ = journaled()
+        server.release()
+        before = set(asked(server))
+        seen = len(server.records)
         rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
         assert rerun.returncode == 0, rerun.stderr
-        resent = [c for r in server.records[seen:] for c in r.choices if c in before]
-    assert len(before) >= 4 * 20           # killed mid-run, with answers received
-    assert len(resent) <= flying, (len(resent), flying)
-    assert rows(wh, "select count(*), count(distinct key), count(group_key) from llm_calls"
-                    " where status = 'ok'")[0][:2] == (600, 600)
+        again = [c for r in server.records[seen:] if r.outcome == "ok" for c in r.choices]
+    assert len(rows_) == 80 and len({r["key"] for r in rows_}) == 80
+    assert sorted(r["choice"] for r in rows_) == sorted([0, 1, 2, 3] * 20) and all(
+        r["group_key"] for r in rows_)
+    assert len(before) == 80 and not before & set(again)
+    assert rows(wh, "select count(*), count(distinct key) from llm_calls"
+                    " where status = 'ok'") == [(600, 600)]
 
 
 # -- in-process backends --------------------------------------------------------------------
