@@ -7,8 +7,10 @@ that never parses is recorded as failed. Nothing here invents a default answer.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 class MalformedAnswer(ValueError):
@@ -86,6 +88,9 @@ class Prediction:
 
     answer: bool
     reasoning: str
+    #: where the Yes/No word the decision was read from starts, counted back from the end of
+    #: the answer (the answer ends the teacher's content; the thinking comes before it)
+    from_end: int | None = field(default=None, compare=False)
 
     @property
     def label(self) -> str:
@@ -113,7 +118,8 @@ def parse_yes_no(text: str, reasoning: str | None = None) -> Prediction:
         raise MalformedAnswer("no answer after the reasoning" if thinking else "empty answer")
     lead = _LEAD.match(answer)
     body = _LEAD_CLEAN.sub("", answer, count=1).strip() if lead else answer
-    stated = {m.group(1).lower() for m in _STATED.finditer(body)}
+    found = list(_STATED.finditer(body))
+    stated = {m.group(1).lower() for m in found}
     if lead:
         stated.add(lead.group(1).lower())
     if len(stated) != 1:
@@ -123,4 +129,22 @@ def parse_yes_no(text: str, reasoning: str | None = None) -> Prediction:
     reasoning = thinking or body
     if not reasoning:
         raise MalformedAnswer("a decision without reasoning")
-    return Prediction(decision, reasoning)
+    at = lead.start(1) if lead else found[0].start(1)     # without a lead, body is answer
+    return Prediction(decision, reasoning, from_end=len(answer) - at)
+
+
+def decision_probability(text: str, logprobs: list[dict[str, Any]] | None,
+                         prediction: Prediction) -> float | None:
+    """The probability the teacher gave the token its Yes/No decision was read from: `text`
+    is its content as received, `logprobs` that content's tokens (--logprobs). None without
+    logprobs, or when the tokens do not spell the content."""
+    from factory.teacher.request import token_at
+
+    if not logprobs or prediction.from_end is None:
+        return None
+    at = len(text.rstrip()) - prediction.from_end
+    word = prediction.label.lower()
+    if at < 0 or text[at:at + len(word)].lower() != word:
+        return None
+    token = token_at(logprobs, text, at)
+    return math.exp(token["logprob"]) if token and token.get("logprob") is not None else None

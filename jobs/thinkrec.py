@@ -95,7 +95,7 @@ def thinkrec(
 def run_thinkrec(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sample: int = 3000,
                  max_reflections: int = 3, split: str | None = None, history: int = 10,
                  seed: int = 0, noun: str | None = None) -> dict[str, Any]:
-    from factory.answers import parse_yes_no
+    from factory.answers import decision_probability, parse_yes_no
     from factory.errors import FactoryError
     from factory.itemtext import item_noun, latest_keywords, load_items, plural, render_history
     from factory.prompts import load_prompt
@@ -151,7 +151,10 @@ def run_thinkrec(wh: Warehouse, dataset: str, teacher: TeacherOptions, *, sample
                         "position": i.position, "turn": t, "variant": variant,
                         "prediction": o.value.answer if o.ok else None,
                         "reasoning": o.value.reasoning if o.ok else None,
-                        "correct": o.value.answer == i.label if o.ok else None}
+                        "correct": o.value.answer == i.label if o.ok else None,
+                        # --logprobs: how sure the teacher was of its Yes/No
+                        "verdict_prob": decision_probability(o.text or "", o.logprobs,
+                                                             o.value) if o.ok else None}
 
             label = (f"{JOB} first answers" if turn == 0
                      else f"{JOB} reflection {turn}/{max_reflections}")
@@ -216,6 +219,7 @@ def reflect_variant(user_id: str, position: int, reflection: int) -> int:
 def _trace(conv: dict[str, Any], dataset: str, split: str, first: Prompt,
            reflect: Prompt) -> dict[str, Any]:
     """The instance's row: the whole conversation and how it ended."""
+    from factory.answers import decision_probability
     from factory.verdicts import outcome_verdict
 
     i: Instance = conv["instance"]
@@ -243,6 +247,8 @@ def _trace(conv: dict[str, Any], dataset: str, split: str, first: Prompt,
         "attempts": sum(o.ok for o in turns), "reflections": reflections,
         "label_revealed": reflections > 0,
         "prediction": last.value.answer if last.ok else None,
+        "verdict_prob": decision_probability(last.text or "", last.logprobs, last.value)
+        if last.ok else None,
         "explanation": last.value.as_text() if last.ok else None,
         "verdict": verdict, "reason": reason, "work_key": conv["work_key"],
         "call_keys": [o.call_key for o in turns], "prompt_name": first.name,

@@ -293,3 +293,32 @@ def test_a_teacher_seed_alone_says_how_the_users_are_drawn(ml100k) -> None:
                                    "ml-100k", "--users", "2", "--seed", "3", "--dry-run"]).output
     assert "note: --seed 3 is the teacher's sampling seed; the users are drawn with " \
            "--sample-seed 0" in out, out
+
+
+def test_n_per_request_asks_each_user_once_and_mines_the_same(toy: Warehouse,
+                                                              tmp_path: Path) -> None:
+    """`factory gvm --answers-per-user 4 --n-per-request 4`: one Generate request per user
+    (n=4; the redraws of malformed answers go alone), and the chains, their llm_calls keys
+    and the mined template are those of asking each sample alone."""
+    alone = Warehouse(tmp_path / "alone.duckdb")
+    shutil.copy(toy.path, alone.path)
+    teacher = GvmTeacher(oracle(toy, "toy"), malformed=0.3)
+    chains = ("select user_id, sample, call_key, status, draws, cot_path from gvm_chains"
+              " order by all")
+    with OpenAIServer(teacher) as server:
+        gvm(alone, options(server), users=12)
+        singles = len(server.records)
+        server.reset()
+        result = cli(toy, "gvm", "--dataset", "toy", "--users", "12", "--answers-per-user",
+                     "4", "--history", "20", "--prune-scope", "user", "--k-max", "5",
+                     "--min-cluster-size", "10", "--exemplars", "5", "--n-per-request", "4",
+                     "--teacher-url", server.url, "--teacher-model", "test-teacher")
+        assert result.exit_code == 0, result.output
+        asked = [r.body.get("n") for r in server.records]
+    assert asked.count(4) == 12 and set(asked) == {4, None}
+    assert len(asked) == singles - 12 * 3
+    with alone.read() as a, toy.read() as b:
+        assert a.execute(chains).fetchall() == b.execute(chains).fetchall()
+        assert b.execute("select count(distinct group_key) from llm_calls").fetchone() == (12,)
+        assert a.execute("select steps from templates").fetchall() == \
+            b.execute("select steps from templates").fetchall()

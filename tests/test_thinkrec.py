@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 
 import pytest
@@ -216,3 +217,37 @@ def test_a_reasoning_teachers_thinking_is_the_trace(ml100k, openai_server):
     assert kinds == {True, False}
     turns = _rows(ml100k, "select reasoning from thinkrec_turns")
     assert all(r.startswith("Okay, let's see.") for (r,) in turns)
+
+
+def test_logprobs_give_each_verdict_its_probability(ml100k, openai_server):
+    """--logprobs: the probability the teacher gave the token its Yes/No was read from, per
+    turn and for the trace's last turn; after a <think> block too. Without it: NULL."""
+    from factory.testing.openai_server import token_logprobs
+
+    def teacher(body: dict) -> str:
+        answer = thinkrec_teacher(body)
+        thinks = hashlib.sha256(body["messages"][0]["content"].encode()).digest()[0] % 2
+        return f"<think>\nNo idea yet. Yes? No?\n</think>\n\n{answer}" if thinks else answer
+
+    openai_server.responder = teacher
+    opts = TeacherOptions(url=openai_server.url, model="teacher-test", timeout=5.0,
+                          backoff=0.01, concurrency=4, sampling=Sampling(seed=1, logprobs=3))
+    run_thinkrec(ml100k, "ml-100k", opts, sample=12, max_reflections=1, history=3)
+    turns = _rows(ml100k, "select t.prediction, t.verdict_prob, c.text from thinkrec_turns t"
+                          " join llm_calls c on c.key = t.call_key where t.status = 'ok'")
+    assert len(turns) >= 12 and any("<think>" in text for _, _, text in turns)
+    for prediction, prob, text in turns:
+        tokens = token_logprobs(text, 3)
+        after = [t["token"] for t in tokens].index("\n</think>") + 1 if "<think>" in text else 0
+        verdict = tokens[after]
+        assert verdict["token"].strip().startswith("Yes" if prediction else "No")
+        assert prob == pytest.approx(math.exp(verdict["logprob"]))
+    assert _rows(ml100k, "select count(*) from thinkrec_traces t join thinkrec_turns u"
+                         " on u.call_key = t.call_keys[-1] where t.verdict_prob is not"
+                         " distinct from u.verdict_prob") == [(12,)]
+    openai_server.reset()
+    run_thinkrec(ml100k, "ml-100k", options(openai_server), sample=4, max_reflections=0,
+                 history=3)
+    assert _rows(ml100k, "select count(*), count(verdict_prob) from thinkrec_turns t join"
+                         " llm_calls c on c.key = t.call_key where c.logprobs is null") == [
+        (4, 0)]

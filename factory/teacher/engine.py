@@ -107,6 +107,8 @@ class Outcome:
     cached: bool                # no request was sent for this item in this run
     meta: dict[str, Any] = field(default_factory=dict)   # run_id, prompt, backend, model
     reasoning: str | None = None    # the model's thinking (reasoning_content or <think>)
+    #: per token of `text` (--logprobs): {"token", "logprob", "top_logprobs": [...]}
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -183,6 +185,35 @@ class _Call:
     cached: bool
 
 
+@dataclass
+class _Failure:
+    """A request that got no answer after its attempts."""
+
+    error: str
+    body: str | None
+    refused: bool           # the server refused it (4xx): the same request would fail again
+    latency_s: float = 0.0
+
+
+def setup_of(req: Request) -> tuple[Any, ...]:
+    """What the samples of one setup share: everything in the request but the sample (and the
+    seed derived from it)."""
+    return (req.model, req.messages, tuple(p for p in req.params if p[0] != "seed"), req.draw)
+
+
+def by_setup(requests: Iterable[Request]) -> dict[str, list[Request]]:
+    """Each request's key -> the distinct requests of its setup, by sample: the samples one
+    `n` request may ask together (--n-per-request)."""
+    setups: dict[tuple[Any, ...], dict[str, Request]] = {}
+    for req in requests:
+        setups.setdefault(setup_of(req), {})[req.key] = req
+    out: dict[str, list[Request]] = {}
+    for members in setups.values():
+        ordered = sorted(members.values(), key=lambda r: r.sample)
+        out.update(dict.fromkeys(members, ordered))
+    return out
+
+
 class TeacherJob:
     """One job run against the teacher. Use as a context manager; call run() once per round.
 
@@ -231,6 +262,8 @@ class TeacherJob:
         self._answers = 0            # answers obtained (sent or cached), over all rounds
         self.announced = False       # "starting <backend>" printed
         self.batch_mode = BatchMode(self) if options.mode == "batch" else None
+        self.notes: set[str] = set()     # what the run said once
+        self.n_refused = False       # the teacher refused an n-request: ask one by one
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> TeacherJob:
@@ -384,7 +417,12 @@ class TeacherJob:
     def _dry_run(self, items: list[tuple[Work, Request]], prompt: Prompt) -> Report:
         hits = {} if self.options.refresh else self._lookup([r.key for _, r in items])
         to_send = [r for _, r in items if r.key not in hits]
-        est_in = sum(r.estimated_input_tokens() for r in to_send)
+        # with --n-per-request K, the uncached samples of a setup go K to a request whose
+        # prompt is paid once
+        n = self.options.n_per_request
+        setups = by_setup(to_send) if n > 1 else {}
+        sent = [r for r in to_send if not setups or setups[r.key].index(r) % n == 0]
+        est_in = sum(r.estimated_input_tokens() for r in sent)
         seen_out = [h.output_tokens for h in hits.values() if h.output_tokens is not None]
         max_out = self.sampling.max_tokens or TransformersBackend.DEFAULT_MAX_TOKENS
         if seen_out:
@@ -396,7 +434,7 @@ class TeacherJob:
         summary(f"dry run: {self.job} ({self.backend.describe()}, prompt {prompt.name} "
                 f"{prompt.hash})", {
             "work items": len(items), "cached": len(items) - len(to_send),
-            "requests to send": len(to_send), "estimated input tokens": est_in,
+            "requests to send": len(sent), "estimated input tokens": est_in,
             f"estimated output tokens ({how})": est_out,
             "estimated cost": "unknown: no price for this model (--price-table)"
             if cost is None else f"${cost:.4f} ({self.pricing.label})",
@@ -471,10 +509,13 @@ class _RunState:
         self.started = time.perf_counter()
         self.last_answer = time.monotonic()        # or when the first request went out
         self.on_wire = 0                          # requests sent and not yet answered
-        #: batch mode: the deferred requests and their rounds; `fresh`: keys answered by
-        #: this run's batches (their items count as sent, not cached)
+        #: keys answered in this run by a request made for another item (an n-request's
+        #: other choices, a batch's lines): their items count as sent, not cached
         self.fresh: set[str] = set()
         self.batches = job.batch_mode.rounds(self) if job.batch_mode is not None else None
+        #: --n-per-request: each first draw's key -> the samples of its setup
+        self.n = opts.n_per_request
+        self.setups = by_setup(r for _, r in items) if self.n > 1 else {}
 
     # -- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -627,8 +668,9 @@ class _RunState:
             if self.stop_reason:
                 break
             chunk = items[start:start + LOOKUP_CHUNK]
-            if not self.refresh:
-                await self._lookup([r.key for _, r in chunk])
+            if not self.refresh:      # and the samples an n-request may ask with them
+                await self._lookup(list({s.key: None for _, r in chunk
+                                         for s in self.setups.get(r.key, (r,))}))
             for item in chunk:
                 if self.stop_reason:
                     break
@@ -670,7 +712,8 @@ class _RunState:
                 self.max_out if self.job.backend.local else None))
             if cut:     # a redraw at the same budget would be cut again: don't pay for it
                 return self._outcome(work, first, req, draw + 1, all_cached, error=cut,
-                                     text=call.answer.text, status="truncated")
+                                     text=call.answer.text, status="truncated",
+                                     logprobs=call.answer.logprobs)
             # the parser never sees the thinking; rows stored before llm_calls.reasoning
             # existed have it only inline
             inline, answer = split_reasoning(call.answer.text)
@@ -682,17 +725,19 @@ class _RunState:
                 problem = str(exc) or type(exc).__name__
                 continue
             return self._outcome(work, first, req, draw + 1, all_cached, value=value,
-                                 text=call.answer.text, reasoning=reasoning)
+                                 text=call.answer.text, reasoning=reasoning,
+                                 logprobs=call.answer.logprobs)
         return self._outcome(work, first, req, draws, all_cached,
                              error=f"{PARSER_GAVE_UP} {draws} times; last: {problem}")
 
     def _outcome(self, work: Work, first: Request, last: Request, draws: int, cached: bool,
                  value: Any = None, text: str | None = None, error: str | None = None,
-                 status: str | None = None, reasoning: str | None = None) -> Outcome:
+                 status: str | None = None, reasoning: str | None = None,
+                 logprobs: list[dict[str, Any]] | None = None) -> Outcome:
         status = status or ("failed" if error else "ok")
         return Outcome(work=work, status=status, value=value, text=text,
                        error=error, work_key=first.key, call_key=last.key, draws=draws,
-                       cached=cached, meta=self.meta, reasoning=reasoning)
+                       cached=cached, meta=self.meta, reasoning=reasoning, logprobs=logprobs)
 
     # -- one request ------------------------------------------------------------------------
     async def _ask(self, req: Request) -> _Call | None:
@@ -711,26 +756,80 @@ class _RunState:
             await asyncio.sleep(0.05)     # the warehouse is behind: no new requests meanwhile
         if self.stop_reason:
             return None
-        estimate = self.estimate(req)
+        members = self._group_for(req)
+        sent = Request.group(members) if len(members) > 1 else req
+        # an n-request pays its prompt once and n answers: the budget reserves all of them
+        estimate = self.estimate(sent, len(members))
         over = self.over_budget(estimate)
         if over:
             self._stop(over)
             return None
-        future: asyncio.Future[_Call | None] = asyncio.get_running_loop().create_future()
-        self.inflight[req.key] = future
+        loop = asyncio.get_running_loop()
+        futures = {m.key: loop.create_future() for m in members}
+        self.inflight.update(futures)     # the other members' items wait on these
         self.reserved += estimate
-        call: _Call | None = None
+        calls: list[_Call | None] = [None] * len(members)
         try:
-            call = await self._send(req)
+            calls = await self._send_group(sent) if sent.members else [await self._send(sent)]
         finally:                   # cancelled: items waiting on the same request stop too
             self.reserved -= estimate
-            del self.inflight[req.key]
-            future.set_result(call)
-        return call
+            for member, call in zip(members, calls, strict=True):
+                del self.inflight[member.key]
+                futures[member.key].set_result(call)
+        return calls[[m.key for m in members].index(req.key)]
 
-    def estimate(self, req: Request) -> float:
-        """What `req` may cost (generous input, max_tokens out), reserved until answered."""
-        return self.job.pricing.cost(req.estimated_input_tokens(), self.max_out) or 0.0
+    def _group_for(self, req: Request) -> list[Request]:
+        """The samples one request asks for `req` (--n-per-request K): up to K first draws of
+        its setup, by sample, that are neither answered nor asked already; just `req` when
+        there is no other. Redraws are always asked alone."""
+        if self.n <= 1 or req.draw or req.key not in self.setups or self.job.n_refused:
+            return [req]
+        open_ = [r for r in self.setups[req.key]
+                 if r.key not in self.cache and r.key not in self.inflight]
+        at = [r.key for r in open_].index(req.key) // self.n * self.n
+        return open_[at:at + self.n]
+
+    async def _send_group(self, group: Request) -> list[_Call | None]:
+        """One request for n samples: a row per choice, under its sample's key. Samples the
+        server did not answer (fewer choices than asked, or the request failed) are then
+        asked one by one, so none is lost."""
+        members = list(group.members)
+        sent = await self._exchange(group)
+        if sent is None:
+            return [None] * len(members)
+        reply, failure, base = sent
+        calls: list[_Call | None] = []
+        if reply is not None:
+            for i, choice in enumerate(reply.all_choices()[:len(members)]):
+                calls.append(self._answered(members[i], choice, {
+                    **base, "group_key": group.key, "choice": i, "latency_s": reply.latency_s}))
+                self.fresh.add(members[i].key)
+        rest = members[len(calls):]
+        if rest:
+            if failure is not None and failure.refused:    # e.g. a server without `n`
+                self.job.n_refused = True
+                self._note("refused", f"the teacher refused a request with n={len(members)} "
+                           f"({failure.error}); samples are asked one by one from now on")
+            elif failure is not None:
+                self._note("failed", f"a request for {len(members)} samples failed "
+                           f"({failure.error}); its samples are asked one by one")
+            else:
+                self._note("fewer", f"the teacher answered {len(calls)} of the {len(members)} "
+                           "choices asked (n); the other samples are asked one by one")
+            calls += await asyncio.gather(*(self._send(m) for m in rest))
+        return calls
+
+    def _note(self, kind: str, line: str) -> None:
+        """Say something of this `kind` once per job, not once per request."""
+        if kind not in self.job.notes:
+            self.job.notes.add(kind)
+            console.print(f"[yellow]note:[/] {line}", highlight=False)
+
+    def estimate(self, req: Request, answers: int = 1) -> float:
+        """What `req` may cost (generous input, max_tokens out for each of its `answers`: an
+        n-request pays its prompt once), reserved until answered."""
+        return self.job.pricing.cost(req.estimated_input_tokens(),
+                                     self.max_out * answers) or 0.0
 
     def over_budget(self, estimate: float) -> str | None:
         """Why a request of this estimate may not be sent (--max-cost), or None."""
@@ -741,9 +840,27 @@ class _RunState:
         return None
 
     async def _send(self, req: Request) -> _Call | None:
+        """One request for one sample: its llm_calls row, answered or failed."""
+        sent = await self._exchange(req)
+        if sent is None:
+            return None
+        reply, failure, base = sent
+        if reply is not None:
+            return self._answered(req, reply, {**base, "latency_s": reply.latency_s})
+        assert failure is not None
+        row = {**base, **_sample_columns(req), "status": "failed", "error": failure.error,
+               "response": json_or_none(failure.body, self.job._key),
+               "latency_s": failure.latency_s}
+        self._record(row)
+        return _Call(None, failure.error, cached=False)
+
+    async def _exchange(self, req: Request) -> tuple[Reply | None, _Failure | None,
+                                                      dict[str, Any]] | None:
+        """Send `req` (an n-request too) with retries: (reply, None, columns every row of it
+        shares) or (None, why, columns); None after a fatal error (the run halts)."""
         attempts = 0
         started = time.perf_counter()
-        estimate = req.estimated_input_tokens() + self.max_out
+        estimate = req.estimated_input_tokens() + self.max_out * (len(req.members) or 1)
         backend = self.job.backend
         options = self.job.options
         max_tokens = dict(req.params).get("max_tokens")
@@ -792,46 +909,47 @@ class _RunState:
                 await backend.start()
                 self.backend_started = True
                 self.last_answer = time.monotonic()
-        error: str | None = None
+        failure: _Failure | None = None
         reply: Reply | None = None
-        body: str | None = None
         try:
             reply = await with_retries(once, self.job.options.attempts,
                                        initial_wait=self.job.options.backoff,
                                        on_attempt=count_attempt)
         except TransientError as exc:
-            error, body = f"gave up after {attempts} attempts: {exc}", exc.body
+            failure = _Failure(f"gave up after {attempts} attempts: {exc}", exc.body, False)
         except RequestError as exc:
-            error, body = str(exc), exc.body
+            failure = _Failure(str(exc), exc.body, refused=not timed_out)
         except JobError as exc:
             self._halt(redact(str(exc), self.job._key) or "fatal teacher error")
             return None
-        key = self.job._key
-        error = redact(error, key)
         self.report.requests += 1
         self.report.attempts += attempts
-        row: dict[str, Any] = {
-            "key": req.key, "model": req.model, "backend": backend.name,
-            "sample": req.sample, "draw": req.draw, "request": req.canonical_json(),
-            "attempts": attempts, "run_id": self.job.run_id, "mode": "online",
-        }
+        base = {"model": req.model, "backend": backend.name, "attempts": attempts,
+                "run_id": self.job.run_id, "mode": "online"}
         if reply is None:
-            self.last_error = error
-            row.update(status="failed", error=error, response=json_or_none(body, key),
-                       latency_s=time.perf_counter() - started)
-            self._record(row)
+            assert failure is not None
+            failure.error = redact(failure.error, self.job._key) or ""
+            failure.latency_s = time.perf_counter() - started
+            self.last_error = failure.error
             self.recent.append(False)
             self._check_failures()
-            return _Call(None, error, cached=False)
-        row.update(answer_fields(reply, self.job.pricing, key))
-        self._record(row)
+            return None, failure, base
         self.recent.append(True)
         self.last_answer = time.monotonic()
+        return reply, None, base
+
+    def _answered(self, req: Request, reply: Reply, base: dict[str, Any]) -> _Call:
+        """Record an answer (one choice of a reply) as `req`'s llm_calls row, cache it, and
+        count its tokens and cost (a choice's share of its request's)."""
+        row = {**base, **_sample_columns(req),
+               **answer_fields(reply, self.job.pricing, self.job._key),
+               "latency_s": base.get("latency_s", reply.latency_s)}
+        self._record(row)
         return _Call(self.answered(row), None, cached=False)
 
     def answered(self, row: dict[str, Any]) -> CachedAnswer:
-        """Count an 'ok' llm_calls row received in this run (sent, or imported from a batch)
-        and cache its answer."""
+        """Count an 'ok' llm_calls row received in this run (sent, one choice of an
+        n-request, or imported from a batch) and cache its answer."""
         self.job._answers += 1
         self.report.input_tokens += row["input_tokens"] or 0
         self.report.output_tokens += row["output_tokens"] or 0
@@ -842,8 +960,10 @@ class _RunState:
                 self.report.cost_usd += cost
         else:
             self.report.cost_usd = None
+        logprobs = row.get("logprobs")
         answer = CachedAnswer(row["text"], row["finish_reason"], row["input_tokens"],
-                              row["output_tokens"], row["reasoning"])
+                              row["output_tokens"], row["reasoning"],
+                              json.loads(logprobs) if logprobs else None)
         self.cache[row["key"]] = answer
         return answer
 
@@ -1030,3 +1150,9 @@ def truncation(answer: CachedAnswer, limit: int | None) -> str | None:
     if text.count("<think>") > text.count("</think>"):
         return f"reasoning block (<think>) never closed: {budget}"
     return None
+
+
+def _sample_columns(req: Request) -> dict[str, Any]:
+    """The llm_calls columns that name the sample a row answers."""
+    return {"key": req.key, "sample": req.sample, "draw": req.draw,
+            "request": req.canonical_json()}

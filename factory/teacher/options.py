@@ -94,6 +94,7 @@ class TeacherOptions:
     attempts: int = 6                       # HTTP attempts per request, retries included
     backoff: float = 0.5                    # first retry waits up to this long (doubling)
     parse_retries: int = 2                  # extra draws when the parser rejects an answer
+    n_per_request: int = 1                  # samples of one setup asked in one request (`n`)
     sampling: Sampling = field(default_factory=Sampling)   # the user's overrides
     price_table: Path | None = None
     dry_run: bool = False
@@ -124,6 +125,8 @@ class TeacherOptions:
             raise FactoryError(f"unknown backend {self.backend!r}")
         if self.backend == "openai" and not self.url and not self.batch_offline:
             raise FactoryError("--backend openai needs --teacher-url (or FACTORY_TEACHER_URL)")
+        if self.n_per_request < 1:
+            raise FactoryError(f"--n-per-request {self.n_per_request}: needs at least 1")
 
     def _check_executor(self) -> None:
         if self.executor not in {e.value for e in ExecutorName}:
@@ -148,6 +151,9 @@ class TeacherOptions:
     def _check_mode(self) -> None:
         if self.mode not in {m.value for m in ModeName}:
             raise FactoryError(f"unknown mode {self.mode!r}")
+        if self.mode == "batch" and self.n_per_request > 1:
+            raise FactoryError("--n-per-request asks several samples in one online request; "
+                               "a batch line asks one sample: drop one of the two")
         files = self.batch_file is not None or self.import_batch is not None
         if files and self.mode != "batch":
             raise FactoryError("--batch-file and --import-batch belong to --mode batch")
@@ -242,6 +248,13 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("max_tokens", int, typer.Option(None, "--max-tokens", min=1,
                                      help="[default: the job's]")),
     ("seed", int, typer.Option(None, "--seed", help="Sampling seed sent to the backend.")),
+    ("n_per_request", int, typer.Option(
+        1, "--n-per-request", min=1, max=128, help="Ask up to K samples of the same prompt "
+        "(a job's samples per item) in one request (`n`): the prompt is paid once. Each "
+        "sample is cached as if asked alone.")),
+    ("logprobs", int, typer.Option(
+        None, "--logprobs", min=0, max=20, help="Store each answer token's logprob and its K "
+        "most likely alternatives (llm_calls.logprobs); part of the request.")),
     ("price_table", Path, typer.Option(
         None, "--price-table", envvar="FACTORY_PRICE_TABLE",
         help="TOML price table (version + USD per million tokens per model).")),
@@ -298,9 +311,9 @@ def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
         concurrency=values["concurrency"], rpm=values["rpm"], tpm=values["tpm"],
         timeout=values["timeout"], min_tokens_per_s=values["min_tokens_per_s"],
         stall_timeout=values["stall_timeout"],
-        attempts=values["attempts"],
+        attempts=values["attempts"], n_per_request=values["n_per_request"],
         sampling=Sampling(values["temperature"], values["top_p"], values["max_tokens"],
-                          values["seed"]),
+                          values["seed"], values["logprobs"]),
         price_table=values["price_table"], dry_run=values["dry_run"],
         max_cost=values["max_cost"], cache_only=values["cache_only"],
         refresh=values["refresh"], limit=values["limit"], shard=parse_shard(values["shard"]),

@@ -1,10 +1,11 @@
 """The canonical request: what is sent, and the content hash that caches it.
 
 The key covers everything that determines an answer and nothing that does not: the
-backend-independent model id, the rendered messages, the sampling parameters, the job's
-sample index and the parse-retry draw. The backend, URL, key, run and job are not part of it,
-so a re-run, a resumed run, another job or another backend serving the same model all hit the
-same cache row.
+backend-independent model id, the rendered messages, the sampling parameters (logprobs
+asked included), the job's sample index and the parse-retry draw. How a sample was asked (on
+its own, or as one of the `n` choices of a request for several samples) is not part of it,
+nor are the backend, URL, key, run and job, so a re-run, a resumed run, another job or
+another backend serving the same model all hit the same cache row.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Sampling:
     top_p: float | None = None
     max_tokens: int | None = None
     seed: int | None = None
+    logprobs: int | None = None     # top alternatives per token (0-20); None: no logprobs
 
     def merged(self, override: Sampling) -> Sampling:
         """These parameters with every non-None field of `override` taking precedence."""
@@ -54,6 +56,8 @@ class Request:
     sample: int = 0
     draw: int = 0
     key: str = field(default="", compare=False)
+    #: a request for several samples at once (`n`): the samples it stands for, in choice order
+    members: tuple[Request, ...] = field(default=(), compare=False)
 
     @classmethod
     def build(cls, model: str, messages: list[dict[str, str]], sampling: Sampling,
@@ -67,6 +71,18 @@ class Request:
         object.__setattr__(req, "key", hashlib.sha256(req.canonical_json().encode()).hexdigest())
         return req
 
+    @classmethod
+    def group(cls, members: list[Request]) -> Request:
+        """One request asking `n` choices for `members` (first draws of one setup that differ
+        only in their sample): the first member's request, seed included, with `n`. Its key
+        names the request (llm_calls.group_key); each choice is stored under its member's."""
+        first = members[0]
+        req = cls(model=first.model, messages=first.messages,
+                  params=tuple(sorted((*first.params, ("n", len(members))))),
+                  sample=first.sample, draw=first.draw, members=tuple(members))
+        object.__setattr__(req, "key", hashlib.sha256(req.canonical_json().encode()).hexdigest())
+        return req
+
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]
 
@@ -74,8 +90,11 @@ class Request:
         return dict(self.params)
 
     def canonical(self) -> dict[str, Any]:
-        return {"model": self.model, "messages": self.message_dicts(),
-                "params": self.param_dict(), "sample": self.sample, "draw": self.draw}
+        canonical = {"model": self.model, "messages": self.message_dicts(),
+                     "params": self.param_dict(), "sample": self.sample, "draw": self.draw}
+        if self.members:
+            canonical["samples"] = [m.sample for m in self.members]
+        return canonical
 
     def canonical_json(self) -> str:
         return json.dumps(self.canonical(), sort_keys=True, ensure_ascii=False,
@@ -97,6 +116,61 @@ class Reply:
     raw: str                    # the response body as received (JSON text)
     latency_s: float = 0.0
     reasoning: str | None = None    # message.reasoning_content (a reasoning parser's output)
+    #: per answer token: {"token", "logprob", "top_logprobs": [{"token", "logprob"}]}
+    logprobs: list[dict[str, Any]] | None = None
+    #: every choice of the response, in order, each with its own part of the body (`raw`) and
+    #: its share of the tokens (the prompt on the first); empty: the reply is its only choice
+    choices: list[Reply] = field(default_factory=list)
+
+    def all_choices(self) -> list[Reply]:
+        return self.choices or [self]
+
+    @classmethod
+    def of_choices(cls, choices: list[Reply], raw: str) -> Reply:
+        """The reply to a whole request: the first choice's answer, the request's tokens
+        (the choices' shares summed) and body, and every choice."""
+        first = choices[0]
+        return cls(first.text, first.finish_reason, _total(c.input_tokens for c in choices),
+                   _total(c.output_tokens for c in choices), raw, reasoning=first.reasoning,
+                   logprobs=first.logprobs, choices=choices)
+
+
+def token_at(logprobs: list[dict[str, Any]], text: str, offset: int) -> dict[str, Any] | None:
+    """The logprobs entry of the token that covers `text[offset]` (`text`: the content the
+    tokens were generated as; an in-process answer is the tokens' text stripped), or None when
+    the tokens do not spell it."""
+    spelled = "".join(t.get("token") or "" for t in logprobs)
+    base = spelled.find(text) if text else -1
+    if base < 0:
+        return None
+    end = 0
+    for entry in logprobs:
+        end += len(entry.get("token") or "")
+        if end > base + offset:
+            return entry
+    return None
+
+
+def _total(counts: Any) -> int | None:
+    known = [c for c in counts if c is not None]
+    return sum(known) if known else None
+
+
+def split_count(total: int | None, weights: list[float]) -> list[int | None]:
+    """`total` (a request's completion tokens) split over its choices in proportion to
+    `weights`, in whole tokens that add up to it exactly."""
+    if total is None:
+        return [None] * len(weights)
+    whole = sum(weights)
+    if whole <= 0:
+        weights, whole = [1.0] * len(weights), float(len(weights))
+    shares, done, running = [], 0, 0.0
+    for w in weights:
+        running += w
+        upto = round(total * running / whole)
+        shares.append(upto - done)
+        done = upto
+    return shares
 
 
 _THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)

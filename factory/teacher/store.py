@@ -21,7 +21,8 @@ from factory.teacher.request import Reply, join_reasoning, split_reasoning
 LLM_CALL_COLUMNS = (
     "key", "model", "backend", "sample", "draw", "request", "status", "response", "text",
     "finish_reason", "input_tokens", "output_tokens", "latency_s", "attempts", "error",
-    "cost_usd", "price_version", "run_id", "reasoning", "mode", "batch_id",
+    "cost_usd", "price_version", "run_id", "reasoning", "mode", "batch_id", "group_key",
+    "choice", "logprobs",
 )
 _UPSERT_CALLS = (
     f"insert into llm_calls ({', '.join(LLM_CALL_COLUMNS)}, created_at)"
@@ -39,6 +40,7 @@ class CachedAnswer:
     input_tokens: int | None
     output_tokens: int | None
     reasoning: str | None = None    # the model's thinking (reasoning_content or inline)
+    logprobs: list[dict[str, Any]] | None = None    # per answer token, when they were asked
 
 
 def cached_answers(con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> dict[str, CachedAnswer]:
@@ -47,10 +49,11 @@ def cached_answers(con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> dict[
     if not keys:
         return {}
     rows = con.execute(
-        "select key, text, finish_reason, input_tokens, output_tokens, reasoning from llm_calls"
-        " where status = 'ok' and key in (select unnest(?::varchar[]))", [keys]
+        "select key, text, finish_reason, input_tokens, output_tokens, reasoning, logprobs"
+        " from llm_calls where status = 'ok' and key in (select unnest(?::varchar[]))", [keys]
     ).fetchall()
-    return {k: CachedAnswer(t or "", f, i, o, r) for k, t, f, i, o, r in rows}
+    return {k: CachedAnswer(t or "", f, i, o, r, json.loads(lp) if lp else None)
+            for k, t, f, i, o, r, lp in rows}
 
 
 def write_calls(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
@@ -107,7 +110,9 @@ def answer_fields(reply: Reply, pricing: Pricing, key: str | None) -> dict[str, 
             "reasoning": reasoning, "finish_reason": reply.finish_reason,
             "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens,
             "latency_s": reply.latency_s, "cost_usd": cost,
-            "price_version": pricing.version if cost is not None else None}
+            "price_version": pricing.version if cost is not None else None,
+            "logprobs": None if reply.logprobs is None
+            else json.dumps(reply.logprobs, ensure_ascii=False)}
 
 
 def json_or_none(body: str | None, key: str | None) -> str | None:

@@ -26,6 +26,12 @@ It also speaks the batch API the `openai` client uses (`POST /v1/files` with pur
 batch is answered by the same responder as a chat completion and recorded like one (path
 `/v1/batches/<id>`), so both modes give the same answers. How batches progress and fail is
 set by `batch_plan` (see BatchPlan); `hold_batches()` keeps them from progressing.
+`n` > 1 gets n choices, the responder called once per choice with the request each choice
+answers (`choice_bodies`): the same request without `n`, with the seed that choice stands
+for when the client names them (SEEDS_HEADER, which factory's openai backend sends), so the
+simulated teacher's choice i is what sample i gets when asked alone; a fault hits the whole
+request. `max_choices` caps n (1: a server that ignores it, as llama.cpp's does). With
+`logprobs: true` every choice carries per-token logprobs (`token_logprobs`).
 
 Run it standalone (benchmarks start it in its own process): `python -m
 factory.testing.openai_server --latency 0.2` prints the URL and serves until killed.
@@ -36,6 +42,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import re
 import sys
 import threading
 import time
@@ -48,6 +56,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from factory.teacher.backends import SEEDS_HEADER
+
 Responder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
 
 #: the faults drawn at random by default
@@ -57,11 +67,48 @@ FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed", "empty", "badjs
 SLOW_FAULT_KINDS = ("trickle", "hang")
 #: what a "malformed" answer says: no words, so any sensible parser rejects it
 MALFORMED_CONTENT = "~~~#%$@~~~"
+_TOKEN = re.compile(r"\s*\S+|\s+")
+_ALTERNATIVES = (" the", " a", ",", " and", ".", " of", " to", " it", " Yes", " No")
 
 
 def request_key(body: dict[str, Any]) -> str:
     """Hash of a request body, as the server saw it (for counting repeated requests)."""
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _unit(*parts: Any) -> float:
+    """A number in [0, 1) fixed by `parts`."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def choice_bodies(body: dict[str, Any], seeds: list[int] | None = None,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+    """The request each choice of `body` answers: the request without `n`; for choice i > 0
+    with seeds[i] (the seeds the client named), else with a seed drawn from the request's seed
+    and i. At most `limit` choices."""
+    n = max(1, int(body.get("n") or 1))
+    alone = {k: v for k, v in body.items() if k != "n"}
+    if seeds is None or len(seeds) != n:
+        seeds = [alone.get("seed", 0)] + [int(_unit(alone.get("seed", 0), "choice", i) * 2**31)
+                                          for i in range(1, n)]
+    return [alone if i == 0 else {**alone, "seed": seeds[i]}
+            for i in range(min(n, limit or n))]
+
+
+def token_logprobs(content: str, top: int) -> list[dict[str, Any]]:
+    """Plausible per-token logprobs for `content` (tokens: words with their leading space),
+    deterministic: the drawn token has probability 0.35-1 and is the most likely; `top`
+    alternatives share what is left."""
+    out = []
+    for i, token in enumerate(_TOKEN.findall(content)):
+        p = 0.35 + 0.65 * _unit("logprob", i, token)
+        alternatives = [a for a in _ALTERNATIVES if a != token][:max(0, top - 1)]
+        ranked = [(token, p)] + [(a, (1 - p) / 2 ** (j + 1)) for j, a in enumerate(alternatives)]
+        out.append({"token": token, "logprob": math.log(p), "bytes": list(token.encode()),
+                    "top_logprobs": [{"token": t, "logprob": math.log(q) if q > 0 else -9999.0,
+                                      "bytes": list(t.encode())} for t, q in ranked[:top]]})
+    return out
 
 
 def default_responder(body: dict[str, Any]) -> str:
@@ -165,6 +212,9 @@ class Record:
     delivered: bool = True
     done: bool = False     # the handler finished (answered, failed or gave up)
     path: str = ""         # as requested, query included
+    #: request_key of the request each choice answers as if asked alone (choice_bodies): one
+    #: key per sample, whether it was asked alone or as a choice of an `n` request
+    choices: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -188,6 +238,10 @@ class OpenAIServer:
     #: uploaded files (id -> (purpose, content)) and created batches, in order
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     batches: dict[str, _Batch] = field(default_factory=dict)
+    #: the most choices one request gets, whatever its `n` (None: n; 1: n is ignored)
+    max_choices: int | None = None
+    #: answer 400 to a request for several choices (a model that takes no `n`)
+    refuse_n: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -285,25 +339,33 @@ class OpenAIServer:
             self.records.append(record)
             return record
 
-    def completion(self, record: Record, body: dict[str, Any]) -> dict[str, Any]:
-        """The chat completion answering `body` (a request, or a batch line's body), with the
-        record's fault (malformed, empty) applied; raises when the responder does."""
-        outcome = record.outcome
-        answer = self.responder(body)
-        if isinstance(answer, str):
-            answer = {"content": answer}
-        content = {"malformed": MALFORMED_CONTENT, "empty": ""}.get(outcome, answer["content"])
-        prompt_tokens = answer.get("prompt_tokens", sum(
+    def completion(self, record: Record, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+        """The chat completion answering `bodies` (choice_bodies of a request, or of a batch
+        line's body), with the record's fault (malformed, empty) applied; raises when the
+        responder does."""
+        outcome, body = record.outcome, bodies[0]
+        answers = [{"content": a} if isinstance(a, str) else a
+                   for a in (self.responder(b) for b in bodies)]
+        prompt_tokens = answers[0].get("prompt_tokens", sum(
             len(str(m.get("content", "")).split()) for m in body.get("messages", [])))
-        completion_tokens = answer.get("completion_tokens", len(content.split()))
-        message = {"role": "assistant", "content": content}
-        if answer.get("reasoning_content") is not None and outcome == "ok":
-            message["reasoning_content"] = answer["reasoning_content"]
+        choices, completion_tokens = [], 0
+        for i, answer in enumerate(answers):
+            content = {"malformed": MALFORMED_CONTENT, "empty": ""}.get(outcome,
+                                                                      answer["content"])
+            completion_tokens += answer.get("completion_tokens", len(content.split()))
+            message = {"role": "assistant", "content": content}
+            if answer.get("reasoning_content") is not None and outcome == "ok":
+                message["reasoning_content"] = answer["reasoning_content"]
+            choice = {"index": i, "message": message,
+                      "finish_reason": answer.get("finish_reason", "stop")}
+            if body.get("logprobs"):
+                choice["logprobs"] = {"content": token_logprobs(
+                    content, int(body.get("top_logprobs") or 0))}
+            choices.append(choice)
         return {
             "id": f"chatcmpl-{record.key[:12]}", "object": "chat.completion",
-            "created": 0, "model": answer.get("model", body.get("model", "")),
-            "choices": [{"index": 0, "message": message,
-                         "finish_reason": answer.get("finish_reason", "stop")}],
+            "created": 0, "model": answers[0].get("model", body.get("model", "")),
+            "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
@@ -395,8 +457,9 @@ class OpenAIServer:
                 status, record.outcome = 404, "400"
             if status is None:
                 try:
+                    answer = self.completion(record, choice_bodies(body, None, self.max_choices))
                     entry["response"] = {"status_code": 200, "request_id": key[:12],
-                                         "body": self.completion(record, body)}
+                                         "body": answer}
                     out.append(entry)
                     continue
                 except Exception as exc:   # a responder bug: an error line the test can see
@@ -554,9 +617,20 @@ class _Handler(BaseHTTPRequestHandler):
         authorized = state.api_key is None or auth == f"Bearer {state.api_key}"
         record = state._admit(key, body, authorized)
         record.path = self.path
+        header = self.headers.get(SEEDS_HEADER)
+        try:
+            seeds = [int(x) for x in header.split(",")] if header else None
+        except ValueError:
+            seeds = None
+        bodies = choice_bodies(body, seeds, state.max_choices)
+        record.choices = [request_key(b) for b in bodies]
         if state.latency:
             time.sleep(state.latency)
-        record.delivered = self._respond(record, body)
+        if state.refuse_n and len(bodies) > 1:
+            record.outcome = "400"
+            record.delivered = self._error(400, "n > 1 is not supported by this model")
+        else:
+            record.delivered = self._respond(record, bodies)
         record.done = True
         state._logged(record)
 
@@ -583,7 +657,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._json(batch.json())
 
-    def _respond(self, record: Record, body: dict[str, Any]) -> bool:
+    def _respond(self, record: Record, bodies: list[dict[str, Any]]) -> bool:
         state, outcome = self.server_state, record.outcome
         faults = state.faults
         if outcome == "unauthorized":
@@ -617,7 +691,7 @@ class _Handler(BaseHTTPRequestHandler):
         if outcome == "slow":
             time.sleep(faults.slow_s)
         try:
-            payload = state.completion(record, body)
+            payload = state.completion(record, bodies)
         except Exception as exc:  # a responder bug shows up as a 500 the test can see
             record.outcome = "error"
             return self._error(500, f"responder failed: {exc!r}")
