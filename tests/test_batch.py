@@ -354,6 +354,8 @@ def test_batch_options_that_cannot_work_are_refused(tiny, tmp_path):
         ("--batch-file", "x.jsonl", "--teacher-model", ""): "need --teacher-model",
         ("--mode", "batch", "--executor", "ray", "--shards", "2"): "--executor ray",
         ("--import-batch", "r.jsonl", "--dry-run"): "--dry-run imports nothing",
+        ("--mode", "batch", "--teacher-url", "http://127.0.0.1:9/v1", "--teacher-model", "m",
+         "--n-per-request", "4"): "a batch line asks one sample",
     }
     for args, message in cases.items():
         result = cli(tiny, "describe-items", "--dataset", "tiny", *args)
