@@ -412,3 +412,29 @@ def test_price_tables_read_batch_prices(tmp_path):
         path.write_text(f'version = "v"\n{bad}\n')
         with pytest.raises(FactoryError, match=message):
             PriceTable.load(path)
+
+
+def test_runs_costs_compares_a_kept_row_online_and_in_batch(tiny, tmp_path):
+    """`factory runs --costs`: one row per job and way of asking; the same rows kept, batch at
+    half the price per kept row; a re-run answered from the cache adds cost 0 and no kept row."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text('version = "v1"\nbatch_discount = 0.5\n'
+                      '[models.m]\ninput_per_mtok = 100.0\noutput_per_mtok = 400.0\n')
+    online, batch = tiny, copy_of(tiny, "batch.duckdb")
+    with OpenAIServer(faults=MALFORMED) as server:
+        ok(cli(online, *job(server, "--price-table", str(prices))))
+        ok(cli(online, *job(server, "--price-table", str(prices))))     # all from the cache
+    with OpenAIServer(faults=MALFORMED) as server:        # the same faults as online
+        ok(cli(batch, *job(server, "--mode", "batch", "--price-table", str(prices), *FAST)))
+    kept = rows(online, "select count(*) from item_descriptions where status = 'ok'")[0][0]
+    assert rows(batch, "select count(*) from item_descriptions where status = 'ok'") == [(kept,)]
+    ok(cli(online, "merge", str(batch.path)))
+    out = ok(CliRunner().invoke(app, ["--warehouse", str(online.path), "runs", "--costs"],
+                                env={"COLUMNS": "250"}))
+    lines = {ln.split("│")[3].strip(): [c.strip() for c in ln.split("│")[1:-1]]
+             for ln in out.splitlines() if "describe-items" in ln}
+    assert set(lines) == {"online", "batch"}, out
+    assert lines["online"][3] == "2" and lines["batch"][3] == "1"       # runs
+    assert lines["online"][7] == lines["batch"][7] == f"{kept}"          # rows kept, once
+    per_kept = {mode: float(cells[8].lstrip("$")) for mode, cells in lines.items()}
+    assert per_kept["batch"] == pytest.approx(per_kept["online"] / 2, rel=1e-3)

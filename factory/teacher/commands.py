@@ -63,12 +63,18 @@ def check_cmd(*, teacher: TeacherOptions) -> None:
 def runs_cmd(
     job: str = typer.Option(None, "--job", help="Only runs of this job."),
     last: int = typer.Option(20, "--last", min=1, help="How many of the latest runs."),
+    costs: bool = typer.Option(False, "--costs", help="Cost per kept row per job and way of "
+                               "asking (online, online n=K, batch), over all teacher runs."),
 ) -> None:
     """Job runs, newest first: status (a dead run shows as died), requests, cached, failed,
     tokens, cost."""
     from factory.cli import stdout_console, warehouse
     from factory.console import console
     from factory.runs import liveness
+
+    if costs:
+        _costs(job)
+        return
 
     sql = ("select run_id, job, dataset, status, started_at,"
            " date_diff('second', started_at, coalesce(finished_at, current_timestamp)),"
@@ -108,6 +114,57 @@ def runs_cmd(
                       "-" if cost is None else f"${cost:.4f}", (error or "")[:80]))
     out = stdout_console()
     out.print(_wide_table(lines) if out.width >= _wide_width(lines) else _narrow_table(lines))
+
+
+#: how a teacher run asked: batch, online with n samples per request, or online
+_MODE_SQL = """case when t->>'mode' = 'batch' then 'batch'
+     when coalesce(try_cast(t->>'n_per_request' as integer), 1) > 1
+     then 'online n=' || (t->>'n_per_request') else 'online' end"""
+_COSTS_SQL = f"""
+with r as (select job, dataset, try_cast(params as json)->'teacher' as t,
+                  try_cast(counts as json) as c
+           from job_runs where status <> 'running'),
+m as (select job, coalesce(dataset, '-') as dataset, {_MODE_SQL} as mode,
+             coalesce(try_cast(c->>'requests' as bigint), 0) as requests,
+             coalesce(try_cast(c->>'input_tokens' as bigint), 0) as input_tokens,
+             coalesce(try_cast(c->>'output_tokens' as bigint), 0) as output_tokens,
+             try_cast(c->>'cost_usd' as double) as cost,
+             -- rows kept whose answer this run paid for (not replayed from the cache);
+             -- runs before ok_paid was counted: ok - cached, which also counts cached failures
+             coalesce(try_cast(c->>'ok_paid' as bigint),
+                      greatest(coalesce(try_cast(c->>'ok' as bigint), 0)
+                               - coalesce(try_cast(c->>'cached' as bigint), 0), 0)) as kept
+      from r where t is not null and c is not null)
+select job, dataset, mode, count(*), sum(requests), sum(input_tokens), sum(output_tokens),
+       -- a run without a price makes the sum unknown, not smaller
+       case when count(cost) = count(*) then sum(cost) end, sum(kept)
+from m {{where}} group by all order by job, dataset, mode
+"""
+
+
+def _costs(job: str | None) -> None:
+    """`factory runs --costs`: per job, dataset and way of asking, what a kept row cost."""
+    from rich.table import Table
+
+    from factory.cli import stdout_console, warehouse
+    from factory.console import console
+
+    with warehouse(reader=True).read() as con:
+        rows = con.execute(_COSTS_SQL.format(where="where job = ?" if job else ""),
+                           [job] if job else []).fetchall()
+    if not rows:
+        console.print("no finished teacher runs yet")
+        return
+    table = Table("job", "dataset", "mode", "runs", "requests", "tokens in/out", "cost",
+                  "rows kept", "$ / kept row", "tokens in / kept row",
+                  caption="rows kept: ok rows whose answer the run paid for (cache replays "
+                          "excluded); cost at the run's price table (batch prices for batch)")
+    for job_, dataset, mode, runs, requests, n_in, n_out, cost, kept in rows:
+        table.add_row(job_, dataset, mode, f"{runs:,}", f"{requests:,}", f"{n_in:,} / {n_out:,}",
+                      "unknown" if cost is None else f"${cost:.4f}", f"{kept:,}",
+                      "-" if cost is None or kept <= 0 else f"${cost / kept:.6f}",
+                      "-" if kept <= 0 else f"{n_in / kept:,.0f}")
+    stdout_console().print(table)
 
 
 _HEADERS = ("run", "status", "dataset", "started", "s", "model", "prompt", "items",

@@ -135,6 +135,7 @@ class Report:
     truncated: int = 0           # of which: answers cut at max_tokens or by a content filter
     rejected: int = 0            # of which: answers the parser refused on every draw
     cached: int = 0              # items answered entirely from the cache
+    ok_paid: int = 0             # ok items whose answer this run paid for (not cached)
     not_done: int = 0            # items left when the run stopped early
     requests: int = 0            # requests sent (parse-retry draws included)
     attempts: int = 0            # HTTP attempts (retries included)
@@ -453,9 +454,8 @@ class TeacherJob:
 
     def _add(self, r: Report) -> None:
         t = self.totals
-        for name in ("items", "ok", "failed", "truncated", "rejected", "cached", "not_done",
-                     "requests",
-                     "attempts", "input_tokens", "output_tokens"):
+        for name in ("items", "ok", "failed", "truncated", "rejected", "cached", "ok_paid",
+                     "not_done", "requests", "attempts", "input_tokens", "output_tokens"):
             setattr(t, name, getattr(t, name) + getattr(r, name))
         t.cost_usd = None if r.cost_usd is None or t.cost_usd is None else t.cost_usd + r.cost_usd
         t.seconds += r.seconds
@@ -1002,6 +1002,7 @@ class _RunState:
         r = self.report
         if outcome.ok:
             r.ok += 1
+            r.ok_paid += not outcome.cached
         else:
             r.failed += 1
             self.last_failure = outcome.error
