@@ -94,6 +94,7 @@ class TeacherOptions:
     attempts: int = 6                       # HTTP attempts per request, retries included
     backoff: float = 0.5                    # first retry waits up to this long (doubling)
     parse_retries: int = 2                  # extra draws when the parser rejects an answer
+    structured: bool | None = None          # None: on for the embedded model, else off
     sampling: Sampling = field(default_factory=Sampling)   # the user's overrides
     price_table: Path | None = None
     dry_run: bool = False
@@ -242,6 +243,10 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("max_tokens", int, typer.Option(None, "--max-tokens", min=1,
                                      help="[default: the job's]")),
     ("seed", int, typer.Option(None, "--seed", help="Sampling seed sent to the backend.")),
+    ("structured", bool | None, typer.Option(
+        None, "--structured/--no-structured", help="Ask for the JSON answer shape the prompt "
+        "declares (prompts/<name>.answer.json): response_format, vLLM structured outputs, "
+        "constrained decoding in-process [default: on for the embedded model, else off]")),
     ("price_table", Path, typer.Option(
         None, "--price-table", envvar="FACTORY_PRICE_TABLE",
         help="TOML price table (version + USD per million tokens per model).")),
@@ -298,7 +303,7 @@ def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
         concurrency=values["concurrency"], rpm=values["rpm"], tpm=values["tpm"],
         timeout=values["timeout"], min_tokens_per_s=values["min_tokens_per_s"],
         stall_timeout=values["stall_timeout"],
-        attempts=values["attempts"],
+        attempts=values["attempts"], structured=values["structured"],
         sampling=Sampling(values["temperature"], values["top_p"], values["max_tokens"],
                           values["seed"]),
         price_table=values["price_table"], dry_run=values["dry_run"],
