@@ -390,8 +390,8 @@ class GvmTeacher:
     @staticmethod
     def _json(path: str, items: list[str], schema: dict[str, Any], broken: float | None) -> str:
         """The answer as a constrained decoder gives it; `broken`: one of the bad answers
-        that fit the schema: a placeholder path and placeholder items (both rejected), or
-        steps longer than 8 words (a warning)."""
+        that fit the schema: a placeholder path and placeholder items (both rejected), or a
+        step longer than 8 words (a warning)."""
         steps = path.split(" -> ")
         if broken is not None:
             kind = int(broken * 3)
@@ -401,7 +401,7 @@ class GvmTeacher:
                 items = [f"Detailed feature description of product {i + 1}"
                          for i in range(len(items))]
             else:
-                steps = [f"{s} while carefully weighing every single detail" for s in steps]
+                steps = [*steps[:-1], "recommend what they will like next from all this"]
         props = schema["properties"]
         return json.dumps({"cot_path": _fit(steps, props["cot_path"]),
                            "reason": f"Following {path}, step by step.",
