@@ -161,6 +161,7 @@ def test_structured_sends_the_schema_and_the_parser_reads_the_rendered_answer(
     stored = rows(wh, "select a.item, a.answer, c.text, c.request from answers a"
                       " join llm_calls c on c.key = a.call_key order by a.item")
     for i, (item, value, text, request) in enumerate(stored):
+        assert item == f"w{i}"
         assert value == f"{3 + i} x teal for thing {i}"        # rendered, then parsed
         assert json.loads(text) == {"colour": "teal", "count": 3 + i}   # kept as received
         assert json.loads(request)["params"]["response_format"]["type"] == "json_schema"

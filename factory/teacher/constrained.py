@@ -93,13 +93,13 @@ class SchemaMask:
         if not rows:
             return scores
         vocab = scores.shape[1]       # may exceed the tokenizer's: those ids stay masked
-        allowed = np.zeros((len(rows), vocab), dtype=bool)
-        for i, row in enumerate(rows):
+        allowed = np.ones(tuple(scores.shape), dtype=bool)     # free rows: everything
+        for row in rows:
             bits = np.unpackbits(np.frombuffer(self.matchers[row].compute_bitmask(), np.uint8),
                                  bitorder="little")
             n = min(vocab, bits.size)
-            allowed[i, :n] = bits[:n]
-        index = torch.tensor(rows, device=scores.device)
-        blocked = torch.from_numpy(~allowed).to(scores.device)
-        scores[index] = scores[index].masked_fill(blocked, float("-inf"))
+            allowed[row, :n] = bits[:n]
+            allowed[row, n:] = False
+        # in place over the whole batch: indexing the constrained rows costs 10x more
+        scores.masked_fill_(torch.from_numpy(~allowed).to(scores.device), float("-inf"))
         return scores
