@@ -374,3 +374,32 @@ def test_structured_is_on_by_default_for_the_embedded_model_only(wh: Warehouse) 
     other = TeacherJob(wh, "j", dataset=None,
                        options=TeacherOptions(dry_run=True, model="/models/other"))
     assert not other.structured
+
+
+def test_a_structured_batch_file_carries_the_schema_and_its_answers_parse(tmp_path) -> None:
+    """--structured with --batch-file: each line's body is the online one, schema included;
+    the results (here the simulated teacher's, as `vllm run_batch` writes them) import and
+    are rendered for describe-items' parser."""
+    from tiny_data import add_dataset, random_sequences
+
+    wh = Warehouse(tmp_path / "factory.duckdb")
+    add_dataset(wh, "tiny", random_sequences())
+    batch, results = tmp_path / "b.jsonl", tmp_path / "r.jsonl"
+    job = ["--warehouse", str(wh.path), "describe-items", "--dataset", "tiny", "--limit", "4",
+           "--teacher-model", "simulated-teacher", "--structured"]
+
+    def ok(*args: str) -> None:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == 0, (result.output, result.exception)
+
+    ok(*job, "--batch-file", str(batch))
+    lines = [json.loads(x) for x in batch.read_text().splitlines()]
+    assert len(lines) == 4 and all(
+        x["body"]["response_format"]["json_schema"]["name"] == "describe_item" for x in lines)
+    ok("--warehouse", str(wh.path), "testing", "run-batch", "-i", str(batch), "-o", str(results))
+    ok(*job, "--import-batch", str(results))
+    got = rows(wh, "select d.status, d.description, c.text from item_descriptions d"
+                   " join llm_calls c on c.key = d.call_key")
+    assert len(got) == 4
+    for status, description, text in got:
+        assert status == "ok" and json.loads(text) == {"sentence": description}
