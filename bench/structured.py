@@ -79,8 +79,9 @@ def main() -> None:
         ingest(wh, "ml-100k", load_movielens("100k"), NormaliseOptions(core=5))
         for job in args.jobs.split(","):
             for structured in (False, True):
+                # one batch generates for many minutes before any answer: not a stall
                 opts = TeacherOptions(structured=structured, sampling=Sampling(seed=0),
-                                      concurrency=args.concurrency)
+                                      concurrency=args.concurrency, stall_timeout=6 * 3600)
                 started = time.perf_counter()
                 if job == "keywords":
                     counts = keywords(wh, opts, args.n)
