@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--gvm-max-tokens", type=int, default=1536)
     ap.add_argument("--jobs", default="keywords,gvm")
     ap.add_argument("--concurrency", type=int, default=20, help="in-process batch size")
+    ap.add_argument("--modes", default="free,structured", help="free text, structured or both")
     args = ap.parse_args()
     console.quiet = True      # the jobs' bars and summaries; the table goes to stdout
     print(f"{'job':<9} {'mode':<11} {'items':>5} {'kept':>5} {'rejected':>8} "
@@ -78,7 +79,7 @@ def main() -> None:
         wh = Warehouse(Path(tmp) / "bench.duckdb")
         ingest(wh, "ml-100k", load_movielens("100k"), NormaliseOptions(core=5))
         for job in args.jobs.split(","):
-            for structured in (False, True):
+            for structured in [m == "structured" for m in args.modes.split(",")]:
                 # one batch generates for many minutes before any answer: not a stall
                 opts = TeacherOptions(structured=structured, sampling=Sampling(seed=0),
                                       concurrency=args.concurrency, stall_timeout=6 * 3600)
