@@ -23,13 +23,26 @@ class EngineArgs:  # a few of vLLM's fields; the backend reads the names only
     dtype: str = "auto"
 
 
+@dataclasses.dataclass
+class StructuredOutputsParams:  # vLLM >= 0.10.2 (SamplingParams(structured_outputs=...))
+    json: Any = None
+    regex: str | None = None
+    disable_any_whitespace: bool = False
+
+
+@dataclasses.dataclass
+class GuidedDecodingParams:  # vLLM < 0.12 (SamplingParams(guided_decoding=...))
+    json: Any = None
+    regex: str | None = None
+
+
 class Recorder:
     def __init__(self, tokenizer: Any, answer: Callable[[list[int]], str], cpu: bool):
         self.tokenizer, self.answer, self.cpu = tokenizer, answer, cpu
         self.engines: list[dict[str, Any]] = []
         self.prompts: list[Any] = []
+        self.sampling: list[Any] = []           # the SamplingParams of each prompt
         self.lora_requests: list[Any] = []
-        self.sampling: list[Any] = []
         self.shutdowns = 0
 
 
@@ -51,8 +64,9 @@ def _output(text: str, top: int | None) -> Any:
 
 
 def install(modules: dict[str, Any], tokenizer: Any, answer: Callable[[list[int]], str],
-            cpu: bool = False) -> Recorder:
-    """Put a fake `vllm` into `modules` (sys.modules, or monkeypatch's view of it)."""
+            cpu: bool = False, guided_decoding: bool = False) -> Recorder:
+    """Put a fake `vllm` into `modules` (sys.modules, or monkeypatch's view of it);
+    `guided_decoding`: an older vLLM, whose structured outputs are GuidedDecodingParams."""
     rec = Recorder(tokenizer, answer, cpu)
 
     class Core:
@@ -74,8 +88,8 @@ def install(modules: dict[str, Any], tokenizer: Any, answer: Callable[[list[int]
         def generate(self, prompts: list[Any], sampling: list[Any], use_tqdm: bool = True,
                      lora_request: Any = None) -> list[Any]:
             rec.prompts.extend(prompts)
-            rec.lora_requests.append(lora_request)
             rec.sampling.extend(sampling)
+            rec.lora_requests.append(lora_request)
             outs = []
             for p, params in zip(prompts, sampling, strict=True):
                 ids = p["prompt_token_ids"]
@@ -94,6 +108,9 @@ def install(modules: dict[str, Any], tokenizer: Any, answer: Callable[[list[int]
 
     module("vllm", LLM=LLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw),
            __path__=[])
+    module("vllm.sampling_params", **(
+        {"GuidedDecodingParams": GuidedDecodingParams} if guided_decoding
+        else {"StructuredOutputsParams": StructuredOutputsParams}))
     module("vllm.lora", __path__=[])
     module("vllm.lora.request", LoRARequest=lambda name, id_, path: (name, id_, path))
     module("vllm.engine", __path__=[])

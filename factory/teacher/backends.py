@@ -55,6 +55,8 @@ class Backend:
     #: tokens an in-process model has generated so far, counted while it generates (remote
     #: backends report tokens with each answer)
     generated_tokens: int = 0
+    #: --structured when the user says neither (see TeacherJob.structured)
+    structured_by_default: bool = False
 
     def __init__(self, model: str):
         self.model = model
@@ -486,6 +488,12 @@ class TransformersBackend(_InProcessBackend):
         super().__init__(model or EMBEDDED_MODEL, batch_size)
         self._model: Any = None
         self._tokenizer: Any = None
+        self._grammar_tokenizer: Any = None     # llguidance's, made on the first schema
+
+    @property
+    def structured_by_default(self) -> bool:  # type: ignore[override]
+        """The embedded 135M model seldom keeps a free-text format; a JSON shape it must."""
+        return self.model == EMBEDDED_MODEL
 
     def _location(self) -> tuple[str, str | None]:
         """(directory or name, gguf file or None) for from_pretrained."""
@@ -502,10 +510,12 @@ class TransformersBackend(_InProcessBackend):
         self._tokenizer, self._model = _load_transformers(self.model, *self._location())
 
     def _generate(self, requests: list[Request]) -> list[Reply | Exception]:
-        """One generate call per group of identical sampling parameters."""
+        """One generate call per group of identical sampling parameters (a schema is per
+        row: rows with different ones, or none, share the call)."""
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault(tuple((k, v) for k, v in r.params), []).append(i)
+            key = tuple((k, v) for k, v in r.params if k != "response_format")
+            groups.setdefault(key, []).append(i)
         results: list[Reply | Exception] = [RuntimeError("not generated")] * len(requests)
         for indices in groups.values():
             group = [requests[i] for i in indices]
@@ -520,7 +530,32 @@ class TransformersBackend(_InProcessBackend):
         self.generated_tokens += int(input_ids.shape[0])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    def _generate_group(self, requests: list[Request]) -> list[Reply]:
+    def _schema_mask(self, requests: list[Request], prompt_len: int
+                     ) -> tuple[Any, list[Exception | None]]:
+        """The logits processor keeping each row inside its JSON schema (None when no row
+        has one), and per row the error that makes its request unanswerable."""
+        from factory.teacher.constrained import SchemaMask, grammar_tokenizer, schema_of
+
+        schemas: list[dict[str, Any] | None] = []
+        errors: list[Exception | None] = []
+        for r in requests:
+            try:
+                schemas.append(schema_of(r.param_dict()))
+                errors.append(None)
+            except RequestError as exc:
+                schemas.append(None)
+                errors.append(exc)
+        if all(s is None for s in schemas):
+            return None, errors
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = grammar_tokenizer(self._tokenizer)
+        mask = SchemaMask(self._grammar_tokenizer, schemas, prompt_len)
+        for i, message in enumerate(mask.errors):
+            if message:
+                errors[i] = RequestError(f"response_format: the schema cannot be used: {message}")
+        return mask, errors
+
+    def _generate_group(self, requests: list[Request]) -> list[Reply | Exception]:
         import torch
         from transformers import LogitsProcessorList
 
@@ -531,6 +566,8 @@ class TransformersBackend(_InProcessBackend):
         n = params.get("n", 1)
         ids = [chat_prompt_ids(tok, r.message_dicts()) for r in requests for _ in range(n)]
         enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
+        mask, errors = self._schema_mask([r for r in requests for _ in range(n)],
+                                         enc["input_ids"].shape[1])
         temperature = params.get("temperature") or 0.0
         gen: dict[str, Any] = {
             "max_new_tokens": params.get("max_tokens") or self.DEFAULT_MAX_TOKENS,
@@ -546,7 +583,10 @@ class TransformersBackend(_InProcessBackend):
         recorder = None
         if params.get("logprobs") is not None:
             recorder = _LogprobRecorder(params["logprobs"])
-            gen["logits_processor"] = LogitsProcessorList([recorder])
+        # the recorder first: logprobs are the model's own, not the schema-masked ones
+        processors = [p for p in (recorder, mask) if p is not None]
+        if processors:
+            gen["logits_processor"] = LogitsProcessorList(processors)
         with torch.no_grad():
             out = model.generate(**enc, **gen, stopping_criteria=[self._count_tokens])
         if recorder is not None:
@@ -554,7 +594,7 @@ class TransformersBackend(_InProcessBackend):
         prompt_len = enc["input_ids"].shape[1]
         eos = {tok.eos_token_id, tok.pad_token_id} - {None}
         choices = []
-        for r, (row, mask) in enumerate(zip(out, enc["attention_mask"], strict=True)):
+        for r, (row, attention) in enumerate(zip(out, enc["attention_mask"], strict=True)):
             generated = row[prompt_len:].tolist()
             stop = next((i for i, t in enumerate(generated) if t in eos), None)
             kept = generated if stop is None else generated[:stop]
@@ -562,9 +602,9 @@ class TransformersBackend(_InProcessBackend):
             n_out = len(kept) + (0 if stop is None else 1)
             finish = "length" if stop is None else "stop"
             logprobs = recorder.entries(tok, r, kept) if recorder is not None else None
-            choices.append((int(mask.sum()), (text, finish, n_out, logprobs)))
-        return [_in_process_reply(self.model, choices[j][0],
-                                  [c for _, c in choices[j:j + n]])
+            choices.append((int(attention.sum()), (text, finish, n_out, logprobs)))
+        return [errors[j] if errors[j] is not None
+                else _in_process_reply(self.model, choices[j][0], [c for _, c in choices[j:j + n]])
                 for j in range(0, len(choices), n)]
 
 
@@ -774,7 +814,8 @@ class VLLMBackend(_InProcessBackend):
             sampling.append(SamplingParams(
                 temperature=p.get("temperature") or 0.0, top_p=p.get("top_p", 1.0),
                 max_tokens=p.get("max_tokens") or TransformersBackend.DEFAULT_MAX_TOKENS,
-                seed=p.get("seed"), n=p.get("n", 1), logprobs=p.get("logprobs")))
+                seed=p.get("seed"), n=p.get("n", 1), logprobs=p.get("logprobs"),
+                **vllm_structured(p)))
         extra = {"lora_request": self._lora} if self._lora is not None else {}
         outputs = self._llm.generate(prompts, sampling, use_tqdm=False, **extra)
         replies: list[Reply | Exception] = []
@@ -802,6 +843,26 @@ def _vllm_logprobs(choice: Any, top: int) -> list[dict[str, Any]] | None:
                         "top_logprobs": [{"token": a.decoded_token, "logprob": a.logprob}
                                          for a in ranked]})
     return entries
+def vllm_structured(params: dict[str, Any]) -> dict[str, Any]:
+    """SamplingParams keyword for a request's JSON schema: `structured_outputs` (vLLM 0.10.2
+    on; `guided_decoding` was removed in 0.12), else the older `guided_decoding`. No free
+    whitespace between JSON tokens, as in-process (a small model may emit it forever)."""
+    import inspect
+
+    from factory.teacher.constrained import schema_of
+
+    schema = schema_of(params)
+    if schema is None:
+        return {}
+    import vllm.sampling_params as sp
+
+    name, cls = (("structured_outputs", sp.StructuredOutputsParams)
+                 if hasattr(sp, "StructuredOutputsParams")
+                 else ("guided_decoding", sp.GuidedDecodingParams))
+    options: dict[str, Any] = {"json": schema}
+    if "disable_any_whitespace" in inspect.signature(cls).parameters:
+        options["disable_any_whitespace"] = True
+    return {name: cls(**options)}
 
 
 def _check_url(url: str) -> None:

@@ -243,6 +243,11 @@ class TeacherJob:
             options.backend_name, options.url, options.model, self._key, options.timeout,
             options.concurrency, options.vllm_args)
         self.concurrency = options.concurrency or self.backend.default_concurrency
+        #: ask for the prompt's answer shape (--structured; by default where the backend is
+        #: a small in-process model that rarely follows a free-text format)
+        self.structured = (options.structured if options.structured is not None
+                           else self.backend.structured_by_default)
+        self._shapeless: set[str] = set()   # prompts already said to have no answer shape
         table = PriceTable.load(options.price_table) if options.price_table else None
         self.pricing = Pricing.for_model(table, self.backend.model, self.backend.local,
                                          batch=options.mode == "batch")
@@ -270,8 +275,8 @@ class TeacherJob:
     def __enter__(self) -> TeacherJob:
         if self.options.dry_run:
             return self
-        params = {**self.params, "teacher": self.options.as_params(),
-                  "sampling": self.sampling.as_dict()}
+        params = {**self.params, "sampling": self.sampling.as_dict(),
+                  "teacher": {**self.options.as_params(), "structured": self.structured}}
         with self.wh.write() as con:
             self._refuse_concurrent(con)
             self.run_id = start_run(con, self.job, self.dataset, params)
@@ -349,6 +354,11 @@ class TeacherJob:
         """
         if not self.options.dry_run and self.run_id is None:
             raise RuntimeError("use TeacherJob as a context manager: with TeacherJob(...) as job")
+        if self.options.structured and prompt.answer is None and (
+                prompt.name not in self._shapeless):
+            self._shapeless.add(prompt.name)
+            console.print(f"--structured: prompt {prompt.name} declares no answer shape "
+                          f"(prompts/{prompt.name}.answer.json); it is asked in free text")
         items = self._select(works, prompt)
         if self.options.dry_run:
             return self._dry_run(items, prompt)
@@ -384,7 +394,9 @@ class TeacherJob:
         messages = [dict(m) for m in work.history] + prompt.render(**work.vars)
         sampling = (self.redraw[1] if self.redraw is not None and draw >= self.redraw[0]
                     else self.sampling)
-        return Request.build(self.backend.model, messages, sampling, work.sample, draw)
+        shape = prompt.answer if self.structured else None
+        return Request.build(self.backend.model, messages, sampling, work.sample, draw,
+                             shape.response_format(work.vars) if shape else None)
 
     def _select(self, works: Iterable[Work], prompt: Prompt) -> list[tuple[Work, Request]]:
         shard, limit = self.options.shard, self.options.limit
@@ -472,6 +484,8 @@ class _RunState:
         self.job, self.items, self.prompt = job, items, prompt
         self.parse, self.table, self.row = parse, table, row
         self.with_reasoning = with_reasoning
+        #: structured answers are JSON: the shape renders them for the unchanged parser
+        self.shape = prompt.answer if job.structured else None
         opts = job.options
         self.refresh = opts.refresh
         self.cache: dict[str, CachedAnswer] = {}
@@ -719,6 +733,8 @@ class _RunState:
             inline, answer = split_reasoning(call.answer.text)
             reasoning = call.answer.reasoning or inline
             try:
+                if self.shape is not None:
+                    answer = self.shape.as_text(answer, work.vars)
                 value = (self.parse(answer, reasoning) if self.with_reasoning
                          else self.parse(answer))
             except ValueError as exc:

@@ -95,6 +95,7 @@ class TeacherOptions:
     backoff: float = 0.5                    # first retry waits up to this long (doubling)
     parse_retries: int = 2                  # extra draws when the parser rejects an answer
     n_per_request: int = 1                  # samples of one setup asked in one request (`n`)
+    structured: bool | None = None          # None: on for the embedded model, else off
     sampling: Sampling = field(default_factory=Sampling)   # the user's overrides
     price_table: Path | None = None
     dry_run: bool = False
@@ -255,6 +256,10 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
     ("logprobs", int, typer.Option(
         None, "--logprobs", min=0, max=20, help="Store each answer token's logprob and its K "
         "most likely alternatives (llm_calls.logprobs); part of the request.")),
+    ("structured", bool | None, typer.Option(
+        None, "--structured/--no-structured", help="Ask for the JSON answer shape the prompt "
+        "declares (prompts/<name>.answer.json): response_format, vLLM structured outputs, "
+        "constrained decoding in-process [default: on for the embedded model, else off]")),
     ("price_table", Path, typer.Option(
         None, "--price-table", envvar="FACTORY_PRICE_TABLE",
         help="TOML price table (version + USD per million tokens per model).")),
@@ -312,6 +317,7 @@ def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
         timeout=values["timeout"], min_tokens_per_s=values["min_tokens_per_s"],
         stall_timeout=values["stall_timeout"],
         attempts=values["attempts"], n_per_request=values["n_per_request"],
+        structured=values["structured"],
         sampling=Sampling(values["temperature"], values["top_p"], values["max_tokens"],
                           values["seed"], values["logprobs"]),
         price_table=values["price_table"], dry_run=values["dry_run"],

@@ -61,10 +61,15 @@ class Request:
 
     @classmethod
     def build(cls, model: str, messages: list[dict[str, str]], sampling: Sampling,
-              sample: int = 0, draw: int = 0) -> Request:
-        params = sampling.as_dict()
+              sample: int = 0, draw: int = 0,
+              response_format: dict[str, Any] | None = None) -> Request:
+        """`response_format`: the OpenAI-compatible structured-output request (a JSON
+        schema); it changes the answer, so it is a parameter like the sampling ones."""
+        params: dict[str, Any] = sampling.as_dict()
         if "seed" in params:
             params["seed"] = derived_seed(params["seed"], sample, draw)
+        if response_format is not None:
+            params["response_format"] = response_format
         req = cls(model=model,
                   messages=tuple((m["role"], m["content"]) for m in messages),
                   params=tuple(sorted(params.items())), sample=sample, draw=draw)

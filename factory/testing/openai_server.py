@@ -18,6 +18,9 @@ A responder returns the answer text, or a dict with `content` (and optionally
 `finish_reason`, `prompt_tokens`, `completion_tokens`, `model` (the answer's model field; default
 the requested one), and `reasoning_content`: the thinking, sent beside the content as vLLM's
 reasoning parsers and DeepSeek's API do); if it raises, the server answers 500.
+A request with `response_format` {"type": "json_schema", ...} is answered as a constrained
+server would: the responder sees the schema in the body (`asked_schema`); the default one
+answers a JSON object that fits it. A json_schema without a schema is refused with 400.
 Whether a request gets a fault is decided by hashing (seed, request body, how many times this
 body was seen), so it does not depend on timing or order, and a retried request draws again.
 
@@ -112,9 +115,38 @@ def token_logprobs(content: str, top: int) -> list[dict[str, Any]]:
 
 
 def default_responder(body: dict[str, Any]) -> str:
-    """A deterministic one-sentence answer that names the request it answers."""
+    """A deterministic one-sentence answer that names the request it answers (under a JSON
+    schema: a conforming object whose strings are that sentence)."""
     words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
-    return f"This canned answer {request_key(body)[:8]} replies to a {words}-word prompt."
+    text = f"This canned answer {request_key(body)[:8]} replies to a {words}-word prompt."
+    schema = asked_schema(body)
+    return text if schema is None else json.dumps(conforming(schema, text))
+
+
+def asked_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema a request's `response_format` asks for, or None."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    schema = (fmt.get("json_schema") or {}).get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
+def conforming(schema: dict[str, Any], text: str) -> Any:
+    """A value that fits `schema` (objects, arrays, strings, numbers, enums), its strings
+    cut from `text`: what a server decoding under the schema could answer."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: conforming(v, text) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [conforming(schema.get("items", {}), text)] * max(1, schema.get("minItems", 1))
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    if kind == "boolean":
+        return True
+    return text[:schema.get("maxLength", len(text))]
 
 
 @dataclass
@@ -607,6 +639,11 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except ValueError:
             self._error(400, "request body is not JSON")
+            return
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and (
+                asked_schema(body) is None):
+            self._error(400, "response_format json_schema needs json_schema.schema (an object)")
             return
         if state.model_ids and body.get("model") not in state.model_ids:
             self._error(404, f"model {body.get('model')!r} is not served here; this server "

@@ -7,6 +7,11 @@ engine sends per sample and per re-draw), so answers are deterministic and a re-
 new one. They are written to make each job do real work: some answers are wrong, malformed,
 too short or refused, so filters, re-draws and reflect turns all happen.
 
+Under a JSON schema (`response_format`, `--structured`) each answerer whose prompt declares a
+shape (prompts/<name>.answer.json) answers the same content as a conforming JSON object, as a
+constrained decoder would; its share of bad answers are then answers that fit the schema and
+that the job's parser still rejects (a placeholder path, a decision its analysis contradicts).
+
 `SimulatedTeacher` recognises the prompt and dispatches to the matching answerer; it is the
 responder of `factory testing serve`. Tests use the single answerers directly::
 
@@ -20,6 +25,7 @@ produced can be mistaken for a real teacher's.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 import time
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.testing.openai_server import MALFORMED_CONTENT
+from factory.testing.openai_server import MALFORMED_CONTENT, asked_schema
 
 #: the only model id the simulated server answers to
 MODEL_ID = "simulated-teacher"
@@ -59,8 +65,10 @@ def thinkrec_teacher(body: dict[str, Any]) -> str:
     msgs = body["messages"]
     first = msgs[0]["content"]
     h = _digest(first, len(msgs), body.get("seed", 0))
+    structured = asked_schema(body) is not None
     if h[0] % 6 == 0:
-        return MALFORMED_CONTENT
+        return json.dumps({"decision": "Yes", "analysis": "On reflection the answer is No."}) \
+            if structured else MALFORMED_CONTENT
     target = first.rsplit("titled ", 1)[1].split("?", 1)[0]
     if len(msgs) == 1:
         answer = "Yes" if h[1] % 2 else "No"
@@ -68,8 +76,11 @@ def thinkrec_teacher(body: dict[str, Any]) -> str:
         revealed = REVEAL.match(msgs[-1]["content"]).group(1)  # type: ignore[union-attr]
         stubborn = hashlib.sha256(first.encode()).digest()[0] % 5 == 0
         answer = ("No" if revealed == "Yes" else "Yes") if stubborn else revealed
-    return f"{answer}. The history suggests the user {'likes' if answer == 'Yes' else 'dislikes'}" \
-           f" films like {target}, judging by the genres of the rated titles."
+    analysis = (f"The history suggests the user {'likes' if answer == 'Yes' else 'dislikes'}"
+                f" films like {target}, judging by the genres of the rated titles.")
+    if structured:
+        return json.dumps({"decision": answer, "analysis": analysis})
+    return f"{answer}. {analysis}"
 
 
 def thinkrec_recommendation(body: dict[str, Any]) -> str:
@@ -84,14 +95,22 @@ def keyword_teacher(body: dict[str, Any]) -> str:
     prompt = _prompt(body)
     title = prompt.split("Title: ", 1)[1].split("\n", 1)[0] if "Title: " in prompt \
         else prompt.split("\n", 1)[0]
-    if title.startswith("Heat"):
-        return MALFORMED_CONTENT
-    if _digest(title, body.get("seed", 0))[0] % 4 == 0:
-        return MALFORMED_CONTENT
+    schema = asked_schema(body)
     words = [w.strip("(),.:") for w in title.split() if len(w) > 2][:3]
-    return "Keywords: " + ", ".join(["Drama", "drama", *words, "* Family Film", "cinema",
-                                     "movie", "story", "plot", "acting", "classic", "one", "two",
-                                     "three", "four"])
+    keywords = ["Drama", "drama", *words, "* Family Film", "cinema", "movie", "story", "plot",
+                "acting", "classic", "one", "two", "three", "four"]
+    if title.startswith("Heat") or _digest(title, body.get("seed", 0))[0] % 4 == 0:
+        keywords = [MALFORMED_CONTENT]      # under a schema: fits it, and still no keyword
+    if schema is not None:
+        return json.dumps({"keywords": _fit(keywords, schema["properties"]["keywords"])})
+    return keywords[0] if keywords == [MALFORMED_CONTENT] else "Keywords: " + ", ".join(keywords)
+
+
+def _fit(texts: list[str], schema: dict[str, Any]) -> list[str]:
+    """A list of strings cut to an array schema's maxItems and its items' maxLength, as a
+    constrained decoder would end them."""
+    longest = schema.get("items", {}).get("maxLength")
+    return [t[:longest] for t in texts][:schema.get("maxItems")]
 
 
 # -- TwiSTAR I2I explanations (sec. 4.3, E.1.3) and RQ3 discrimination (6.3) ------------------
@@ -156,7 +175,7 @@ def discriminate_teacher(body: dict[str, Any]) -> str:
                     min(len(item), len(text)))
 
     best = max(candidates, key=lambda c: (shared(c[1]), _draw("pick", body.get("seed", 0), c)))
-    return best[0]
+    return json.dumps({"candidate": int(best[0])}) if asked_schema(body) else best[0]
 
 
 # -- describe-items (demonstration job) -------------------------------------------------------
@@ -168,8 +187,9 @@ def describe_teacher(body: dict[str, Any]) -> str:
     year = re.search(r"^Year: (.*)$", prompt, re.M)
     kind = cats.group(1).lower() if cats else "catalogue"
     when = f" from {year.group(1)}" if year else ""
-    return f"{title.group(1) if title else 'This item'} is a {kind} title{when} that " \
-           "viewers of similar items tend to enjoy."
+    sentence = (f"{title.group(1) if title else 'This item'} is a {kind} title{when} that "
+                "viewers of similar items tend to enjoy.")
+    return json.dumps({"sentence": sentence}) if asked_schema(body) else sentence
 
 
 def alignment_teacher(body: dict[str, Any]) -> str:
@@ -207,9 +227,14 @@ class ChainTeacher:
         sections = list(zip(steps, texts, strict=True))
         if self.mode == "swapped":
             sections[0], sections[1] = sections[1], sections[0]
-        parts = [f"**Overall Analysis:** {len(items)} items watched."]
+        overall, summary = f"{len(items)} items watched.", "more of the same."
+        if asked_schema(body):      # the steps are implied by their position
+            return json.dumps({"overall_analysis": overall,
+                               "step_analyses": [text for _, text in sections],
+                               "summary": summary})
+        parts = [f"**Overall Analysis:** {overall}"]
         parts += [f"**{name}:** {text}" for name, text in sections]
-        parts.append("**Summary:** more of the same.")
+        parts.append(f"**Summary:** {summary}")
         return "\n\n".join(parts)
 
 
@@ -332,8 +357,10 @@ class GvmTeacher:
     def __call__(self, body: dict[str, Any]) -> str:
         prompt = _prompt(body)
         seed = body.get("seed", 0)
+        schema = asked_schema(body)
         if "Analyze the following CoT cluster" in prompt:
-            return self._mine(prompt, seed)
+            return self._mine(prompt, seed, structured=schema is not None)
+        n_items = schema["properties"]["recommendations"]["maxItems"] if schema else self.n_items
         titles = history_titles(prompt)
         given = re.search(r"Reasoning path to follow:\s*<cot_path>(.*?)</cot_path>", prompt)
         if given:
@@ -347,16 +374,38 @@ class GvmTeacher:
         if known is not None:
             if not given:
                 path = known.path(style, titles, seed)
-            items = known.recommend(style, titles, self.n_items, (seed, titles))
+            items = known.recommend(style, titles, n_items, (seed, titles))
         else:
-            items = [describe(i, titles[i % len(titles)]) for i in range(self.n_items)]
+            items = [describe(i, titles[i % len(titles)]) for i in range(n_items)]
             target = self.oracle.get(titles)
             if target is not None and _draw("hit", seed, titles) < quality:
                 items[int(_draw("rank", seed, titles) * len(items))] = target
+        broken = _draw("malformed", seed, titles) < self.malformed
+        how = _draw("how", seed, titles)
+        if schema is not None:
+            return self._json(path, items, schema, how if broken else None)
         answer = self._format(path, items)
-        if _draw("malformed", seed, titles) < self.malformed:
-            return self._break(answer, path, items, _draw("how", seed, titles))
-        return answer
+        return self._break(answer, path, items, how) if broken else answer
+
+    @staticmethod
+    def _json(path: str, items: list[str], schema: dict[str, Any], broken: float | None) -> str:
+        """The answer as a constrained decoder gives it; `broken`: one of the bad answers
+        that fit the schema: a placeholder path and placeholder items (both rejected), or a
+        step longer than 8 words (a warning)."""
+        steps = path.split(" -> ")
+        if broken is not None:
+            kind = int(broken * 3)
+            if kind == 0:
+                steps = ["Step 1", "Step 2", "Item recommendation"]
+            elif kind == 1:
+                items = [f"Detailed feature description of product {i + 1}"
+                         for i in range(len(items))]
+            else:
+                steps = [*steps[:-1], "recommend what they will like next from all this"]
+        props = schema["properties"]
+        return json.dumps({"cot_path": _fit(steps, props["cot_path"]),
+                           "reason": f"Following {path}, step by step.",
+                           "recommendations": _fit(items, props["recommendations"])})
 
     @staticmethod
     def _format(path: str, items: list[str]) -> str:
@@ -379,11 +428,19 @@ class GvmTeacher:
         ]
         return variants[int(how * len(variants))]
 
-    def _mine(self, prompt: str, seed: int) -> str:
+    def _mine(self, prompt: str, seed: int, structured: bool = False) -> str:
         paths = re.findall(r"<cot_path>(.*?)</cot_path>", prompt)
-        if not paths or _draw("mine-malformed", seed, prompt) < self.malformed:
+        bad = not paths or _draw("mine-malformed", seed, prompt) < self.malformed
+        steps = paths[0].split(" -> ") if paths else []
+        if structured:     # a placeholder Best Path fits the schema; the parser skips it
+            best_path = ["Step1", "Step2"] if bad else [*steps[:-1], "Item Recommendation"]
+            return json.dumps({
+                "core_logic": f"{steps[0] if steps else 'Unclear'} first.",
+                "key_steps": "category signal", "why_it_works": "category signal.",
+                "limitations": "few steps.", "best_path": best_path,
+                "improvement_logic": "ends with an explicit recommendation step."})
+        if bad:
             return "### 1. Pattern Summary\n- Core Logic: unclear.\n"          # no Best Path
-        steps = paths[0].split(" -> ")
         best = " -> ".join([*steps[:-1], "Item Recommendation"])
         return (f"### 1. Pattern Summary\n- **Core Logic:** {steps[0]} first.\n"
                 "### 2. Performance Assessment\n- **Why it works:** category signal.\n"
