@@ -415,8 +415,9 @@ def test_price_tables_read_batch_prices(tmp_path):
 
 
 def test_runs_costs_compares_a_kept_row_online_and_in_batch(tiny, tmp_path):
-    """`factory runs --costs`: one row per job and way of asking; the same rows kept, batch at
-    half the price per kept row; a re-run answered from the cache adds cost 0 and no kept row."""
+    """`factory runs --costs`: one row per job and way of asking, from the answers stored; the
+    same rows kept, batch at half the price per kept row; a re-run answered from the cache
+    adds no cost and no kept row."""
     prices = tmp_path / "prices.toml"
     prices.write_text('version = "v1"\nbatch_discount = 0.5\n'
                       '[models.m]\ninput_per_mtok = 100.0\noutput_per_mtok = 400.0\n')
@@ -428,13 +429,19 @@ def test_runs_costs_compares_a_kept_row_online_and_in_batch(tiny, tmp_path):
         ok(cli(batch, *job(server, "--mode", "batch", "--price-table", str(prices), *FAST)))
     kept = rows(online, "select count(*) from item_descriptions where status = 'ok'")[0][0]
     assert rows(batch, "select count(*) from item_descriptions where status = 'ok'") == [(kept,)]
-    ok(cli(online, "merge", str(batch.path)))
-    out = ok(CliRunner().invoke(app, ["--warehouse", str(online.path), "runs", "--costs"],
-                                env={"COLUMNS": "250"}))
-    lines = {ln.split("│")[3].strip(): [c.strip() for c in ln.split("│")[1:-1]]
-             for ln in out.splitlines() if "describe-items" in ln}
-    assert set(lines) == {"online", "batch"}, out
-    assert lines["online"][3] == "2" and lines["batch"][3] == "1"       # runs
-    assert lines["online"][7] == lines["batch"][7] == f"{kept}"          # rows kept, once
-    per_kept = {mode: float(cells[8].lstrip("$")) for mode, cells in lines.items()}
-    assert per_kept["batch"] == pytest.approx(per_kept["online"] / 2, rel=1e-3)
+
+    def costs(wh: Warehouse) -> dict[str, list[str]]:
+        out = ok(CliRunner().invoke(app, ["--warehouse", str(wh.path), "runs", "--costs"],
+                                    env={"COLUMNS": "250"}))
+        return {ln.split("│")[3].strip(): [c.strip() for c in ln.split("│")[1:-1]]
+                for ln in out.splitlines() if "describe-items" in ln}
+
+    on, off = costs(online), costs(batch)
+    assert list(on) == ["online"] and list(off) == ["batch"]
+    assert on["online"][3] == "2" and off["batch"][3] == "1"             # runs
+    assert on["online"][7] == off["batch"][7] == f"{kept}"               # rows kept, once
+    paid = rows(online, "select count(*), sum(cost_usd) from llm_calls")[0]
+    assert on["online"][4] == f"{paid[0]}"                                # requests stored
+    assert float(on["online"][6].lstrip("$")) == pytest.approx(paid[1], abs=1e-4)
+    per_kept = float(on["online"][8].lstrip("$")), float(off["batch"][8].lstrip("$"))
+    assert per_kept[1] == pytest.approx(per_kept[0] / 2, rel=1e-3)

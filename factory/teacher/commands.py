@@ -121,22 +121,28 @@ _MODE_SQL = """case when t->>'mode' = 'batch' then 'batch'
      when coalesce(try_cast(t->>'n_per_request' as integer), 1) > 1
      then 'online n=' || (t->>'n_per_request') else 'online' end"""
 _COSTS_SQL = f"""
-with r as (select job, dataset, try_cast(params as json)->'teacher' as t,
-                  try_cast(counts as json) as c
-           from job_runs where status <> 'running'),
+with paid as (   -- what each run paid, from the answers themselves (a killed run's too)
+    select run_id, count(distinct coalesce(group_key, key)) as requests,
+           sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens,
+           sum(cost_usd) as cost,
+           -- an answer without a price makes the run's cost unknown, not smaller
+           bool_or(status = 'ok' and cost_usd is null) as unpriced
+    from llm_calls group by run_id),
+r as (select run_id, job, dataset, try_cast(params as json)->'teacher' as t,
+             try_cast(counts as json) as c
+      from job_runs where status <> 'running'),
 m as (select job, coalesce(dataset, '-') as dataset, {_MODE_SQL} as mode,
-             coalesce(try_cast(c->>'requests' as bigint), 0) as requests,
-             coalesce(try_cast(c->>'input_tokens' as bigint), 0) as input_tokens,
-             coalesce(try_cast(c->>'output_tokens' as bigint), 0) as output_tokens,
-             try_cast(c->>'cost_usd' as double) as cost,
+             coalesce(p.requests, 0) as requests,
+             coalesce(p.input_tokens, 0) as input_tokens,
+             coalesce(p.output_tokens, 0) as output_tokens,
+             case when not coalesce(p.unpriced, false) then coalesce(p.cost, 0) end as cost,
              -- rows kept whose answer this run paid for (not replayed from the cache);
              -- runs before ok_paid was counted: ok - cached, which also counts cached failures
              coalesce(try_cast(c->>'ok_paid' as bigint),
                       greatest(coalesce(try_cast(c->>'ok' as bigint), 0)
                                - coalesce(try_cast(c->>'cached' as bigint), 0), 0)) as kept
-      from r where t is not null and c is not null)
+      from r left join paid p using (run_id) where t is not null)
 select job, dataset, mode, count(*), sum(requests), sum(input_tokens), sum(output_tokens),
-       -- a run without a price makes the sum unknown, not smaller
        case when count(cost) = count(*) then sum(cost) end, sum(kept)
 from m {{where}} group by all order by job, dataset, mode
 """
@@ -157,8 +163,9 @@ def _costs(job: str | None) -> None:
         return
     table = Table("job", "dataset", "mode", "runs", "requests", "tokens in/out", "cost",
                   "rows kept", "$ / kept row", "tokens in / kept row",
-                  caption="rows kept: ok rows whose answer the run paid for (cache replays "
-                          "excluded); cost at the run's price table (batch prices for batch)")
+                  caption="requests, tokens and cost: the llm_calls rows each run stored "
+                          "(batch prices for batch); rows kept: ok rows whose answer the run "
+                          "paid for (cache replays excluded)")
     for job_, dataset, mode, runs, requests, n_in, n_out, cost, kept in rows:
         table.add_row(job_, dataset, mode, f"{runs:,}", f"{requests:,}", f"{n_in:,} / {n_out:,}",
                       "unknown" if cost is None else f"${cost:.4f}", f"{kept:,}",
