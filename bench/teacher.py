@@ -6,7 +6,8 @@
    request (this process's CPU time, all threads, / requests). Clients:
    - factory: a whole `TeacherJob.run()` (journal and warehouse writes included);
    - backend: factory's OpenAIBackend alone (the openai client), no engine around it;
-   - bare: a bare httpx2 client (what the openai client is built on), JSON in and out;
+   - bare httpx2: a bare httpx2 client (what the openai client is built on), JSON in and out;
+   - bare aiohttp: the same with aiohttp, when installed;
    - curator: bespokelabs-curator, when installed.
    The server is a minimal asyncio server in its own process (`--serve`), so its CPU is not
    the client's; its own CPU per request is printed too: it must not be the bottleneck.
@@ -166,6 +167,25 @@ def bare_httpx(url: str, reqs: list[Request], c: int) -> None:
     asyncio.run(go())
 
 
+def bare_aiohttp() -> Callable[[str, list[Request], int], None] | None:
+    try:
+        import aiohttp
+    except ImportError:
+        return None
+
+    def run(url: str, reqs: list[Request], c: int) -> None:
+        async def go() -> None:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=c)) as s:
+                async def send(req: Request) -> None:
+                    body = {"model": MODEL, "messages": req.message_dicts()}
+                    async with s.post(f"{url}/chat/completions", data=json.dumps(body),
+                                      headers={"Content-Type": "application/json"}) as r:
+                        json.loads(await r.read())["choices"][0]["message"]["content"]  # noqa: B018
+                await _bounded(c, reqs, send)
+        asyncio.run(go())
+    return run
+
+
 def curator_client() -> Callable[[str, list[Request], int], None] | None:
     try:
         from bespokelabs import curator
@@ -196,9 +216,10 @@ def concurrency(args: argparse.Namespace, wh: Warehouse) -> None:
         "backend": lambda url, c, tag: backend_alone(url, requests(c * args.rounds, tag), c),
         "bare httpx2": lambda url, c, tag: bare_httpx(url, requests(c * args.rounds, tag), c),
     }
-    curator = curator_client()
-    if curator is not None:
-        clients["curator"] = lambda url, c, tag: curator(url, requests(c * args.rounds, tag), c)
+    for name, optional in (("bare aiohttp", bare_aiohttp()), ("curator", curator_client())):
+        if optional is not None:
+            clients[name] = (lambda url, c, tag, f=optional:
+                             f(url, requests(c * args.rounds, tag), c))
     results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     try:
         factory_run(wh, server.url, works(8, "warm-up"), 8)      # imports, first connections
