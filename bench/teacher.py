@@ -1,23 +1,33 @@
-"""Teacher engine throughput against the local test server (run: python bench/teacher.py).
+"""Teacher engine throughput at the C/latency bound (run: python bench/teacher.py).
 
-1. Concurrency: N requests at concurrency C against a server that takes a fixed LATENCY per
-   request. The bound is C / LATENCY requests/s; we print the achieved share (target >= 90%
-   at C = 64) and the client's CPU time per request (the server runs in its own process),
-   for the whole engine and, as a second baseline, for the backend alone (the same
-   AsyncOpenAI calls with nothing around them: what this machine allows).
-2. Replay: 10,000 requests answered once (server without latency), then the same job again,
-   all from the cache; printed against the cost of only rendering and hashing the requests.
+1. Concurrency: C x ROUNDS requests at concurrency C against a server that answers every
+   request after a fixed LATENCY. The bound is C / LATENCY requests/s. Printed per client,
+   medians of interleaved repeats: achieved req/s as a share of the bound, and client CPU per
+   request (this process's CPU time, all threads, / requests). Clients:
+   - factory: `TeacherJob.run()` (journal and warehouse writes included; the job's run
+     record, written once per job on entering and leaving, is not timed);
+   - backend: factory's OpenAIBackend alone (the openai client), no engine around it;
+   - bare httpx2: a bare httpx2 client (what the openai client is built on), JSON in and out;
+   - bare aiohttp: the same with aiohttp, when installed;
+   - curator: bespokelabs-curator, when installed.
+   The server is a minimal asyncio server in its own process (`--serve`), so its CPU is not
+   the client's; its own CPU per request is printed too: it must not be the bottleneck.
+2. Replay (`--replay N`): N requests answered once, then the same job again from the cache,
+   against the cost of only rendering and hashing the requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +39,7 @@ from factory.teacher.backends import OpenAIBackend  # noqa: E402
 from factory.teacher.request import Request, Sampling  # noqa: E402
 from factory.warehouse import Warehouse  # noqa: E402
 
+MODEL = "bench-model"
 PROMPT = parse_prompt("bench", """{#
 purpose: benchmark prompt
 output: anything
@@ -41,105 +52,262 @@ TABLE = ("create table if not exists bench_answers (item varchar, answer varchar
          " prompt_hash varchar, backend varchar, model varchar, sample integer,"
          " draws integer, cached boolean, status varchar, error varchar,"
          " primary key (item, work_key))")
+#: the one answer the bench server gives (a typical short chat completion)
+ANSWER = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL,
+    "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "A sturdy, well-reviewed item that does what it "
+                                         "says, in one sentence."}}],
+    "usage": {"prompt_tokens": 24, "completion_tokens": 16, "total_tokens": 40}}).encode()
 
 
-def start_server(latency: float) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "factory.testing.openai_server",
-                             "--latency", str(latency)], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    return proc, proc.stdout.readline().strip()
+# -- the server: fixed latency, as little CPU as possible -----------------------------------
+class _Serve(asyncio.Protocol):
+    """HTTP/1.1 keep-alive: every request answered with ANSWER after `latency` seconds."""
+
+    latency = 0.0
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(ANSWER)).encode() + b"\r\n\r\n" + ANSWER)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.buf = b""
+        self.loop = asyncio.get_running_loop()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            length = 0
+            for line in self.buf[:end].split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length:]
+            self.loop.call_later(self.latency, self._answer)
+
+    def _answer(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(self.head)
 
 
+def serve(latency: float) -> None:
+    async def main() -> None:
+        _Serve.latency = latency
+        server = await asyncio.get_running_loop().create_server(_Serve, "127.0.0.1", 0,
+                                                                backlog=4096)
+        print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", flush=True)
+        await server.serve_forever()
+    asyncio.run(main())
+
+
+class Server:
+    """The bench server in a subprocess, with its CPU time read from /proc."""
+
+    def __init__(self, latency: float):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(latency)],
+                                     stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()      # type: ignore[union-attr]
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+# -- the clients: each sends n requests at concurrency c -----------------------------------
 def works(n: int, tag: str) -> list[Work]:
     return [Work(id=f"{tag}-{i}", vars={"n": i, "title": f"{tag} title {i}"}) for i in range(n)]
 
 
-def run(wh: Warehouse, url: str, items: list[Work], concurrency: int,
-        cache_only: bool = False) -> tuple[float, float, object]:
-    """Wall and CPU seconds of job.run() (the run record's own writes excluded)."""
-    opts = TeacherOptions(url=url, model="bench-model", concurrency=concurrency,
-                          cache_only=cache_only)
+def requests(n: int, tag: str) -> list[Request]:
+    return [Request.build(MODEL, PROMPT.render(**w.vars), Sampling()) for w in works(n, tag)]
+
+
+def factory_run(wh: Warehouse, url: str, items: list[Work], concurrency: int,
+                cache_only: bool = False) -> object:
+    opts = TeacherOptions(url=url, model=MODEL, concurrency=concurrency, cache_only=cache_only)
     with TeacherJob(wh, "bench", dataset=None, options=opts) as job:
+        # the run record's own writes (start, finish) are per job, not per request: untimed
+        global RUN_TIME
         cpu, wall = time.process_time(), time.perf_counter()
         report = job.run(items, prompt=PROMPT, parse=str, table="bench_answers",
                          row=lambda o: {"item": o.work.id, "answer": o.value})
-        return time.perf_counter() - wall, time.process_time() - cpu, report
+        RUN_TIME = time.perf_counter() - wall, time.process_time() - cpu
+        return report
 
 
-def backend_alone(url: str, n: int, concurrency: int) -> tuple[float, float]:
-    """Baseline: the same backend (AsyncOpenAI) sending n requests, no engine around it."""
+async def _bounded(c: int, jobs: list, send: Callable) -> None:
+    slots = asyncio.Semaphore(c)
+
+    async def one(job: object) -> None:
+        async with slots:
+            await send(job)
+    await asyncio.gather(*(one(j) for j in jobs))
+
+
+def backend_alone(url: str, reqs: list[Request], c: int) -> None:
     async def go() -> None:
-        backend = OpenAIBackend(url, "bench-model", None, 120.0, concurrency)
-        await backend.start()                   # the clients are made here
-        slots = asyncio.Semaphore(concurrency)
-        requests = [Request.build("bench-model", PROMPT.render(**w.vars), Sampling())
-                    for w in works(n, f"raw{concurrency}")]
-
-        async def one(request: object) -> None:
-            async with slots:
-                await backend.complete(request)
-
-        await asyncio.gather(*(one(r) for r in requests))
+        backend = OpenAIBackend(url, MODEL, None, 120.0, c)
+        await backend.start()                   # the clients are opened in the running loop
+        await _bounded(c, reqs, backend.complete)
         await backend.aclose()
-
-    cpu, wall = time.process_time(), time.perf_counter()
     asyncio.run(go())
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--rounds", type=int, default=15, help="requests = C x rounds")
-    parser.add_argument("--replay", type=int, default=10_000)
-    args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-teacher-"))
-    wh = Warehouse(tmp / "bench.duckdb")
-    with wh.write() as con:
-        con.execute(TABLE)
+def bare_httpx(url: str, reqs: list[Request], c: int) -> None:
+    import httpx2
 
-    server, url = start_server(args.latency)
+    async def go() -> None:
+        limits = httpx2.Limits(max_connections=c, max_keepalive_connections=c)
+        async with httpx2.AsyncClient(base_url=url, limits=limits, timeout=120.0) as client:
+            async def send(req: Request) -> None:
+                body = {"model": MODEL, "messages": req.message_dicts()}
+                r = await client.post("/chat/completions", content=json.dumps(body),
+                                      headers={"Content-Type": "application/json"})
+                json.loads(r.content)["choices"][0]["message"]["content"]   # noqa: B018
+            await _bounded(c, reqs, send)
+    asyncio.run(go())
+
+
+def bare_aiohttp() -> Callable[[str, list[Request], int], None] | None:
     try:
-        print(f"# concurrency (server latency {args.latency * 1000:.0f} ms, "
-              f"{args.rounds} requests per slot)")
-        run(wh, url, works(8, "warm-up"), 8)          # imports and first connections
-        for c in args.concurrency:
-            n = c * args.rounds
-            bound = c / args.latency
-            raw_wall, raw_cpu = backend_alone(url, n, c)
-            wall, cpu, report = run(wh, url, works(n, f"c{c}"), c)
-            assert report.requests == n, report
-            print(f"C={c:<4} requests={n:<5} bound={bound:6.1f} req/s | engine "
-                  f"{n / wall:6.1f} req/s = {n / wall / bound:6.1%} of bound, "
-                  f"CPU {cpu / n * 1000:.2f} ms/req | backend alone {n / raw_wall:6.1f} req/s = "
-                  f"{n / raw_wall / bound:6.1%}, CPU {raw_cpu / n * 1000:.2f} ms/req")
-    finally:
-        server.terminate()
+        import aiohttp
+    except ImportError:
+        return None
 
-    server, url = start_server(0.0)
+    def run(url: str, reqs: list[Request], c: int) -> None:
+        async def go() -> None:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=c)) as s:
+                async def send(req: Request) -> None:
+                    body = {"model": MODEL, "messages": req.message_dicts()}
+                    async with s.post(f"{url}/chat/completions", data=json.dumps(body),
+                                      headers={"Content-Type": "application/json"}) as r:
+                        json.loads(await r.read())["choices"][0]["message"]["content"]  # noqa: B018
+                await _bounded(c, reqs, send)
+        asyncio.run(go())
+    return run
+
+
+def curator_client() -> Callable[[str, list[Request], int], None] | None:
+    try:
+        from bespokelabs import curator
+    except ImportError:
+        return None
+
+    def run(url: str, reqs: list[Request], c: int) -> None:
+        llm = curator.LLM(model_name=MODEL, backend="openai", backend_params={
+            "base_url": url, "api_key": "no-key", "max_concurrent_requests": c,
+            "max_requests_per_minute": 10**9, "max_tokens_per_minute": 10**12,
+            "require_all_responses": False}, generation_params={})
+        llm([r.message_dicts()[-1]["content"] for r in reqs])
+    return run
+
+
+# -- the measurement -------------------------------------------------------------------------
+#: (wall, CPU) of the last factory_run's job.run(), which measure() uses instead of its own
+RUN_TIME: tuple[float, float] | None = None
+
+
+def measure(server: Server, send: Callable[[], object]) -> tuple[float, float, float]:
+    """(wall s, client CPU s, server CPU s) of send()."""
+    global RUN_TIME
+    RUN_TIME = None
+    scpu, cpu, wall = server.cpu(), time.process_time(), time.perf_counter()
+    send()
+    wall, cpu = RUN_TIME or (time.perf_counter() - wall, time.process_time() - cpu)
+    return wall, cpu, server.cpu() - scpu
+
+
+def concurrency(args: argparse.Namespace, wh: Warehouse) -> None:
+    server = Server(args.latency)
+    clients: dict[str, Callable[[str, int, str], object]] = {
+        "factory": lambda url, c, tag: factory_run(wh, url, works(c * args.rounds, tag), c),
+        "backend": lambda url, c, tag: backend_alone(url, requests(c * args.rounds, tag), c),
+        "bare httpx2": lambda url, c, tag: bare_httpx(url, requests(c * args.rounds, tag), c),
+    }
+    for name, optional in (("bare aiohttp", bare_aiohttp()), ("curator", curator_client())):
+        if optional is not None:
+            clients[name] = (lambda url, c, tag, f=optional:
+                             f(url, requests(c * args.rounds, tag), c))
+    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    try:
+        factory_run(wh, server.url, works(8, "warm-up"), 8)      # imports, first connections
+        for rep in range(args.repeats):                          # interleaved repeats
+            for c in args.concurrency:
+                for name, client in clients.items():
+                    tag = f"{name}-{c}-{rep}"
+                    results.setdefault((name, c), []).append(measure(
+                        server, lambda f=client, c=c, t=tag: f(server.url, c, t)))
+    finally:
+        server.close()
+    print(f"# server latency {args.latency * 1000:.0f} ms, {args.rounds} requests per slot, "
+          f"medians of {args.repeats} interleaved repeats; CPU = client process CPU / request")
+    print("| C | client | req/s | % of C/latency bound | % of bare | client CPU ms/req "
+          "| server CPU ms/req |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for c in args.concurrency:
+        n, bound = c * args.rounds, c / args.latency
+        bare = n / statistics.median(w for w, _, _ in results[("bare httpx2", c)])
+        for name in clients:
+            runs = results[(name, c)]
+            rate = n / statistics.median(w for w, _, _ in runs)
+            cpu = statistics.median(u for _, u, _ in runs) / n * 1000
+            scpu = statistics.median(s for _, _, s in runs) / n * 1000
+            print(f"| {c} | {name} | {rate:,.0f} | {rate / bound:.0%} | {rate / bare:.0%} "
+                  f"| {cpu:.2f} | {scpu:.2f} |")
+
+
+def replay(args: argparse.Namespace, wh: Warehouse) -> None:
+    server = Server(0.0)
     try:
         items = works(args.replay, "replay")
-        wall, cpu, report = run(wh, url, items, 64)
+        wall, cpu, _ = measure(server, lambda: factory_run(wh, server.url, items, 64))
         print(f"# replay of {args.replay:,} cached requests")
         print(f"first pass (sent, no server latency): {wall:6.2f} s "
               f"({args.replay / wall:,.0f} req/s, client CPU/request {cpu / args.replay * 1000:.2f}"
               " ms)")
         job = TeacherJob(wh, "bench", dataset=None, options=TeacherOptions(
-            url=url, model="bench-model"))              # not entered: records no run
+            url=server.url, model=MODEL))              # not entered: records no run
         base = time.perf_counter()
         keys = [job.request(PROMPT, w).key for w in items]
         render = time.perf_counter() - base
         assert len(set(keys)) == args.replay
         for cache_only in (False, True):
-            wall, cpu, report = run(wh, url, items, 64, cache_only=cache_only)
+            base = time.perf_counter()
+            report = factory_run(wh, server.url, items, 64, cache_only=cache_only)
+            wall = time.perf_counter() - base
             assert report.cached == args.replay and report.requests == 0, report
             label = "replay --cache-only" if cache_only else "replay"
             print(f"{label:<20}: {wall:6.2f} s ({args.replay / wall:,.0f} items/s); "
                   f"{wall / render:5.1f}x the time to render and hash them ({render:.2f} s)")
     finally:
-        server.terminate()
+        server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--rounds", type=int, default=8, help="requests = C x rounds")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--replay", type=int, default=0, help="also time a cache replay")
+    parser.add_argument("--serve", type=float, metavar="LATENCY", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve is not None:
+        serve(args.serve)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench-teacher-"))
+    wh = Warehouse(tmp / "bench.duckdb")
+    with wh.write() as con:
+        con.execute(TABLE)
+    if args.concurrency:
+        concurrency(args, wh)
+    if args.replay:
+        replay(args, wh)
 
 
 if __name__ == "__main__":
