@@ -205,6 +205,64 @@ def test_a_job_stopped_while_polling_resumes_its_batch(tiny, sig):
     assert first == ("interrupted" if sig == signal.SIGTERM else "died")
 
 
+def leave_pending(wh: Warehouse, server: OpenAIServer, *extra: str) -> None:
+    """A batch run SIGTERMed while its batch runs at `server`: one pending batch recorded."""
+    server.hold_batches()
+    proc = subprocess.Popen(factory(wh, *job(server, "--mode", "batch", *extra, *FAST)),
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_until(lambda: server.batch_retrieves() >= 1, "polling", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rows(wh, "select count(*) from teacher_batches where imported_at is null") == [(1,)]
+
+
+def test_online_mode_never_sends_what_a_pending_batch_holds(tiny):
+    """SIGTERM while polling, then the same job online: it sends nothing of the batch's,
+    says which batch holds its requests in one line and exits 1; --mode batch collects it."""
+    with OpenAIServer() as server:
+        leave_pending(tiny, server, "--limit", "6")
+        proc = subprocess.run(factory(tiny, *job(server, "--limit", "8")), env=env(),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        error = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert len(error) == 1, proc.stderr
+        assert "6 requests of this run wait in 1 batch(es)" in error[0]
+        assert f"--mode batch --teacher-url {server.url}" in error[0]
+        assert "--abandon-batches" in error[0]
+        assert server.count() == 0 and not [r for r in server.records
+                                             if not r.path.startswith("/v1/batches")]
+        server.release()
+        ok(cli(tiny, *job(server, "--mode", "batch", "--limit", "6", *FAST)))
+        assert list(server.batches) == ["batch_0001"]
+        assert rows(tiny, "select status from teacher_batches") == [("completed",)]
+
+
+def test_a_pending_batch_is_polled_only_at_its_own_url(tiny):
+    """A batch submitted to server A is not polled at server B (which has a batch of the
+    same id): its requests are not sent to B, and one line says which URL it needs."""
+    with OpenAIServer() as a, OpenAIServer() as b:
+        leave_pending(tiny, a, "--limit", "4")
+        out = ok(cli(tiny, *job(b, "--mode", "batch", "--limit", "4", *FAST)))
+        assert len(b.batches) == 0
+        assert f"collect them with --mode batch --teacher-url {a.url}" in out
+        out = ok(cli(tiny, *job(b, "--mode", "batch", "--limit", "6", *FAST)))
+        assert "4 requests of this run wait in 1 batch(es)" in out and a.url in out
+        assert [len(x.lines) for x in b.batches.values()] == [2]    # batch_0001, the others
+        assert a.batches["batch_0001"].retrieves == 1    # only by the first run
+        assert rows(tiny, "select count(*) from item_descriptions") == [(2,)]
+        a.release()
+        ok(cli(tiny, *job(a, "--mode", "batch", "--limit", "4", *FAST)))
+        assert list(a.batches) == ["batch_0001"]
+    assert rows(tiny, "select status from teacher_batches order by created_at") == [
+        ("completed",), ("completed",)]
+    assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(6,)]
+
+
 @pytest.mark.parametrize("end", ["expired", "failed"])
 def test_a_batch_that_ends_unanswered_leaves_its_requests_to_the_next_run(tiny, end):
     """An expired batch: the lines it answered are imported, the others fail with the

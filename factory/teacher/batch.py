@@ -52,6 +52,11 @@ ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
 #: a batch in one of these statuses changes no more
 ENDED = ("completed", "failed", "expired", "cancelled")
+#: statuses of a recorded batch given up (the provider lost it, --abandon-batches): its
+#: requests may be sent again
+GIVEN_UP = ("lost", "abandoned")
+#: a recorded batch whose answers may still come: not imported, not given up
+PENDING = f"imported_at is null and status not in {GIVEN_UP!r}"
 #: how often a poll's wait looks for a signal
 WAKE_S = 0.1
 #: what one provider batch may hold (OpenAI: 50,000 requests, 200 MB); more is split
@@ -81,10 +86,11 @@ class Batch:
     requests: int
     run_id: str
     created_at: float      # epoch seconds
+    url: str | None = None  # where it was submitted (safe_url: credentials removed)
 
 
 _BATCH_COLUMNS = ("batch_id, kind, provider_batch_id, input_file_id, status, requests, run_id,"
-                  " epoch(created_at)")
+                  " epoch(created_at), url")
 
 
 def say(line: str) -> None:
@@ -292,6 +298,9 @@ class Rounds:
         self.waiting_items: list[tuple[Work, Request]] = []
         self.failed: dict[str, str] = {}           # keys this run's batches failed to answer
         self.budget: str | None = None             # the --max-cost line, once reached
+        #: keys held by pending batches this run cannot poll (another URL): never sent
+        self.blocked: set[str] = set()
+        self.blocked_line: str | None = None
 
     # -- called by the engine ---------------------------------------------------------------
     def defer(self, req: Request) -> str | None:
@@ -299,7 +308,7 @@ class Rounds:
         a re-run when the budget would not cover it)."""
         if req.key in self.failed:
             return self.failed[req.key]
-        if req.key in self.deferred:
+        if req.key in self.deferred or req.key in self.blocked:
             return None
         estimate = self.state.estimate(req)
         over = self.state.over_budget(estimate)
@@ -335,8 +344,9 @@ class Rounds:
             if state.stop_reason:
                 break
             await state.work(items)
-        if self.budget:
-            state._stop(self.budget)
+        for line in (self.blocked_line, self.budget):
+            if line:
+                state._stop(line)
 
     def count(self, row: dict[str, Any]) -> None:
         """An llm_calls row this run brought in: an answer (items using it were not answered
@@ -427,7 +437,18 @@ class Rounds:
     async def _resume_and_submit(self) -> None:
         await self.backend.start()
         keys = list(self.deferred)
-        pending, covered = await self._write(lambda con: _pending(con, keys))
+        pending, covered = await self._write(lambda con: pending_batches(con, keys))
+        # a batch is polled where it was submitted: another server's batch of the same id is
+        # not it (and importing that one would orphan ours)
+        here = safe_url(self.options.url)
+        elsewhere = [b for b in pending if b.url != here]
+        if elsewhere:
+            ids = {b.batch_id for b in elsewhere}
+            held = {k for k, b in covered.items() if b in ids and k in self.deferred}
+            self.blocked |= held
+            self.blocked_line = held_line(elsewhere, len(held))
+            say(self.blocked_line)
+            pending = [b for b in pending if b.url == here]
         if pending:
             say(f"resuming {len(pending)} batch(es) submitted before and not yet imported "
                 f"({', '.join(b.batch_id for b in pending)}): their requests are not "
@@ -585,22 +606,31 @@ class Rounds:
             + (f" ({why})" if why else ""))
 
 
-def _pending(con: duckdb.DuckDBPyConnection, keys: list[str]) -> tuple[list[Batch], set[str]]:
-    """Batches submitted to the provider, not yet imported, that hold any of `keys`, and
-    every key they hold."""
-    con.execute("create or replace temp view _batch_keys as select batch_id,"
-                " unnest(answers).key as key from teacher_batch_lines where batch_id in"
-                " (select batch_id from teacher_batches where kind = 'api'"
-                " and imported_at is null)").fetchall()
-    rows = con.execute(
-        f"select {_BATCH_COLUMNS} from teacher_batches where batch_id in (select batch_id"
-        " from _batch_keys where key in (select unnest(?::varchar[]))) order by created_at",
-        [keys]).fetchall()
-    pending = [Batch(*r) for r in rows]
-    covered = {k for (k,) in con.execute(
-        "select key from _batch_keys where batch_id in (select unnest(?::varchar[]))",
-        [[b.batch_id for b in pending]]).fetchall()}
-    return pending, covered
+def pending_batches(con: duckdb.DuckDBPyConnection, keys: list[str]
+                    ) -> tuple[list[Batch], dict[str, str]]:
+    """Provider batches still pending (PENDING) that hold any of `keys`, and every key they
+    hold -> its batch_id."""
+    held = con.execute(
+        "with k as (select batch_id, unnest(answers).key as key from teacher_batch_lines"
+        " where batch_id in (select batch_id from teacher_batches where kind = 'api' and"
+        f" {PENDING})) select key, batch_id from k where batch_id in (select batch_id from k"
+        " where key in (select unnest(?::varchar[])))", [keys]).fetchall()
+    covered = dict(held)
+    rows = con.execute(f"select {_BATCH_COLUMNS} from teacher_batches where batch_id in"
+                       " (select unnest(?::varchar[])) order by created_at",
+                       [sorted(set(covered.values()))]).fetchall()
+    return [Batch(*r) for r in rows], covered
+
+
+def held_line(batches: list[Batch], held: int) -> str:
+    """One line: `held` requests of this run wait in `batches`, and how to collect them or
+    give them up."""
+    where = "; ".join(f"{b.batch_id} ({b.status}, {b.url or 'no URL'})" for b in batches)
+    urls = sorted({b.url or "" for b in batches})
+    return (f"{held:,} requests of this run wait in {len(batches)} batch(es) submitted before "
+            f"and not yet imported: {where}; collect them with --mode batch --teacher-url "
+            f"{' / '.join(urls)} (nothing is submitted again), or give them up with "
+            "--abandon-batches (they are then paid again)")
 
 
 def _split(requests: list[Request], lines: list[bytes]

@@ -44,7 +44,13 @@ from factory.errors import FactoryError, Interrupted, first_line
 from factory.prompts import Prompt
 from factory.runs import finish_run, live_runs, start_run
 from factory.teacher.backends import Backend, TransformersBackend, make_backend
-from factory.teacher.batch import BatchMode, file_backend
+from factory.teacher.batch import (
+    PENDING,
+    BatchMode,
+    file_backend,
+    held_line,
+    pending_batches,
+)
 from factory.teacher.cost import PriceTable, Pricing
 from factory.teacher.journal import Journal, journal_dir
 from factory.teacher.keys import api_key, redact
@@ -365,6 +371,8 @@ class TeacherJob:
         self._record_prompt(prompt)
         if self.batch_mode is not None:
             self.batch_mode.import_file()      # --import-batch: its answers first
+        else:
+            self._refuse_held(items, prompt)
         if self.options.cache_only:
             self._require_cached(items)
         state = _RunState(self, items, prompt, parse, table, row, with_reasoning)
@@ -426,6 +434,27 @@ class TeacherJob:
             raise FactoryError(
                 f"--cache-only: {len(missing):,} of {len(items):,} requests are not in the cache "
                 f"(first: {missing[0].id}); run without --cache-only to send them")
+
+    def _refuse_held(self, items: list[tuple[Work, Request]], prompt: Prompt) -> None:
+        """Online mode never sends a request that a pending batch will answer (switching
+        modes never pays twice): it stops, saying how to collect or give up the batch."""
+        if self.options.cache_only or not self.wh.path.exists():
+            return
+        with self.wh.read() as con:
+            if not con.execute(f"select count(*) from teacher_batches where kind = 'api'"
+                               f" and {PENDING}").fetchone()[0]:
+                return
+            # every draw: a redraw may wait in a batch too
+            keys = [r.key for _, r in items] + [
+                self.request(prompt, w, d).key for w, _ in items
+                for d in range(1, 1 + self.options.parse_retries)]
+            batches, covered = pending_batches(con, keys)
+            held = set(keys) & set(covered)
+            if held and not self.options.refresh:
+                held -= set(cached_answers(con, sorted(held)))
+        if held:
+            raise FactoryError(held_line([b for b in batches if b.batch_id in {
+                covered[k] for k in held}], len(held)))
 
     def _dry_run(self, items: list[tuple[Work, Request]], prompt: Prompt) -> Report:
         hits = {} if self.options.refresh else self._lookup([r.key for _, r in items])
