@@ -263,6 +263,35 @@ def test_a_pending_batch_is_polled_only_at_its_own_url(tiny):
     assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(6,)]
 
 
+def test_a_batch_the_provider_lost_is_marked_and_its_requests_sent_again(tiny):
+    """After a server restart the recorded batch answers 404: the dry run counts its
+    requests, the re-run marks it lost (one line) and submits them in a new batch."""
+    with OpenAIServer() as server:
+        leave_pending(tiny, server, "--limit", "4")
+        server.batches.clear()                             # the provider forgot it
+        server.release()
+        dry = ok(cli(tiny, *job(server, "--mode", "batch", "--limit", "4", "--dry-run")))
+        assert [x.split()[-1] for x in dry.splitlines()
+                if "waiting in pending batches" in x] == ["4"]
+        out = ok(cli(tiny, *job(server, "--mode", "batch", "--limit", "4", *FAST)))
+        assert "batch batch_0001: lost (" in out
+        assert "its 4 requests are submitted again" in out
+        assert [len(b.lines) for b in server.batches.values()] == [4]
+    assert rows(tiny, "select status, coalesce(error, '') like '%HTTP 404%' from teacher_batches"
+                      " order by created_at") == [("lost", True), ("completed", False)]
+    assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(4,)]
+
+
+def test_abandon_batches_gives_up_pending_batches(tiny):
+    with OpenAIServer() as server:
+        leave_pending(tiny, server, "--limit", "3")
+        out = ok(cli(tiny, *job(server, "--limit", "3", "--abandon-batches")))
+        assert "--abandon-batches: 1 pending batch(es) of describe-items abandoned (3 " in out
+        assert server.count("ok") == 3                     # sent online, paid again
+    assert rows(tiny, "select status from teacher_batches") == [("abandoned",)]
+    assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(3,)]
+
+
 @pytest.mark.parametrize("end", ["expired", "failed"])
 def test_a_batch_that_ends_unanswered_leaves_its_requests_to_the_next_run(tiny, end):
     """An expired batch: the lines it answered are imported, the others fail with the

@@ -550,7 +550,13 @@ class Rounds:
             await self._create(batch)
         client = self.backend.clients[0]
         provider_id = str(batch.provider_batch_id)
-        info = await self._api(lambda: client.batches.retrieve(provider_id))
+        try:
+            info = await self._api(lambda: client.batches.retrieve(provider_id))
+        except JobError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+            await self._lose(batch)
+            return True
         counts = info.request_counts
         done = (f" · {counts.completed + counts.failed:,}/{counts.total:,} done · "
                 f"{counts.failed:,} failed" if counts else "")
@@ -578,6 +584,17 @@ class Rounds:
             f"batch {provider_id} {info.status}" + (f": {errors}" if errors else ""))
         await self._import(batch, lines, why, info)
         return True
+
+    async def _lose(self, batch: Batch) -> None:
+        """The provider no longer knows `batch` (a restarted server, a purged account): it is
+        marked lost and its requests go into the next round's batch."""
+        why = f"{safe_url(self.options.url)} answers HTTP 404 for batch {batch.provider_batch_id}"
+        await self._write(lambda con: con.execute(
+            "update teacher_batches set status = 'lost', error = ?,"
+            " finished_at = current_timestamp where batch_id = ?", [why, batch.batch_id]
+        ).fetchall())
+        say(f"batch {batch.provider_batch_id}: lost ({why}); its {batch.requests:,} requests "
+            "are submitted again")
 
     async def _import(self, batch: Batch, lines: list[dict[str, Any]], why: str | None,
                       info: Any) -> None:
@@ -620,6 +637,18 @@ def pending_batches(con: duckdb.DuckDBPyConnection, keys: list[str]
                        " (select unnest(?::varchar[])) order by created_at",
                        [sorted(set(covered.values()))]).fetchall()
     return [Batch(*r) for r in rows], covered
+
+
+def abandon(con: duckdb.DuckDBPyConnection, job: str, dataset: str | None, run_id: str
+            ) -> tuple[int, int]:
+    """--abandon-batches: the job's pending batches given up; (batches, requests)."""
+    where = f"job = ? and dataset is not distinct from ? and {PENDING}"
+    n, requests = con.execute(f"select count(*), coalesce(sum(requests), 0) from"
+                              f" teacher_batches where {where}", [job, dataset]).fetchone()
+    con.execute(f"update teacher_batches set status = 'abandoned', error = ?,"
+                f" finished_at = current_timestamp where {where}",
+                [f"abandoned by run {run_id} (--abandon-batches)", job, dataset]).fetchall()
+    return n, requests
 
 
 def held_line(batches: list[Batch], held: int) -> str:
