@@ -392,6 +392,22 @@ def test_a_batch_file_holds_the_online_bodies_and_its_results_import_once(tiny, 
         ("file", "imported")]
 
 
+@pytest.mark.parametrize("mode", [(), ("--mode", "batch")])
+def test_an_import_run_submits_nothing(tiny, tmp_path, mode):
+    """--import-batch with a --teacher-url (here unreachable) imports, then says in one line
+    that the redraws go into the next --batch-file: nothing is uploaded or sent."""
+    batch_file, results = tmp_path / "d.jsonl", tmp_path / "r.jsonl"
+    ok(cli(tiny, *job(None, "--batch-file", str(batch_file))))
+    with OpenAIServer(faults=MALFORMED) as runner:
+        results.write_bytes(runner.run_batch(batch_file.read_bytes()))
+    out = ok(cli(tiny, "describe-items", "--dataset", "tiny", "--teacher-url",
+                 "http://127.0.0.1:9/v1", "--teacher-model", "m", *mode,
+                 "--import-batch", str(results)))
+    assert f"imported {ITEMS} answers" in out
+    assert "requests still need an answer" in out and "--batch-file PATH" in out
+    assert rows(tiny, "select distinct kind from teacher_batches") == [("file",)]
+
+
 def test_testing_run_batch_answers_a_batch_file_with_the_simulated_teacher(tiny, tmp_path):
     batch_file, results = tmp_path / "d.jsonl", tmp_path / "r.jsonl"
     ok(cli(tiny, "describe-items", "--dataset", "tiny", "--teacher-model", "simulated-teacher",

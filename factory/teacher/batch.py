@@ -332,7 +332,9 @@ class Rounds:
             if self.options.batch_file is not None:
                 await asyncio.to_thread(self._write_file)
                 break
-            if not self.options.url:       # --import-batch alone: nowhere to send the rest
+            # an import run only imports (README: the next round is a --batch-file); without
+            # --teacher-url there is nowhere to send the rest anyway
+            if self.options.import_batch is not None or not self.options.url:
                 state._stop(f"{len(self.deferred):,} requests still need an answer (redraws "
                             "of rejected answers, or lines the results lacked): write them "
                             "with --batch-file PATH")
