@@ -436,6 +436,32 @@ def test_bad_results_files_are_one_line_errors_that_import_nothing(tiny, tmp_pat
                         "line 3: not a batch output line"),
         "empty": ([], "no lines"),
     }
+
+    def edit(n: int, change) -> list[str]:
+        line = json.loads(good[n])
+        change(line, line["response"]["body"])
+        return [good[0], good[1], good[2]][:n] + [json.dumps(line)] + good[n + 1:]
+
+    usage = "line 3: usage."
+    body = "line 3: its body is not a chat completion"
+    hand_edited = {
+        "usage string": (lambda ln, b: b["usage"].update(completion_tokens="x"), usage),
+        "negative": (lambda ln, b: b["usage"].update(prompt_tokens=-5), usage),
+        "huge": (lambda ln, b: b["usage"].update(completion_tokens=10**12), usage),
+        "float": (lambda ln, b: b["usage"].update(completion_tokens=1.5), usage),
+        "1e9": (lambda ln, b: b["usage"].update(completion_tokens=1e9), usage),
+        "message string": (lambda ln, b: b["choices"][0].update(message="hi"), body),
+        "no choices": (lambda ln, b: b.pop("choices"), body),
+        "empty choices": (lambda ln, b: b.update(choices=[]), body),
+        "string body": (lambda ln, b: ln["response"].update(body="text"), body),
+        "null body": (lambda ln, b: ln["response"].update(body=None), body),
+    }
+    for name, (change, message) in hand_edited.items():
+        cases[name] = (edit(2, change), message)
+    other = json.loads(good[0])
+    other["response"]["body"]["choices"][0]["message"]["content"] = "another answer"
+    cases["duplicate"] = ([good[0], good[1], json.dumps(other)],
+                          f"line 3: custom_id {other['custom_id']!r} again (first: line 1)")
     for name, (lines, message) in cases.items():
         results.write_text("".join(x + "\n" for x in lines))
         proc = subprocess.run(factory(tiny, *job(None, "--import-batch", str(results))),

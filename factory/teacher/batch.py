@@ -101,8 +101,9 @@ def say(line: str) -> None:
 def read_output(text: str, where: str, strict: bool = True) -> list[dict[str, Any]]:
     """The lines of a batch output (or error) file. A line that is not one is a one-line
     error naming its number, or without `strict` (a provider's file: its request counts as
-    unanswered, and is sent again by the next run) a warning."""
-    lines, bad = [], []
+    unanswered, and is sent again by the next run) a warning. `strict` also refuses a
+    custom_id given twice (which answer would count?)."""
+    lines, bad, seen = [], [], {}
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
@@ -110,22 +111,54 @@ def read_output(text: str, where: str, strict: bool = True) -> list[dict[str, An
             line = json.loads(raw)
         except ValueError:
             line = None
-        response = line.get("response") if isinstance(line, dict) else None
-        if isinstance(line, dict) and isinstance(line.get("custom_id"), str) and (
-                isinstance(response, dict) and isinstance(response.get("status_code"), int)
-                or response is None and line.get("error")):
+        why = "not JSON" if line is None else _problem(line)
+        if why is None and strict and line["custom_id"] in seen:
+            why = f"custom_id {line['custom_id']!r} again (first: line {seen[line['custom_id']]})"
+        if why is None:
+            seen[line["custom_id"]] = n
             lines.append(line)
             continue
-        why = ("not JSON" if line is None else "not a batch output line (needs a custom_id "
-               "and a response with a status_code, or an error)")
         if strict:
             raise FactoryError(f"{where} line {n}: {why}; expected a batch output line "
-                               '{"custom_id", "response": {"status_code", "body"}, "error"}')
+                               '{"custom_id", "response": {"status_code", "body"}, "error"}; '
+                               "nothing imported")
         bad.append(n)
     if bad:
         say(f"{where}: {len(bad):,} malformed line(s) skipped (first: line {bad[0]}); "
             "their requests count as unanswered")
     return lines
+
+
+#: more tokens than one request can have: a usage count past it is not a real one
+MAX_TOKENS = 100_000_000
+
+
+def _problem(line: Any) -> str | None:
+    """Why `line` is not a batch output line, or None. An answer (status 200, no error) must
+    be a chat completion whose usage counts are whole tokens: it is priced and stored."""
+    response = line.get("response") if isinstance(line, dict) else None
+    if not (isinstance(line, dict) and isinstance(line.get("custom_id"), str) and (
+            isinstance(response, dict) and isinstance(response.get("status_code"), int)
+            or response is None and line.get("error"))):
+        return ("not a batch output line (needs a custom_id and a response with a "
+                "status_code, or an error)")
+    if response is None or response["status_code"] != 200 or line.get("error"):
+        return None                    # a failed request: legitimate, stored as failed
+    body = response.get("body")
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not (isinstance(choices, list) and choices and all(
+            isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)):
+        return "its body is not a chat completion (needs choices with a message each)"
+    usage = body.get("usage")
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        return "its usage is not an object"
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        value = usage.get(name)
+        if value is not None and not (type(value) is int and 0 <= value <= MAX_TOKENS):
+            return f"usage.{name} = {value!r} is not a token count"
+    return None
 
 
 def _line_error(line: dict[str, Any]) -> tuple[str, str | None]:
