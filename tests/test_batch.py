@@ -408,6 +408,25 @@ def test_an_import_run_submits_nothing(tiny, tmp_path, mode):
     assert rows(tiny, "select distinct kind from teacher_batches") == [("file",)]
 
 
+def test_another_jobs_results_and_imported_rows_belong_to_the_importing_run(tiny, tmp_path):
+    batch_file, results = tmp_path / "d.jsonl", tmp_path / "r.jsonl"
+    ok(cli(tiny, *job(None, "--batch-file", str(batch_file), "--limit", "3")))
+    with OpenAIServer() as runner:
+        results.write_bytes(runner.run_batch(batch_file.read_bytes()))
+    with tiny.write() as con:              # as if a keywords run had written the file
+        con.execute("update teacher_batches set job = 'keywords'")
+    result = cli(tiny, *job(None, "--import-batch", str(results), "--limit", "3"))
+    assert isinstance(result.exception, FactoryError)
+    assert "written for keywords on tiny, not describe-items on tiny" in str(result.exception)
+    assert rows(tiny, "select count(*) from llm_calls") == [(0,)]
+    with tiny.write() as con:
+        con.execute("update teacher_batches set job = 'describe-items'")
+    ok(cli(tiny, *job(None, "--import-batch", str(results), "--limit", "3")))
+    importer = rows(tiny, "select run_id from job_runs where job = 'describe-items'"
+                          " order by started_at desc limit 1")
+    assert rows(tiny, "select distinct run_id from llm_calls") == importer
+
+
 def test_testing_run_batch_answers_a_batch_file_with_the_simulated_teacher(tiny, tmp_path):
     batch_file, results = tmp_path / "d.jsonl", tmp_path / "r.jsonl"
     ok(cli(tiny, "describe-items", "--dataset", "tiny", "--teacher-model", "simulated-teacher",

@@ -288,12 +288,27 @@ class BatchMode:
                                "run_batch` (or a provider's batch)")
         ids = [ln["custom_id"] for ln in lines]
         with self.job.wh.write() as con:
+            # only this job's (and dataset's) files: another job's answers are not ours
+            mine = "b.job = ? and b.dataset is not distinct from ?"
             known = con.execute(
-                "select l.custom_id, any_value(l.batch_id), any_value(l.answers),"
-                " any_value(b.run_id) from teacher_batch_lines l join teacher_batches b"
-                " using (batch_id) where b.kind = 'file' and l.custom_id in"
-                " (select unnest(?::varchar[])) group by l.custom_id", [ids]).fetchall()
-            found = {c for c, _, _, _ in known}
+                "select l.custom_id, any_value(l.batch_id), any_value(l.answers)"
+                " from teacher_batch_lines l join teacher_batches b using (batch_id)"
+                f" where b.kind = 'file' and {mine} and l.custom_id in"
+                " (select unnest(?::varchar[])) group by l.custom_id",
+                [self.job.job, self.job.dataset, ids]).fetchall()
+            found = {c for c, _, _ in known}
+            other = con.execute(
+                "select any_value(b.job), any_value(b.dataset) from teacher_batch_lines l"
+                " join teacher_batches b using (batch_id) where b.kind = 'file' and not"
+                f" ({mine}) and l.custom_id in (select unnest(?::varchar[]))",
+                [self.job.job, self.job.dataset, [c for c in ids if c not in found]]
+            ).fetchone()
+            if other is not None and other[0] is not None:
+                raise FactoryError(
+                    f"{where}: the results of a batch file written for {other[0]} on "
+                    f"{other[1] or 'no dataset'}, not {self.job.job} on "
+                    f"{self.job.dataset or 'no dataset'}; import it with that job; "
+                    "nothing imported")
             unknown = [(n, c) for n, c in enumerate(ids, 1) if c not in found]
             if unknown:
                 n, custom_id = unknown[0]
@@ -302,11 +317,12 @@ class BatchMode:
                     f"batch file written by --batch-file to this warehouse"
                     + (f" ({len(unknown) - 1:,} more unknown)" if len(unknown) > 1 else "")
                     + "; nothing imported")
-            batches: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-            for custom_id, batch_id, answers, run_id in known:
-                batches.setdefault((batch_id, run_id), {})[custom_id] = answers
-            rows = [row for (batch_id, run_id), answers in batches.items()
-                    for row in self.rows(batch_id, run_id, answers, lines)]
+            batches: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            for custom_id, batch_id, answers in known:
+                batches.setdefault(batch_id, {})[custom_id] = answers
+            # the importing run's rows: its counts hold them
+            rows = [row for batch_id, answers in batches.items()
+                    for row in self.rows(batch_id, str(self.job.run_id), answers, lines)]
             written = self.store(con, rows)
             # every batch file holding these requests (one written twice too) is answered
             con.execute("update teacher_batches set imported_at = current_timestamp,"
@@ -640,8 +656,9 @@ class Rounds:
         def store(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             answers = dict(con.execute("select custom_id, answers from teacher_batch_lines"
                                        " where batch_id = ?", [batch.batch_id]).fetchall())
-            written = self.mode.store(con, self.mode.rows(batch.batch_id, batch.run_id,
-                                                          answers, lines, missing))
+            # the importing run's rows (as --import-batch's): its counts hold them
+            written = self.mode.store(con, self.mode.rows(
+                batch.batch_id, str(self.job.run_id), answers, lines, missing))
             con.execute(
                 "update teacher_batches set status = ?, error = ?, output_file_id = ?,"
                 " error_file_id = ?, finished_at = current_timestamp,"
