@@ -205,6 +205,93 @@ def test_a_job_stopped_while_polling_resumes_its_batch(tiny, sig):
     assert first == ("interrupted" if sig == signal.SIGTERM else "died")
 
 
+def leave_pending(wh: Warehouse, server: OpenAIServer, *extra: str) -> None:
+    """A batch run SIGTERMed while its batch runs at `server`: one pending batch recorded."""
+    server.hold_batches()
+    proc = subprocess.Popen(factory(wh, *job(server, "--mode", "batch", *extra, *FAST)),
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_until(lambda: server.batch_retrieves() >= 1, "polling", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rows(wh, "select count(*) from teacher_batches where imported_at is null") == [(1,)]
+
+
+def test_online_mode_never_sends_what_a_pending_batch_holds(tiny):
+    """SIGTERM while polling, then the same job online: it sends nothing of the batch's,
+    says which batch holds its requests in one line and exits 1; --mode batch collects it."""
+    with OpenAIServer() as server:
+        leave_pending(tiny, server, "--limit", "6")
+        proc = subprocess.run(factory(tiny, *job(server, "--limit", "8")), env=env(),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        error = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert len(error) == 1, proc.stderr
+        assert "6 requests of this run wait in 1 batch(es)" in error[0]
+        assert f"--mode batch --teacher-url {server.url}" in error[0]
+        assert "--abandon-batches" in error[0]
+        assert server.count() == 0 and not [r for r in server.records
+                                             if not r.path.startswith("/v1/batches")]
+        server.release()
+        ok(cli(tiny, *job(server, "--mode", "batch", "--limit", "6", *FAST)))
+        assert list(server.batches) == ["batch_0001"]
+        assert rows(tiny, "select status from teacher_batches") == [("completed",)]
+
+
+def test_a_pending_batch_is_polled_only_at_its_own_url(tiny):
+    """A batch submitted to server A is not polled at server B (which has a batch of the
+    same id): its requests are not sent to B, and one line says which URL it needs."""
+    with OpenAIServer() as a, OpenAIServer() as b:
+        leave_pending(tiny, a, "--limit", "4")
+        out = ok(cli(tiny, *job(b, "--mode", "batch", "--limit", "4", *FAST)))
+        assert len(b.batches) == 0
+        assert f"collect them with --mode batch --teacher-url {a.url}" in out
+        out = ok(cli(tiny, *job(b, "--mode", "batch", "--limit", "6", *FAST)))
+        assert "4 requests of this run wait in 1 batch(es)" in out and a.url in out
+        assert [len(x.lines) for x in b.batches.values()] == [2]    # batch_0001, the others
+        assert a.batches["batch_0001"].retrieves == 1    # only by the first run
+        assert rows(tiny, "select count(*) from item_descriptions") == [(2,)]
+        a.release()
+        ok(cli(tiny, *job(a, "--mode", "batch", "--limit", "4", *FAST)))
+        assert list(a.batches) == ["batch_0001"]
+    assert rows(tiny, "select status from teacher_batches order by created_at") == [
+        ("completed",), ("completed",)]
+    assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(6,)]
+
+
+def test_a_batch_the_provider_lost_is_marked_and_its_requests_sent_again(tiny):
+    """After a server restart the recorded batch answers 404: the dry run counts its
+    requests, the re-run marks it lost (one line) and submits them in a new batch."""
+    with OpenAIServer() as server:
+        leave_pending(tiny, server, "--limit", "4")
+        server.batches.clear()                             # the provider forgot it
+        server.release()
+        dry = ok(cli(tiny, *job(server, "--mode", "batch", "--limit", "4", "--dry-run")))
+        assert [x.split()[-1] for x in dry.splitlines()
+                if "waiting in pending batches" in x] == ["4"]
+        out = ok(cli(tiny, *job(server, "--mode", "batch", "--limit", "4", *FAST)))
+        assert "batch batch_0001: lost (" in out
+        assert "its 4 requests are submitted again" in out
+        assert [len(b.lines) for b in server.batches.values()] == [4]
+    assert rows(tiny, "select status, coalesce(error, '') like '%HTTP 404%' from teacher_batches"
+                      " order by created_at") == [("lost", True), ("completed", False)]
+    assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(4,)]
+
+
+def test_abandon_batches_gives_up_pending_batches(tiny):
+    with OpenAIServer() as server:
+        leave_pending(tiny, server, "--limit", "3")
+        out = ok(cli(tiny, *job(server, "--limit", "3", "--abandon-batches")))
+        assert "--abandon-batches: 1 pending batch(es) of describe-items abandoned (3 " in out
+        assert server.count("ok") == 3                     # sent online, paid again
+    assert rows(tiny, "select status from teacher_batches") == [("abandoned",)]
+    assert rows(tiny, "select count(*) from item_descriptions where status = 'ok'") == [(3,)]
+
+
 @pytest.mark.parametrize("end", ["expired", "failed"])
 def test_a_batch_that_ends_unanswered_leaves_its_requests_to_the_next_run(tiny, end):
     """An expired batch: the lines it answered are imported, the others fail with the
@@ -305,6 +392,41 @@ def test_a_batch_file_holds_the_online_bodies_and_its_results_import_once(tiny, 
         ("file", "imported")]
 
 
+@pytest.mark.parametrize("mode", [(), ("--mode", "batch")])
+def test_an_import_run_submits_nothing(tiny, tmp_path, mode):
+    """--import-batch with a --teacher-url (here unreachable) imports, then says in one line
+    that the redraws go into the next --batch-file: nothing is uploaded or sent."""
+    batch_file, results = tmp_path / "d.jsonl", tmp_path / "r.jsonl"
+    ok(cli(tiny, *job(None, "--batch-file", str(batch_file))))
+    with OpenAIServer(faults=MALFORMED) as runner:
+        results.write_bytes(runner.run_batch(batch_file.read_bytes()))
+    out = ok(cli(tiny, "describe-items", "--dataset", "tiny", "--teacher-url",
+                 "http://127.0.0.1:9/v1", "--teacher-model", "m", *mode,
+                 "--import-batch", str(results)))
+    assert f"imported {ITEMS} answers" in out
+    assert "requests still need an answer" in out and "--batch-file PATH" in out
+    assert rows(tiny, "select distinct kind from teacher_batches") == [("file",)]
+
+
+def test_another_jobs_results_and_imported_rows_belong_to_the_importing_run(tiny, tmp_path):
+    batch_file, results = tmp_path / "d.jsonl", tmp_path / "r.jsonl"
+    ok(cli(tiny, *job(None, "--batch-file", str(batch_file), "--limit", "3")))
+    with OpenAIServer() as runner:
+        results.write_bytes(runner.run_batch(batch_file.read_bytes()))
+    with tiny.write() as con:              # as if a keywords run had written the file
+        con.execute("update teacher_batches set job = 'keywords'")
+    result = cli(tiny, *job(None, "--import-batch", str(results), "--limit", "3"))
+    assert isinstance(result.exception, FactoryError)
+    assert "written for keywords on tiny, not describe-items on tiny" in str(result.exception)
+    assert rows(tiny, "select count(*) from llm_calls") == [(0,)]
+    with tiny.write() as con:
+        con.execute("update teacher_batches set job = 'describe-items'")
+    ok(cli(tiny, *job(None, "--import-batch", str(results), "--limit", "3")))
+    importer = rows(tiny, "select run_id from job_runs where job = 'describe-items'"
+                          " order by started_at desc limit 1")
+    assert rows(tiny, "select distinct run_id from llm_calls") == importer
+
+
 def test_testing_run_batch_answers_a_batch_file_with_the_simulated_teacher(tiny, tmp_path):
     batch_file, results = tmp_path / "d.jsonl", tmp_path / "r.jsonl"
     ok(cli(tiny, "describe-items", "--dataset", "tiny", "--teacher-model", "simulated-teacher",
@@ -333,6 +455,32 @@ def test_bad_results_files_are_one_line_errors_that_import_nothing(tiny, tmp_pat
                         "line 3: not a batch output line"),
         "empty": ([], "no lines"),
     }
+
+    def edit(n: int, change) -> list[str]:
+        line = json.loads(good[n])
+        change(line, line["response"]["body"])
+        return [good[0], good[1], good[2]][:n] + [json.dumps(line)] + good[n + 1:]
+
+    usage = "line 3: usage."
+    body = "line 3: its body is not a chat completion"
+    hand_edited = {
+        "usage string": (lambda ln, b: b["usage"].update(completion_tokens="x"), usage),
+        "negative": (lambda ln, b: b["usage"].update(prompt_tokens=-5), usage),
+        "huge": (lambda ln, b: b["usage"].update(completion_tokens=10**12), usage),
+        "float": (lambda ln, b: b["usage"].update(completion_tokens=1.5), usage),
+        "1e9": (lambda ln, b: b["usage"].update(completion_tokens=1e9), usage),
+        "message string": (lambda ln, b: b["choices"][0].update(message="hi"), body),
+        "no choices": (lambda ln, b: b.pop("choices"), body),
+        "empty choices": (lambda ln, b: b.update(choices=[]), body),
+        "string body": (lambda ln, b: ln["response"].update(body="text"), body),
+        "null body": (lambda ln, b: ln["response"].update(body=None), body),
+    }
+    for name, (change, message) in hand_edited.items():
+        cases[name] = (edit(2, change), message)
+    other = json.loads(good[0])
+    other["response"]["body"]["choices"][0]["message"]["content"] = "another answer"
+    cases["duplicate"] = ([good[0], good[1], json.dumps(other)],
+                          f"line 3: custom_id {other['custom_id']!r} again (first: line 1)")
     for name, (lines, message) in cases.items():
         results.write_text("".join(x + "\n" for x in lines))
         proc = subprocess.run(factory(tiny, *job(None, "--import-batch", str(results))),

@@ -52,6 +52,11 @@ ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
 #: a batch in one of these statuses changes no more
 ENDED = ("completed", "failed", "expired", "cancelled")
+#: statuses of a recorded batch given up (the provider lost it, --abandon-batches): its
+#: requests may be sent again
+GIVEN_UP = ("lost", "abandoned")
+#: a recorded batch whose answers may still come: not imported, not given up
+PENDING = f"imported_at is null and status not in {GIVEN_UP!r}"
 #: how often a poll's wait looks for a signal
 WAKE_S = 0.1
 #: what one provider batch may hold (OpenAI: 50,000 requests, 200 MB); more is split
@@ -81,10 +86,11 @@ class Batch:
     requests: int
     run_id: str
     created_at: float      # epoch seconds
+    url: str | None = None  # where it was submitted (safe_url: credentials removed)
 
 
 _BATCH_COLUMNS = ("batch_id, kind, provider_batch_id, input_file_id, status, requests, run_id,"
-                  " epoch(created_at)")
+                  " epoch(created_at), url")
 
 
 def say(line: str) -> None:
@@ -95,8 +101,9 @@ def say(line: str) -> None:
 def read_output(text: str, where: str, strict: bool = True) -> list[dict[str, Any]]:
     """The lines of a batch output (or error) file. A line that is not one is a one-line
     error naming its number, or without `strict` (a provider's file: its request counts as
-    unanswered, and is sent again by the next run) a warning."""
-    lines, bad = [], []
+    unanswered, and is sent again by the next run) a warning. `strict` also refuses a
+    custom_id given twice (which answer would count?)."""
+    lines, bad, seen = [], [], {}
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
@@ -104,22 +111,54 @@ def read_output(text: str, where: str, strict: bool = True) -> list[dict[str, An
             line = json.loads(raw)
         except ValueError:
             line = None
-        response = line.get("response") if isinstance(line, dict) else None
-        if isinstance(line, dict) and isinstance(line.get("custom_id"), str) and (
-                isinstance(response, dict) and isinstance(response.get("status_code"), int)
-                or response is None and line.get("error")):
+        why = "not JSON" if line is None else _problem(line)
+        if why is None and strict and line["custom_id"] in seen:
+            why = f"custom_id {line['custom_id']!r} again (first: line {seen[line['custom_id']]})"
+        if why is None:
+            seen[line["custom_id"]] = n
             lines.append(line)
             continue
-        why = ("not JSON" if line is None else "not a batch output line (needs a custom_id "
-               "and a response with a status_code, or an error)")
         if strict:
             raise FactoryError(f"{where} line {n}: {why}; expected a batch output line "
-                               '{"custom_id", "response": {"status_code", "body"}, "error"}')
+                               '{"custom_id", "response": {"status_code", "body"}, "error"}; '
+                               "nothing imported")
         bad.append(n)
     if bad:
         say(f"{where}: {len(bad):,} malformed line(s) skipped (first: line {bad[0]}); "
             "their requests count as unanswered")
     return lines
+
+
+#: more tokens than one request can have: a usage count past it is not a real one
+MAX_TOKENS = 100_000_000
+
+
+def _problem(line: Any) -> str | None:
+    """Why `line` is not a batch output line, or None. An answer (status 200, no error) must
+    be a chat completion whose usage counts are whole tokens: it is priced and stored."""
+    response = line.get("response") if isinstance(line, dict) else None
+    if not (isinstance(line, dict) and isinstance(line.get("custom_id"), str) and (
+            isinstance(response, dict) and isinstance(response.get("status_code"), int)
+            or response is None and line.get("error"))):
+        return ("not a batch output line (needs a custom_id and a response with a "
+                "status_code, or an error)")
+    if response is None or response["status_code"] != 200 or line.get("error"):
+        return None                    # a failed request: legitimate, stored as failed
+    body = response.get("body")
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not (isinstance(choices, list) and choices and all(
+            isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)):
+        return "its body is not a chat completion (needs choices with a message each)"
+    usage = body.get("usage")
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        return "its usage is not an object"
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        value = usage.get(name)
+        if value is not None and not (type(value) is int and 0 <= value <= MAX_TOKENS):
+            return f"usage.{name} = {value!r} is not a token count"
+    return None
 
 
 def _line_error(line: dict[str, Any]) -> tuple[str, str | None]:
@@ -249,12 +288,27 @@ class BatchMode:
                                "run_batch` (or a provider's batch)")
         ids = [ln["custom_id"] for ln in lines]
         with self.job.wh.write() as con:
+            # only this job's (and dataset's) files: another job's answers are not ours
+            mine = "b.job = ? and b.dataset is not distinct from ?"
             known = con.execute(
-                "select l.custom_id, any_value(l.batch_id), any_value(l.answers),"
-                " any_value(b.run_id) from teacher_batch_lines l join teacher_batches b"
-                " using (batch_id) where b.kind = 'file' and l.custom_id in"
-                " (select unnest(?::varchar[])) group by l.custom_id", [ids]).fetchall()
-            found = {c for c, _, _, _ in known}
+                "select l.custom_id, any_value(l.batch_id), any_value(l.answers)"
+                " from teacher_batch_lines l join teacher_batches b using (batch_id)"
+                f" where b.kind = 'file' and {mine} and l.custom_id in"
+                " (select unnest(?::varchar[])) group by l.custom_id",
+                [self.job.job, self.job.dataset, ids]).fetchall()
+            found = {c for c, _, _ in known}
+            other = con.execute(
+                "select any_value(b.job), any_value(b.dataset) from teacher_batch_lines l"
+                " join teacher_batches b using (batch_id) where b.kind = 'file' and not"
+                f" ({mine}) and l.custom_id in (select unnest(?::varchar[]))",
+                [self.job.job, self.job.dataset, [c for c in ids if c not in found]]
+            ).fetchone()
+            if other is not None and other[0] is not None:
+                raise FactoryError(
+                    f"{where}: the results of a batch file written for {other[0]} on "
+                    f"{other[1] or 'no dataset'}, not {self.job.job} on "
+                    f"{self.job.dataset or 'no dataset'}; import it with that job; "
+                    "nothing imported")
             unknown = [(n, c) for n, c in enumerate(ids, 1) if c not in found]
             if unknown:
                 n, custom_id = unknown[0]
@@ -263,11 +317,12 @@ class BatchMode:
                     f"batch file written by --batch-file to this warehouse"
                     + (f" ({len(unknown) - 1:,} more unknown)" if len(unknown) > 1 else "")
                     + "; nothing imported")
-            batches: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-            for custom_id, batch_id, answers, run_id in known:
-                batches.setdefault((batch_id, run_id), {})[custom_id] = answers
-            rows = [row for (batch_id, run_id), answers in batches.items()
-                    for row in self.rows(batch_id, run_id, answers, lines)]
+            batches: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            for custom_id, batch_id, answers in known:
+                batches.setdefault(batch_id, {})[custom_id] = answers
+            # the importing run's rows: its counts hold them
+            rows = [row for batch_id, answers in batches.items()
+                    for row in self.rows(batch_id, str(self.job.run_id), answers, lines)]
             written = self.store(con, rows)
             # every batch file holding these requests (one written twice too) is answered
             con.execute("update teacher_batches set imported_at = current_timestamp,"
@@ -292,6 +347,9 @@ class Rounds:
         self.waiting_items: list[tuple[Work, Request]] = []
         self.failed: dict[str, str] = {}           # keys this run's batches failed to answer
         self.budget: str | None = None             # the --max-cost line, once reached
+        #: keys held by pending batches this run cannot poll (another URL): never sent
+        self.blocked: set[str] = set()
+        self.blocked_line: str | None = None
 
     # -- called by the engine ---------------------------------------------------------------
     def defer(self, req: Request) -> str | None:
@@ -299,7 +357,7 @@ class Rounds:
         a re-run when the budget would not cover it)."""
         if req.key in self.failed:
             return self.failed[req.key]
-        if req.key in self.deferred:
+        if req.key in self.deferred or req.key in self.blocked:
             return None
         estimate = self.state.estimate(req)
         over = self.state.over_budget(estimate)
@@ -323,7 +381,9 @@ class Rounds:
             if self.options.batch_file is not None:
                 await asyncio.to_thread(self._write_file)
                 break
-            if not self.options.url:       # --import-batch alone: nowhere to send the rest
+            # an import run only imports (README: the next round is a --batch-file); without
+            # --teacher-url there is nowhere to send the rest anyway
+            if self.options.import_batch is not None or not self.options.url:
                 state._stop(f"{len(self.deferred):,} requests still need an answer (redraws "
                             "of rejected answers, or lines the results lacked): write them "
                             "with --batch-file PATH")
@@ -335,8 +395,9 @@ class Rounds:
             if state.stop_reason:
                 break
             await state.work(items)
-        if self.budget:
-            state._stop(self.budget)
+        for line in (self.blocked_line, self.budget):
+            if line:
+                state._stop(line)
 
     def count(self, row: dict[str, Any]) -> None:
         """An llm_calls row this run brought in: an answer (items using it were not answered
@@ -427,7 +488,18 @@ class Rounds:
     async def _resume_and_submit(self) -> None:
         await self.backend.start()
         keys = list(self.deferred)
-        pending, covered = await self._write(lambda con: _pending(con, keys))
+        pending, covered = await self._write(lambda con: pending_batches(con, keys))
+        # a batch is polled where it was submitted: another server's batch of the same id is
+        # not it (and importing that one would orphan ours)
+        here = safe_url(self.options.url)
+        elsewhere = [b for b in pending if b.url != here]
+        if elsewhere:
+            ids = {b.batch_id for b in elsewhere}
+            held = {k for k, b in covered.items() if b in ids and k in self.deferred}
+            self.blocked |= held
+            self.blocked_line = held_line(elsewhere, len(held))
+            say(self.blocked_line)
+            pending = [b for b in pending if b.url == here]
         if pending:
             say(f"resuming {len(pending)} batch(es) submitted before and not yet imported "
                 f"({', '.join(b.batch_id for b in pending)}): their requests are not "
@@ -529,7 +601,13 @@ class Rounds:
             await self._create(batch)
         client = self.backend.clients[0]
         provider_id = str(batch.provider_batch_id)
-        info = await self._api(lambda: client.batches.retrieve(provider_id))
+        try:
+            info = await self._api(lambda: client.batches.retrieve(provider_id))
+        except JobError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+            await self._lose(batch)
+            return True
         counts = info.request_counts
         done = (f" · {counts.completed + counts.failed:,}/{counts.total:,} done · "
                 f"{counts.failed:,} failed" if counts else "")
@@ -558,6 +636,17 @@ class Rounds:
         await self._import(batch, lines, why, info)
         return True
 
+    async def _lose(self, batch: Batch) -> None:
+        """The provider no longer knows `batch` (a restarted server, a purged account): it is
+        marked lost and its requests go into the next round's batch."""
+        why = f"{safe_url(self.options.url)} answers HTTP 404 for batch {batch.provider_batch_id}"
+        await self._write(lambda con: con.execute(
+            "update teacher_batches set status = 'lost', error = ?,"
+            " finished_at = current_timestamp where batch_id = ?", [why, batch.batch_id]
+        ).fetchall())
+        say(f"batch {batch.provider_batch_id}: lost ({why}); its {batch.requests:,} requests "
+            "are submitted again")
+
     async def _import(self, batch: Batch, lines: list[dict[str, Any]], why: str | None,
                       info: Any) -> None:
         """The batch's lines into llm_calls, and the batch marked imported, in one
@@ -567,8 +656,9 @@ class Rounds:
         def store(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             answers = dict(con.execute("select custom_id, answers from teacher_batch_lines"
                                        " where batch_id = ?", [batch.batch_id]).fetchall())
-            written = self.mode.store(con, self.mode.rows(batch.batch_id, batch.run_id,
-                                                          answers, lines, missing))
+            # the importing run's rows (as --import-batch's): its counts hold them
+            written = self.mode.store(con, self.mode.rows(
+                batch.batch_id, str(self.job.run_id), answers, lines, missing))
             con.execute(
                 "update teacher_batches set status = ?, error = ?, output_file_id = ?,"
                 " error_file_id = ?, finished_at = current_timestamp,"
@@ -585,22 +675,43 @@ class Rounds:
             + (f" ({why})" if why else ""))
 
 
-def _pending(con: duckdb.DuckDBPyConnection, keys: list[str]) -> tuple[list[Batch], set[str]]:
-    """Batches submitted to the provider, not yet imported, that hold any of `keys`, and
-    every key they hold."""
-    con.execute("create or replace temp view _batch_keys as select batch_id,"
-                " unnest(answers).key as key from teacher_batch_lines where batch_id in"
-                " (select batch_id from teacher_batches where kind = 'api'"
-                " and imported_at is null)").fetchall()
-    rows = con.execute(
-        f"select {_BATCH_COLUMNS} from teacher_batches where batch_id in (select batch_id"
-        " from _batch_keys where key in (select unnest(?::varchar[]))) order by created_at",
-        [keys]).fetchall()
-    pending = [Batch(*r) for r in rows]
-    covered = {k for (k,) in con.execute(
-        "select key from _batch_keys where batch_id in (select unnest(?::varchar[]))",
-        [[b.batch_id for b in pending]]).fetchall()}
-    return pending, covered
+def pending_batches(con: duckdb.DuckDBPyConnection, keys: list[str]
+                    ) -> tuple[list[Batch], dict[str, str]]:
+    """Provider batches still pending (PENDING) that hold any of `keys`, and every key they
+    hold -> its batch_id."""
+    held = con.execute(
+        "with k as (select batch_id, unnest(answers).key as key from teacher_batch_lines"
+        " where batch_id in (select batch_id from teacher_batches where kind = 'api' and"
+        f" {PENDING})) select key, batch_id from k where batch_id in (select batch_id from k"
+        " where key in (select unnest(?::varchar[])))", [keys]).fetchall()
+    covered = dict(held)
+    rows = con.execute(f"select {_BATCH_COLUMNS} from teacher_batches where batch_id in"
+                       " (select unnest(?::varchar[])) order by created_at",
+                       [sorted(set(covered.values()))]).fetchall()
+    return [Batch(*r) for r in rows], covered
+
+
+def abandon(con: duckdb.DuckDBPyConnection, job: str, dataset: str | None, run_id: str
+            ) -> tuple[int, int]:
+    """--abandon-batches: the job's pending batches given up; (batches, requests)."""
+    where = f"job = ? and dataset is not distinct from ? and {PENDING}"
+    n, requests = con.execute(f"select count(*), coalesce(sum(requests), 0) from"
+                              f" teacher_batches where {where}", [job, dataset]).fetchone()
+    con.execute(f"update teacher_batches set status = 'abandoned', error = ?,"
+                f" finished_at = current_timestamp where {where}",
+                [f"abandoned by run {run_id} (--abandon-batches)", job, dataset]).fetchall()
+    return n, requests
+
+
+def held_line(batches: list[Batch], held: int) -> str:
+    """One line: `held` requests of this run wait in `batches`, and how to collect them or
+    give them up."""
+    where = "; ".join(f"{b.batch_id} ({b.status}, {b.url or 'no URL'})" for b in batches)
+    urls = sorted({b.url or "" for b in batches})
+    return (f"{held:,} requests of this run wait in {len(batches)} batch(es) submitted before "
+            f"and not yet imported: {where}; collect them with --mode batch --teacher-url "
+            f"{' / '.join(urls)} (nothing is submitted again), or give them up with "
+            "--abandon-batches (they are then paid again)")
 
 
 def _split(requests: list[Request], lines: list[bytes]

@@ -44,7 +44,14 @@ from factory.errors import FactoryError, Interrupted, first_line
 from factory.prompts import Prompt
 from factory.runs import finish_run, live_runs, start_run
 from factory.teacher.backends import Backend, TransformersBackend, make_backend
-from factory.teacher.batch import BatchMode, file_backend
+from factory.teacher.batch import (
+    PENDING,
+    BatchMode,
+    abandon,
+    file_backend,
+    held_line,
+    pending_batches,
+)
 from factory.teacher.cost import PriceTable, Pricing
 from factory.teacher.journal import Journal, journal_dir
 from factory.teacher.keys import api_key, redact
@@ -270,6 +277,7 @@ class TeacherJob:
         self.batch_mode = BatchMode(self) if options.mode == "batch" else None
         self.notes: set[str] = set()     # what the run said once
         self.n_refused = False       # the teacher refused an n-request: ask one by one
+        self._abandoned = False      # --abandon-batches done
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> TeacherJob:
@@ -363,8 +371,12 @@ class TeacherJob:
         if self.options.dry_run:
             return self._dry_run(items, prompt)
         self._record_prompt(prompt)
+        if self.options.abandon_batches:
+            self._abandon_batches()
         if self.batch_mode is not None:
             self.batch_mode.import_file()      # --import-batch: its answers first
+        else:
+            self._refuse_held(items, prompt)
         if self.options.cache_only:
             self._require_cached(items)
         state = _RunState(self, items, prompt, parse, table, row, with_reasoning)
@@ -427,9 +439,53 @@ class TeacherJob:
                 f"--cache-only: {len(missing):,} of {len(items):,} requests are not in the cache "
                 f"(first: {missing[0].id}); run without --cache-only to send them")
 
+    def _abandon_batches(self) -> None:
+        """--abandon-batches, once per run: say what was given up."""
+        if self._abandoned:
+            return
+        self._abandoned = True
+        with self.wh.write() as con:
+            n, requests = abandon(con, self.job, self.dataset, str(self.run_id))
+        console.print(f"--abandon-batches: {n} pending batch(es) of {self.job} abandoned "
+                      f"({requests:,} requests: sent again when needed; a batch still running "
+                      "at the provider is not cancelled there)", highlight=False)
+
+    def _refuse_held(self, items: list[tuple[Work, Request]], prompt: Prompt) -> None:
+        """Online mode never sends a request that a pending batch will answer (switching
+        modes never pays twice): it stops, saying how to collect or give up the batch."""
+        if self.options.cache_only or not self.wh.path.exists():
+            return
+        with self.wh.read() as con:
+            if not con.execute(f"select count(*) from teacher_batches where kind = 'api'"
+                               f" and {PENDING}").fetchone()[0]:
+                return
+            # every draw: a redraw may wait in a batch too
+            keys = [r.key for _, r in items] + [
+                self.request(prompt, w, d).key for w, _ in items
+                for d in range(1, 1 + self.options.parse_retries)]
+            batches, covered = pending_batches(con, keys)
+            held = set(keys) & set(covered)
+            if held and not self.options.refresh:
+                held -= set(cached_answers(con, sorted(held)))
+        if held:
+            raise FactoryError(held_line([b for b in batches if b.batch_id in {
+                covered[k] for k in held}], len(held)))
+
+    def _held_keys(self, keys: list[str]) -> set[str]:
+        """Those of `keys` that a pending provider batch holds (none sent by any mode)."""
+        if not self.wh.path.exists():
+            return set()
+        with self.wh.read() as con:
+            if not con.execute("select 1 from information_schema.tables "
+                               "where table_name = 'teacher_batches'").fetchone():
+                return set()
+            return set(keys) & set(pending_batches(con, keys)[1])
+
     def _dry_run(self, items: list[tuple[Work, Request]], prompt: Prompt) -> Report:
         hits = {} if self.options.refresh else self._lookup([r.key for _, r in items])
         to_send = [r for _, r in items if r.key not in hits]
+        held = self._held_keys([r.key for r in to_send])
+        to_send = [r for r in to_send if r.key not in held]
         # with --n-per-request K, the uncached samples of a setup go K to a request whose
         # prompt is paid once
         n = self.options.n_per_request
@@ -447,6 +503,7 @@ class TeacherJob:
         summary(f"dry run: {self.job} ({self.backend.describe()}, prompt {prompt.name} "
                 f"{prompt.hash})", {
             "work items": len(items), "cached": len(items) - len(to_send),
+            "waiting in pending batches": len(held),
             "requests to send": len(sent), "estimated input tokens": est_in,
             f"estimated output tokens ({how})": est_out,
             "estimated cost": "unknown: no price for this model (--price-table)"

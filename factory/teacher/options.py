@@ -116,6 +116,7 @@ class TeacherOptions:
     batch_file: Path | None = None          # batch: write the input file instead of uploading
     import_batch: Path | None = None        # batch: read a results file into the cache first
     poll_s: float = 30.0                    # batch: seconds between polls of a batch
+    abandon_batches: bool = False           # give up this job's pending batches first
 
     def __post_init__(self) -> None:
         if self.cache_only and self.refresh:
@@ -305,6 +306,9 @@ _OPTIONS: list[tuple[str, Any, Any]] = [
         "--batch-file run into the cache, then run the job; implies --mode batch.")),
     ("poll_s", float, typer.Option(
         30.0, "--poll-s", min=0.001, help="Batch mode: seconds between polls of a batch.")),
+    ("abandon_batches", bool, typer.Option(
+        False, "--abandon-batches", help="Give up the job's batches submitted and not yet "
+        "imported (status 'abandoned'): their requests are sent again, and paid again.")),
 ]
 
 
@@ -329,7 +333,7 @@ def options_from_cli(values: dict[str, Any]) -> TeacherOptions:
         vllm_args=parse_vllm_args(values.get("vllm_arg"), values.get("vllm_args")),
         mode="batch" if values["batch_file"] or values["import_batch"] else values["mode"].value,
         batch_file=values["batch_file"], import_batch=values["import_batch"],
-        poll_s=values["poll_s"],
+        poll_s=values["poll_s"], abandon_batches=values["abandon_batches"],
     )
 
 
