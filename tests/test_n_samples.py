@@ -386,27 +386,12 @@ def test_kill_9_loses_no_choice_received(tmp_path):
 
 
 # -- in-process backends --------------------------------------------------------------------
-def tiny_llama() -> tuple:
-    """A tiny random Llama and its tokenizer, built here (no hub, no download)."""
-    import torch
-    from test_vllm import llama3_style_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = llama3_style_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id)).eval()
-    return tok, model
-
-
 def test_transformers_backend_generates_n_choices_with_the_models_logprobs(answers):
     """In-process: a group of 3 samples is one generate call over the prompt repeated 3 times;
     the logprobs are the model's own (a teacher-forced forward pass agrees), and the engine
     stores 3 rows per item, the prompt's tokens on choice 0."""
     import torch
+    from test_vllm import tiny_llama
 
     from factory.teacher.backends import TransformersBackend, chat_prompt_ids
 

@@ -83,8 +83,8 @@ def stub(monkeypatch: pytest.MonkeyPatch, tokenizer: Any = None, cpu: bool = Fal
                              answer=answer or (lambda ids: "ok"), cpu=cpu)
 
 
-# -- chat templating: exactly the tokens student training uses --------------------------------
-def test_transformers_backend_prompt_has_one_bos_as_in_training() -> None:
+def tiny_llama() -> tuple:
+    """A tiny random Llama and its Llama-3-style tokenizer, built here (no hub, no download)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,6 +95,13 @@ def test_transformers_backend_prompt_has_one_bos_as_in_training() -> None:
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id)).eval()
+    return tok, model
+
+
+# -- chat templating: exactly the tokens student training uses --------------------------------
+def test_transformers_backend_prompt_has_one_bos_as_in_training() -> None:
+
+    tok, model = tiny_llama()
     seen: list[list[int]] = []
     generate = model.generate
 
