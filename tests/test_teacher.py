@@ -222,7 +222,7 @@ def test_a_refused_key_stops_at_once(answers, openai_server, monkeypatch):
 
 
 def test_an_unreachable_endpoint_stops_with_a_clear_message(answers):
-    opts = TeacherOptions(url="http://127.0.0.1:9/v1", model="m", timeout=0.5, attempts=2,
+    opts = TeacherOptions(url="http://127.0.0.1:9/v1", model="m", timeout=10, attempts=2,
                           backoff=0.01, concurrency=8)
     with pytest.raises(FactoryError, match="connection error"):
         run_job(answers, opts, works(40))
