@@ -529,6 +529,7 @@ def test_batch_answers_cost_batch_prices_and_count_against_the_budget(tiny, tmp_
                                 "--max-cost", f"{cost[0] / 2:.6f}", *FAST))
         assert "budget reached" in ok(result)
         sent = len(server.batches["batch_0001"].lines)
+        said = float(result.output.split("budget reached: $")[1].split()[0])
         assert 0 < sent < ITEMS
         priced = rows(tiny, "select input_tokens, output_tokens, cost_usd, price_version"
                             " from llm_calls")
@@ -538,6 +539,7 @@ def test_batch_answers_cost_batch_prices_and_count_against_the_budget(tiny, tmp_
             assert version == "v1"
         spent = rows(tiny, "select sum(cost_usd) from llm_calls")[0][0]
         assert spent <= cost[0] / 2
+        assert said == pytest.approx(spent, abs=1e-4) and said > 0    # not "$0.0000 spent"
 
     prices.write_text('version = "v2"\n[models.m]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n')
     dry = ok(cli(tiny, *job(None, "--mode", "batch", "--batch-file", "x.jsonl", "--dry-run",

@@ -395,7 +395,8 @@ class Rounds:
             if state.stop_reason:
                 break
             await state.work(items)
-        for line in (self.blocked_line, self.budget):
+        # the budget line is written now: when it was reached, the batch was not yet paid
+        for line in (self.blocked_line, self.budget and state.budget_line()):
             if line:
                 state._stop(line)
 

@@ -908,9 +908,13 @@ class _RunState:
         """Why a request of this estimate may not be sent (--max-cost), or None."""
         budget = self.job.options.max_cost
         if budget is not None and self.job.spent + self.reserved + estimate > budget:
-            return (f"budget reached: ${self.job.spent:.4f} spent of --max-cost "
-                    f"${budget:g}; re-run with a higher --max-cost to continue")
+            return self.budget_line()
         return None
+
+    def budget_line(self) -> str:
+        """The --max-cost stop line, with what has been spent by now."""
+        return (f"budget reached: ${self.job.spent:.4f} spent of --max-cost "
+                f"${self.job.options.max_cost:g}; re-run with a higher --max-cost to continue")
 
     async def _send(self, req: Request) -> _Call | None:
         """One request for one sample: its llm_calls row, answered or failed."""
