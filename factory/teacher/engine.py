@@ -1022,11 +1022,13 @@ class _RunState:
                **answer_fields(reply, self.job.pricing, self.job._key),
                "latency_s": base.get("latency_s", reply.latency_s)}
         self._record(row)
-        return _Call(self.answered(row), None, cached=False)
+        return _Call(self.answered(row, reply.logprobs), None, cached=False)
 
-    def answered(self, row: dict[str, Any]) -> CachedAnswer:
+    def answered(self, row: dict[str, Any],
+                 logprobs: list[dict[str, Any]] | None = None) -> CachedAnswer:
         """Count an 'ok' llm_calls row received in this run (sent, one choice of an
-        n-request, or imported from a batch) and cache its answer."""
+        n-request, or imported from a batch) and cache its answer. `logprobs`: the row's, when
+        the caller still holds them parsed (else read back from the row's JSON)."""
         self.job._answers += 1
         self.report.input_tokens += row["input_tokens"] or 0
         self.report.output_tokens += row["output_tokens"] or 0
@@ -1037,10 +1039,10 @@ class _RunState:
                 self.report.cost_usd += cost
         else:
             self.report.cost_usd = None
-        logprobs = row.get("logprobs")
+        if logprobs is None and row.get("logprobs"):
+            logprobs = json.loads(row["logprobs"])
         answer = CachedAnswer(row["text"], row["finish_reason"], row["input_tokens"],
-                              row["output_tokens"], row["reasoning"],
-                              json.loads(logprobs) if logprobs else None)
+                              row["output_tokens"], row["reasoning"], logprobs)
         self.cache[row["key"]] = answer
         return answer
 
