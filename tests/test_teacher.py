@@ -290,7 +290,7 @@ def test_merge_upgrades_failures_but_never_downgrades(wh, tmp_path):
     for target, statuses in ((wh, ("failed", "ok")), (shard, ("ok", "failed"))):
         with target.write() as con:
             for key, status in zip(("a", "b"), statuses, strict=True):
-                con.execute("insert into llm_calls (key, model, backend, sample, draw, request,"
+                con.execute("insert into llm_call_rows (key, model, backend, sample, draw, request,"
                             " status, attempts) values (?, 'm', 'openai', 0, 0, '{}', ?, 1)",
                             [key, status])
     merge_warehouses(wh, [shard.path])

@@ -24,12 +24,27 @@ LLM_CALL_COLUMNS = (
     "cost_usd", "price_version", "run_id", "reasoning", "mode", "batch_id", "group_key",
     "choice", "logprobs",
 )
-_UPSERT_CALLS = (
-    f"insert into llm_calls ({', '.join(LLM_CALL_COLUMNS)}, created_at)"
-    f" select {', '.join(LLM_CALL_COLUMNS)}, current_timestamp from {{source}}"
+#: llm_call_rows columns copied as they come (request and response are split on the way in)
+_STORED = tuple(c for c in LLM_CALL_COLUMNS if c not in ("request", "response"))
+#: the split of migration 054: each prompt once (llm_prompts), the answer once (`text`)
+_SPLIT = ("select *, sha256(llm_messages(request)) as prompt_key,"
+          " llm_content_in_text(response, text) as cit from {source}")
+_STORE_PROMPTS = (
+    "insert into llm_prompts select prompt_key, any_value(llm_messages(request))::json,"
+    " json_extract_string(any_value(llm_messages(request)), '$[#-1].content')"
+    " from _llm_split s where prompt_key is not null"
+    " and not exists (select 1 from llm_prompts p where p.prompt_key = s.prompt_key)"
+    " group by prompt_key")
+_UPSERT_ROWS = (
+    f"insert into llm_call_rows ({', '.join(_STORED)}, prompt_key, request, content_in_text,"
+    " response, created_at)"
+    f" select {', '.join(_STORED)}, prompt_key, llm_request_ref(request, prompt_key), cit,"
+    " case when cit then llm_with_content(response, text, null) else response end,"
+    " coalesce({created}, current_timestamp) from _llm_split"
     " on conflict (key) do update set "
-    + ", ".join(f"{c} = excluded.{c}" for c in LLM_CALL_COLUMNS[1:] + ("created_at",))
-    + " where llm_calls.status <> 'ok' or excluded.status = 'ok'"
+    + ", ".join(f"{c} = excluded.{c}" for c in _STORED[1:] + (
+        "prompt_key", "request", "content_in_text", "response", "created_at"))
+    + " where llm_call_rows.status <> 'ok' or excluded.status = 'ok'"
 )
 
 
@@ -44,14 +59,19 @@ class CachedAnswer:
 
 
 def cached_answers(con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> dict[str, CachedAnswer]:
-    """Successful llm_calls rows among `keys`."""
-    keys = list(keys)
-    if not keys:
+    """Successful llm_calls rows among `keys`: one keyed join of all of them (an Arrow table
+    of keys against the primary key), however many there are."""
+    keys = pa.table({"key": pa.array(list(keys), pa.string())})
+    if not keys.num_rows:
         return {}
-    rows = con.execute(
-        "select key, text, finish_reason, input_tokens, output_tokens, reasoning, logprobs"
-        " from llm_calls where status = 'ok' and key in (select unnest(?::varchar[]))", [keys]
-    ).fetchall()
+    con.register("_lookup_keys", keys)
+    try:
+        rows = con.execute(
+            "select c.key, text, finish_reason, input_tokens, output_tokens, reasoning, logprobs"
+            " from llm_call_rows c semi join _lookup_keys k on c.key = k.key"
+            " where status = 'ok'").fetchall()
+    finally:
+        con.unregister("_lookup_keys")
     return {k: CachedAnswer(t or "", f, i, o, r, json.loads(lp) if lp else None)
             for k, t, f, i, o, r, lp in rows}
 
@@ -60,13 +80,25 @@ def write_calls(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> N
     """Upsert llm_calls rows (the last row per key wins within a batch; ok is never lost)."""
     if not rows:
         return
-    last = {r["key"]: r for r in rows}
-    table = pa.Table.from_pylist([{c: r.get(c) for c in LLM_CALL_COLUMNS} for r in last.values()])
+    last = list({r["key"]: r for r in rows}.values())
+    table = pa.table({c: [r.get(c) for r in last] for c in LLM_CALL_COLUMNS})
     con.register("_llm_calls_batch", table)
     try:
-        con.execute(_UPSERT_CALLS.format(source="_llm_calls_batch")).fetchall()
+        store_calls(con, "_llm_calls_batch")
     finally:
         con.unregister("_llm_calls_batch")
+
+
+def store_calls(con: duckdb.DuckDBPyConnection, source: str, created: str = "null") -> None:
+    """Upsert the rows of relation `source` (llm_calls columns, unique keys) into llm_prompts
+    and llm_call_rows; `created`: its column giving created_at (else now)."""
+    con.execute(f"create or replace temp table _llm_split as {_SPLIT.format(source=source)}"
+                ).fetchall()
+    try:
+        con.execute(_STORE_PROMPTS).fetchall()
+        con.execute(_UPSERT_ROWS.format(created=created)).fetchall()
+    finally:
+        con.execute("drop table if exists _llm_split").fetchall()
 
 
 def primary_key(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
