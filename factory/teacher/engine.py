@@ -4,9 +4,9 @@ See `factory.teacher` for the API a job uses. Inside one `run()`:
 
 1. every work item is rendered into its first-draw request; `--shard` keeps the items whose
    request hash falls in the shard, `--limit` the first N of those;
-2. answers are looked up in `llm_calls` (one keyed join for all items); hits are replayed, misses are sent
-   by `concurrency` workers, each request rate-limited (RPM/TPM) and retried on transient
-   errors with jittered exponential backoff that honours Retry-After;
+2. answers are looked up in `llm_calls` (one keyed join for all items); hits are replayed,
+   misses are sent by `concurrency` workers, each request rate-limited (RPM/TPM) and retried
+   on transient errors with jittered exponential backoff that honours Retry-After;
 3. the job's parser checks each answer; a rejected answer is re-drawn (a new request with the
    next draw index) up to `parse_retries` times, then the item is recorded as failed;
 4. every second (or every `batch` results) one short transaction stores the new llm_calls
