@@ -156,7 +156,7 @@ def merge_shard(con: duckdb.DuckDBPyConnection, alias: str,
 
 
 def _old_llm_calls(con: duckdb.DuckDBPyConnection, alias: str) -> int:
-    """A shard from before migration 054 keeps llm_calls as a table: its rows are split into
+    """A shard from before migration 090 keeps llm_calls as a table: its rows are split into
     llm_prompts/llm_call_rows here, by the rules above (new keys, and 'ok' over a failure)."""
     main = _main(con)
     if not con.execute("select 1 from duckdb_tables() where database_name = ? and"
