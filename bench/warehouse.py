@@ -190,14 +190,22 @@ def main() -> None:
                 with lw.read() as con:
                     assert len(cached_answers(con, keys)) == len(keys)
         r["lookup+replay s"] = timed(replay, 1)
-        with lw.read() as con:
+        with wh.read() as con:          # the ~4 KB answers: what a join must read
+            item = con.execute("select min(item_id) from item_descriptions").fetchone()[0]
             for label, sql in (
                     ("traces latest 20 s",
                      "select * from traces order by created_at desc limit 20"),
                     ("table latest 20 s",
                      "select * from item_descriptions order by created_at desc limit 20"),
                     ("traces one run s", "select count(*), sum(cost_usd) from traces"
-                                         " where job = 'describe-items' and run_id = 'r'")):
+                                         " where job = 'describe-items' and run_id = 'r'"),
+                    ("table one run s", "select count(*) from item_descriptions"
+                                        " where run_id = 'r'"),
+                    ("traces one item s", "select * from traces where job = 'describe-items'"
+                                          " and item_id = '{item}'"),
+                    ("table one item s", "select * from item_descriptions"
+                                         " where item_id = '{item}'")):
+                sql = sql.format(item=item)
                 r[label] = timed(lambda sql=sql, con=con: con.execute(sql).fetchall(),
                                  args.repeats)
     cols = list(next(iter(result.values())))

@@ -50,7 +50,7 @@ create macro llm_with_content(response, text, content) as
 create table llm_prompts (
     prompt_key  varchar primary key,                  -- sha256 of `messages` (its JSON text)
     messages    json not null using compression zstd,
-    prompt      varchar using compression zstd        -- the last message's content
+    prompt      varchar          -- the last message's content (not zstd: traces read it by key)
 );
 
 create table llm_call_rows (
@@ -64,7 +64,7 @@ create table llm_call_rows (
     status         varchar not null,
     content_in_text boolean not null default false,   -- response lacks the content (in text)
     response       json using compression zstd,
-    text           varchar using compression zstd,
+    text           varchar,         -- not zstd: a point read would decompress a whole block
     finish_reason  varchar,
     input_tokens   integer,
     output_tokens  integer,
@@ -115,8 +115,9 @@ select c.key, c.model, c.backend, c.sample, c.draw,
                 then json_extract_string(c.request, '$.messages[#-1].content') end) as prompt
 from llm_call_rows c left join llm_prompts p using (prompt_key);
 
--- traces (034, 042, 052, 053) read the prompt from llm_prompts (computed once per prompt,
--- not parsed from every row's request JSON): same views, same columns.
+-- traces (034, 042, 052, 053) join llm_call_rows and llm_prompts themselves, not the llm_calls
+-- view: a filter on the job's rows then reaches the answers through the primary keys (an
+-- index scan of the few keys) instead of joining every stored call. Same views, same columns.
 create or replace view traces_text as
 with thinkrec_calls as (
     select t.dataset, t.split, t.user_id, t.position, t.work_key,
@@ -124,26 +125,28 @@ with thinkrec_calls as (
            sum(c.output_tokens)::bigint as output_tokens,
            sum(c.cost_usd) as cost_usd
     from thinkrec_traces t, unnest(t.call_keys) as k(key)
-    left join llm_calls c on c.key = k.key
+    left join llm_call_rows c on c.key = k.key
     group by all
 )
 select 'explain-i2i' as job, e.dataset, e.item_i || ' -> ' || e.item_j || ' #' || e.sample
            as entity,
        e.item_i as item_id, e.item_j as other_item_id, null::varchar as user_id,
        null::integer as position, e.sample,
-       c.prompt as prompt,
+       coalesce(p.prompt, json_extract_string(c.request, '$.messages[#-1].content')) as prompt,
        c.text as response, e.explanation as output, e.verdict, e.reason,
        e.backend, e.model, e.prompt_name, e.prompt_hash, c.input_tokens, c.output_tokens,
        c.cost_usd, e.draws, e.run_id, e.created_at, e.call_key
-from i2i_explanations e left join llm_calls c on c.key = e.call_key
+from i2i_explanations e left join llm_call_rows c on c.key = e.call_key
+left join llm_prompts p on p.prompt_key = c.prompt_key
 union all by name
 select 'keywords' as job, k.dataset, k.item_id as entity, k.item_id, null as other_item_id,
        null as user_id, null as position, k.sample,
-       c.prompt as prompt,
+       coalesce(p.prompt, json_extract_string(c.request, '$.messages[#-1].content')) as prompt,
        c.text as response, array_to_string(k.keywords, ', ') as output, k.verdict, k.reason,
        k.backend, k.model, k.prompt_name, k.prompt_hash, c.input_tokens, c.output_tokens,
        c.cost_usd, k.draws, k.run_id, k.created_at, k.call_key
-from item_keywords k left join llm_calls c on c.key = k.call_key
+from item_keywords k left join llm_call_rows c on c.key = k.call_key
+left join llm_prompts p on p.prompt_key = c.prompt_key
 union all by name
 select 'thinkrec' as job, t.dataset, t.user_id || '@' || t.position as entity,
        t.item_id, null as other_item_id, t.user_id, t.position, 0 as sample,
@@ -153,16 +156,17 @@ select 'thinkrec' as job, t.dataset, t.user_id || '@' || t.position as entity,
        t.created_at, t.call_keys[-1] as call_key
 from thinkrec_traces t
 left join thinkrec_calls s using (dataset, split, user_id, position, work_key)
-left join llm_calls c on c.key = t.call_keys[-1]
+left join llm_call_rows c on c.key = t.call_keys[-1]
 union all by name
 select 'describe-items' as job, d.dataset, d.item_id as entity, d.item_id,
        null as other_item_id, null as user_id, null as position, d.sample,
-       c.prompt as prompt,
+       coalesce(p.prompt, json_extract_string(c.request, '$.messages[#-1].content')) as prompt,
        c.text as response, d.description as output,
        case when d.status = 'ok' then 'kept' else d.status end as verdict, d.error as reason,
        d.backend, d.model, d.prompt_name, d.prompt_hash, c.input_tokens, c.output_tokens,
        c.cost_usd, d.draws, d.run_id, d.created_at, d.call_key
-from item_descriptions d left join llm_calls c on c.key = d.call_key;
+from item_descriptions d left join llm_call_rows c on c.key = d.call_key
+left join llm_prompts p on p.prompt_key = c.prompt_key;
 
 create or replace view traces_before_distill as
 select * from traces_text
@@ -170,7 +174,7 @@ union all by name
 select 'gvm' as job, s.dataset, g.user_id || ' #' || g.sample || ' (' || g.template || ')'
            as entity,
        null as item_id, null as other_item_id, g.user_id, null as position, g.sample,
-       c.prompt as prompt,
+       coalesce(p.prompt, json_extract_string(c.request, '$.messages[#-1].content')) as prompt,
        c.text as response, g.cot_path as output,
        case when g.status <> 'ok' then g.status when g.pruned then 'rejected' else 'kept' end
            as verdict,
@@ -183,18 +187,20 @@ select 'gvm' as job, s.dataset, g.user_id || ' #' || g.sample || ' (' || g.templ
 from gvm_chains g
 join gvm_sequences s using (run_id, user_id)
 left join job_runs j using (run_id)
-left join llm_calls c on c.key = g.call_key
+left join llm_call_rows c on c.key = g.call_key
+left join llm_prompts p on p.prompt_key = c.prompt_key
 union all by name
 select 'gvm-abstract' as job, j.dataset, 'cluster ' || a.cluster as entity,
        null as item_id, null as other_item_id, null as user_id, null as position, a.sample,
-       c.prompt as prompt,
+       coalesce(p.prompt, json_extract_string(c.request, '$.messages[#-1].content')) as prompt,
        c.text as response, array_to_string(a.steps, ' -> ') as output,
        case when a.status = 'ok' then 'kept' else a.status end as verdict, a.error as reason,
        a.backend, a.model, a.prompt_name, a.prompt_hash, c.input_tokens, c.output_tokens,
        c.cost_usd, a.draws, a.run_id, j.started_at as created_at, a.call_key
 from gvm_abstractions a
 left join job_runs j using (run_id)
-left join llm_calls c on c.key = a.call_key;
+left join llm_call_rows c on c.key = a.call_key
+left join llm_prompts p on p.prompt_key = c.prompt_key;
 
 create or replace view traces as
 select * from traces_before_distill
@@ -202,11 +208,12 @@ union all by name
 select case when d.source = 'teacher' then 'distill-teach' else 'distill-generate' end as job,
        d.dataset, d.user_id || '@' || d.part || ' (' || d.template || ')' as entity,
        null as item_id, null as other_item_id, d.user_id, null as position, d.sample,
-       c.prompt as prompt,
+       coalesce(p.prompt, json_extract_string(c.request, '$.messages[#-1].content')) as prompt,
        c.text as response,
        case when d.steps is not null then array_to_string(
            [s[1] || ': ' || s[2] for s in list_zip(d.template_steps, d.steps)], chr(10))
        end as output,
        d.verdict, d.reason, d.backend, d.model, d.prompt_name, d.prompt_hash, c.input_tokens,
        c.output_tokens, c.cost_usd, d.draws, d.run_id, d.created_at, d.call_key
-from chains d left join llm_calls c on c.key = d.call_key;
+from chains d left join llm_call_rows c on c.key = d.call_key
+left join llm_prompts p on p.prompt_key = c.prompt_key;
