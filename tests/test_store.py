@@ -160,3 +160,51 @@ def test_requests_of_another_layout_are_kept_whole(request_text: str) -> None:
 def test_a_body_that_is_not_json_is_kept_whole() -> None:
     assert split_response("not json", "t") == ("not json", False)
     assert split_response('{"choices": []}', "t") == ('{"choices": []}', False)
+
+
+def scans(con: duckdb.DuckDBPyConnection, sql: str, tmp_path: Path) -> dict[str, int]:
+    """Rows each table scan of `sql` passed on (DuckDB's profile of one run)."""
+    out = tmp_path / "profile.json"
+    con.execute("pragma enable_profiling = 'json'")
+    con.execute(f"pragma profiling_output = '{out}'")
+    con.execute(sql).fetchall()
+    con.execute("pragma disable_profiling")
+    found: dict[str, int] = {}
+
+    def walk(node: dict) -> None:
+        table = node.get("extra_info", {}).get("Table")
+        if table:
+            name = table.split(".")[-1]
+            found[name] = found.get(name, 0) + node["intermediate_rows"]
+        for child in node.get("children", []):
+            walk(child)
+
+    for node in json.loads(out.read_text())["operator"]:
+        walk(node)
+    return found
+
+
+def test_traces_of_a_few_rows_read_only_their_answers(tmp_path: Path) -> None:
+    """A traces query that filters the job's rows reaches llm_call_rows and llm_prompts by
+    key (the few answers it shows), not by joining every stored call and prompt."""
+    wh = Warehouse(tmp_path / "w.duckdb")
+    sampling = Sampling(temperature=0.7)
+    reqs = [Request.build("m", [{"role": "user", "content": f"item {i // 4}"}], sampling, i % 4)
+            for i in range(4000)]
+    with wh.write() as con:
+        write_calls(con, [{"key": r.key, "model": "m", "backend": "openai", "sample": r.sample,
+                           "draw": 0, "request": r.canonical_json(), "status": "ok",
+                           "response": body(f"answer {i}"), "text": f"answer {i}",
+                           "attempts": 1, "run_id": "r"} for i, r in enumerate(reqs)])
+        con.register("_jobs", pa.Table.from_pylist([
+            {"dataset": "d", "item_id": f"i{i}", "description": f"answer {i}",
+             "work_key": r.key, "call_key": r.key, "run_id": "r", "prompt_name": "p",
+             "prompt_hash": "h", "backend": "openai", "model": "m", "sample": r.sample,
+             "draws": 1, "cached": False, "status": "ok"} for i, r in enumerate(reqs)]))
+        con.execute("insert into item_descriptions by name select * from _jobs")
+    with wh.read() as con:
+        got = scans(con, "select prompt, response, cost_usd from traces"
+                         " where job = 'describe-items' and item_id = 'i17'", tmp_path)
+        assert con.execute("select prompt, response from traces where item_id = 'i17'"
+                           ).fetchall() == [("item 4", "answer 17")]
+    assert got.get("llm_call_rows", 0) <= 1 and got.get("llm_prompts", 0) <= 1, got
