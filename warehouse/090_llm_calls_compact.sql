@@ -50,7 +50,7 @@ create macro llm_with_content(response, text, content) as
 create table llm_prompts (
     prompt_key  varchar primary key,                  -- sha256 of `messages` (its JSON text)
     messages    json not null using compression zstd,
-    prompt      varchar          -- the last message's content (not zstd: traces read it by key)
+    prompt      varchar using compression zstd    -- the last message's content
 );
 
 create table llm_call_rows (
@@ -64,7 +64,7 @@ create table llm_call_rows (
     status         varchar not null,
     content_in_text boolean not null default false,   -- response lacks the content (in text)
     response       json using compression zstd,
-    text           varchar,         -- not zstd: a point read would decompress a whole block
+    text           varchar using compression zstd,
     finish_reason  varchar,
     input_tokens   integer,
     output_tokens  integer,
