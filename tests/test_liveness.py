@@ -356,7 +356,7 @@ def test_merge_errors_are_one_line_and_change_nothing(wh, tmp_path) -> None:
     before = snapshot()
     for shards, expected in [
             ([junk], f"cannot merge {junk}: not a DuckDB database file"),
-            ([good, bad], f"cannot merge {bad}: column llm_calls.input_tokens is VARCHAR "
+            ([good, bad], f"cannot merge {bad}: column llm_call_rows.input_tokens is VARCHAR "
                           "there but INTEGER here; nothing was merged from it")]:
         proc = subprocess.run([sys.executable, "-m", "factory", "--warehouse", str(wh.path),
                                "merge", *map(str, shards)],
