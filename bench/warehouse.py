@@ -1,7 +1,7 @@
 """Warehouse side of the teacher (issue 18): the layout before migration 090 (llm_calls one
 table, per-chunk look-ups) against the current one, in one run.
 
-    python bench/warehouse.py [--rows 20000] [--lookup 100000] [--repeats 3]
+    python bench/warehouse.py [--rows 20000] [--lookup 100000] [--stored N] [--repeats 3]
 
 Prints write rows/s (1,000-row flushes, each its own connection and transaction as the
 engine does, into llm_calls and a job table; and 10,000-row ones, what the engine's
@@ -151,6 +151,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20000, help="calls written (~4 KB answers)")
     ap.add_argument("--lookup", type=int, default=100000, help="cached work items replayed")
+    ap.add_argument("--stored", type=int, default=0,
+                    help="calls stored in the look-up warehouse (default: --lookup); more "
+                         "shows the look-up does not grow with the table")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-warehouse-"))
@@ -175,8 +178,9 @@ def main() -> None:
             "flush last 10% s": statistics.median(times[-tenth:])}
         # look-up: --lookup items with short answers (their size is not what is measured)
         lw = warehouse(tmp / f"lookup-{'old' if old else 'new'}.duckdb", old)
-        for start in range(0, args.lookup, 20000):
-            rows, _ = calls(start, min(20000, args.lookup - start), 20)
+        stored = max(args.stored, args.lookup)
+        for start in range(0, stored, 20000):
+            rows, _ = calls(start, min(20000, stored - start), 20)
             with lw.write() as con:
                 (old_write if old else write_calls)(con, rows)
                 upsert(con, "item_descriptions", job_rows(rows))
@@ -210,7 +214,8 @@ def main() -> None:
                                  args.repeats)
     cols = list(next(iter(result.values())))
     print(f"{args.rows:,} calls written in {FLUSH:,}-row flushes, then {args.rows:,} in "
-          f"{10 * FLUSH:,}-row ones (behind); {args.lookup:,} looked up")
+          f"{10 * FLUSH:,}-row ones (behind); {args.lookup:,} looked up among "
+          f"{max(args.stored, args.lookup):,} stored")
     print("| " + " | ".join(["layout", *cols]) + " |")
     print("|" + " --- |" * (len(cols) + 1))
     for name, r in result.items():
