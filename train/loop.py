@@ -97,13 +97,17 @@ def _cgroup_quota(root: Path) -> float | None:
         return None
 
 
+def default_threads() -> int:
+    """OMP_NUM_THREADS where the user set it, else `usable_cores()`."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+
+
 def set_threads(threads: int | None) -> int:
-    """Intra-op threads for this run: `threads`, else OMP_NUM_THREADS where the user set
-    it, else `usable_cores()`; returns the number set. Inter-op threads go to 1 where torch
-    still allows it: the loop runs no parallel graph branches, so more only add threads."""
-    if not threads:
-        env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+    """Intra-op threads for this run: `threads`, else `default_threads()`; returns the
+    number set. Inter-op threads go to 1 where torch still allows it: the loop runs no
+    parallel graph branches, so more only add threads."""
+    threads = threads or default_threads()
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # only before the process's first inter-op work
         torch.set_num_interop_threads(1)
