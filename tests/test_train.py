@@ -644,3 +644,31 @@ def test_a_diverged_batch_is_named(caches: dict[str, Path]) -> None:
                                torch.optim.SGD(model.parameters(), lr=0.0),
                                torch.amp.GradScaler("cuda", enabled=False),
                                np.random.default_rng(0), None, epoch=3)
+
+
+def test_loss_terms_that_only_some_batches_have_are_averaged_over_all(
+        caches: dict[str, Path]) -> None:
+    """A fused TIGER batch without reasoning has no "nce": the epoch means stay the sums
+    over the epoch's batches divided by its number of batches, as before issue 18."""
+    import train.loop
+    from train.data import Cache
+
+    cache = Cache(caches["plain"])
+    cfg = Config(cache=str(caches["plain"]), **{**FAST, "batch_size": 8})
+    model = build_model(cfg, cache)
+    calls = 0
+    losses = model.losses
+
+    def some_nce(*a, **kw):
+        nonlocal calls
+        calls += 1
+        out = losses(*a, **kw)
+        return {**out, "nce": torch.tensor(float(calls))} if calls % 2 else out
+    model.losses = some_nce
+    means = train.loop.train_epoch(model, cache.splits["train"], cfg, torch.device("cpu"),
+                                   torch.optim.SGD(model.parameters(), lr=0.0),
+                                   torch.amp.GradScaler("cuda", enabled=False),
+                                   np.random.default_rng(0), None)
+    n = -(-len(cache.splits["train"]) // 8)
+    assert calls == n > train.loop.LOSS_READ_EVERY
+    assert means["nce"] == pytest.approx(sum(range(1, n + 1, 2)) / n)

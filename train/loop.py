@@ -294,17 +294,20 @@ def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.dev
     batch (the run is abandoned, so the few steps taken after it change nothing reported)."""
     model.train()
     sums: dict[str, float] = {}
-    pending: list[torch.Tensor] = []  # one (terms,) tensor per batch not yet read
-    keys: list[str] = []
+    # per batch not yet read: its loss terms' names and values (a batch of TIGER rows
+    # without reasoning steps has no "nce")
+    pending: list[tuple[list[str], torch.Tensor]] = []
     n = 0
     total = n_batches(len(split), cfg.batch_size)
     order = (rng.permutation(len(split)) if split.lengths is None
              else bucketed_order(split.lengths, cfg.batch_size, rng))
 
     def read() -> None:
-        values = torch.stack(pending).tolist()  # the one device-to-host copy
-        first = n - len(pending) + 1
-        for i, row in enumerate(values):
+        flat = torch.cat([v for _, v in pending]).tolist()  # the one device-to-host copy
+        first, at = n - len(pending) + 1, 0
+        for i, (keys, _) in enumerate(pending):
+            row = flat[at:at + len(keys)]
+            at += len(keys)
             if not all(math.isfinite(v) for v in row):
                 shown = ", ".join(f"{k} {v}" for k, v in zip(keys, row, strict=True))
                 raise DivergedError(f"training diverged at epoch {epoch}, batch {first + i}: "
@@ -319,8 +322,7 @@ def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.dev
         labels = next_item_labels(batch.seq, batch.target)
         with _autocast(device, cfg.amp):
             out = model.losses(batch.seq, labels, batch.target, batch.reasoning, batch.time)
-        keys = list(out)
-        pending.append(torch.stack([v.detach().float() for v in out.values()]))
+        pending.append((list(out), torch.stack([v.detach().float() for v in out.values()])))
         opt.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         scaler.step(opt)
