@@ -92,6 +92,25 @@ def balanced_assign(sim: np.ndarray, cap: int) -> np.ndarray:
     return labels
 
 
+def row_sums(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """(k, d) sums of `rows` per label, bit-identical to `np.add.at(zeros, labels, rows)`,
+    so SIDs do not change: the same additions in the same order (0 + a code's first row +
+    its second ...), done for all codes at once, one rank at a time. add.at is unbuffered
+    and element-wise: a quarter to half of k-means' own time on ml-1m (K=256 / K=64); this
+    is 4-5x faster there. (np.add.reduceat is faster still but may sum pairwise: not
+    bit-identical.)"""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=k)
+    starts = np.cumsum(counts) - counts
+    sums = np.zeros((k, rows.shape[1]), dtype=rows.dtype)
+    codes = np.argsort(-counts, kind="stable")      # largest code first
+    sizes = counts[codes]
+    for rank in range(int(sizes[0]) if len(sizes) else 0):
+        live = codes[:np.searchsorted(-sizes, -rank, side="left")]   # codes with > rank rows
+        sums[live] += rows[order[starts[live] + rank]]
+    return sums
+
+
 def spherical_kmeans(u: np.ndarray, k: int, seed: int, *, balanced: bool = False,
                      iters: int = 50) -> np.ndarray:
     """Codes of unit rows `u` by k-means on the sphere: k-means++ seeding in cosine distance,
@@ -115,8 +134,7 @@ def spherical_kmeans(u: np.ndarray, k: int, seed: int, *, balanced: bool = False
         if (new == labels).all():
             break
         labels = new
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, labels, u)
+        sums = row_sums(labels, u, k)
         empty = np.flatnonzero(np.bincount(labels, minlength=k) == 0)
         if len(empty):                 # reseed empty codes with the worst-fitting items
             fit = sim[np.arange(n), labels]
@@ -149,8 +167,7 @@ def residual_kmeans(
         else:
             codes[:, level] = spherical_kmeans(_unit(residual - residual.mean(0)), k,
                                                seed + level, balanced=balanced)
-            book = np.zeros((k, x.shape[1]))
-            np.add.at(book, codes[:, level], residual)
+            book = row_sums(codes[:, level], residual, k)
             book /= np.maximum(np.bincount(codes[:, level], minlength=k), 1)[:, None]
         residual -= book[codes[:, level]]
         books.append(book.astype(np.float32))
