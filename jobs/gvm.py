@@ -143,12 +143,12 @@ def _validate_and_mine(wh: Warehouse, job: TeacherJob, dataset: str, *, seqs: in
     embedder, encode = encoder_for(wh, encoder, "gvm embeddings")
     with timed(seconds, "prune"):
         pruning = prune_run(wh, run_id, encode, prune_threshold, prune_scope)
-    items = Catalog(wh, dataset, encode)       # embedded only if a description needs it
+    catalogue = Catalog(wh, dataset, encode)   # embedded only if a description needs it
     with timed(seconds, "validate"):
-        validated = validate_run(wh, run_id, [FREE], encode, items)
-    if items.seconds is not None:              # report the catalogue apart from the mapping
-        mapping = max(seconds.pop("validate") - items.seconds, 0.0)
-        seconds.update(catalog=round(items.seconds, 3), validate=round(mapping, 3))
+        validated = validate_run(wh, run_id, [FREE], encode, catalogue)
+    if catalogue.seconds is not None:          # report the catalogue apart from the mapping
+        mapping = max(seconds.pop("validate") - catalogue.seconds, 0.0)
+        seconds.update(catalog=round(catalogue.seconds, 3), validate=round(mapping, 3))
     with timed(seconds, "mine"):
         mined = mine_run(wh, run_id, dataset, encode, method=cluster, k_min=k_min,
                          k_max=k_max, min_cluster_size=min_cluster_size,

@@ -106,8 +106,8 @@ def prune_run(wh: Warehouse, run_id: str, encode: Encode, threshold: float,
 class Catalog:
     """A dataset's items for top-1 mapping, embedded on first use of `vectors`: Validate
     needs every item's vector once any description is to be mapped (the top-1 is over the
-    whole catalogue), and none when nothing is (every answer failed or was pruned), so such a
-    run never loads the encoder. Vectors come through the shared cache, so a catalogue that
+    whole catalogue), and none when nothing is (no answer parsed), so such a run never loads
+    the encoder. Vectors come through the shared cache, so a catalogue that
     any earlier job embedded with the same encoder and item text is read, not encoded."""
 
     def __init__(self, wh: Warehouse, dataset: str, encode: Encode) -> None:
@@ -145,7 +145,7 @@ def catalog(wh: Warehouse, dataset: str, encode: Encode) -> tuple[list[str], np.
 
 
 def validate_run(wh: Warehouse, run_id: str, templates: list[str], encode: Encode,
-                 items: Catalog, k: int = 20) -> dict[str, int]:
+                 catalogue: Catalog, k: int = 20) -> dict[str, int]:
     """Map every kept chain's descriptions to catalog items and score it on its user's
     validation target (from gvm_sequences; the test part is never read). The catalogue is
     embedded only when there is a description to map."""
@@ -159,8 +159,8 @@ def validate_run(wh: Warehouse, run_id: str, templates: list[str], encode: Encod
     texts = list(dict.fromkeys(d for row in chains for d in row[3]))
     if not texts:
         return {"chains": 0, "descriptions": 0, "hits": 0}
-    index, cosine = top1(encode(texts), items.vectors)
-    where = {t: (items.ids[i], float(c)) for t, i, c in zip(texts, index, cosine, strict=True)}
+    index, cosine = top1(encode(texts), catalogue.vectors)
+    where = {t: (catalogue.ids[i], float(c)) for t, i, c in zip(texts, index, cosine, strict=True)}
     recs, scores = [], []
     for template, user, sample, items, target in chains:
         mapped = [where[d][0] for d in items]
