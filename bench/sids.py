@@ -112,14 +112,17 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
     return wall, proc.stdout
 
 
-def _sids(path: Path, dataset: str, levels: int, k: int, seed: int) -> tuple[float, list]:
+def _sids(path: Path, dataset: str, levels: int, k: int,
+          seed: int) -> tuple[float, list, dict]:
     wall, _ = _timed([sys.executable, "-m", "factory", "--warehouse", str(path), "sids",
                       "--dataset", dataset, "--levels", str(levels), "--codebook-size",
                       str(k), "--seed", str(seed)])
     with Warehouse(path, reader=True).read() as con:
         sids = con.execute("select item_id, sid from item_sids where dataset = ?"
                            " order by item_id", [dataset]).fetchall()
-    return wall, sids
+        (counts,) = con.execute("select counts from job_runs where job = 'sids'"
+                                " order by started_at desc limit 1").fetchone()
+    return wall, sids, json.loads(counts).get("phase_seconds", {})
 
 
 def speed(work: Path, dataset: str, levels: int, k: int, seed: int, repeats: int) -> None:
@@ -132,14 +135,18 @@ def speed(work: Path, dataset: str, levels: int, k: int, seed: int, repeats: int
           flush=True)
     times: dict[str, list[float]] = {"sids cold": [], "sids warm": [], "encode alone": [],
                                      "k-means alone": []}
+    inside: dict[str, list[float]] = {}     # the job's own phase seconds (job_runs.counts)
     same = True
     for r in range(repeats):
         path = work / f"run{r}.duckdb"
         shutil.copy(base, path)
-        wall, cold_sids = _sids(path, dataset, levels, k, seed)
+        wall, cold_sids, cold_phases = _sids(path, dataset, levels, k, seed)
         times["sids cold"].append(wall)
-        wall, warm_sids = _sids(path, dataset, levels, k, seed)   # every vector cached now
+        wall, warm_sids, warm_phases = _sids(path, dataset, levels, k, seed)  # all cached now
         times["sids warm"].append(wall)
+        for name, phases in (("cold", cold_phases), ("warm", warm_phases)):
+            for phase, secs in phases.items():
+                inside.setdefault(f"{name} {phase}", []).append(secs)
         same = same and cold_sids == warm_sids
         if r == 0:      # the vectors k-means alone clusters: the job's own, from its cache
             import numpy as np
@@ -153,12 +160,17 @@ def speed(work: Path, dataset: str, levels: int, k: int, seed: int, repeats: int
              str(seed)])[1]))
         print("  repeat " + str(r + 1) + ": " + ", ".join(
             f"{name} {v[-1]:.1f}s" for name, v in times.items()), flush=True)
+        print("    inside the job: " + ", ".join(
+            f"{name} {v[-1]:.1f}s" for name, v in inside.items()), flush=True)
     med = {name: statistics.median(v) for name, v in times.items()}
     parts = med["encode alone"] + med["k-means alone"]
     print(f"medians: sids cold {med['sids cold']:.1f}s, sids warm {med['sids warm']:.1f}s "
           f"(process wall: imports, model load, warehouse), encode alone "
           f"{med['encode alone']:.1f}s (imports, model load, encode), k-means alone "
           f"{med['k-means alone']:.1f}s")
+    if inside:
+        print("inside the job (medians): " + ", ".join(
+            f"{name} {statistics.median(v):.1f}s" for name, v in inside.items()))
     print(f"sids cold / (encode alone + k-means alone) = {med['sids cold'] / parts:.2f} "
           f"(goal <= 2); sids warm / k-means alone = "
           f"{med['sids warm'] / med['k-means alone']:.2f}; "

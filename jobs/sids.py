@@ -363,12 +363,19 @@ def run_sids(wh: Warehouse, dataset: str, *, levels: int = 3, codebook_size: int
             texts.append(text or row["item_id"])
         counts["items_without_text"] = sum(1 for row in items if not item_text(row, fields))
         counts["duplicate_texts"] = len(texts) - len(set(texts))
+        # where the time goes (issue 18): stored with the run, printed in the summary
+        phases: dict[str, float] = {"prepare": time.perf_counter() - started}
+        mark = time.perf_counter()
         vecs = embedder.embed(texts, label="embedding item texts")
+        phases["embed"] = time.perf_counter() - mark
         counts.update(texts=embedder.stats.seen, cache_hits=embedder.stats.cache_hits,
                       encoded=embedder.stats.encoded)
+        mark = time.perf_counter()
         with console.status(f"residual k-means: {levels} levels x {codebook_size} codes"):
             base, books, residual = residual_kmeans(vecs, levels, codebook_size, seed,
                                                     method=method, balanced=balanced)
+        phases["kmeans"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         colliding = colliding_items(base)
         stats = level_stats(base, codebook_size)
         if collisions == "strict":
@@ -383,11 +390,15 @@ def run_sids(wh: Warehouse, dataset: str, *, levels: int = 3, codebook_size: int
             collision_rate=colliding / len(items), codes_used=[s["used"] for s in stats],
             level_stats=stats, collision_mode=collisions, moved_to_free_code=moved,
             max_disambiguation_code=extra, warning=codebook_warning(len(items), codebook_size),
-            seconds=round(time.perf_counter() - started, 2),
         )
+        phases["collisions"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         with wh.write() as con:
             _store(con, dataset, run_id, items, codes, texts, books)
             counts.update(_publish(con, dataset, run_id, params, counts, codebook_size))
+            phases["store"] = time.perf_counter() - mark
+            counts.update(seconds=round(time.perf_counter() - started, 2),
+                          phase_seconds={k: round(v, 3) for k, v in phases.items()})
             finish_run(con, run_id, "succeeded", counts)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -503,6 +514,8 @@ def register(app: typer.Typer) -> None:
         if agree:
             rows["I2I pairs with same first / first two codes"] = (
                 f"{agree[0]:.2%} / {agree[1]:.2%}")
-        rows.update(seconds=c["seconds"], run=c["run_id"])
+        rows["seconds"] = f"{c['seconds']:g} (" + ", ".join(
+            f"{k} {v:.1f}" for k, v in c["phase_seconds"].items()) + ")"
+        rows["run"] = c["run_id"]
         summary(f"semantic IDs of {dataset}", rows,
                 f"select item_id, sid from item_sids where dataset = '{dataset}' limit 10")

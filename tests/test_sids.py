@@ -65,6 +65,7 @@ def test_sids_job_store_cache_and_rerun(tiny: Warehouse, monkeypatch: pytest.Mon
     fake_model(monkeypatch)
     first = run_sids(tiny, "tiny", levels=2, codebook_size=4, collisions="extra-level")
     assert first["encoded"] == first["items"] == 25 and first["cache_hits"] == 0
+    assert set(first["phase_seconds"]) == {"prepare", "embed", "kmeans", "collisions", "store"}
     with tiny.read() as con:
         rows = con.execute("select item_id, codes, sid from item_sids where dataset = 'tiny'"
                            ).fetchall()
