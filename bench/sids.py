@@ -8,12 +8,16 @@ count the same everywhere:
                  embedding cache (what a first run does)
   sids warm      the same again, every vector now in the cache (what a re-run does)
   encode alone   load the default MiniLM and `model.encode` the job's distinct item texts
+                 (process wall, as for sids)
   k-means alone  `residual_kmeans` + strict collision resolution on the job's vectors
+                 (timed inside the process: no imports)
 
 The four are interleaved `--repeats` times and the medians compared in this one run (the
 machine is shared, absolute seconds drift; the ratio is the figure): the issue's goal is
-sids cold / (encode alone + k-means alone) <= 2. The run also checks that cold and warm give
-the same SIDs.
+sids cold / (encode alone + k-means alone) <= 2. The same ratio in CPU seconds (user +
+system of each process) is printed too: on a busy machine it says how much work each step
+did, where wall time also counts waiting. The job's own phase seconds (job_runs.counts)
+show where its time went. The run also checks that cold and warm give the same SIDs.
 
 Spread (`--part spread`): the pre-issue-12 quantiser (sklearn k-means on raw residuals)
 against spherical k-means on centred residual directions (the default) and its --balanced
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -101,22 +106,31 @@ def item_texts(wh: Warehouse, dataset: str) -> list[str]:
             for i, t, c in rows]
 
 
-def _timed(cmd: list[str]) -> tuple[float, str]:
+CPU: dict[str, list[float]] = {}   # CPU seconds (user + system) of each step's process
+
+
+def _timed(cmd: list[str], name: str) -> tuple[float, str]:
+    """Wall seconds and stdout of a fresh process; its CPU seconds go to CPU[name] (on a
+    shared machine CPU time says how much work a step did, wall time how long it waited)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.setdefault(name, []).append(after.ru_utime - before.ru_utime
+                                    + after.ru_stime - before.ru_stime)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-2000:]}")
     return wall, proc.stdout
 
 
-def _sids(path: Path, dataset: str, levels: int, k: int,
-          seed: int) -> tuple[float, list, dict]:
+def _sids(path: Path, dataset: str, levels: int, k: int, seed: int,
+          name: str) -> tuple[float, list, dict]:
     wall, _ = _timed([sys.executable, "-m", "factory", "--warehouse", str(path), "sids",
                       "--dataset", dataset, "--levels", str(levels), "--codebook-size",
-                      str(k), "--seed", str(seed)])
+                      str(k), "--seed", str(seed)], name)
     with Warehouse(path, reader=True).read() as con:
         sids = con.execute("select item_id, sid from item_sids where dataset = ?"
                            " order by item_id", [dataset]).fetchall()
@@ -140,9 +154,10 @@ def speed(work: Path, dataset: str, levels: int, k: int, seed: int, repeats: int
     for r in range(repeats):
         path = work / f"run{r}.duckdb"
         shutil.copy(base, path)
-        wall, cold_sids, cold_phases = _sids(path, dataset, levels, k, seed)
+        wall, cold_sids, cold_phases = _sids(path, dataset, levels, k, seed, "sids cold")
         times["sids cold"].append(wall)
-        wall, warm_sids, warm_phases = _sids(path, dataset, levels, k, seed)  # all cached now
+        # every vector is cached now
+        wall, warm_sids, warm_phases = _sids(path, dataset, levels, k, seed, "sids warm")
         times["sids warm"].append(wall)
         for name, phases in (("cold", cold_phases), ("warm", warm_phases)):
             for phase, secs in phases.items():
@@ -153,13 +168,14 @@ def speed(work: Path, dataset: str, levels: int, k: int, seed: int, repeats: int
 
             np.save(work / "x.npy", Embedder(Warehouse(path)).embed(texts))
         path.unlink()
-        times["encode alone"].append(float(_timed(
-            [sys.executable, "-c", ENCODE_ALONE, str(work / "texts.json")])[1]))
-        times["k-means alone"].append(float(_timed(
+        times["encode alone"].append(_timed(
+            [sys.executable, "-c", ENCODE_ALONE, str(work / "texts.json")], "encode alone")[0])
+        times["k-means alone"].append(float(_timed(     # k-means itself, not its imports
             [sys.executable, "-c", KMEANS_ALONE, str(work / "x.npy"), str(levels), str(k),
-             str(seed)])[1]))
+             str(seed)], "k-means alone")[1]))
         print("  repeat " + str(r + 1) + ": " + ", ".join(
-            f"{name} {v[-1]:.1f}s" for name, v in times.items()), flush=True)
+            f"{name} {v[-1]:.1f}s (CPU {CPU[name][-1]:.1f}s)" for name, v in times.items()),
+            flush=True)
         print("    inside the job: " + ", ".join(
             f"{name} {v[-1]:.1f}s" for name, v in inside.items()), flush=True)
     med = {name: statistics.median(v) for name, v in times.items()}
@@ -168,6 +184,10 @@ def speed(work: Path, dataset: str, levels: int, k: int, seed: int, repeats: int
           f"(process wall: imports, model load, warehouse), encode alone "
           f"{med['encode alone']:.1f}s (imports, model load, encode), k-means alone "
           f"{med['k-means alone']:.1f}s")
+    cpu = {name: statistics.median(v) for name, v in CPU.items()}
+    print(f"CPU seconds: sids cold / (encode alone + k-means alone) = "
+          f"{cpu['sids cold'] / (cpu['encode alone'] + cpu['k-means alone']):.2f}; "
+          f"sids warm / k-means alone = {cpu['sids warm'] / cpu['k-means alone']:.2f}")
     if inside:
         print("inside the job (medians): " + ", ".join(
             f"{name} {statistics.median(v):.1f}s" for name, v in inside.items()))
