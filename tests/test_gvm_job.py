@@ -129,13 +129,15 @@ def test_weak_data_completes_and_says_so(toy: Warehouse) -> None:
     assert "Recall@20 = 0" in verdict and error == verdict
 
 
-def test_no_parsed_answer_embeds_nothing(toy: Warehouse) -> None:
+def test_no_parsed_answer_embeds_nothing(toy: Warehouse, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every answer unparseable (the canned test server): nothing to validate, so the
-    catalog is not embedded."""
+    catalog is not embedded; the embedder is not even called."""
     import json
 
+    asked, encoded = _count_embedder(monkeypatch)
     with OpenAIServer() as server:
         run = gvm(toy, options(server), users=4, samples=1)
+    assert asked == [] and encoded == []
     with toy.read() as con:
         counts = json.loads(con.execute("select counts from job_runs where run_id = ?",
                                         [run]).fetchone()[0])["gvm"]
