@@ -11,6 +11,14 @@ time per chain as a ratio to the smallest configuration, the baseline measured i
 run (1.0 = linear scaling). Embedding: texts the pipeline asked for vs texts encoded (the
 rest were duplicates or came from the content-addressed cache). Last, the largest
 configuration again with the same seed: every answer and vector from the caches.
+
+`--failing USERSxSAMPLES` (issue 18; the issue measured 60x4) runs instead, each in a fresh
+warehouse with an empty embedding cache, `gvm` and `gvm compare` (two templates) against a
+teacher none of whose answers parses (the server's canned sentences), and the catalogue
+embedded alone. Before issue 18 `gvm compare` embedded the whole catalogue whatever the
+answers, and a gvm run from before the "no answer parsed" fix did the same; the table gives
+the embedding share of such a run (catalogue alone / (run + catalogue alone)) against the
+share now (the run's own embedding seconds / its wall time).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -57,12 +66,92 @@ def run(wh: Warehouse, server: OpenAIServer, users: int, samples: int, seed: int
     return wall, counts
 
 
+def failing(cell: str, latency: float, concurrency: int) -> None:
+    """Every answer unparseable: what embedding costs a run now, and what it cost before."""
+    from factory.gvm.phases import catalog
+    from factory.templates import get_template
+    from jobs.gvm_compare import run_compare
+
+    users, samples = (int(x) for x in cell.split("x"))
+    with tempfile.TemporaryDirectory() as tmp, OpenAIServer(latency=latency) as server:
+        base = Path(tmp) / "base.duckdb"
+        ingest(Warehouse(base), "ml-100k", load_movielens("100k"), NormaliseOptions(core=5))
+        opts = TeacherOptions(url=server.url, model="bench-teacher", concurrency=concurrency)
+        rows = []
+        for job in ("gvm", "gvm compare"):
+            path = Path(tmp) / f"{job.replace(' ', '-')}.duckdb"
+            shutil.copy(base, path)
+            wh = Warehouse(path)
+            spied = _spy_embedding()
+            started = time.perf_counter()
+            if job == "gvm":
+                run_gvm(wh, "ml-100k", teacher=opts, split="loo", users=users,
+                        samples=samples, n_items=20, max_history=20, prune_threshold=0.85,
+                        prune_scope="global", cluster="kmeans", k_min=2, k_max=10,
+                        min_cluster_size=20, exemplars=10, encoder=None)
+            else:
+                with wh.read() as con:
+                    chosen = {n: get_template(con, n, "ml-100k")
+                              for n in ("two-step", "three-step")}
+                run_compare(wh, "ml-100k", chosen, job_name="gvm-compare", teacher=opts,
+                            split="loo", users=users, samples=samples, n_items=20,
+                            max_history=20, held_out=False, encoder=None, extra={})
+            rows.append((job, time.perf_counter() - started, *spied()))
+        path = Path(tmp) / "catalogue.duckdb"
+        shutil.copy(base, path)
+        started = time.perf_counter()
+        _, encode = encoder_for(Warehouse(path), None, "catalog")
+        ids, _ = catalog(Warehouse(path), "ml-100k", encode)
+        alone = time.perf_counter() - started
+    print(f"no answer parses, {users} users x {samples} answers, server latency "
+          f"{latency * 1000:.0f} ms; each in a fresh warehouse (empty embedding cache)")
+    print(f"catalogue alone: {len(ids):,} ml-100k items, model load + encode "
+          f"{alone:.1f}s")
+    print(f"{'job':12} {'wall s':>7} {'embed calls':>11} {'encoded':>7} {'embed s':>7} "
+          f"{'share now':>9} {'share before (+catalogue)':>26}")
+    for job, wall, calls, encoded, secs in rows:
+        print(f"{job:12} {wall:>7.1f} {calls:>11} {encoded:>7} {secs:>7.1f} "
+              f"{secs / wall:>9.1%} {alone / (wall + alone):>26.1%}", flush=True)
+
+
+def _spy_embedding():
+    """Count Embedder.embed calls, texts encoded and seconds inside embed() from now on;
+    returns a function that reads the counts and removes the spy."""
+    from factory.embeddings import Embedder
+
+    real = Embedder.embed
+    seen = {"calls": 0, "encoded": 0, "seconds": 0.0}
+
+    def embed(self, texts, label="embedding"):
+        started, before = time.perf_counter(), self.stats.encoded
+        try:
+            return real(self, texts, label)
+        finally:
+            seen["calls"] += 1
+            seen["encoded"] += self.stats.encoded - before
+            seen["seconds"] += time.perf_counter() - started
+
+    Embedder.embed = embed
+
+    def done() -> tuple[int, int, float]:
+        Embedder.embed = real
+        return seen["calls"], seen["encoded"], seen["seconds"]
+
+    return done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="50x2,100x2,100x4,200x4", help="users x samples, ...")
     ap.add_argument("--latency", type=float, default=0.05, help="server seconds per request")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--failing", metavar="USERSxSAMPLES", help="only the no-answer-parses "
+                    "comparison (issue 18: 60x4)")
     args = ap.parse_args()
+    if args.failing:
+        console.quiet = True
+        failing(args.failing, args.latency, args.concurrency)
+        return
     grid = [tuple(int(x) for x in cell.split("x")) for cell in args.grid.split(",")]
     console.quiet = True  # the jobs' progress bars and summaries; the table goes to stdout
 

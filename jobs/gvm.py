@@ -129,19 +129,26 @@ def _validate_and_mine(wh: Warehouse, job: TeacherJob, dataset: str, *, seqs: in
                        cluster: str, k_min: int, k_max: int, min_cluster_size: int,
                        exemplars: int, seed: int, seconds: dict[str, float]) -> dict[str, Any]:
     from factory.gvm.parse import parse_best_path
-    from factory.gvm.phases import FREE, catalog, mine_run, prune_run, record_template, validate_run
+    from factory.gvm.phases import (
+        FREE,
+        Catalog,
+        mine_run,
+        prune_run,
+        record_template,
+        validate_run,
+    )
     from factory.teacher import Work, load_prompt
 
     run_id = job.run_id
     embedder, encode = encoder_for(wh, encoder, "gvm embeddings")
     with timed(seconds, "prune"):
         pruning = prune_run(wh, run_id, encode, prune_threshold, prune_scope)
-    validated = {"chains": 0, "descriptions": 0, "hits": 0}
-    if pruning["kept"]:     # else every answer failed: no reason to embed the catalog
-        with timed(seconds, "catalog"):
-            ids, vectors = catalog(wh, dataset, encode)
-        with timed(seconds, "validate"):
-            validated = validate_run(wh, run_id, [FREE], encode, ids, vectors)
+    catalogue = Catalog(wh, dataset, encode)   # embedded only if a description needs it
+    with timed(seconds, "validate"):
+        validated = validate_run(wh, run_id, [FREE], encode, catalogue)
+    if catalogue.seconds is not None:          # report the catalogue apart from the mapping
+        mapping = max(seconds.pop("validate") - catalogue.seconds, 0.0)
+        seconds.update(catalog=round(catalogue.seconds, 3), validate=round(mapping, 3))
     with timed(seconds, "mine"):
         mined = mine_run(wh, run_id, dataset, encode, method=cluster, k_min=k_min,
                          k_max=k_max, min_cluster_size=min_cluster_size,

@@ -34,7 +34,7 @@ def run_compare(wh: Warehouse, dataset: str, templates: dict[str, Template], *, 
     """
     from factory.gvm.parse import parse_generation
     from factory.gvm.phases import (
-        catalog,
+        Catalog,
         chain_columns,
         evaluate_templates,
         store_sequences,
@@ -80,9 +80,9 @@ def run_compare(wh: Warehouse, dataset: str, templates: dict[str, Template], *, 
         if job.run_id is None:  # --dry-run
             return None, []
         _, encode = encoder_for(wh, encoder, "gvm embeddings")
-        ids, vectors = catalog(wh, dataset, encode)
         names = [t.name for t in templates.values()]
-        validate_run(wh, job.run_id, names, encode, ids, vectors)
+        # the catalogue is embedded only if some answer parsed (issue 18)
+        validate_run(wh, job.run_id, names, encode, Catalog(wh, dataset, encode))
         evals = evaluate_templates(
             wh, job.run_id, dataset,
             {t.name: (list(t.steps), t.dataset) for t in templates.values()}, samples)

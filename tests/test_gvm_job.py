@@ -129,18 +129,77 @@ def test_weak_data_completes_and_says_so(toy: Warehouse) -> None:
     assert "Recall@20 = 0" in verdict and error == verdict
 
 
-def test_no_parsed_answer_embeds_nothing(toy: Warehouse) -> None:
+def test_no_parsed_answer_embeds_nothing(toy: Warehouse, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every answer unparseable (the canned test server): nothing to validate, so the
-    catalog is not embedded."""
+    catalog is not embedded; the embedder is not even called."""
     import json
 
+    asked, encoded = _count_embedder(monkeypatch)
     with OpenAIServer() as server:
         run = gvm(toy, options(server), users=4, samples=1)
+    assert asked == [] and encoded == []
     with toy.read() as con:
         counts = json.loads(con.execute("select counts from job_runs where run_id = ?",
                                         [run]).fetchone()[0])["gvm"]
     assert counts["kept"] == 0 and counts["chains"] == 0
     assert counts["embeddings"]["seen"] == 0 and "catalog" not in counts["seconds"]
+
+
+def _count_embedder(monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[str]], list[str]]:
+    """(texts of every Embedder.embed call, texts the model encoded), recorded as they go."""
+    from factory.embeddings import Embedder
+
+    asked: list[list[str]] = []
+    encoded: list[str] = []
+    embed, encode = Embedder.embed, Embedder._encode
+
+    def counting_embed(self, texts, label="embedding"):
+        asked.append(list(texts))
+        return embed(self, texts, label)
+
+    def counting_encode(self, texts):
+        encoded.extend(texts)
+        return encode(self, texts)
+
+    monkeypatch.setattr(Embedder, "embed", counting_embed)
+    monkeypatch.setattr(Embedder, "_encode", counting_encode)
+    return asked, encoded
+
+
+def test_compare_with_no_parsed_answer_never_calls_the_embedder(
+        toy: Warehouse, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: `gvm compare` embedded the whole catalogue up front, even when every answer
+    failed; validation now asks for it only when a description is to be mapped."""
+    asked, encoded = _count_embedder(monkeypatch)
+    with OpenAIServer() as server:       # canned answers: none parses
+        out = cli(toy, "gvm", "compare", "--dataset", "toy", "--users", "4", "--templates",
+                  "two-step,three-step", "--teacher-url", server.url,
+                  "--teacher-model", "test-teacher")
+    assert out.exit_code == 0, out.output
+    assert asked == [] and encoded == []
+
+
+def test_a_second_job_reads_the_catalogue_from_the_shared_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalogue's item texts are encoded once, by the first job that validates; a later
+    gvm run (other users) and a gvm compare run read every catalogue vector from the
+    warehouse's embedding_cache (same encoder, same text hash) and encode none again."""
+    from factory.gvm.sequences import item_info, item_text
+
+    wh = toy_warehouse(tmp_path / "factory.duckdb")
+    with wh.read() as con:
+        catalogue = {item_text(i) for i in item_info(con, "toy").values()}
+    asked, encoded = _count_embedder(monkeypatch)
+    with OpenAIServer(GvmTeacher(oracle(wh, "toy"))) as server:
+        gvm(wh, options(server), users=6, samples=2, min_cluster_size=2)
+        first = catalogue & set(encoded)
+        assert first == catalogue and len(encoded) == len(set(encoded))
+        encoded.clear()
+        gvm(wh, options(server), users=6, samples=2, min_cluster_size=2, sample_seed=1)
+        out = cli(wh, "gvm", "compare", "--dataset", "toy", "--users", "4", "--templates",
+                  "two-step", "--teacher-url", server.url, "--teacher-model", "test-teacher")
+        assert out.exit_code == 0, out.output
+    assert asked and not catalogue & set(encoded)
 
 
 def test_bad_input_is_refused_before_any_request(toy: Warehouse, capsys) -> None:

@@ -16,7 +16,7 @@ from factory.errors import FactoryError
 from factory.gvm.parse import Generation
 from factory.gvm.phases import (
     FREE,
-    catalog,
+    Catalog,
     chain_columns,
     insert_rows,
     mine_run,
@@ -105,8 +105,8 @@ def test_prune_validate_mine_and_template(ml100k: Warehouse) -> None:
     run = "gvm-test-1"
     make_answers(ml100k, run)
     assert prune_run(ml100k, run, bow, 0.85, "user") == {"kept": 80, "pruned": 40}
-    ids, vectors = catalog(ml100k, "ml-100k", bow)
-    counts = validate_run(ml100k, run, [FREE], bow, ids, vectors)
+    items = Catalog(ml100k, "ml-100k", bow)
+    counts = validate_run(ml100k, run, [FREE], bow, items)
     assert counts["chains"] == 80 and counts["hits"] == 20
     mined = mine_run(ml100k, run, "ml-100k", bow, method="kmeans", k_min=2, k_max=4,
                      min_cluster_size=10, n_exemplars=3, seed=0)
@@ -158,10 +158,10 @@ def test_global_pruning_crosses_users(ml100k: Warehouse) -> None:
 def test_rerun_of_a_phase_is_idempotent(ml100k: Warehouse) -> None:
     run = "gvm-test-3"
     make_answers(ml100k, run, n_users=12)
-    ids, vectors = catalog(ml100k, "ml-100k", bow)
+    items = Catalog(ml100k, "ml-100k", bow)
     for _ in range(2):
         prune_run(ml100k, run, bow, 0.85, "user")
-        validate_run(ml100k, run, [FREE], bow, ids, vectors)
+        validate_run(ml100k, run, [FREE], bow, items)
         mine_run(ml100k, run, "ml-100k", bow, method="kmeans", k_min=2, k_max=3,
                  min_cluster_size=100, n_exemplars=2, seed=0)
     with ml100k.read() as con:
@@ -206,8 +206,8 @@ def test_evaluate_templates_counts_failures_as_misses(ml100k: Warehouse) -> None
                                              [item_text(info["1"])]), None))
     store_answers(ml100k, run, "two-step", good)
     store_answers(ml100k, run, "five-step", bad)
-    ids, vectors = catalog(ml100k, "ml-100k", bow)
-    validate_run(ml100k, run, ["two-step", "five-step"], bow, ids, vectors)
+    items = Catalog(ml100k, "ml-100k", bow)
+    validate_run(ml100k, run, ["two-step", "five-step"], bow, items)
     evals = evaluate_templates(ml100k, run, "ml-100k", {
         "two-step": (["A", "B"], None), "five-step": (["A", "B"], None)}, samples=1)
     two, five = evals
@@ -232,8 +232,8 @@ def test_show_and_plot(ml100k: Warehouse, tmp_path) -> None:
                                                 "samples": 4, "split": "loo", "seed": 0})
     make_answers(ml100k, run)
     prune_run(ml100k, run, bow, 0.85, "user")
-    ids, vectors = catalog(ml100k, "ml-100k", bow)
-    validate_run(ml100k, run, [FREE], bow, ids, vectors)
+    items = Catalog(ml100k, "ml-100k", bow)
+    validate_run(ml100k, run, [FREE], bow, items)
     mine_run(ml100k, run, "ml-100k", bow, method="kmeans", k_min=2, k_max=4,
              min_cluster_size=10, n_exemplars=3, seed=0)
     with ml100k.write() as con:

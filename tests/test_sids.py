@@ -23,6 +23,7 @@ from jobs.sids import (
     level_stats,
     residual_kmeans,
     resolve_strict,
+    row_sums,
     run_sids,
     sid_string,
 )
@@ -64,6 +65,7 @@ def test_sids_job_store_cache_and_rerun(tiny: Warehouse, monkeypatch: pytest.Mon
     fake_model(monkeypatch)
     first = run_sids(tiny, "tiny", levels=2, codebook_size=4, collisions="extra-level")
     assert first["encoded"] == first["items"] == 25 and first["cache_hits"] == 0
+    assert set(first["phase_seconds"]) == {"prepare", "embed", "kmeans", "collisions", "store"}
     with tiny.read() as con:
         rows = con.execute("select item_id, codes, sid from item_sids where dataset = 'tiny'"
                            ).fetchall()
@@ -273,3 +275,44 @@ def test_level_stats_balanced_assign_and_warning() -> None:
     sim = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.0], [0.7, 0.6]])
     assert balanced_assign(sim, 2).tolist() == [0, 0, 1, 1]
     assert codebook_warning(1349, 64) is None and codebook_warning(1349, 256)
+
+
+def _add_at_sums(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """The summation k-means used before issue 18 (np.add.at), as the reference."""
+    sums = np.zeros((k, rows.shape[1]), dtype=rows.dtype)
+    np.add.at(sums, labels, rows)
+    return sums
+
+
+@pytest.mark.parametrize("n,d,k", [(60, 8, 5), (3000, 24, 64), (500, 16, 256), (1, 3, 4)])
+def test_row_sums_equal_add_at_bit_for_bit(n: int, d: int, k: int) -> None:
+    rng = np.random.default_rng(n)
+    rows = rng.normal(size=(n, d))
+    labels = rng.integers(0, max(k // 2, 1), n)          # half the codes stay unused
+    for dtype in (np.float64, np.float32):
+        got = row_sums(labels, rows.astype(dtype), k)
+        want = _add_at_sums(labels, rows.astype(dtype), k)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_faster_kmeans_gives_the_same_sids_for_a_seed(
+        balanced: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18 changed only how k-means sums rows: codes, codebooks and residuals are the
+    same, bit for bit, as with the np.add.at summation, so SIDs of earlier runs stay valid."""
+    import jobs.sids
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(12, 32))
+    x = (centres[rng.integers(0, 12, 900)] + 0.4 * rng.normal(size=(900, 32)))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    x[7] = x[8]                                           # a duplicate text
+    new = residual_kmeans(x, 3, 16, seed=3, balanced=balanced)
+    monkeypatch.setattr(jobs.sids, "row_sums", _add_at_sums)
+    old = residual_kmeans(x, 3, 16, seed=3, balanced=balanced)
+    assert np.array_equal(new[0], old[0])
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(new[1], old[1], strict=True))
+    assert new[2].tobytes() == old[2].tobytes()
+    assert np.array_equal(disambiguate(new[0], new[2])[0], disambiguate(old[0], old[2])[0])
+    if not balanced:     # balanced codes leave too many items under one prefix for strict
+        assert np.array_equal(resolve_strict(*new)[0], resolve_strict(*old)[0])

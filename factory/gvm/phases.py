@@ -10,6 +10,7 @@ L2-normalised, so a dot product is a cosine.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,19 +103,52 @@ def prune_run(wh: Warehouse, run_id: str, encode: Encode, threshold: float,
     return {"kept": len(rows) - pruned, "pruned": pruned}
 
 
+class Catalog:
+    """A dataset's items for top-1 mapping, embedded on first use of `vectors`: Validate
+    needs every item's vector once any description is to be mapped (the top-1 is over the
+    whole catalogue), and none when nothing is (no answer parsed), so such a run never loads
+    the encoder. Vectors come through the shared cache, so a catalogue that
+    any earlier job embedded with the same encoder and item text is read, not encoded."""
+
+    def __init__(self, wh: Warehouse, dataset: str, encode: Encode) -> None:
+        self.wh, self.dataset, self.encode = wh, dataset, encode
+        self._ids: list[str] | None = None
+        self._texts: list[str] = []
+        self._vectors: np.ndarray | None = None
+        #: wall seconds spent getting the vectors (None: never asked for)
+        self.seconds: float | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        if self._ids is None:
+            with self.wh.read() as con:
+                info = item_info(con, self.dataset)
+            self._ids = sorted(info)
+            self._texts = [item_text(info[i]) for i in self._ids]
+        return self._ids
+
+    @property
+    def vectors(self) -> np.ndarray:
+        if self._vectors is None:
+            started = time.perf_counter()
+            ids = self.ids
+            self._vectors = self.encode(self._texts) if ids else np.zeros((0, 1), np.float32)
+            self.seconds = time.perf_counter() - started
+        return self._vectors
+
+
 def catalog(wh: Warehouse, dataset: str, encode: Encode) -> tuple[list[str], np.ndarray]:
-    """Item ids and their embeddings (title, categories, brand), for top-1 mapping."""
-    with wh.read() as con:
-        info = item_info(con, dataset)
-    ids = sorted(info)
-    return ids, encode([item_text(info[i]) for i in ids])
+    """Item ids and their embeddings (title, categories, brand), embedded now (benches and
+    test fixtures warm the cache with it; jobs pass a lazy `Catalog` to `validate_run`)."""
+    cat = Catalog(wh, dataset, encode)
+    return cat.ids, cat.vectors
 
 
 def validate_run(wh: Warehouse, run_id: str, templates: list[str], encode: Encode,
-                 catalog_ids: list[str], catalog_vectors: np.ndarray,
-                 k: int = 20) -> dict[str, int]:
+                 catalogue: Catalog, k: int = 20) -> dict[str, int]:
     """Map every kept chain's descriptions to catalog items and score it on its user's
-    validation target (from gvm_sequences; the test part is never read)."""
+    validation target (from gvm_sequences; the test part is never read). The catalogue is
+    embedded only when there is a description to map."""
     with wh.read() as con:
         chains = con.execute(
             "select c.template, c.user_id, c.sample, c.items, s.target"
@@ -125,8 +159,8 @@ def validate_run(wh: Warehouse, run_id: str, templates: list[str], encode: Encod
     texts = list(dict.fromkeys(d for row in chains for d in row[3]))
     if not texts:
         return {"chains": 0, "descriptions": 0, "hits": 0}
-    index, cosine = top1(encode(texts), catalog_vectors)
-    where = {t: (catalog_ids[i], float(c)) for t, i, c in zip(texts, index, cosine, strict=True)}
+    index, cosine = top1(encode(texts), catalogue.vectors)
+    where = {t: (catalogue.ids[i], float(c)) for t, i, c in zip(texts, index, cosine, strict=True)}
     recs, scores = [], []
     for template, user, sample, items, target in chains:
         mapped = [where[d][0] for d in items]
