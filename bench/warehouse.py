@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import string
 import sys
@@ -212,6 +213,7 @@ def main() -> None:
                 sql = sql.format(item=item)
                 r[label] = timed(lambda sql=sql, con=con: con.execute(sql).fetchall(),
                                  args.repeats)
+    shutil.rmtree(tmp)
     cols = list(next(iter(result.values())))
     print(f"{args.rows:,} calls written in {FLUSH:,}-row flushes, then {args.rows:,} in "
           f"{10 * FLUSH:,}-row ones (behind); {args.lookup:,} looked up among "
