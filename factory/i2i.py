@@ -23,16 +23,31 @@ Definitions (the Python reference in `factory.i2i_reference` computes exactly th
 * Scores are rounded to 12 decimals so that summation order never decides a rank; the rank
   within a source orders by score desc, support desc, item_j asc; top_k = 0 keeps all.
 
-The work runs in a scratch DuckDB file (bounded by `memory_limit`, spilling to disk), in
-contiguous ranges of source items of about `chunk_occurrences` co-occurrences each: each range
-is aggregated (in an array where its key range allows), then ranked on its own and streamed
-out, so memory stays bounded whatever the log's size.
+Two engines compute the same pairs, scores and ranks:
+
+* `SparseMiner` (count, penalised, pmi and cond over the whole sequence, `window` 0): sparse
+  matrix products in blocks of source items (scipy). Symmetric supports are X^T X (X: users x
+  items). Directed ones ("j after i") split every sequence into dyadic halves: at level l a
+  sequence is cut into groups of 2^(l+1) positions, each a left and a right half, and every
+  pair p < q meets in exactly one group (the level of the highest bit where p and q differ)
+  with p on the left and q on the right, so D = sum_l L_l^T R_l, one product over levels
+  stacked side by side with n log n entries. Support and penalised sum come out of one
+  complex product (1 + i w_u). Each block is ranked at once (a float32 sort key prunes each
+  source to its top-k candidates, then an exact sort) and streamed out, so memory stays
+  bounded by the block size; it is chosen only when its estimated peak fits `memory_limit`.
+* `Miner` (everything else: windows, Swing, or a tight memory limit): set-based SQL in a
+  scratch DuckDB file (bounded by `memory_limit`, spilling to disk), in contiguous ranges of
+  source items of about `chunk_occurrences` co-occurrences each: each range is aggregated (in
+  an array where its key range allows), then ranked on its own and streamed out.
+
+Both round scores with DuckDB's own round(x, 12), so ties break the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -40,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from factory.errors import FactoryError, first_line
@@ -53,6 +69,12 @@ SWING_USER_BETA = 0.35
 PERFECT_HT_BITS = 22
 #: co-occurrences aggregated per chunk: small hash tables are faster and bound memory
 CHUNK_OCCURRENCES = 8_000_000
+#: scores the sparse-product engine computes (whole sequence only)
+SPARSE_SCORES = ("count", "penalised", "pmi", "cond")
+#: candidate pairs (product entries) per block of the sparse engine; its memory per block
+#: is about SPARSE_BYTES_PER_PAIR times this
+SPARSE_BLOCK_PAIRS = 2_000_000
+SPARSE_BYTES_PER_PAIR = 120
 
 
 @dataclass(frozen=True)
@@ -318,36 +340,290 @@ class Miner:
             tick()
 
 
+def parse_bytes(text: str) -> int | None:
+    """A DuckDB memory setting ('2GB', '500MiB', '1.5 gb') in bytes; None if unreadable."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?(?:ytes)?\s*", text, re.I)
+    if not m:
+        return None
+    power = "bkmgt".index((m.group(2) or "b").lower())
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+
+
+class SparseMiner:
+    """Supports, penalised sums and ranks as sparse products in blocks of source items
+    (whole-sequence windows; see the module docstring). Use as a context manager."""
+
+    def __init__(self, params: MineParams, block_pairs: int = SPARSE_BLOCK_PAIRS):
+        params.check()
+        if params.score not in SPARSE_SCORES or params.window:
+            raise ValueError(f"the sparse engine does not compute {params.score} with "
+                             f"window {params.window}")
+        self.p = params
+        self.block_pairs = max(1, block_pairs)
+        self.stats: dict[str, Any] = {}
+        self._con = duckdb.connect(config={"threads": 1})  # DuckDB's round(), for equal ties
+
+    def __enter__(self) -> SparseMiner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._con.close()
+
+    @staticmethod
+    def estimate_bytes(train: pa.Table, params: MineParams,
+                       block_pairs: int = SPARSE_BLOCK_PAIRS) -> int:
+        """Peak memory of a run, roughly: both operands, building them, and one block."""
+        n = train.num_rows
+        if not n:
+            return 0
+        lengths = np.bincount(train["u"].to_numpy(zero_copy_only=False))
+        lengths = lengths[lengths > 1]
+        per_entry = (16 if params.score == "penalised" else 4) + 4 + 8  # data, index, coo
+        entries = 2 * n if not params.directed else int(
+            (lengths * np.ceil(np.log2(np.maximum(lengths, 2)))).sum())
+        return entries * per_entry + 80 * n + block_pairs * SPARSE_BYTES_PER_PAIR
+
+    def load(self, train: pa.Table, users: pa.Table, items: pa.Table) -> int:
+        """Build both operands; returns the number of blocks."""
+        import scipy.sparse as sp
+
+        p = self.p
+        u = train["u"].to_numpy(zero_copy_only=False).astype(np.int64)
+        i = train["i"].to_numpy(zero_copy_only=False).astype(np.int64)
+        pos_in = train["p"].to_numpy(zero_copy_only=False)
+        item_codes = items["i"].to_numpy(zero_copy_only=False).astype(np.int64)
+        n_items = int(max(item_codes.max(initial=-1), i.max(initial=-1)) + 1)
+        lookup = np.full(n_items, -1, dtype=np.int64)
+        lookup[item_codes] = np.arange(len(item_codes))
+        self.item_ids = items["item_id"]
+        self.lookup = lookup
+        n_u = np.bincount(u) if len(u) else np.zeros(0, dtype=np.int64)
+        multi = int((n_u >= 2).sum())
+        if not multi:
+            raise FactoryError(
+                "no training sequence has two or more items, so nothing co-occurs "
+                "(check the split, or the dataset's --core)"
+            )
+        self.ipop = np.bincount(i, minlength=n_items)
+        n_users = int((n_u > 0).sum())
+        self.stats.update(
+            users=n_users, users_with_pairs=multi,
+            training_items=int((self.ipop > 0).sum()), interactions=len(u),
+            co_occurrences=int((n_u * (n_u - 1) // 2).sum()) * (1 if p.directed else 2),
+            pairs_before_top_k=0,
+        )
+        # interactions in (user, position) order; positions re-numbered 0..n_u-1
+        order = np.lexsort((pos_in, u))
+        u, i = u[order], i[order]
+        del order, pos_in
+        n_e = n_u[u]
+        pos = np.arange(len(u)) - (np.cumsum(n_u) - n_u)[u]
+        if p.score == "penalised":
+            self.dtype: type = np.complex128  # support + i * penalised sum
+            left_data = 1.0 + 1j / (p.alpha + n_e)
+        else:
+            self.dtype = np.float32 if n_users < 2**24 else np.float64  # exact counts
+            left_data = np.ones(len(u), dtype=self.dtype)
+        if not p.directed:
+            self.left = sp.csr_matrix((left_data, (i, u)), shape=(n_items, len(n_u)))
+            self.right = sp.csr_matrix((np.ones(len(u), dtype=self.dtype), (u, i)),
+                                       shape=(len(n_u), n_items))
+            partners = n_e - 1
+        else:
+            self.left, self.right = self._dyadic(u, i, pos, n_u, n_e, left_data, n_items)
+            partners = n_e - 1 - pos
+        # candidate pairs of a source: at most its co-occurrences, at most every item
+        bound = np.minimum(np.bincount(i, weights=partners, minlength=n_items), n_items)
+        before = np.cumsum(bound) - bound
+        chunk = (before // self.block_pairs).astype(np.int64)
+        starts = np.flatnonzero(np.diff(chunk, prepend=-1))
+        ends = np.append(starts[1:], n_items)
+        sums = np.add.reduceat(bound, starts) if n_items else np.zeros(0)
+        self.ranges = [(int(a), int(b)) for a, b, s in zip(starts, ends, sums, strict=True)
+                       if s > 0]
+        return len(self.ranges)
+
+    def _dyadic(self, u: np.ndarray, i: np.ndarray, pos: np.ndarray, n_u: np.ndarray,
+                n_e: np.ndarray, left_data: np.ndarray, n_items: int) -> tuple[Any, Any]:
+        """L^T (items x groups) and R (groups x items) of the directed supports: level l
+        groups a sequence's positions by p >> (l+1); p's half is bit l. Only groups with a
+        right half take part."""
+        import scipy.sparse as sp
+
+        lr, lc, ld, rr, rc = [], [], [], [], []
+        base, level = 0, 0
+        top = int(n_u.max())
+        while (1 << level) < top:
+            half = 1 << level
+            g = pos >> (level + 1)
+            part = (g << (level + 1)) + half < n_e
+            groups = np.where(n_u > half, (n_u + 2 * half - 1) // (2 * half), 0)
+            gid = base + (np.cumsum(groups) - groups)[u] + g
+            is_left = (pos & half) == 0
+            left, right = part & is_left, part & ~is_left
+            lr.append(i[left])
+            lc.append(gid[left])
+            ld.append(left_data[left])
+            rr.append(gid[right])
+            rc.append(i[right])
+            base += int(groups.sum())
+            level += 1
+        lt = sp.csr_matrix((np.concatenate(ld), (np.concatenate(lr), np.concatenate(lc))),
+                           shape=(n_items, base))
+        del lr, lc, ld
+        r = sp.csr_matrix((np.ones(sum(len(x) for x in rr), dtype=self.dtype),
+                           (np.concatenate(rr), np.concatenate(rc))), shape=(base, n_items))
+        return lt, r
+
+    def results(self, batch_rows: int = 500_000,
+                counted: Callable[[], None] = lambda: None,
+                ranked: Callable[[], None] = lambda: None) -> Iterator[pa.RecordBatch]:
+        """(item_i, item_j, support, score, rank) of the kept pairs, a block at a time;
+        `counted()` after a block's product, `ranked()` after its batches were taken."""
+        for lo, hi in self.ranges:
+            prod = self.left[lo:hi] @ self.right
+            counted()
+            table = self._rank(lo, hi, prod)
+            del prod
+            yield from table.to_batches(batch_rows)
+            ranked()
+
+    def _rank(self, lo: int, hi: int, prod: Any) -> pa.Table:
+        p = self.p
+        counts = np.diff(prod.indptr)
+        rows = np.repeat(np.arange(lo, hi, dtype=np.int64), counts)
+        cols = prod.indices.astype(np.int64)
+        vals = prod.data
+        support = vals.real if self.dtype is np.complex128 else vals
+        keep = support >= p.min_count - 0.5
+        if not p.directed:
+            keep &= cols != rows
+        rows, cols = rows[keep], cols[keep]
+        sup = np.rint(support[keep]).astype(np.int64)
+        self.stats["pairs_before_top_k"] += len(rows)
+        if p.score == "penalised":
+            raw = vals.imag[keep]
+        elif p.score == "count":
+            raw = sup.astype(np.float64)
+        elif p.score == "pmi":
+            raw = np.log(sup * float(self.stats["users"])
+                         / (self.ipop[rows].astype(np.float64) * self.ipop[cols]))
+        else:
+            raw = sup / self.ipop[rows].astype(np.float64)
+        del vals, support, keep
+        if p.top_k:
+            cand = self._candidates(rows - lo, hi - lo, raw, p.top_k)
+            if cand is not None:
+                rows, cols, sup, raw = rows[cand], cols[cand], sup[cand], raw[cand]
+        score = self._round(raw)
+        order = np.lexsort((cols, -sup, -score, rows))
+        rows, cols, sup, score = rows[order], cols[order], sup[order], score[order]
+        rank = np.arange(1, len(rows) + 1) - np.searchsorted(rows, rows, side="left")
+        if p.top_k:
+            top = rank <= p.top_k
+            rows, cols, sup, score, rank = (x[top] for x in (rows, cols, sup, score, rank))
+        return pa.table({
+            "item_i": self.item_ids.take(pa.array(self.lookup[rows])),
+            "item_j": self.item_ids.take(pa.array(self.lookup[cols])),
+            "support": pa.array(sup, pa.int32()),
+            "score": pa.array(score, pa.float64()),
+            "rank": pa.array(rank, pa.int32()),
+        })
+
+    @staticmethod
+    def _candidates(r: np.ndarray, n_rows: int, raw: np.ndarray, k: int) -> np.ndarray | None:
+        """Entries that may be in their row's top k (a superset: ties and rounding kept).
+        Sorts a 64-bit key (row, float32 score descending) to find each row's k-th score."""
+        cnt = np.bincount(r, minlength=n_rows)
+        big = cnt > k
+        if not big.any():
+            return None
+        in_big = big[r]
+        bits = (raw[in_big] + 0.0).astype(np.float32).view(np.uint32)
+        asc = np.where(bits & 0x80000000, ~bits, bits | 0x80000000)
+        key = (r[in_big].astype(np.uint64) << np.uint64(32)) | (~asc).astype(np.uint64)
+        key.sort()
+        kth = key[np.cumsum(cnt[big]) - cnt[big] + k - 1].astype(np.uint32)  # low 32 bits
+        kth = ~kth
+        kth = np.where(kth & 0x80000000, kth & 0x7FFFFFFF, ~kth).view(np.float32)
+        kth = kth.astype(np.float64)
+        thr = np.full(n_rows, -np.inf)
+        # every score that rounds (float32, then to 12 decimals) like the k-th may tie it
+        thr[big] = kth - np.abs(kth) * 2.0**-22 - 4e-12
+        return np.flatnonzero(raw >= thr[r])
+
+    def _round(self, x: np.ndarray) -> np.ndarray:
+        """DuckDB's round(x, 12), the SQL engine's and the stored scores' rounding."""
+        self._con.register("_scores", pa.table({"x": x}))
+        try:
+            out = self._con.sql("select round(x, 12) as x from _scores").fetchnumpy()["x"]
+        finally:
+            self._con.unregister("_scores")
+        return np.asarray(out, dtype=np.float64)
+
+
+def choose_engine(train: pa.Table, params: MineParams, memory_limit: str,
+                  block_pairs: int = SPARSE_BLOCK_PAIRS) -> str:
+    """'sparse' where it computes the score and its estimated peak fits memory_limit,
+    else 'sql' (which spills to disk beyond the limit)."""
+    if params.score not in SPARSE_SCORES or params.window:
+        return "sql"
+    limit = parse_bytes(memory_limit)
+    if limit is None or SparseMiner.estimate_bytes(train, params, block_pairs) > limit:
+        return "sql"
+    return "sparse"
+
+
 def mine(
     train: pa.Table, users: pa.Table, items: pa.Table, params: MineParams, *,
     memory_limit: str = "2GB", threads: int | None = None,
     on_chunk: Callable[[int, int, str], None] | None = None,
-    chunk_occurrences: int = CHUNK_OCCURRENCES,
+    chunk_occurrences: int = CHUNK_OCCURRENCES, engine: str = "auto",
+    stats: dict[str, Any] | None = None,
 ) -> Iterator[tuple[pa.RecordBatch, dict[str, Any]]]:
     """Mine pairs from dense-coded training interactions; yields result batches with the
-    running statistics. `on_chunk(done, total, stage)` reports progress over all chunked
-    stages, ranking and storing included (the long tail after counting on ml-1m)."""
+    running statistics (also kept in `stats` when given, complete once the generator ends).
+    `on_chunk(done, total, stage)` reports progress over all chunked stages, ranking and
+    storing included (the long tail after counting on ml-1m). `engine`: 'auto' (the sparse
+    engine where it applies and fits `memory_limit`), 'sparse' or 'sql'."""
+    stats = {} if stats is None else stats
+    block_pairs = min(chunk_occurrences, SPARSE_BLOCK_PAIRS)
+    if engine == "auto":
+        engine = choose_engine(train, params, memory_limit, block_pairs)
+    if engine not in ("sparse", "sql"):
+        raise ValueError(f"unknown engine {engine!r}")
+    done = 0
+    total = 0
+
+    def ticker(stage: str) -> Callable[[], None]:
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if on_chunk:
+                on_chunk(done, total, stage)
+        return tick
+
+    if engine == "sparse":
+        with SparseMiner(params, block_pairs=block_pairs) as sparse:
+            sparse.stats = stats
+            total = 2 * sparse.load(train, users, items)
+            stats.update(chunks=total // 2, engine="sparse")
+            for batch in sparse.results(counted=ticker("counting pairs"),
+                                        ranked=ticker("ranking and storing")):
+                yield batch, stats
+        return
     with Miner(params, memory_limit=memory_limit, threads=threads,
                chunk_occurrences=chunk_occurrences) as miner:
+        miner.stats = stats
         try:
             chunks = miner.load(train, users, items)
             total = chunks * (3 if params.score == "swing" else 2)
-            done = 0
-
-            def ticker(stage: str) -> Callable[[], None]:
-                def tick() -> None:
-                    nonlocal done
-                    done += 1
-                    if on_chunk:
-                        on_chunk(done, total, stage)
-                return tick
-
             miner.count_pairs(ticker("counting pairs"))
             if params.score == "swing":
                 miner.swing(ticker("swing scores"))
-            miner.stats["chunks"] = chunks
+            stats.update(chunks=chunks, engine="sql")
             for batch in miner.results(tick=ticker("ranking and storing")):
-                yield batch, miner.stats
+                yield batch, stats
         except duckdb.OutOfMemoryException as exc:
             raise FactoryError(out_of_memory(exc, memory_limit, threads)) from None
 
