@@ -416,8 +416,10 @@ class SparseMiner:
         order = np.lexsort((pos_in, u))
         u, i = u[order], i[order]
         del order, pos_in
-        n_e = n_u[u]
         pos = np.arange(len(u)) - (np.cumsum(n_u) - n_u)[u]
+        if len(u) < 2**26:  # group ids (< n * levels) fit in 32 bits: less to move
+            u, i, pos, n_u = (x.astype(np.int32) for x in (u, i, pos, n_u))
+        n_e = n_u[u]
         if p.score == "penalised":
             self.dtype: type = np.complex128  # support + i * penalised sum
             left_data = 1.0 + 1j / (p.alpha + n_e)
@@ -425,8 +427,11 @@ class SparseMiner:
             self.dtype = np.float32 if n_users < 2**24 else np.float64  # exact counts
             left_data = np.ones(len(u), dtype=self.dtype)
         if not p.directed:
-            self.left = sp.csr_matrix((left_data, (i, u)), shape=(n_items, len(n_u)))
-            self.right = sp.csr_matrix((np.ones(len(u), dtype=self.dtype), (u, i)),
+            # rows already in user order: CSR directly (no sort); X^T by a linear transpose
+            indptr = np.concatenate(([0], np.cumsum(n_u)))
+            self.left = sp.csr_matrix((left_data, i, indptr),
+                                      shape=(len(n_u), n_items)).T.tocsr()
+            self.right = sp.csr_matrix((np.ones(len(u), dtype=self.dtype), i, indptr),
                                        shape=(len(n_u), n_items))
             partners = n_e - 1
         else:
@@ -461,18 +466,24 @@ class SparseMiner:
             gid = base + (np.cumsum(groups) - groups)[u] + g
             is_left = (pos & half) == 0
             left, right = part & is_left, part & ~is_left
-            lr.append(i[left])
-            lc.append(gid[left])
+            lr.append(gid[left])
+            lc.append(i[left])
             ld.append(left_data[left])
             rr.append(gid[right])
             rc.append(i[right])
             base += int(groups.sum())
             level += 1
-        lt = sp.csr_matrix((np.concatenate(ld), (np.concatenate(lr), np.concatenate(lc))),
-                           shape=(n_items, base))
+        # entries come in group order (user, position, level), so both halves are CSR by
+        # group as they stand; L^T by a linear transpose
+        def by_group(groups: list[np.ndarray], cols: list[np.ndarray],
+                     data: np.ndarray) -> Any:
+            g = np.concatenate(groups)
+            indptr = np.concatenate(([0], np.cumsum(np.bincount(g, minlength=base))))
+            return sp.csr_matrix((data, np.concatenate(cols), indptr), shape=(base, n_items))
+
+        lt = by_group(lr, lc, np.concatenate(ld)).T.tocsr()
         del lr, lc, ld
-        r = sp.csr_matrix((np.ones(sum(len(x) for x in rr), dtype=self.dtype),
-                           (np.concatenate(rr), np.concatenate(rc))), shape=(base, n_items))
+        r = by_group(rr, rc, np.ones(sum(len(x) for x in rr), dtype=self.dtype))
         return lt, r
 
     def results(self, batch_rows: int = 500_000,
