@@ -372,16 +372,23 @@ class SparseMiner:
     @staticmethod
     def estimate_bytes(train: pa.Table, params: MineParams,
                        block_pairs: int = SPARSE_BLOCK_PAIRS) -> int:
-        """Peak memory of a run, roughly: both operands, building them, and one block."""
+        """Peak memory of the mining itself (the input tables aside), an upper bound
+        calibrated on ML-1M and the bench's 10M log: the operands while they are built and
+        transposed, or the operands and one block."""
         n = train.num_rows
         if not n:
             return 0
-        lengths = np.bincount(train["u"].to_numpy(zero_copy_only=False))
-        lengths = lengths[lengths > 1]
-        per_entry = (16 if params.score == "penalised" else 4) + 4 + 8  # data, index, coo
-        entries = 2 * n if not params.directed else int(
-            (lengths * np.ceil(np.log2(np.maximum(lengths, 2)))).sum())
-        return entries * per_entry + 80 * n + block_pairs * SPARSE_BYTES_PER_PAIR
+        value = 16 if params.score == "penalised" else 4   # complex128 or float32
+        if params.directed:
+            lengths = np.bincount(train["u"].to_numpy(zero_copy_only=False))
+            lengths = lengths[lengths > 1]
+            entries = int((lengths * np.ceil(np.log2(lengths))).sum())  # >= L + R entries
+            operands = (value + 4) * entries
+            build = operands + 2 * entries + 70 * n
+        else:
+            operands = 2 * (value + 4) * n
+            build = operands + 48 * n
+        return max(build, operands + block_pairs * SPARSE_BYTES_PER_PAIR)
 
     def load(self, train: pa.Table, users: pa.Table, items: pa.Table) -> int:
         """Build both operands; returns the number of blocks."""
@@ -422,14 +429,20 @@ class SparseMiner:
         n_e = n_u[u]
         if p.score == "penalised":
             self.dtype: type = np.complex128  # support + i * penalised sum
-            left_data = 1.0 + 1j / (p.alpha + n_e)
         else:
             self.dtype = np.float32 if n_users < 2**24 else np.float64  # exact counts
-            left_data = np.ones(len(u), dtype=self.dtype)
+
+        def left_data(mask: np.ndarray | None = None) -> np.ndarray:
+            """Left-hand values of the interactions in `mask`: 1, or 1 + i / (alpha + n_u)."""
+            n = n_e if mask is None else n_e[mask]
+            if self.dtype is np.complex128:
+                return 1.0 + 1j / (p.alpha + n)
+            return np.ones(len(n), dtype=self.dtype)
+
         if not p.directed:
             # rows already in user order: CSR directly (no sort); X^T by a linear transpose
             indptr = np.concatenate(([0], np.cumsum(n_u)))
-            self.left = sp.csr_matrix((left_data, i, indptr),
+            self.left = sp.csr_matrix((left_data(), i, indptr),
                                       shape=(len(n_u), n_items)).T.tocsr()
             self.right = sp.csr_matrix((np.ones(len(u), dtype=self.dtype), i, indptr),
                                        shape=(len(n_u), n_items))
@@ -449,41 +462,52 @@ class SparseMiner:
         return len(self.ranges)
 
     def _dyadic(self, u: np.ndarray, i: np.ndarray, pos: np.ndarray, n_u: np.ndarray,
-                n_e: np.ndarray, left_data: np.ndarray, n_items: int) -> tuple[Any, Any]:
+                n_e: np.ndarray, left_data: Callable[[np.ndarray], np.ndarray],
+                n_items: int) -> tuple[Any, Any]:
         """L^T (items x groups) and R (groups x items) of the directed supports: level l
         groups a sequence's positions by p >> (l+1); p's half is bit l. Only groups with a
-        right half take part."""
+        right half take part. Entries come in group order (user, position within a level,
+        levels one after the other), so both halves are CSR by group as they are written;
+        L^T is a linear transpose. Sizes are counted first so that every array is written
+        once, in place."""
         import scipy.sparse as sp
 
-        lr, lc, ld, rr, rc = [], [], [], [], []
-        base, level = 0, 0
-        top = int(n_u.max())
-        while (1 << level) < top:
+        levels = range(int(np.ceil(np.log2(max(int(n_u.max()), 1)))))
+
+        def halves(level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
             half = 1 << level
             g = pos >> (level + 1)
             part = (g << (level + 1)) + half < n_e
-            groups = np.where(n_u > half, (n_u + 2 * half - 1) // (2 * half), 0)
-            gid = base + (np.cumsum(groups) - groups)[u] + g
             is_left = (pos & half) == 0
-            left, right = part & is_left, part & ~is_left
-            lr.append(gid[left])
-            lc.append(i[left])
-            ld.append(left_data[left])
-            rr.append(gid[right])
-            rc.append(i[right])
-            base += int(groups.sum())
-            level += 1
-        # entries come in group order (user, position, level), so both halves are CSR by
-        # group as they stand; L^T by a linear transpose
-        def by_group(groups: list[np.ndarray], cols: list[np.ndarray],
-                     data: np.ndarray) -> Any:
-            g = np.concatenate(groups)
-            indptr = np.concatenate(([0], np.cumsum(np.bincount(g, minlength=base))))
-            return sp.csr_matrix((data, np.concatenate(cols), indptr), shape=(base, n_items))
+            groups = np.where(n_u > half, (n_u + 2 * half - 1) // (2 * half), 0)
+            gid = (np.cumsum(groups) - groups).astype(g.dtype)[u] + g
+            return part & is_left, part & ~is_left, gid, int(groups.sum())
 
-        lt = by_group(lr, lc, np.concatenate(ld)).T.tocsr()
-        del lr, lc, ld
-        r = by_group(rr, rc, np.ones(sum(len(x) for x in rr), dtype=self.dtype))
+        sizes = [(int(a.sum()), int(b.sum())) for a, b, _, _ in map(halves, levels)]
+        n_left, n_right = sum(a for a, _ in sizes), sum(b for _, b in sizes)
+        l_cols = np.empty(n_left, dtype=i.dtype)
+        l_data = np.empty(n_left, dtype=self.dtype)
+        r_cols = np.empty(n_right, dtype=i.dtype)
+        l_rows, r_rows = [], []
+        a = b = 0
+        for level, (k_left, k_right) in zip(levels, sizes, strict=True):
+            left, right, gid, n_groups = halves(level)
+            l_cols[a:a + k_left] = i[left]
+            l_data[a:a + k_left] = left_data(left)
+            r_cols[b:b + k_right] = i[right]
+            l_rows.append(np.bincount(gid[left], minlength=n_groups))
+            r_rows.append(np.bincount(gid[right], minlength=n_groups))
+            a, b = a + k_left, b + k_right
+            del left, right, gid
+
+        def indptr(rows: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(([0], np.cumsum(np.concatenate(rows))))
+
+        base = sum(len(x) for x in l_rows)
+        lt = sp.csr_matrix((l_data, l_cols, indptr(l_rows)), shape=(base, n_items)).T.tocsr()
+        del l_data, l_cols
+        r = sp.csr_matrix((np.ones(n_right, dtype=self.dtype), r_cols, indptr(r_rows)),
+                          shape=(base, n_items))
         return lt, r
 
     def results(self, batch_rows: int = 500_000,
