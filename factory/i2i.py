@@ -568,24 +568,41 @@ class SparseMiner:
     @staticmethod
     def _candidates(r: np.ndarray, n_rows: int, raw: np.ndarray, k: int) -> np.ndarray | None:
         """Entries that may be in their row's top k (a superset: ties and rounding kept).
-        Sorts a 64-bit key (row, float32 score descending) to find each row's k-th score."""
+        Rows come in order. A row's k-th score is bounded first from its first 4k entries
+        (the k-th of any subset is no larger), which prunes long rows cheaply, then found
+        among what is left."""
         cnt = np.bincount(r, minlength=n_rows)
         big = cnt > k
         if not big.any():
             return None
         in_big = big[r]
-        bits = (raw[in_big] + 0.0).astype(np.float32).view(np.uint32)
+        if (cnt > 4 * k).any():
+            nth = np.arange(len(r)) - (np.cumsum(cnt) - cnt)[r]
+            first = np.flatnonzero(in_big & (nth < 4 * k))
+            in_big &= raw >= SparseMiner._kth_bound(r, raw, first, n_rows, k)[r]
+        return np.flatnonzero(
+            raw >= SparseMiner._kth_bound(r, raw, np.flatnonzero(in_big), n_rows, k)[r])
+
+    @staticmethod
+    def _kth_bound(r: np.ndarray, raw: np.ndarray, idx: np.ndarray, n_rows: int,
+                   k: int) -> np.ndarray:
+        """Per row, the k-th largest score among the entries `idx` (each row there has at
+        least k), less what float32 and 12-decimal rounding could hide; -inf for rows not
+        in `idx`. Sorts a 64-bit key (row, float32 score descending)."""
+        rs = r[idx]
+        cnt = np.bincount(rs, minlength=n_rows)
+        has = cnt > 0
+        bits = (raw[idx] + 0.0).astype(np.float32).view(np.uint32)
         asc = np.where(bits & 0x80000000, ~bits, bits | 0x80000000)
-        key = (r[in_big].astype(np.uint64) << np.uint64(32)) | (~asc).astype(np.uint64)
+        key = (rs.astype(np.uint64) << np.uint64(32)) | (~asc).astype(np.uint64)
         key.sort()
-        kth = key[np.cumsum(cnt[big]) - cnt[big] + k - 1].astype(np.uint32)  # low 32 bits
-        kth = ~kth
+        kth = ~key[(np.cumsum(cnt) - cnt)[has] + k - 1].astype(np.uint32)  # low 32 bits
         kth = np.where(kth & 0x80000000, kth & 0x7FFFFFFF, ~kth).view(np.float32)
         kth = kth.astype(np.float64)
         thr = np.full(n_rows, -np.inf)
         # every score that rounds (float32, then to 12 decimals) like the k-th may tie it
-        thr[big] = kth - np.abs(kth) * 2.0**-22 - 4e-12
-        return np.flatnonzero(raw >= thr[r])
+        thr[has] = kth - np.abs(kth) * 2.0**-22 - 4e-12
+        return thr
 
     def _round(self, x: np.ndarray) -> np.ndarray:
         """DuckDB's round(x, 12), the SQL engine's and the stored scores' rounding."""

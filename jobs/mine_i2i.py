@@ -202,6 +202,7 @@ def register(app: typer.Typer) -> None:
             "training users / items": f"{counts['users']:,} / {counts['training_items']:,}",
             "co-occurrences scanned": counts["co_occurrences"],
             "pairs before top-k": counts["pairs_before_top_k"],
+            "engine": counts["engine"],
             "seconds": counts["seconds"],
             "run": counts["run_id"],
         })

@@ -173,3 +173,31 @@ def test_results_are_one_write_seen_all_or_nothing(fixtures: Warehouse,
     assert len(seen) == 3                           # start, the one write, the last look
     assert seen[-1] == (counts["pairs"], 1) and counts["pairs"] > 0
     assert all(pairs == 0 and runs == 0 for pairs, runs in seen[:-1])
+
+
+def test_top_k_candidates_keep_every_row_top_k_under_rounding_ties() -> None:
+    """The pruning before the exact sort keeps each row's true top k (by the 12-decimal
+    score, then support, then item) even where raw scores differ below the rounding or
+    float32 resolution, and in rows far longer than k."""
+    import numpy as np
+
+    from factory.i2i import SparseMiner
+
+    rng = np.random.default_rng(5)
+    miner = SparseMiner(MineParams(score="penalised"))
+    for k in (1, 3, 10):
+        n_rows = 40
+        lengths = rng.integers(1, 400, n_rows)
+        r = np.repeat(np.arange(n_rows), lengths)
+        levels = rng.choice(np.array([0.25, 1 / 3, 2.0, 7.123456789012]), len(r))
+        raw = levels + rng.choice([0.0, 4e-13, -4e-13, 1e-9, 3e-8], len(r))
+        raw[rng.random(len(r)) < 0.05] *= -1                     # negative scores (pmi)
+        support = rng.integers(1, 4, len(r))
+        cand = SparseMiner._candidates(r, n_rows, raw, k)
+        assert cand is not None and len(cand) < len(r)
+        score = miner._round(raw)
+        order = np.lexsort((np.arange(len(r)), -support, -score, r))
+        rank = np.empty(len(r), dtype=np.int64)
+        rank[order] = np.arange(len(r)) - (np.cumsum(lengths) - lengths)[r[order]]
+        assert set(np.flatnonzero(rank < k)) <= set(cand.tolist())
+    miner.__exit__()
