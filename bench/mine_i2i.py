@@ -1,76 +1,142 @@
-"""I2I mining benchmark: the DuckDB miner against a pure-Python dictionary miner.
+"""I2I mining benchmark (issue 18): factory's miner against a scipy.sparse baseline.
 
-Two inputs: the ML-1M loo training part (ingested into a temporary warehouse), and a generated
-log of ~10M interactions with long-tailed item popularity (Zipf) and user lengths (log-normal).
-Each engine runs in its own process over the same training sequences and the same parameters
-(the job's defaults unless given: directed, whole sequence, penalised, min-count 2; all pairs
-are kept so that every pair is compared). Prints wall time, CPU time (user + system, all
-threads; the fairer figure on a busy machine), peak RSS and the ratios, and checks that both
-produce the same pairs, supports, ranks and scores (to 1e-9).
+Inputs: the ML-1M loo training part (ingested into a temporary warehouse) and a SYNTHETIC,
+seeded log of ~10M interactions generated here: Zipf(1.05) item popularity over 300k items,
+log-normal user lengths (median 8, long tail, cap 2,000), duplicates within a user dropped.
+Configurations: symmetric count and directed penalised, whole sequence, min-count 2, top-k 10.
 
-    python bench/mine_i2i.py                     # ML-1M, Python on every user (minutes, GBs)
-    python bench/mine_i2i.py --python-users 1000 # Python baseline on a 1000-user subset
-    python bench/mine_i2i.py --log-only          # only the generated 10M log
+Variants, each run in its own process (peak memory = that process's ru_maxrss, the Python,
+numpy, scipy, pyarrow and DuckDB imports and the input tables included; "inputs" is the RSS
+once the inputs are read):
+
+  factory  factory.i2i.mine with the job's engine choice (the sparse engine here): supports,
+           scores, top-k ranks with tie-breaks and item ids, in bounded blocks
+  scipy    the baseline, one scipy.sparse product in one piece (unbounded memory), then the
+           diagonal (symmetric) and pairs below min-count dropped; no ranking, no ids, so a
+           lower bound on the time of a scipy pipeline with the same output.
+           Symmetric: X^T X (X users x items, float64 ones), the issue's measurement.
+           Directed: the same dyadic-halves product as the sparse engine (L^T R, count +
+           i * penalised sum in complex128), written out plainly
+  sql      factory's SQL engine (the miner before issue 18), --sql-repeats times
+  pairs    (directed, --pairs-repeats) the plain scipy way: every ordered pair enumerated
+           with numpy, ~20M at a time, COO -> CSR summed; slow
+
+Repeats are interleaved (factory, scipy, sql, factory, scipy, ...) so that load on a shared
+machine hits every variant alike; medians are printed, and ratio = factory / scipy.
+
+    python bench/mine_i2i.py                         # both inputs, 3 repeats
+    python bench/mine_i2i.py --log-repeats 1 --sql-repeats 0
+    python bench/mine_i2i.py --skip-log              # ML-1M only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
-import pyarrow as pa, pyarrow.parquet as pq
+import json, sys, time
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq, scipy.sparse as sp
 from factory.i2i import MineParams, mine
-from factory.i2i_reference import mine_reference
-engine, inputs, out, params, limit, threads = sys.argv[1:7]
+variant, inputs, params, limit, threads = sys.argv[1:6]
 params = MineParams(**json.loads(params))
 train = pq.read_table(f"{inputs}/train.parquet")
 users = pq.read_table(f"{inputs}/users.parquet")
 items = pq.read_table(f"{inputs}/items.parquet")
+def peak_mb():
+    # VmHWM: ru_maxrss would keep the parent's peak across fork + exec
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
+rss_inputs = peak_mb()
 t0 = time.perf_counter()
-ru = resource.getrusage(resource.RUSAGE_SELF)
-cpu0 = ru.ru_utime + ru.ru_stime
-if engine == "duckdb":
-    batches = [b for b, _ in mine(train, users, items, params, memory_limit=limit,
-                                  threads=int(threads))]
-    result = pa.Table.from_batches(batches)
+if variant in ("factory", "sql"):
+    stats = {}
+    rows = sum(b.num_rows for b, _ in mine(
+        train, users, items, params, memory_limit=limit, threads=int(threads), stats=stats,
+        engine="auto" if variant == "factory" else "sql"))
+    kept, engine = stats["pairs_before_top_k"], stats["engine"]
 else:
-    uid = dict(zip(users["u"].to_pylist(), users["user_id"].to_pylist()))
-    iid = dict(zip(items["i"].to_pylist(), items["item_id"].to_pylist()))
-    seqs = {}
-    for u, _, i in sorted(zip(*(train[c].to_pylist() for c in ("u", "p", "i")))):
-        seqs.setdefault(uid[u], []).append(iid[i])
-    rows = mine_reference(seqs, params)
-    result = pa.table({k: [r[n] for r in rows] for n, k in
-                       enumerate(["item_i", "item_j", "support", "score", "rank"])})
+    engine = variant
+    u = train["u"].to_numpy().astype(np.int64)
+    i = train["i"].to_numpy().astype(np.int64)
+    shape = (int(u.max()) + 1, max(items.num_rows, int(i.max()) + 1))
+    if variant == "scipy" and not params.directed:
+        X = sp.csr_matrix((np.ones(len(u)), (u, i)), shape=shape)
+        C = (X.T @ X).tocsr()
+        C.setdiag(0)
+        C.eliminate_zeros()
+        kept = int((C.data >= params.min_count).sum())
+    elif variant == "scipy":
+        # dyadic halves: at level l a sequence's positions p, q < n meet in group p >> (l+1)
+        # iff bit l is the highest where they differ, p with bit l clear (left), q set
+        order = np.lexsort((train["p"].to_numpy(), u))
+        u, i = u[order], i[order]
+        n_u = np.bincount(u)
+        pos = np.arange(len(u)) - (np.cumsum(n_u) - n_u)[u]
+        w = 1.0 / (params.alpha + n_u[u])
+        rows_l, cols_l, data_l, rows_r, cols_r = [], [], [], [], []
+        base, level = 0, 0
+        while (1 << level) < n_u.max():
+            groups = -(-n_u // (2 << level))
+            gid = base + (np.cumsum(groups) - groups)[u] + (pos >> (level + 1))
+            left = (pos >> level) & 1 == 0
+            rows_l.append(i[left]); cols_l.append(gid[left]); data_l.append(1 + 1j * w[left])
+            rows_r.append(gid[~left]); cols_r.append(i[~left])
+            base += int(groups.sum())
+            level += 1
+        L = sp.csr_matrix((np.concatenate(data_l), (np.concatenate(rows_l),
+                           np.concatenate(cols_l))), shape=(shape[1], base))
+        R = sp.csr_matrix((np.ones(sum(map(len, rows_r)), complex),
+                           (np.concatenate(rows_r), np.concatenate(cols_r))),
+                          shape=(base, shape[1]))
+        del rows_l, cols_l, data_l, rows_r, cols_r
+        D = L @ R
+        kept = int((D.data.real >= params.min_count).sum())
+    else:
+        # every ordered pair enumerated, a batch at a time, summed as COO -> CSR
+        order = np.lexsort((train["p"].to_numpy(), u))
+        u, i = u[order], i[order]
+        n_u = np.bincount(u)
+        n_e = n_u[u]
+        pos = np.arange(len(u)) - (np.cumsum(n_u) - n_u)[u]
+        w = 1.0 / (params.alpha + n_e)
+        after = n_e - 1 - pos                     # partners after each interaction
+        ends = np.cumsum(after)
+        cut = np.searchsorted(ends, np.arange(20_000_000, ends[-1], 20_000_000))
+        D = None
+        for a, b in zip(np.r_[0, cut], np.r_[cut, len(u)]):
+            cnt = after[a:b]
+            first = np.repeat(np.arange(a, b), cnt)
+            second = first + 1 + np.arange(len(first)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+            d = sp.csr_matrix((1 + 1j * w[first], (i[first], i[second])),
+                              shape=(shape[1], shape[1]))
+            D = d if D is None else D + d
+            del first, second, d
+        kept = int((D.data.real >= params.min_count).sum())
+    rows = kept
 secs = time.perf_counter() - t0
-ru = resource.getrusage(resource.RUSAGE_SELF)
-cpu = ru.ru_utime + ru.ru_stime - cpu0
-pq.write_table(result, out)
-print(json.dumps({"secs": secs, "cpu": cpu, "pairs": result.num_rows,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"secs": secs, "kept": kept, "rows": rows, "engine": engine,
+                  "rss_inputs": rss_inputs, "rss": peak_mb()}))
 """
 
 
-def run(engine: str, inputs: Path, out: Path, params: dict, limit: str, threads: int) -> dict:
+def run(variant: str, inputs: Path, params: dict, limit: str, threads: int) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, engine, str(inputs), str(out), json.dumps(params), limit,
+        [sys.executable, "-c", CHILD, variant, str(inputs), json.dumps(params), limit,
          str(threads)], capture_output=True, text=True,
     )
     if proc.returncode:
-        raise SystemExit(f"{engine} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ml1m_inputs(tmp: Path, python_users: int | None) -> tuple[Path, Path | None, str]:
-    """Train part of ML-1M (full) and, with python_users, an every-k-th-user subset."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def ml1m_inputs(tmp: Path) -> Path:
+    """Train part of ML-1M's loo split (5-core), ingested into a temporary warehouse."""
     import pyarrow.parquet as pq
 
     from factory.datasets.ingest import NormaliseOptions, ingest
@@ -86,16 +152,7 @@ def ml1m_inputs(tmp: Path, python_users: int | None) -> tuple[Path, Path | None,
     full.mkdir()
     for name, table in (("train", train), ("users", users), ("items", items)):
         pq.write_table(table, full / f"{name}.parquet")
-    if not python_users or python_users >= users.num_rows:
-        return full, None, f"all {users.num_rows:,} users"
-    step = users.num_rows / python_users
-    keep = pa.array(sorted({int(k * step) for k in range(python_users)}), pa.int32())
-    sub = tmp / "ml1m_subset"
-    sub.mkdir()
-    pq.write_table(train.filter(pc.is_in(train["u"], keep)), sub / "train.parquet")
-    pq.write_table(users, sub / "users.parquet")
-    pq.write_table(items, sub / "items.parquet")
-    return full, sub, f"{len(keep):,} of {users.num_rows:,} users (every {step:.1f}th)"
+    return full
 
 
 def generated_inputs(tmp: Path, n: int, seed: int = 0) -> Path:
@@ -134,86 +191,75 @@ def generated_inputs(tmp: Path, n: int, seed: int = 0) -> Path:
     return out
 
 
-def agree(a: Path, b: Path) -> str:
-    """Same pairs, supports and ranks; scores within 1e-9 relative."""
-    import duckdb
-
-    row = duckdb.connect().execute(
-        f"select count(*), count(*) filter (where x.item_i is null or y.item_i is null"
-        f"  or x.support <> y.support or x.rank <> y.rank"
-        f"  or abs(x.score - y.score) > 1e-9 * greatest(1, abs(y.score))),"
-        f"  max(abs(x.score - y.score))"
-        f" from '{a}' x full join '{b}' y using (item_i, item_j)"
-    ).fetchall()[0]
-    verdict = "agree exactly" if row[1] == 0 else f"DISAGREE on {row[1]:,} pairs"
-    return f"{verdict} ({row[0]:,} pairs, max score difference {row[2] or 0:.1e})"
-
-
-def line(name: str, r: dict) -> str:
-    return (f"  {name:<8} {r['secs']:8.2f} s wall {r['cpu']:8.2f} s CPU"
-            f"   peak RSS {r['rss_mb']:6.0f} MB   {r['pairs']:,} pairs")
+def compare(name: str, inputs: Path, params: dict, args: argparse.Namespace,
+            repeats: int) -> None:
+    extra = {"sql": args.sql_repeats,
+             "pairs": args.pairs_repeats if params["directed"] else 0}
+    runs: dict[str, list[dict]] = {"factory": [], "scipy": [], "sql": [], "pairs": []}
+    for r in range(max(repeats, *extra.values())):
+        for v in ("factory", "scipy", "sql", "pairs"):
+            if r < extra.get(v, repeats):
+                runs[v].append(run(v, inputs, params, args.memory_limit, args.threads))
+    print(f"  {name} ({params}), medians of {repeats} interleaved repeats:")
+    med = {}
+    for v, rs in runs.items():
+        if not rs:
+            continue
+        med[v] = {k: statistics.median(r[k] for r in rs) for k in ("secs", "rss", "rss_inputs")}
+        times = ", ".join(f"{r['secs']:.2f}" for r in rs)
+        print(f"    {v:<8} {med[v]['secs']:7.2f} s  peak RSS {med[v]['rss']:6.0f} MB "
+              f"(inputs read: {med[v]['rss_inputs']:4.0f} MB)  engine {rs[0]['engine']:<7} "
+              f"{rs[0]['kept']:>11,} pairs >= min-count   runs: {times}")
+    kept = {v: rs[0]["kept"] for v, rs in runs.items() if rs}
+    same = "same" if len(set(kept.values())) == 1 else f"DIFFERENT {kept}"
+    f, s = med["factory"], med["scipy"]
+    print(f"    ratio factory/scipy: {f['secs'] / s['secs']:.2f}x time, "
+          f"{f['rss'] / s['rss']:.2f}x peak memory; pairs >= min-count: {same}")
+    for v, what in (("sql", "factory's SQL engine (before issue 18)"),
+                    ("pairs", "scipy on enumerated pairs")):
+        if v in med:
+            print(f"    {what} / scipy: {med[v]['secs'] / s['secs']:.2f}x time, "
+                  f"{med[v]['rss'] / s['rss']:.2f}x peak memory")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--python-users", type=int, default=None,
-                    help="Run the Python baseline (and a matching DuckDB run) on this many "
-                         "ML-1M users [default: all].")
+    ap.add_argument("--repeats", type=int, default=3, help="Repeats on ML-1M.")
+    ap.add_argument("--log-repeats", type=int, default=3, help="Repeats on the 10M log.")
+    ap.add_argument("--sql-repeats", type=int, default=1,
+                    help="Runs of the SQL engine per configuration (0: none).")
+    ap.add_argument("--pairs-repeats", type=int, default=0,
+                    help="Runs of the enumerated-pairs scipy baseline (directed only; slow).")
     ap.add_argument("--log-size", type=int, default=10_000_000)
-    ap.add_argument("--log-only", action="store_true")
-    ap.add_argument("--python-log-users", type=int, default=20_000,
-                    help="Users of the generated log for the Python check (0: skip).")
-    ap.add_argument("--score", default="penalised")
-    ap.add_argument("--window", type=int, default=0)
-    ap.add_argument("--symmetric", action="store_true")
-    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--skip-ml1m", action="store_true")
+    ap.add_argument("--skip-log", action="store_true")
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--min-count", type=int, default=2)
     ap.add_argument("--memory-limit", default="2GB")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="DuckDB threads (SQL engine).")
     args = ap.parse_args()
-    params = {"score": args.score, "window": args.window, "directed": not args.symmetric,
-              "top_k": args.top_k}
-    print(f"parameters: {params} (other settings: the job's defaults); DuckDB "
-          f"memory_limit {args.memory_limit}, {args.threads} threads")
+    configs = [("symmetric count", {"score": "count", "directed": False}),
+               ("directed penalised", {"score": "penalised", "directed": True})]
+    print(f"top-k {args.top_k}, min-count {args.min_count}, whole sequence; memory limit "
+          f"{args.memory_limit}; SQL engine threads {args.threads}")
+    import pyarrow.parquet as pq
+
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        if not args.log_only:
-            full, sub, who = ml1m_inputs(tmp, args.python_users)
-            print("ML-1M loo train part:")
-            d = run("duckdb", full, tmp / "d.parquet", params, args.memory_limit, args.threads)
-            print(line("duckdb", d))
-            if sub is not None:
-                print(f" subset for the Python baseline: {who}")
-                d = run("duckdb", sub, tmp / "d.parquet", params, args.memory_limit,
-                        args.threads)
-                print(line("duckdb", d))
-            py = run("python", sub or full, tmp / "p.parquet", params, "-", 1)
-            print(line("python", py))
-            print(f"  ratio: DuckDB {py['secs'] / d['secs']:.0f}x faster in wall time "
-                  f"({py['cpu'] / d['cpu']:.0f}x less CPU time), "
-                  f"{py['rss_mb'] / d['rss_mb']:.1f}x less peak memory ({who})")
-            print(f"  results {agree(tmp / 'd.parquet', tmp / 'p.parquet')}")
-        log = generated_inputs(tmp, args.log_size)
-        import pyarrow.parquet as pq
-
-        n = pq.read_metadata(log / "train.parquet").num_rows
-        print(f"generated log: {n:,} interactions")
-        d = run("duckdb", log, tmp / "d.parquet", params, args.memory_limit, args.threads)
-        print(line("duckdb", d))
-        if args.python_log_users:
-            import pyarrow.compute as pc
-
-            sub = tmp / "log_subset"
-            sub.mkdir()
-            train = pq.read_table(log / "train.parquet")
-            pq.write_table(train.filter(pc.less(train["u"], args.python_log_users)),
-                           sub / "train.parquet")
-            for name in ("users", "items"):
-                (sub / f"{name}.parquet").symlink_to(log / f"{name}.parquet")
-            d = run("duckdb", sub, tmp / "d.parquet", params, args.memory_limit, args.threads)
-            py = run("python", sub, tmp / "p.parquet", params, "-", 1)
-            print(f" first {args.python_log_users:,} users: duckdb {d['secs']:.2f} s, "
-                  f"python {py['secs']:.2f} s ({py['secs'] / d['secs']:.0f}x); results "
-                  f"{agree(tmp / 'd.parquet', tmp / 'p.parquet')}")
+        inputs = []
+        if not args.skip_ml1m:
+            inputs.append(("ML-1M loo train part", ml1m_inputs(tmp), args.repeats))
+        if not args.skip_log:
+            inputs.append(("generated (synthetic) log", generated_inputs(tmp, args.log_size),
+                           args.log_repeats))
+        for title, path, repeats in inputs:
+            train = pq.read_table(path / "train.parquet")
+            print(f"{title}: {train.num_rows:,} interactions, "
+                  f"{len(set(train['u'].to_pylist())):,} users, "
+                  f"{len(set(train['i'].to_pylist())):,} items")
+            for name, score in configs:
+                params = {**score, "top_k": args.top_k, "min_count": args.min_count}
+                compare(name, path, params, args, repeats)
 
 
 if __name__ == "__main__":

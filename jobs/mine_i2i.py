@@ -1,31 +1,40 @@
 """`factory mine-i2i`: I2I pairs from co-occurrence in training sequences (TwiSTAR 4.3, E.1.3).
 
-Reads only the train part of a split, mines with set-based SQL (factory/i2i.py, where the
-scores are defined), and stores the pairs with their run. A re-run with the same parameters
+Reads only the train part of a split, mines with sparse products or set-based SQL
+(factory/i2i.py, where the scores are defined), and stores the pairs with their run in one
+transaction. A re-run with the same parameters
 replaces that earlier run; `i2i_pairs` shows the latest finished run of each dataset.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import typer
 
 from factory.console import console, progress, summary
 from factory.errors import FactoryError
 from factory.i2i import SCORES, MineParams, load_training, mine
-from factory.runs import finish_run, heartbeat, start_run
+from factory.runs import finish_run, keep_alive, start_run
 from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse, require_split
 
 
 def run_mine(wh: Warehouse, dataset: str, params: MineParams, *,
-             memory_limit: str = "2GB", threads: int | None = None) -> dict[str, Any]:
-    """Mine, store and publish one run; returns its counts (run_id included)."""
+             memory_limit: str = "2GB", threads: int | None = None,
+             engine: str = "auto") -> dict[str, Any]:
+    """Mine, store and publish one run; returns its counts (run_id included).
+
+    The pairs go to a Parquet spool beside the miner's scratch files while mining (memory
+    stays bounded whatever top-k keeps), then into the warehouse in one transaction with the
+    run's i2i_runs row and its status: a reader sees the whole run or nothing of it."""
     params.check()
     started = time.perf_counter()
     with wh.write() as con:
@@ -41,28 +50,24 @@ def run_mine(wh: Warehouse, dataset: str, params: MineParams, *,
         if train.num_rows == 0:
             raise FactoryError(f"split {params.split!r} of {dataset!r} has no training "
                                "interactions")
-        stored = 0
-        with progress() as bar:
-            task = bar.add_task("mine-i2i: loading", total=None)
-
-            def on_chunk(done: int, total: int, stage: str) -> None:
-                bar.update(task, completed=done, total=total, description=f"mine-i2i: {stage}")
-
-            try:
-                for batch, stats in mine(train, users, items, params,
-                                         memory_limit=memory_limit, threads=threads,
-                                         on_chunk=on_chunk):
-                    _store(wh, dataset, run_id, params, batch)
-                    stored += batch.num_rows
-                    counts.update(stats)
-            except FactoryError:
-                bar.live.transient = True       # the error is the one line to read
-                raise
-        counts["pairs"] = stored
-        counts["seconds"] = round(time.perf_counter() - started, 2)
-        with wh.write() as con:
-            counts.update(_publish(con, dataset, run_id, params, stored))
-            finish_run(con, run_id, "succeeded", counts)
+        with tempfile.TemporaryDirectory(prefix="factory-i2i-pairs-") as tmp:
+            spool = Path(tmp) / "pairs.parquet"
+            stats: dict[str, Any] = {}
+            with keep_alive(wh, run_id):
+                stored = _mine_to(spool, train, users, items, params, stats,
+                                  memory_limit=memory_limit, threads=threads, engine=engine)
+            counts.update(stats)
+            counts["pairs"] = stored
+            with wh.write() as con:  # the one write of the results
+                if stored:
+                    con.execute(
+                        "insert into i2i_pairs_all select ?, ?, ?, item_i, item_j, support,"
+                        " score, ?, rank from read_parquet(?)",
+                        [dataset, run_id, params.split, params.score, str(spool)],
+                    )
+                counts.update(_publish(con, dataset, run_id, params, stored))
+                counts["seconds"] = round(time.perf_counter() - started, 2)
+                finish_run(con, run_id, "succeeded", counts)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         with wh.write() as con:
@@ -73,17 +78,33 @@ def run_mine(wh: Warehouse, dataset: str, params: MineParams, *,
     return counts
 
 
-def _store(wh: Warehouse, dataset: str, run_id: str, params: MineParams,
-           batch: pa.RecordBatch) -> None:
-    """One short transaction per result batch."""
-    with wh.write() as con:
-        con.register("_batch", pa.Table.from_batches([batch]))
-        con.execute(
-            "insert into i2i_pairs_all select ?, ?, ?, item_i, item_j, support, score, ?, rank"
-            " from _batch",
-            [dataset, run_id, params.split, params.score],
-        )
-        heartbeat(con, run_id)
+def _mine_to(spool: Path, train: pa.Table, users: pa.Table, items: pa.Table,
+             params: MineParams, stats: dict[str, Any], **options: Any) -> int:
+    """Mine into a Parquet file; returns the number of pairs written."""
+    stored = 0
+    writer: pq.ParquetWriter | None = None
+    with progress() as bar:
+        task = bar.add_task("mine-i2i: loading", total=None)
+
+        def on_chunk(done: int, total: int, stage: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"mine-i2i: {stage}")
+
+        try:
+            for batch, _ in mine(train, users, items, params, on_chunk=on_chunk,
+                                 stats=stats, **options):
+                if writer is None:
+                    writer = pq.ParquetWriter(spool, batch.schema)
+                elif batch.schema != writer.schema:
+                    batch = pa.Table.from_batches([batch]).cast(writer.schema)
+                writer.write(batch)
+                stored += batch.num_rows
+        except FactoryError:
+            bar.live.transient = True       # the error is the one line to read
+            raise
+        finally:
+            if writer is not None:
+                writer.close()
+    return stored
 
 
 def _publish(con: duckdb.DuckDBPyConnection, dataset: str, run_id: str,
@@ -181,6 +202,7 @@ def register(app: typer.Typer) -> None:
             "training users / items": f"{counts['users']:,} / {counts['training_items']:,}",
             "co-occurrences scanned": counts["co_occurrences"],
             "pairs before top-k": counts["pairs_before_top_k"],
+            "engine": counts["engine"],
             "seconds": counts["seconds"],
             "run": counts["run_id"],
         })

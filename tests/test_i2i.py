@@ -27,11 +27,11 @@ def tiny(wh: Warehouse) -> Warehouse:
 
 
 def _sql_pairs(wh: Warehouse, params: MineParams, dataset: str = "tiny",
-               chunk_occurrences: int = 10**9) -> list[tuple]:
+               chunk_occurrences: int = 10**9, engine: str = "auto") -> list[tuple]:
     with wh.read() as con:
         train, users, items = load_training(con, dataset, params.split)
     batches = [b for b, _ in mine(train, users, items, params,
-                                  chunk_occurrences=chunk_occurrences)]
+                                  chunk_occurrences=chunk_occurrences, engine=engine)]
     rows = pa.Table.from_batches(batches).to_pylist() if batches else []
     return sorted((r["item_i"], r["item_j"], r["support"], r["score"], r["rank"]) for r in rows)
 
