@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,9 @@ STOP_GRACE_S = 10.0       # after SIGINT/SIGTERM, how long requests in flight ma
 HEARTBEAT_S = 30.0        # a run that stores nothing for this long still says it is alive
 STORE_LOCK_WAIT_S = 1.0   # a batch write waits this long for a lock, then retries later
 STORE_TIMEOUT_S = 600.0   # keep retrying a warehouse that cannot be written this long
+#: the progress bar is updated at most this often (a terminal redraws 10 times a second;
+#: an update per item cost more CPU than the rest of the engine)
+PROGRESS_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -580,6 +583,8 @@ class _RunState:
         self.started = time.perf_counter()
         self.last_answer = time.monotonic()        # or when the first request went out
         self.on_wire = 0                          # requests sent and not yet answered
+        self.unshown = 0                          # items done, not yet on the progress bar
+        self.shown_at = 0.0                       # when the bar was last updated
         #: keys answered in this run by a request made for another item (an n-request's
         #: other choices, a batch's lines): their items count as sent, not cached
         self.fresh: set[str] = set()
@@ -608,6 +613,7 @@ class _RunState:
                     await self.batches.run()
             finally:
                 self._cancel_all()
+                self._show(now=True)         # the bar's last frame counts every item
                 self.done.set()              # a flush in progress is finished, not cancelled
                 await asyncio.gather(*self.tasks, flusher, *self.flushes,
                                      return_exceptions=True)
@@ -961,7 +967,7 @@ class _RunState:
                 if backend.local:  # in-process: a batch, not a connection that can hang
                     reply = await backend.complete(req)
                 else:              # the whole attempt, a body trickling in included
-                    reply = await asyncio.wait_for(backend.complete(req, timeout=limit), limit)
+                    reply = await _within(backend.complete(req, timeout=limit), limit)
             except (asyncio.TimeoutError, AttemptTimeout):
                 timed_out += 1
                 why = (f"no complete answer within {limit:g}s (--timeout {options.timeout:g}"
@@ -1089,7 +1095,18 @@ class _RunState:
             r.rejected += (outcome.error or "").startswith(PARSER_GAVE_UP)
         if outcome.cached:
             r.cached += 1
-        self.bar.update(self.task, advance=1, stats=self._stats())
+        self.unshown += 1
+        self._show()
+
+    def _show(self, now: bool = False) -> None:
+        """Hand the items done since the last update to the progress bar, at most every
+        PROGRESS_S seconds (`now`: at once, e.g. at the end)."""
+        clock = time.monotonic()
+        if not now and clock - self.shown_at < PROGRESS_S:
+            return
+        self.shown_at = clock
+        advance, self.unshown = self.unshown, 0
+        self.bar.update(self.task, advance=advance, stats=self._stats())
 
     def _stats(self) -> str:
         r = self.report
@@ -1112,8 +1129,8 @@ class _RunState:
         while not self.done.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.done.wait(), self.job.flush_s)
-            if self.job.backend.generated_tokens:
-                self.bar.update(self.task, stats=self._stats())
+            if self.job.backend.generated_tokens or self.unshown:
+                self._show(now=True)
             self._watch_stall()
             await self._flush()
 
@@ -1200,6 +1217,18 @@ class _RunState:
                 with wh.write(lock_timeout=lock_wait) as con:
                     write_calls(con, calls)
             raise
+
+
+async def _within(call: Awaitable[Reply], seconds: float) -> Reply:
+    """`await call`, cancelled after `seconds` (asyncio.TimeoutError). asyncio.timeout
+    (3.11+) arms one timer; wait_for wraps the call in a task of its own before 3.12."""
+    if _timeout is None:
+        return await asyncio.wait_for(call, seconds)
+    async with _timeout(seconds):
+        return await call
+
+
+_timeout: Callable[[float], Any] | None = getattr(asyncio, "timeout", None)
 
 
 def _store_failure_kind(exc: BaseException) -> str:
