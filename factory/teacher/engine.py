@@ -273,6 +273,9 @@ class TeacherJob:
         self.spent = 0.0
         self.totals = Report()
         self._prompts: list[Prompt] = []
+        self._prompts_unrecorded = False
+        #: a provider batch was pending at the last transaction (None: not looked yet)
+        self._batches_pending: bool | None = None
         self._all_stored = True
         self._last_failure: str | None = None
         self._answers = 0            # answers obtained (sent or cached), over all rounds
@@ -293,6 +296,7 @@ class TeacherJob:
             self.run_id = start_run(con, self.job, self.dataset, params)
             con.execute("update job_runs set backend = ?, model = ? where run_id = ?",
                         [self.backend.name, self.backend.model, self.run_id]).fetchall()
+            self.note_batches(con)
         self.journal = Journal(journal_dir(self.wh.path) / f"{self.run_id}.jsonl")
         return self
 
@@ -316,6 +320,7 @@ class TeacherJob:
         wait = _RunState.grace() if exc_type is not None else None
         try:
             with self.wh.write(lock_timeout=wait) as con:
+                self.store_prompts(con)
                 finish_run(con, self.run_id, status, totals.counts(), error)
         except Exception as store_exc:
             if exc_type is None:       # else the error already on its way says more
@@ -378,7 +383,7 @@ class TeacherJob:
             self._abandon_batches()
         if self.batch_mode is not None:
             self.batch_mode.import_file()      # --import-batch: its answers first
-        else:
+        elif self._batches_pending is not False:
             self._refuse_held(items, prompt)
         if self.options.cache_only:
             self._require_cached(items)
@@ -516,13 +521,28 @@ class TeacherJob:
                       input_tokens=est_in, output_tokens=est_out, cost_usd=cost)
 
     def _record_prompt(self, prompt: Prompt) -> None:
-        if prompt in self._prompts:
+        """Name `prompt` in the run's record, in the next transaction that writes anyway (the
+        run's first stored batch, or its end): a transaction of its own held up every
+        round's first request by a warehouse open and commit."""
+        if prompt not in self._prompts:
+            self._prompts.append(prompt)
+            self._prompts_unrecorded = True
+
+    def store_prompts(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Write the prompts `_record_prompt` named (part of the caller's transaction, which
+        clears `_prompts_unrecorded` once committed)."""
+        if not self._prompts_unrecorded:
             return
-        self._prompts.append(prompt)
-        with self.wh.write() as con:
-            con.execute("update job_runs set prompt_name = ?, prompt_hash = ? where run_id = ?",
-                        [",".join(p.name for p in self._prompts),
-                         ",".join(p.hash for p in self._prompts), self.run_id]).fetchall()
+        con.execute("update job_runs set prompt_name = ?, prompt_hash = ? where run_id = ?",
+                    [",".join(p.name for p in self._prompts),
+                     ",".join(p.hash for p in self._prompts), self.run_id]).fetchall()
+
+    def note_batches(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Whether any provider batch is pending (part of a transaction that writes anyway):
+        without one, run() needs no look at which requests batches hold (_refuse_held)."""
+        self._batches_pending = bool(con.execute(
+            f"select count(*) from teacher_batches where kind = 'api' and {PENDING}"
+        ).fetchone()[0])
 
     def _add(self, r: Report) -> None:
         t = self.totals
@@ -1209,9 +1229,12 @@ class _RunState:
             with wh.write(lock_timeout=lock_wait) as con:
                 write_calls(con, calls)
                 upsert(con, self.table, rows)
+                self.job.store_prompts(con)
+                self.job.note_batches(con)
                 con.execute("update job_runs set counts = ?, heartbeat_at = current_timestamp"
                             " where run_id = ?",
                             [json.dumps(self.report.counts()), self.job.run_id]).fetchall()
+            self.job._prompts_unrecorded = False
         except Exception as exc:
             if _store_failure_kind(exc) == "bug" and calls:
                 with wh.write(lock_timeout=lock_wait) as con:

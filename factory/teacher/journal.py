@@ -22,6 +22,7 @@ cannot grow the journal says so (`full`) and the engine stops sending new reques
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -77,6 +78,7 @@ class Journal:
         self.rows = 0                 # rows written
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = threading.Event()      # rows queued, or closing
+        self._kick_loop: Any = None         # the event loop in which a wake is scheduled
         self._idle = threading.Condition()  # the writer has written all it took
         self._busy = False
         self._dirty = threading.Event()
@@ -107,10 +109,24 @@ class Journal:
 
     def append(self, row: dict[str, Any]) -> None:
         """Queue one answer for the writer thread (the row must not change afterwards);
-        raises the OSError of an earlier write that failed."""
+        raises the OSError of an earlier write that failed. In an event loop the writer is
+        woken once per loop iteration, for all the answers that iteration received: waking
+        it per row handed the GIL back and forth for every answer."""
         if self.error is not None:
             raise self.error
         self._queue.append(row)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:         # no loop running: wake it now
+            self._kick()
+            return
+        # (a loop that closed before running its wake does not hold up the next one)
+        if self._kick_loop is not loop:
+            self._kick_loop = loop
+            loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_loop = None
         self._wake.set()
 
     def _write_loop(self) -> None:
@@ -151,6 +167,7 @@ class Journal:
 
     def flush(self) -> None:
         """Wait until every row queued so far is written (in the page cache)."""
+        self._kick()
         with self._idle:
             self._idle.wait_for(lambda: not self._queue and not self._busy
                                 or not self._writer.is_alive())
@@ -171,7 +188,7 @@ class Journal:
         if self._closed.is_set():
             return
         self._closing = True
-        self._wake.set()
+        self._kick()
         self._writer.join()
         self._closed.set()
         self._dirty.set()
