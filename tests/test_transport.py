@@ -268,3 +268,32 @@ def test_the_journal_writes_what_was_queued_in_order_and_reports_a_full_disk(tmp
         full.append({"key": "next"})
     monkeypatch.undo()
     full.close()
+
+
+def test_a_body_is_searched_for_secrets_once_and_a_secret_in_it_still_goes(monkeypatch):
+    import json
+
+    from factory.teacher.backends import reply_from_body
+    from factory.teacher.keys import Secrets
+
+    key = "sk-test-PLANTED-once-31337"
+    secrets = Secrets.of_run(key, None)
+    searched: list[int] = []
+    search = Secrets.redact_values
+
+    def spy(self: Secrets, text: str | None) -> str | None:
+        searched.append(len(text or ""))
+        return search(self, text)
+    monkeypatch.setattr(Secrets, "redact_values", spy)
+    clean = json.dumps({"choices": [{"message": {"content": "word " * 2000,
+                                                 "reasoning_content": "think " * 2000},
+                                     "finish_reason": "stop"}]})
+    reply = reply_from_body(clean, secrets)
+    assert searched == [len(clean)]                 # the body once; its strings not again
+    assert reply.raw == clean and reply.text == "word " * 2000
+    leaked = json.dumps({"choices": [{"message": {"content": f"my key is {key}",
+                                                  "reasoning_content": f"{key}!"}}]}
+                        ).replace("-", "\\u002d")    # escaped in the body, plain when decoded
+    reply = reply_from_body(leaked, secrets)
+    assert key not in reply.text + (reply.reasoning or "") and "***" in reply.text
+    assert key.replace("-", "\\u002d") not in reply.raw and "***" in reply.raw
