@@ -297,3 +297,38 @@ def test_a_body_is_searched_for_secrets_once_and_a_secret_in_it_still_goes(monke
     reply = reply_from_body(leaked, secrets)
     assert key not in reply.text + (reply.reasoning or "") and "***" in reply.text
     assert key.replace("-", "\\u002d") not in reply.raw and "***" in reply.raw
+
+
+@pytest.mark.parametrize("script, attempts, expect, counted", [
+    (["ok"], 3, "ok", 1),
+    ([TransientError("busy", retry_after=0.2), "ok"], 3, "ok", 2),
+    ([TransientError("a"), TransientError("b"), TransientError("c"), "ok"], 3, "c", 3),
+    ([TransientError("only")], 1, "only", 1),
+    ([RequestError("bad", status=400), "ok"], 3, "bad", 1),
+])
+def test_retries_without_tenacity_on_the_first_attempt_keep_its_policy(script, attempts,
+                                                                     expect, counted):
+    """The engine's first attempt runs outside tenacity; what follows a failure is exactly
+    with_retries: the attempt count, the stop, Retry-After (0.2 s waited)."""
+    import time
+
+    from factory.teacher.engine import _retried
+
+    steps, made = list(script), []
+
+    async def once() -> Any:
+        step = steps.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    async def go() -> Any:
+        try:
+            return await _retried(once, attempts, 0.001, lambda: made.append(1))
+        except (TransientError, RequestError) as exc:
+            return str(exc)
+    started = time.monotonic()
+    assert asyncio.run(go()) == expect
+    assert len(made) == counted
+    if any(getattr(s, "retry_after", None) for s in script):
+        assert time.monotonic() - started >= 0.2

@@ -57,6 +57,9 @@ class Backend:
     generated_tokens: int = 0
     #: --structured when the user says neither (see TeacherJob.structured)
     structured_by_default: bool = False
+    #: complete(request, timeout) bounds the whole attempt itself (connect, send, the body
+    #: read to its end), raising AttemptTimeout; else the engine adds a timer of its own
+    bounds_attempts: bool = False
 
     def __init__(self, model: str):
         self.model = model
@@ -94,6 +97,7 @@ class OpenAIBackend(Backend):
     """
 
     name = "openai"
+    bounds_attempts = True          # aiohttp's total timeout covers the body's last byte
 
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float,
                  concurrency: int | None = None):

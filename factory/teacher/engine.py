@@ -986,6 +986,8 @@ class _RunState:
             try:
                 if backend.local:  # in-process: a batch, not a connection that can hang
                     reply = await backend.complete(req)
+                elif backend.bounds_attempts:     # its own timer covers the whole attempt
+                    reply = await backend.complete(req, timeout=limit)
                 else:              # the whole attempt, a body trickling in included
                     reply = await _within(backend.complete(req, timeout=limit), limit)
             except (asyncio.TimeoutError, AttemptTimeout):
@@ -1015,9 +1017,8 @@ class _RunState:
         failure: _Failure | None = None
         reply: Reply | None = None
         try:
-            reply = await with_retries(once, self.job.options.attempts,
-                                       initial_wait=self.job.options.backoff,
-                                       on_attempt=count_attempt)
+            reply = await _retried(once, self.job.options.attempts,
+                                   self.job.options.backoff, count_attempt)
         except TransientError as exc:
             failure = _Failure(f"gave up after {attempts} attempts: {exc}", exc.body, False)
         except RequestError as exc:
@@ -1240,6 +1241,34 @@ class _RunState:
                 with wh.write(lock_timeout=lock_wait) as con:
                     write_calls(con, calls)
             raise
+
+
+async def _retried(once: Callable[[], Awaitable[Reply]], attempts: int, backoff: float,
+                   count_attempt: Callable[[], None]) -> Reply:
+    """with_retries(once, ...), without building tenacity's retry loop for the requests
+    that succeed at once (most): a first attempt that raises TransientError is handed to
+    with_retries as its first attempt's outcome, so waits, Retry-After and the attempt
+    count are exactly tenacity's."""
+    count_attempt()
+    try:
+        return await once()
+    except TransientError as exc:
+        first: TransientError | None = exc
+    counted = False
+
+    def count() -> None:
+        nonlocal counted
+        if counted:
+            count_attempt()
+        counted = True
+
+    async def attempt() -> Reply:
+        nonlocal first
+        if first is not None:        # the attempt already made
+            failed, first = first, None
+            raise failed
+        return await once()
+    return await with_retries(attempt, attempts, initial_wait=backoff, on_attempt=count)
 
 
 async def _within(call: Awaitable[Reply], seconds: float) -> Reply:
