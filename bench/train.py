@@ -10,6 +10,19 @@ the very same split.
     python bench/train.py --epochs 200 --patience 20        # the published budget
     python bench/train.py --loss sampled                    # the published loss (128 negatives)
     python bench/train.py --recbole /tmp/recbole-venv/bin/python --dataset ml-100k
+    python bench/train.py --reference --loss full,sampled   # epoch time vs a plain SASRec
+    python bench/train.py --dataset ml-100k --max-len 50 --loss full,sampled --epochs 40
+                          # time to the same valid NDCG@10: full vs sampled softmax
+
+`--reference` times training epochs of train/ against a reference SASRec written here in
+plain PyTorch (`RefSASRec`: the same architecture, loss, batch size and rows; the obvious
+code: logits materialised, autograd's cross-entropy, a loss read every step; its sampled
+softmax is generative-recommenders' with 128 negatives drawn per position), in one process
+under the same thread settings, repeats interleaved, medians; it prints factory / reference
+for wall, user and sys seconds per epoch. Each repeat runs the same `--batches` training
+batches (a seeded sample of the train rows) from the same initial weights; seconds per
+epoch are the median batch time x batches per epoch (a full ML-1M epoch is 48 batches of
+~2-3 s on 2 cores: too long to repeat here).
 
 Published reference (ML-1M, leave-one-out, full-catalog ranking, max_len 200, d=50, 2 blocks,
 1 head, dropout 0.2, lr 1e-3, batch 128): facebookresearch/generative-recommenders README,
@@ -173,14 +186,260 @@ def run_recbole(python: str, warehouse: Path, dataset: str, args: argparse.Names
     return result
 
 
+# -- epoch time against a plain reference SASRec (--reference) ------------------------------
+class RefSASRec:
+    """Namespace for the reference: SASRec in plain PyTorch, written for this bench only.
+
+    Pre-LayerNorm blocks (LayerNorm -> single-head causal self-attention -> dropout ->
+    residual; LayerNorm -> Linear-ReLU-Dropout-Linear -> dropout -> residual), item
+    embeddings x sqrt(d) plus learned positions, a final LayerNorm, keys that are padding
+    masked out (a padding query sees itself), dropout on the attention weights; items
+    scored by the dot product with the item embedding table. This is the architecture of
+    train/sasrec.py, written out without its helpers."""
+
+    @staticmethod
+    def build(n_items: int, max_len: int, dim: int, layers: int, dropout: float):
+        import torch
+        from torch import nn
+
+        class Attention(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+                self.o = nn.Linear(dim, dim)
+                self.drop = nn.Dropout(dropout)
+
+            def forward(self, x: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+                w = self.q(x) @ self.k(x).transpose(1, 2) / dim ** 0.5
+                w = torch.softmax(w.masked_fill(blocked, float("-inf")), dim=-1)
+                return self.o(self.drop(w) @ self.v(x))
+
+        class Model(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.item = nn.Embedding(n_items + 1, dim, padding_idx=0)
+                self.pos = nn.Embedding(max_len, dim)
+                self.drop = nn.Dropout(dropout)
+                self.ln_a = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+                self.ln_f = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+                self.att = nn.ModuleList(Attention() for _ in range(layers))
+                self.ffn = nn.ModuleList(
+                    nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(dim, dim)) for _ in range(layers))
+                self.ln = nn.LayerNorm(dim)
+
+            def forward(self, seq: torch.Tensor) -> torch.Tensor:
+                length = seq.shape[1]
+                pad = seq == 0
+                future = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+                blocked = future | (pad[:, None, :] & ~torch.eye(length, dtype=torch.bool))
+                h = self.item(seq) * dim ** 0.5 + self.pos.weight[:length]
+                h = self.drop(h).masked_fill(pad[..., None], 0.0)
+                for ln_a, att, ln_f, ffn in zip(self.ln_a, self.att, self.ln_f, self.ffn,
+                                                strict=True):
+                    h = h + self.drop(att(ln_a(h), blocked))
+                    h = h + self.drop(ffn(ln_f(h)))
+                    h = h.masked_fill(pad[..., None], 0.0)
+                return self.ln(h)
+
+        return Model()
+
+    @staticmethod
+    def loss(model, seq, target, loss: str, negatives: int, temperature: float):
+        """Next-item loss at every non-padding position: the full softmax over the catalog
+        (column 0, padding, excluded), or generative-recommenders' sampled softmax (cosine /
+        temperature, `negatives` uniform items per position, a negative equal to the
+        positive masked)."""
+        import torch
+        import torch.nn.functional as F
+
+        h = model(seq)
+        labels = torch.cat([seq[:, 1:], target[:, None]], 1).masked_fill(seq == 0, 0)
+        keep = labels > 0
+        h, y = h[keep], labels[keep]
+        if loss == "full":
+            logits = h @ model.item.weight.T
+            logits[:, 0] = float("-inf")
+            return F.cross_entropy(logits, y)
+        n_items = model.item.num_embeddings - 1
+        neg = torch.randint(1, n_items + 1, (len(y), negatives))
+        q = F.normalize(h, dim=-1, eps=1e-6)
+        pos = (q * F.normalize(model.item(y), dim=-1, eps=1e-6)).sum(-1, keepdim=True)
+        negl = torch.einsum("md,mnd->mn", q, F.normalize(model.item(neg), dim=-1, eps=1e-6))
+        negl = negl.masked_fill(neg == y[:, None], float("-inf"))
+        logits = torch.cat([pos, negl], 1) / temperature
+        return -F.log_softmax(logits, 1)[:, 0].mean()
+
+
+def _usage() -> tuple[float, float, float]:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), r.ru_utime, r.ru_stime
+
+
+def _timed_repeats(cache, cache_path: Path, part, loss: str, args: argparse.Namespace,
+                   epoch_batches: int) -> dict[str, list[tuple[float, float, float]]]:
+    """(wall, user, sys) seconds per epoch of each repeat, train/ and the reference
+    alternating, each from the same initial weights over the same rows."""
+    import numpy as np
+    import torch
+
+    from train.config import Config
+    from train.loop import build_model, train_epoch
+
+    cfg = Config(cache=str(cache_path), dim=50, layers=2, heads=1, dropout=0.2, lr=1e-3,
+                 batch_size=128, loss=loss, negatives=args.negatives, device="cpu")
+    torch.manual_seed(args.seed)
+    ours0 = build_model(cfg, cache).state_dict()
+    torch.manual_seed(args.seed)
+    ref0 = RefSASRec.build(cache.n_items, cache.max_len, 50, 2, 0.2).state_dict()
+
+    def ours(fused: bool = True) -> None:
+        model = build_model(cfg, cache)
+        model.load_state_dict(ours0)
+        model.fused_ce = fused
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        train_epoch(model, part, cfg, torch.device("cpu"), opt, scaler,
+                    np.random.default_rng(args.seed), None)
+
+    def ref() -> None:
+        model = RefSASRec.build(cache.n_items, cache.max_len, 50, 2, 0.2)
+        model.load_state_dict(ref0)
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        order = np.random.default_rng(args.seed).permutation(len(part))
+        for start in range(0, len(order), 128):
+            b = np.sort(order[start:start + 128])
+            seq = torch.from_numpy(part.seq[b].astype(np.int64))
+            target = torch.from_numpy(part.target[b].astype(np.int64))
+            out = RefSASRec.loss(model, seq, target, loss, args.negatives, 0.05)
+            opt.zero_grad()
+            out.backward()
+            opt.step()
+            if not np.isfinite(out.item()):
+                raise RuntimeError("reference diverged")
+
+    sides = {"factory": ours, "reference": ref}
+    if loss == "full":  # what the in-place loss buys: train/ with autograd's cross-entropy
+        sides["unfused"] = lambda: ours(fused=False)
+    times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in sides}
+    for _ in range(args.repeats):
+        for name, fn in sides.items():
+            t0, u0, s0 = _usage()
+            fn()
+            t1, u1, s1 = _usage()
+            per = epoch_batches / -(-len(part) // 128)
+            times[name].append(((t1 - t0) * per, (u1 - u0) * per, (s1 - s0) * per))
+    return times
+
+
+def reference_ratio(cache_path: Path, args: argparse.Namespace, losses: list[str]) -> None:
+    """Seconds per training epoch, train/ vs RefSASRec, per loss; see the module doc."""
+    import numpy as np
+    import torch
+
+    from train.config import Config
+    from train.data import Cache, Split
+    from train.loop import build_model, evaluate, set_threads, usable_cores
+
+    threads = set_threads(args.threads)
+    cache = Cache(cache_path, verify=False)
+    full = cache.splits["train"]
+    rows = np.sort(np.random.default_rng(args.seed).choice(
+        len(full), size=min(len(full), args.batches * 128), replace=False))
+    part = Split("train", np.asarray(full.seq[rows]), np.asarray(full.target[rows]), None, None)
+    epoch_batches = -(-len(full) // 128)
+    print(f"\n{args.dataset}, max_len {cache.max_len}, {cache.n_items:,} items, d 50, 2 blocks, "
+          f"1 head, dropout 0.2, batch 128, Adam lr 1e-3; {threads} threads (usable cores "
+          f"{usable_cores()}), inter-op 1; {args.batches} batches x {args.repeats} "
+          f"interleaved repeats; an epoch is {epoch_batches} batches")
+    for loss in losses:
+        times = _timed_repeats(cache, cache_path, part, loss, args, epoch_batches)
+        med = {k: [float(np.median([t[i] for t in v])) for i in range(3)]
+               for k, v in times.items()}
+        print(f"loss {loss}" + (f" ({args.negatives} negatives; the reference draws them per "
+                                "position, train/ per batch)" if loss == "sampled" else
+                                " (softmax over the whole catalog)"))
+        for k in med:
+            w, u, s_ = med[k]
+            label = {"unfused": "factory, loss as before issue 18 (autograd cross-entropy)"
+                     }.get(k, k)
+            print(f"  {label:<9} s/epoch wall {w:7.1f}  user {u:7.1f}  sys {s_:6.1f}")
+        (fw, fu, fs), (rw, ru, rs) = med["factory"], med["reference"]
+        print(f"  ratio factory/reference: wall {fw / rw:.2f}, user {fu / ru:.2f}, "
+              f"sys {fs / rs if rs > 0.05 else float('nan'):.2f} "
+              f"(sys share of CPU: factory {fs / max(fu + fs, 1e-9):.0%}, reference "
+              f"{rs / max(ru + rs, 1e-9):.0%})")
+    # evaluation is not in an epoch's training seconds, but runs after every epoch by default
+    valid = cache.splits["valid"]
+    cfg = Config(cache=str(cache_path), dim=50, layers=2, heads=1, dropout=0.2, device="cpu")
+    model = build_model(cfg, cache)
+    t0, u0, s0 = _usage()
+    evaluate(model, valid, cfg, torch.device("cpu"))
+    t1, u1, s1 = _usage()
+    print(f"one validation pass of train/ ({len(valid):,} rows, full ranking, both protocols): "
+          f"wall {t1 - t0:.1f} s, user {u1 - u0:.1f}, sys {s1 - s0:.1f} "
+          "(--eval-every N runs it every N epochs)")
+
+
+# -- full vs sampled softmax: time to the same valid NDCG@10 ---------------------------------
+def time_to_ndcg(cache: Path, args: argparse.Namespace, losses: list[str], work: Path) -> None:
+    """Train SASRec with each loss (the published settings), evaluate valid NDCG@10 under
+    the masked protocol every epoch, and report the training seconds and epoch at which
+    each first reaches the target: --target-ndcg, else the lower of the losses' best valid
+    NDCG@10 (a level both reach). Training seconds exclude evaluation, timed apart."""
+    from train.config import Config
+    from train.loop import run
+
+    results = {}
+    for loss in losses:
+        cfg = Config(cache=str(cache), out=str(work / f"ttn-{loss}"), backbone="sasrec", dim=50,
+                     layers=2, heads=1, dropout=0.2, lr=1e-3, batch_size=128,
+                     epochs=args.epochs, patience=args.patience, threads=args.threads,
+                     seed=args.seed, protocol="masked", loss=loss, negatives=args.negatives,
+                     device="cpu", max_minutes=args.max_minutes)
+        t = time.perf_counter()
+        results[loss] = run(cfg, log=lambda m, loss=loss: print(f"  {loss}: {m}", flush=True))
+        results[loss]["wall_seconds"] = time.perf_counter() - t
+    best = {k: max(h["valid"]["ndcg@10"] for h in r["history"] if "valid" in h)
+            for k, r in results.items()}
+    target = args.target_ndcg or min(best.values())
+    print(f"\n{args.dataset}, max_len {args.max_len}, SASRec d 50, batch 128, lr 1e-3; valid "
+          f"NDCG@10 under the masked protocol each epoch; target {target:.4f}"
+          + (" (the lower best of the two)" if not args.target_ndcg else ""))
+    print(f"{'loss':<8} {'s/epoch':>8} {'best N@10':>10} {'epoch':>6} {'train s':>8} "
+          f"{'to target':>10}")
+    for loss, r in results.items():
+        spent, hit = 0.0, None
+        for h in r["history"]:
+            spent += h["seconds"]
+            if "valid" in h and h["valid"]["ndcg@10"] >= target:
+                hit = (h["epoch"], spent)
+                break
+        reach = f"{hit[0]:>6} {hit[1]:>8.1f}" if hit else f"{'-':>6} {'-':>8}"
+        print(f"{loss:<8} {r['seconds_per_epoch']:>8.2f} {best[loss]:>10.4f} {reach} "
+              f"{'reached' if hit else 'not reached':>10}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="ml-1m", choices=["ml-1m", "ml-100k"])
     p.add_argument("--backbone", default="sasrec",
                    help="comma-separated backbones (sasrec, hstu, tiger); the dense ones "
                         "share one cache, TIGER has its own with SIDs [sasrec]")
-    p.add_argument("--loss", default="full", choices=["full", "sampled"],
-                   help="full softmax, or the published sampled softmax [full]")
+    p.add_argument("--loss", default="full",
+                   help="full softmax, or the published sampled softmax; a list (full,sampled) "
+                        "times each, and without --reference compares their time to the "
+                        "same valid NDCG@10 [full]")
+    p.add_argument("--reference", action="store_true",
+                   help="epoch time of train/ against a plain-PyTorch reference SASRec")
+    p.add_argument("--batches", type=int, default=6,
+                   help="--reference: training batches per timed repeat [6]")
+    p.add_argument("--repeats", type=int, default=3, help="--reference: repeats [3]")
+    p.add_argument("--target-ndcg", type=float,
+                   help="time-to-NDCG: the valid NDCG@10 to reach [the lower best]")
     p.add_argument("--negatives", type=int, default=128, help="sampled softmax [128]")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-len", type=int, default=200)
@@ -189,7 +448,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--max-minutes", type=float, help="training time budget of each backbone")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int,
+                   help="torch threads [usable physical cores, as python -m train]")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work", type=Path, help="keep the warehouse and cache here")
     p.add_argument("--recbole", metavar="PYTHON", help="python of a venv with recbole==1.2.1")
@@ -197,6 +457,23 @@ def main() -> None:
                    help="RecBole's epoch budget [--epochs]; its epochs hold one sample per "
                         "prefix, about L/2 times our gradient steps")
     args = p.parse_args()
+    from train.loop import default_threads
+
+    args.threads = args.threads or default_threads()
+    losses = [x.strip() for x in args.loss.split(",") if x.strip()]
+    if not losses or set(losses) - {"full", "sampled"}:
+        p.error(f"--loss: full, sampled or full,sampled (got {args.loss!r})")
+    if args.reference or len(losses) > 1:
+        work = args.work or Path(tempfile.mkdtemp(prefix="bench-train-"))
+        work.mkdir(parents=True, exist_ok=True)
+        cache = prepare(work, args.dataset.removeprefix("ml-"), args.max_len)[1]
+        if args.reference:
+            reference_ratio(cache, args, losses)
+        else:
+            time_to_ndcg(cache, args, losses, work)
+        print(f"files: {work}")
+        return
+    args.loss = losses[0]
     backbones = [b.strip() for b in args.backbone.split(",") if b.strip()]
     unknown = [b for b in backbones if b not in REFERENCE]
     if unknown or not backbones:

@@ -31,6 +31,7 @@ import duckdb
 from factory.errors import FactoryError, first_line
 from factory.runs import FINISHED, death, liveness
 from factory.teacher.journal import import_journals
+from factory.teacher.store import LLM_CALL_COLUMNS, store_calls
 from factory.warehouse import Warehouse
 
 #: tables of runs: their status goes running -> died -> one of FINISHED, never back
@@ -137,6 +138,9 @@ def merge_shard(con: duckdb.DuckDBPyConnection, alias: str,
             f" on conflict ({conflict}) {action}").fetchone()
         if count and count[0]:
             changed[table] = int(count[0])
+    old_calls = _old_llm_calls(con, alias)
+    if old_calls:
+        changed["llm_call_rows"] = changed.get("llm_call_rows", 0) + old_calls
     for run_id, why in (dead or {}).items():
         con.execute("update job_runs set status = 'died', error = ?,"
                     " finished_at = coalesce(finished_at, heartbeat_at, current_timestamp)"
@@ -149,6 +153,25 @@ def merge_shard(con: duckdb.DuckDBPyConnection, alias: str,
             " from job_runs j where j.run_id = t.run_id and t.status = 'running'"
             " and j.status = 'died'").fetchall()
     return changed
+
+
+def _old_llm_calls(con: duckdb.DuckDBPyConnection, alias: str) -> int:
+    """A shard from before migration 090 keeps llm_calls as a table: its rows are split into
+    llm_prompts/llm_call_rows here, by the rules above (new keys, and 'ok' over a failure)."""
+    main = _main(con)
+    if not con.execute("select 1 from duckdb_tables() where database_name = ? and"
+                       " schema_name = 'main' and table_name = 'llm_calls'",
+                       [alias]).fetchall() or not _columns(con, main, "llm_call_rows"):
+        return 0
+    theirs = _columns(con, alias, "llm_calls")
+    cols = ", ".join(f'"{c}"' if c in theirs else f"null as {c}"
+                     for c in (*LLM_CALL_COLUMNS, "created_at"))
+    source = (f'(select {cols} from "{alias}".main.llm_calls s where not exists ('
+              "select 1 from llm_call_rows c where c.key = s.key"
+              " and (c.status = 'ok' or s.status <> 'ok')))")
+    count = con.execute(f"select count(*) from {source}").fetchone()[0]
+    store_calls(con, source, created="created_at")
+    return int(count)
 
 
 def _probe(shard: Path, lock_timeout: float) -> None:

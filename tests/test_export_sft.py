@@ -209,7 +209,7 @@ def _insert_explanation(con, a: str, b: str, sample: int, verdict: str) -> None:
     key = f"{a}-{b}-{sample}"
     request = {"model": "m", "messages": [{"role": "user", "content": f"why {a} {b}"}],
                "params": {}, "sample": sample, "draw": 0}
-    con.execute("insert into llm_calls (key, model, backend, sample, draw, request, status,"
+    con.execute("insert into llm_call_rows (key, model, backend, sample, draw, request, status,"
                 " text, attempts) values (?, 'm', 'openai', ?, 0, ?, 'ok', ?, 1)",
                 [key, sample, json.dumps(request), f"because {a} {b} {sample}"])
     con.execute(

@@ -341,8 +341,8 @@ def test_merge_errors_are_one_line_and_change_nothing(wh, tmp_path) -> None:
     bad = tmp_path / "typed.duckdb"
     shutil.copy(good, bad)
     con = duckdb.connect(str(bad))
-    con.execute("alter table llm_calls alter column input_tokens type varchar")
-    con.execute("insert into llm_calls (key, model, backend, sample, draw, request, status,"
+    con.execute("alter table llm_call_rows alter column input_tokens type varchar")
+    con.execute("insert into llm_call_rows (key, model, backend, sample, draw, request, status,"
                 " attempts, input_tokens) values ('k', 'm', 'openai', 0, 0, '{}', 'ok', 1,"
                 " 'many')")
     con.close()
@@ -356,7 +356,7 @@ def test_merge_errors_are_one_line_and_change_nothing(wh, tmp_path) -> None:
     before = snapshot()
     for shards, expected in [
             ([junk], f"cannot merge {junk}: not a DuckDB database file"),
-            ([good, bad], f"cannot merge {bad}: column llm_calls.input_tokens is VARCHAR "
+            ([good, bad], f"cannot merge {bad}: column llm_call_rows.input_tokens is VARCHAR "
                           "there but INTEGER here; nothing was merged from it")]:
         proc = subprocess.run([sys.executable, "-m", "factory", "--warehouse", str(wh.path),
                                "merge", *map(str, shards)],

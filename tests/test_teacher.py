@@ -290,7 +290,7 @@ def test_merge_upgrades_failures_but_never_downgrades(wh, tmp_path):
     for target, statuses in ((wh, ("failed", "ok")), (shard, ("ok", "failed"))):
         with target.write() as con:
             for key, status in zip(("a", "b"), statuses, strict=True):
-                con.execute("insert into llm_calls (key, model, backend, sample, draw, request,"
+                con.execute("insert into llm_call_rows (key, model, backend, sample, draw, request,"
                             " status, attempts) values (?, 'm', 'openai', 0, 0, '{}', ?, 1)",
                             [key, status])
     merge_warehouses(wh, [shard.path])
@@ -447,3 +447,30 @@ def test_migration_022_backfills_inline_thinking() -> None:
     con.execute(sql.read_text())
     assert con.execute("select key, reasoning from llm_calls order by key").fetchall() == [
         ("a", "plan"), ("b", None), ("c", None)]
+
+
+def test_calls_store_each_prompt_once_and_the_answer_once(wh):
+    """Samples of one prompt share one llm_prompts row; `response` keeps the body without the
+    content (it is `text`); the llm_calls view gives back the canonical request and body."""
+    from factory.teacher.request import Request, Sampling
+    from factory.teacher.store import cached_answers, write_calls
+
+    msgs = [{"role": "user", "content": "explain \"this\" ,\"model\": é " * 50}]
+    reqs = [Request.build("m", msgs, Sampling(temperature=0.5), s) for s in range(3)]
+    body = {"id": "x", "choices": [{"index": 0, "message": {"role": "assistant",
+                                                             "content": "the answer"}}]}
+    with wh.write() as con:
+        write_calls(con, [{"key": r.key, "model": "m", "backend": "openai", "sample": r.sample,
+                           "draw": 0, "request": r.canonical_json(), "status": "ok",
+                           "response": json.dumps(body), "text": "the answer", "attempts": 1}
+                          for r in reqs])
+    assert rows(wh, "select count(*), max(length(messages)) from llm_prompts")[0][0] == 1
+    stored = rows(wh, "select max(length(request)), bool_and(content_in_text),"
+                      " max(strpos(response, 'the answer')) from llm_call_rows")[0]
+    assert stored[0] < 300 and stored[1] and stored[2] == 0
+    back = rows(wh, "select key, request, response, prompt from llm_calls order by sample")
+    assert [(k, q) for k, q, _, _ in back] == [(r.key, r.canonical_json()) for r in reqs]
+    assert json.loads(back[0][2]) == body and back[0][3] == msgs[0]["content"]
+    with wh.read() as con:
+        assert set(cached_answers(con, [r.key for r in reqs] + ["missing"])) == {
+            r.key for r in reqs}

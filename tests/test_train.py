@@ -484,3 +484,191 @@ def test_sigterm_stops_python_m_train_with_one_line(caches: dict[str, Path],
     assert proc.wait(timeout=60) == 143
     assert "interrupted (SIGTERM): nothing is reported or written" in rest
     assert "Traceback" not in rest and not out.exists()
+
+
+# -- speed (issue 18): same results, fewer buffers, threads honoured -----------------------
+def _plain_full_softmax(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+                        ) -> torch.Tensor:
+    logits = states @ weight.T
+    logits[:, 0] = float("-inf")
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def test_catalog_cross_entropy_equals_autograd_cross_entropy() -> None:
+    from train.model import _Workspace, catalog_cross_entropy
+
+    torch.manual_seed(0)
+    work = _Workspace()
+    for rows in (37, 50, 12):  # the buffer is reused, grown and shrunk
+        states = torch.randn(rows, 8, requires_grad=True)
+        weight = torch.randn(31, 8, requires_grad=True)
+        labels = torch.randint(1, 31, (rows,))
+        want = _plain_full_softmax(states, weight, labels)
+        g_states, g_weight = torch.autograd.grad(want, (states, weight))
+        got = catalog_cross_entropy(states, weight, labels, work)
+        h_states, h_weight = torch.autograd.grad(got * 1.0, (states, weight))
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+        assert torch.allclose(h_states, g_states, atol=1e-7)
+        assert torch.allclose(h_weight, g_weight, atol=1e-7)
+        assert not h_weight[0].any()  # padding is never a class
+    assert len(work.free) == 1 and work.free[0].numel() == 50 * 30
+
+
+def test_fused_loss_trains_as_the_autograd_loss(caches: dict[str, Path]) -> None:
+    """A few seeded steps with the in-place full-softmax loss give the losses and weights
+    of the plain autograd one (the loss before issue 18), to float rounding."""
+    from train.data import Cache
+    from train.loop import seed_everything
+
+    cache = Cache(caches["cycle"])
+    split = cache.splits["train"]
+    runs = {}
+    for fused in (False, True):
+        seed_everything(0)
+        model = build_model(Config(cache=str(caches["cycle"]), **FAST), cache)
+        model.fused_ce = fused
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        losses = []
+        for b in batches(split, 64):
+            out = model.losses(b.seq, next_item_labels(b.seq, b.target), b.target)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+            losses.append(float(out["loss"].detach()))
+        runs[fused] = (losses, model.state_dict())
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for name, value in runs[False][1].items():
+        assert torch.allclose(runs[True][1][name], value, atol=1e-5), name
+
+
+def test_threads_are_applied_and_recorded(caches: dict[str, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import train.loop
+
+    seen: list[tuple[int, int]] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        seen.append((torch.get_num_threads(), torch.get_num_interop_threads()))
+
+    torch.set_num_threads(2)
+    try:
+        cfg = Config(cache=str(caches["plain"]), out=str(tmp_path / "t1"),
+                     **{**FAST, "threads": 1}, epochs=1)
+        assert run(cfg, log=lambda _m: None, progress=progress)["params"]["threads"] == 1
+        assert seen and all(t == 1 for t, _ in seen)
+        # unset: OMP_NUM_THREADS if the user set it, else the usable physical cores
+        monkeypatch.setattr(train.loop, "usable_cores", lambda root=None: 1)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        seen.clear()
+        cfg = Config(cache=str(caches["plain"]), out=str(tmp_path / "t2"),
+                     **{**FAST, "threads": None}, epochs=1)
+        assert run(cfg, log=lambda _m: None, progress=progress)["params"]["threads"] == 1
+        assert seen and all(t == 1 for t, _ in seen)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert train.loop.set_threads(None) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_usable_cores_counts_physical_cores_under_the_cgroup_quota(tmp_path: Path) -> None:
+    import os
+
+    from train.loop import usable_cores
+
+    cpus = sorted(os.sched_getaffinity(0))
+    for cpu in cpus:  # every CPU of the affinity mask an SMT sibling of core 0
+        topo = tmp_path / f"sys/devices/system/cpu/cpu{cpu}/topology"
+        topo.mkdir(parents=True)
+        (topo / "physical_package_id").write_text("0\n")
+        (topo / "core_id").write_text("0\n")
+    assert usable_cores(tmp_path) == 1
+    for i, cpu in enumerate(cpus):
+        (tmp_path / f"sys/devices/system/cpu/cpu{cpu}/topology/core_id").write_text(f"{i}\n")
+    assert usable_cores(tmp_path) == len(cpus)
+    (tmp_path / "sys/fs/cgroup").mkdir(parents=True)
+    (tmp_path / "sys/fs/cgroup/cpu.max").write_text("100000 100000\n")  # --cpus 1
+    assert usable_cores(tmp_path) == 1
+    (tmp_path / "sys/fs/cgroup/cpu.max").write_text("max 100000\n")
+    assert usable_cores(tmp_path) == len(cpus)
+
+
+def test_losses_are_read_once_per_32_batches(caches: dict[str, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """No device-to-host read by the loop per training step (a CUDA run would wait for each
+    step); the epoch's mean losses are still exact. (Adam reads its CPU step counters.)"""
+    import train.loop
+    from train.data import Cache
+
+    cache = Cache(caches["plain"])
+    cfg = Config(cache=str(caches["plain"]), **{**FAST, "batch_size": 4})
+    model = build_model(cfg, cache)
+    reads: list[str] = []
+    for name in ("__float__", "item", "tolist", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **kw):
+            if sys._getframe(1).f_code.co_filename == train.loop.__file__:
+                reads.append(_name)
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    split = cache.splits["train"]
+    n = -(-len(split) // 4)
+    assert n > train.loop.LOSS_READ_EVERY
+    means = train.loop.train_epoch(model, split, cfg, torch.device("cpu"),
+                                   torch.optim.Adam(model.parameters()),
+                                   torch.amp.GradScaler("cuda", enabled=False),
+                                   np.random.default_rng(0), None)
+    assert len(reads) == -(-n // train.loop.LOSS_READ_EVERY)
+    assert set(means) == {"rec", "loss"} and math.isfinite(means["loss"])
+
+
+def test_a_diverged_batch_is_named(caches: dict[str, Path]) -> None:
+    import train.loop
+    from train.data import Cache
+
+    cache = Cache(caches["plain"])
+    cfg = Config(cache=str(caches["plain"]), **{**FAST, "batch_size": 4})
+    model = build_model(cfg, cache)
+    calls = 0
+    losses = model.losses
+
+    def poisoned(*a, **kw):  # batch 5 of the epoch gives a NaN loss
+        nonlocal calls
+        calls += 1
+        out = losses(*a, **kw)
+        return {k: v * float("nan") for k, v in out.items()} if calls == 5 else out
+    model.losses = poisoned
+    with pytest.raises(train.loop.DivergedError, match="epoch 3, batch 5: rec nan"):
+        train.loop.train_epoch(model, cache.splits["train"], cfg, torch.device("cpu"),
+                               torch.optim.SGD(model.parameters(), lr=0.0),
+                               torch.amp.GradScaler("cuda", enabled=False),
+                               np.random.default_rng(0), None, epoch=3)
+
+
+def test_loss_terms_that_only_some_batches_have_are_averaged_over_all(
+        caches: dict[str, Path]) -> None:
+    """A fused TIGER batch without reasoning has no "nce": the epoch means stay the sums
+    over the epoch's batches divided by its number of batches, as before issue 18."""
+    import train.loop
+    from train.data import Cache
+
+    cache = Cache(caches["plain"])
+    cfg = Config(cache=str(caches["plain"]), **{**FAST, "batch_size": 8})
+    model = build_model(cfg, cache)
+    calls = 0
+    losses = model.losses
+
+    def some_nce(*a, **kw):
+        nonlocal calls
+        calls += 1
+        out = losses(*a, **kw)
+        return {**out, "nce": torch.tensor(float(calls))} if calls % 2 else out
+    model.losses = some_nce
+    means = train.loop.train_epoch(model, cache.splits["train"], cfg, torch.device("cpu"),
+                                   torch.optim.SGD(model.parameters(), lr=0.0),
+                                   torch.amp.GradScaler("cuda", enabled=False),
+                                   np.random.default_rng(0), None)
+    n = -(-len(cache.splits["train"]) // 8)
+    assert calls == n > train.loop.LOSS_READ_EVERY
+    assert means["nce"] == pytest.approx(sum(range(1, n + 1, 2)) / n)

@@ -186,7 +186,8 @@ def parser(require_cache: bool = True) -> argparse.ArgumentParser:
         ("max-minutes", float, "stop after the epoch that passes this much training time "
          "(the best epoch so far is still tested)"),
         ("seed", int, "random seed"),
-        ("threads", int, "CPU threads for torch [all]"),
+        ("threads", int, "CPU threads for torch [the physical cores this process may use "
+         "(affinity, cgroup quota), or OMP_NUM_THREADS]"),
     ]:
         field_name = name.replace("-", "_")
         per_backbone = {b: v[field_name] for b, v in DEFAULTS.items() if field_name in v}

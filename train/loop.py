@@ -3,9 +3,12 @@ CPU by default and CUDA (with mixed precision) when present; writes metrics and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
+import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -55,6 +58,60 @@ def n_batches(rows: int, batch_size: int) -> int:
 class DivergedError(TrainError):
     """A non-finite training loss or ranking score: the run stops, nothing is ranked or
     reported (as RecBole stops on "Training loss is nan")."""
+
+
+def usable_cores(root: Path = Path("/")) -> int:
+    """Cores this process may actually run on: physical cores (not SMT siblings) among the
+    CPUs of its affinity mask, capped by a cgroup CPU quota (a container's `--cpus`).
+    torch's own default counts the host's cores, so in a 2-CPU container on a 64-core host
+    it starts dozens of OpenMP threads that time-share two CPUs and spend their time in
+    the kernel (the sys time of issue 18)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
+        range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topo = root / f"sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(),
+                       (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    n = max(1, len(cores))
+    quota = _cgroup_quota(root)
+    return max(1, min(n, math.ceil(quota))) if quota else n
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`, None if unlimited."""
+    try:
+        quota, period = (root / "sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        v1 = root / "sys/fs/cgroup/cpu"
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        period_us = int((v1 / "cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS where the user set it, else `usable_cores()`."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+
+
+def set_threads(threads: int | None) -> int:
+    """Intra-op threads for this run: `threads`, else `default_threads()`; returns the
+    number set. Inter-op threads go to 1 where torch still allows it: the loop runs no
+    parallel graph branches, so more only add threads."""
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only before the process's first inter-op work
+        torch.set_num_interop_threads(1)
+    return threads
 
 
 def seed_everything(seed: int) -> None:
@@ -222,36 +279,60 @@ def predict(model: nn.Module, split: Split, cfg: Config, device: torch.device,
     return np.concatenate(items_out), np.concatenate(scores_out)
 
 
+#: batches whose losses go to the host together: reading a loss each batch makes a CUDA
+#: run wait for every step before queueing the next (on the CPU it costs nothing either way)
+LOSS_READ_EVERY = 32
+
+
 def train_epoch(model: Recommender, split: Split, cfg: Config, device: torch.device,
                 opt: torch.optim.Optimizer, scaler: Any, rng: np.random.Generator,
                 reasoning_rows: np.ndarray | None, epoch: int = 0,
                 progress: Progress = _no_progress, stage: str = "train"
                 ) -> dict[str, float]:
+    """One pass over `split`; the mean of each loss term. Losses are read back every
+    LOSS_READ_EVERY batches and at the end: a non-finite one raises DivergedError naming its
+    batch (the run is abandoned, so the few steps taken after it change nothing reported)."""
     model.train()
     sums: dict[str, float] = {}
+    # per batch not yet read: its loss terms' names and values (a batch of TIGER rows
+    # without reasoning steps has no "nce")
+    pending: list[tuple[list[str], torch.Tensor]] = []
     n = 0
     total = n_batches(len(split), cfg.batch_size)
     order = (rng.permutation(len(split)) if split.lengths is None
              else bucketed_order(split.lengths, cfg.batch_size, rng))
+
+    def read() -> None:
+        flat = torch.cat([v for _, v in pending]).tolist()  # the one device-to-host copy
+        first, at = n - len(pending) + 1, 0
+        for i, (keys, _) in enumerate(pending):
+            row = flat[at:at + len(keys)]
+            at += len(keys)
+            if not all(math.isfinite(v) for v in row):
+                shown = ", ".join(f"{k} {v}" for k, v in zip(keys, row, strict=True))
+                raise DivergedError(f"training diverged at epoch {epoch}, batch {first + i}: "
+                                    f"{shown}; the run is not ranked or reported (lower --lr?)")
+            for k, v in zip(keys, row, strict=True):
+                sums[k] = sums.get(k, 0.0) + v
+        pending.clear()
+
     for batch in batches(split, cfg.batch_size, reasoning=reasoning_kind(cfg), older=False,
                          order=order, reasoning_rows=reasoning_rows):
         batch = batch.to(device)
         labels = next_item_labels(batch.seq, batch.target)
         with _autocast(device, cfg.amp):
             out = model.losses(batch.seq, labels, batch.target, batch.reasoning, batch.time)
-        values = {k: float(v.detach()) for k, v in out.items()}
-        if not all(np.isfinite(v) for v in values.values()):
-            shown = ", ".join(f"{k} {v}" for k, v in values.items())
-            raise DivergedError(f"training diverged at epoch {epoch}, batch {n + 1}: {shown}; "
-                                "the run is not ranked or reported (lower --lr?)")
+        pending.append((list(out), torch.stack([v.detach().float() for v in out.values()])))
         opt.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         scaler.step(opt)
         scaler.update()
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
         n += 1
+        if len(pending) == LOSS_READ_EVERY:
+            read()
         progress(stage, n, total)
+    if pending:
+        read()
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
@@ -286,8 +367,7 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
     the output directory. A non-finite loss or score raises DivergedError (nothing written).
     `progress` is called after every batch (an ml-1m epoch is minutes long)."""
     cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = set_threads(cfg.threads)
     seed_everything(cfg.seed)
     cache = Cache(cfg.cache, verify=cfg.verify)
     if len(cache.splits["train"]) == 0 or len(cache.splits["valid"]) == 0:
@@ -309,7 +389,8 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
     proto = cfg.protocol
     train_seconds: list[float] = []
     waited = 0
-    log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device}: "
+    log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
+        f"({threads} thread{'s' * (threads > 1)}): "
         f"{len(cache.splits['train']):,} train rows, {cache.n_items:,} items, "
         f"max_len {cache.max_len}")
     train_split, train_perm = cache.splits["train"], perms["train"]
@@ -368,7 +449,8 @@ def run(cfg: Config, log: Log = print, progress: Progress = _no_progress) -> dic
         "protocols": {p: {"name": PROTOCOL_NAMES[p], "valid": best["valid"][p],
                           "test": test[p]} for p in PROTOCOLS},
         "params": {**cfg.as_dict(), "fusion_head_dim": model.fusion.head_dim
-                   if model.fusion is not None else None},    # the width used
+                   if model.fusion is not None else None,    # the width used
+                   "threads": threads},                      # the threads used
         "history": history,
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,73 @@ LOSSES = ("full", "sampled")
 L2_EPS = 1e-6  # generative-recommenders' l2_norm_eps
 
 
+class _Workspace:
+    """One reusable (rows x items) float buffer for `catalog_cross_entropy`: at ML-1M's
+    L200 a batch's logits are ~190 MB, and a fresh buffer of that size per step is fresh
+    pages from the kernel (mmap, page faults: the sys time that dominated an epoch).
+    Taken by a forward, given back by its backward: a second forward before the first's
+    backward (or a graph dropped without one) simply allocates its own."""
+
+    def __init__(self) -> None:
+        self.free: list[torch.Tensor] = []
+
+    def take(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of at least rows * cols elements of `like`'s dtype and device."""
+        buf = self.free.pop() if self.free else like.new_empty(0)
+        if buf.numel() < rows * cols or buf.dtype != like.dtype or buf.device != like.device:
+            buf = like.new_empty(rows * cols)
+        return buf
+
+    def give(self, buf: torch.Tensor) -> None:
+        self.free = [buf]
+
+
+class _CatalogCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `states` (M, d) against items 1..n of `weight` (n + 1, d),
+    row 0 being padding. Same value and gradients as `F.cross_entropy(states @ weight.T`
+    with column 0 at -inf`), but the softmax is formed in place in one buffer that the
+    backward turns into the logits' gradient in place: one (M, n) buffer instead of ~4
+    (logits, log-softmax, the zero-filled gradient, its softmax backward)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, states: torch.Tensor,
+                weight: torch.Tensor, labels: torch.Tensor, workspace: _Workspace
+                ) -> torch.Tensor:
+        items = weight[1:]
+        buf = workspace.take(len(states), len(items), states)
+        p = buf[:len(states) * len(items)].view(len(states), len(items))
+        torch.mm(states, items.T, out=p)
+        col = (labels - 1)[:, None]
+        target = p.gather(1, col)[:, 0]
+        top = p.amax(1, keepdim=True)
+        p.sub_(top).exp_()
+        z = p.sum(1, keepdim=True)
+        p.div_(z)  # the softmax over items 1..n
+        ctx.save_for_backward(states, weight, col)
+        ctx.p, ctx.buf, ctx.workspace = p, buf, workspace
+        return (z.log_().add_(top)[:, 0] - target).mean()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, ...]:
+        states, weight, col = ctx.saved_tensors
+        p, buf, ctx.p, ctx.buf = ctx.p, ctx.buf, None, None
+        # d loss / d logits = (softmax - one_hot(label)) / M, formed in the softmax's buffer
+        p.scatter_add_(1, col, p.new_full(col.shape, -1.0)).mul_(grad / len(states))
+        g_states = p @ weight[1:]
+        g_weight = torch.zeros_like(weight)
+        torch.mm(p.T, states, out=g_weight[1:])
+        ctx.workspace.give(buf)
+        return g_states, g_weight, None, None
+
+
+def catalog_cross_entropy(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          workspace: _Workspace | None = None) -> torch.Tensor:
+    """Full-softmax cross-entropy over items 1..n (labels in 1..n), see
+    `_CatalogCrossEntropy`; float32 inputs."""
+    return _CatalogCrossEntropy.apply(states, weight, labels, workspace or _Workspace())
+
+
 def init_weights(m: nn.Module) -> None:
     """N(0, 0.02) for linear and embedding weights, zero biases and padding rows."""
     if isinstance(m, nn.Linear | nn.Embedding):
@@ -93,6 +160,10 @@ class Recommender(nn.Module):
         self.lam, self.temperature = lam, temperature
         self.loss, self.negatives = loss, negatives
         self.softmax_temperature = softmax_temperature
+        #: the in-place full-softmax loss on the CPU (`catalog_cross_entropy`); False
+        #: forms the logits with autograd, as CUDA and mixed precision always do
+        self.fused_ce = True
+        self._workspace = _Workspace()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """Sampled softmax compares directions (cosine), as the reference; full: identity."""
@@ -153,6 +224,10 @@ class Recommender(nn.Module):
         if self.loss == "sampled":
             logits, _ = self.sampled_logits(states[mask], labels[mask])
             rec = -F.log_softmax(logits.float(), dim=1)[:, 0].mean()
+        elif (self.fused_ce and states.device.type == "cpu" and states.dtype == torch.float32
+              and not torch.is_autocast_enabled("cpu")):
+            rec = catalog_cross_entropy(states[mask], self.backbone.items(), labels[mask],
+                                        self._workspace)
         else:
             logits = states[mask] @ self.backbone.items().T
             logits[:, 0] = float("-inf")

@@ -4,9 +4,9 @@ See `factory.teacher` for the API a job uses. Inside one `run()`:
 
 1. every work item is rendered into its first-draw request; `--shard` keeps the items whose
    request hash falls in the shard, `--limit` the first N of those;
-2. answers are looked up in `llm_calls` (chunk by chunk); hits are replayed, misses are sent
-   by `concurrency` workers, each request rate-limited (RPM/TPM) and retried on transient
-   errors with jittered exponential backoff that honours Retry-After;
+2. answers are looked up in `llm_calls` (one keyed join for all items); hits are replayed,
+   misses are sent by `concurrency` workers, each request rate-limited (RPM/TPM) and retried
+   on transient errors with jittered exponential backoff that honours Retry-After;
 3. the job's parser checks each answer; a rejected answer is re-drawn (a new request with the
    next draw index) up to `parse_retries` times, then the item is recorded as failed;
 4. every second (or every `batch` results) one short transaction stores the new llm_calls
@@ -81,7 +81,6 @@ PROVENANCE_COLUMNS = ("work_key", "call_key", "run_id", "prompt_name", "prompt_h
                       "model", "sample", "draws", "cached", "status", "error")
 #: early stop: look at the last WINDOW requests once MIN_SEEN have finished
 FAILURE_WINDOW, FAILURE_MIN_SEEN, FAILURE_SHARE = 50, 20, 0.5
-LOOKUP_CHUNK = 2000
 STOP_GRACE_S = 10.0       # after SIGINT/SIGTERM, how long requests in flight may still land
 HEARTBEAT_S = 30.0        # a run that stores nothing for this long still says it is alive
 STORE_LOCK_WAIT_S = 1.0   # a batch write waits this long for a lock, then retries later
@@ -435,7 +434,7 @@ class TeacherJob:
             return {}
         with self.wh.read() as con:
             if not con.execute("select 1 from information_schema.tables "
-                               "where table_name = 'llm_calls'").fetchone():
+                               "where table_name = 'llm_call_rows'").fetchall():
                 return {}
             return cached_answers(con, keys)
 
@@ -761,17 +760,13 @@ class _RunState:
 
     async def _produce(self, queue: asyncio.Queue, items: list[tuple[Work, Request]],
                        n_workers: int) -> None:
-        for start in range(0, len(items), LOOKUP_CHUNK):
+        if not self.refresh:    # one keyed join for every item (and the samples an n-request
+            await self._lookup(list({s.key: None for _, r in items      # may ask with them)
+                                     for s in self.setups.get(r.key, (r,))}))
+        for item in items:
             if self.stop_reason:
                 break
-            chunk = items[start:start + LOOKUP_CHUNK]
-            if not self.refresh:      # and the samples an n-request may ask with them
-                await self._lookup(list({s.key: None for _, r in chunk
-                                         for s in self.setups.get(r.key, (r,))}))
-            for item in chunk:
-                if self.stop_reason:
-                    break
-                await queue.put(item)
+            await queue.put(item)
         for _ in range(n_workers):
             await queue.put(None)
 
