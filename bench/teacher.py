@@ -6,12 +6,15 @@
    request (this process's CPU time, all threads, / requests). Clients:
    - factory: `TeacherJob.run()` (journal and warehouse writes included; the job's run
      record, written once per job on entering and leaving, is not timed);
-   - backend: factory's OpenAIBackend alone (the openai client), no engine around it;
+   - backend: factory's OpenAIBackend alone (one aiohttp session), no engine around it;
+   - openai client: the transport factory used before (AsyncOpenAI's generic `post()` with
+     the same body, clients of 8 connections each), no engine around it;
    - bare httpx2: a bare httpx2 client (what the openai client is built on), JSON in and out;
-   - bare aiohttp: the same with aiohttp, when installed;
-   - curator: bespokelabs-curator, when installed.
+   - bare aiohttp: the same with aiohttp;
+   - curator: bespokelabs-curator, when installed (else a line says it is not).
    The server is a minimal asyncio server in its own process (`--serve`), so its CPU is not
    the client's; its own CPU per request is printed too: it must not be the bottleneck.
+   `--load K` runs K busy processes meanwhile (a machine shared with other work).
 2. Replay (`--replay N`): N requests answered once, then the same job again from the cache,
    against the cost of only rendering and hashing the requests.
 """
@@ -35,7 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 from factory.prompts import parse_prompt  # noqa: E402
 from factory.teacher import TeacherJob, TeacherOptions, Work  # noqa: E402
-from factory.teacher.backends import OpenAIBackend  # noqa: E402
+from factory.teacher.backends import (  # noqa: E402
+    OpenAIBackend,
+    _tls_context,
+    reply_from_body,
+)
 from factory.teacher.request import Request, Sampling  # noqa: E402
 from factory.warehouse import Warehouse  # noqa: E402
 
@@ -158,6 +165,28 @@ def backend_alone(url: str, reqs: list[Request], c: int) -> None:
     asyncio.run(go())
 
 
+def openai_client(url: str, reqs: list[Request], c: int) -> None:
+    """The old transport: AsyncOpenAI.post() over ceil(c / 8) clients of 8 connections."""
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+
+    async def go() -> None:
+        backend = OpenAIBackend(url, MODEL, None, 120.0, c)     # for its payload() only
+        clients = [AsyncOpenAI(base_url=url, api_key="no-key", max_retries=0, timeout=120.0,
+                               http_client=DefaultAsyncHttpxClient(verify=_tls_context()))
+                   for _ in range(-(-c // 8))]
+        turn = iter(range(10**9))
+
+        async def send(req: Request) -> None:
+            client = clients[next(turn) % len(clients)]
+            body = await client.post("/chat/completions", cast_to=str,
+                                     body=backend.payload(req), options={"timeout": 120.0})
+            reply_from_body(body, backend.secrets)
+        await _bounded(c, reqs, send)
+        for client in clients:
+            await client.close()
+    asyncio.run(go())
+
+
 def bare_httpx(url: str, reqs: list[Request], c: int) -> None:
     import httpx2
 
@@ -227,12 +256,21 @@ def concurrency(args: argparse.Namespace, wh: Warehouse) -> None:
     clients: dict[str, Callable[[str, int, str], object]] = {
         "factory": lambda url, c, tag: factory_run(wh, url, works(c * args.rounds, tag), c),
         "backend": lambda url, c, tag: backend_alone(url, requests(c * args.rounds, tag), c),
+        "openai client": lambda url, c, tag: openai_client(url, requests(c * args.rounds, tag),
+                                                           c),
         "bare httpx2": lambda url, c, tag: bare_httpx(url, requests(c * args.rounds, tag), c),
     }
+    missing = []
     for name, optional in (("bare aiohttp", bare_aiohttp()), ("curator", curator_client())):
         if optional is not None:
             clients[name] = (lambda url, c, tag, f=optional:
                              f(url, requests(c * args.rounds, tag), c))
+        else:
+            missing.append(name)
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.load)]
+    if args.clients:
+        clients = {k: v for k, v in clients.items() if k in args.clients}
     results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     try:
         factory_run(wh, server.url, works(8, "warm-up"), 8)      # imports, first connections
@@ -244,21 +282,29 @@ def concurrency(args: argparse.Namespace, wh: Warehouse) -> None:
                         server, lambda f=client, c=c, t=tag: f(server.url, c, t)))
     finally:
         server.close()
+        for proc in load:
+            proc.kill()
+            proc.wait()
     print(f"# server latency {args.latency * 1000:.0f} ms, {args.rounds} requests per slot, "
-          f"medians of {args.repeats} interleaved repeats; CPU = client process CPU / request")
-    print("| C | client | req/s | % of C/latency bound | % of bare | client CPU ms/req "
-          "| server CPU ms/req |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"medians of {args.repeats} interleaved repeats; CPU = client process CPU / request; "
+          f"{args.load} busy processes beside; {os.cpu_count()} CPUs")
+    bares = [b for b in ("bare aiohttp", "bare httpx2") if b in clients]
+    print("| C | client | req/s | % of C/latency bound | "
+          + " | ".join(f"% of {b}" for b in bares) + " | client CPU ms/req | server CPU ms/req |")
+    print("| --- " * (6 + len(bares)) + "|")
     for c in args.concurrency:
         n, bound = c * args.rounds, c / args.latency
-        bare = n / statistics.median(w for w, _, _ in results[("bare httpx2", c)])
+        bare = {b: n / statistics.median(w for w, _, _ in results[(b, c)]) for b in bares}
         for name in clients:
             runs = results[(name, c)]
             rate = n / statistics.median(w for w, _, _ in runs)
             cpu = statistics.median(u for _, u, _ in runs) / n * 1000
             scpu = statistics.median(s for _, _, s in runs) / n * 1000
-            print(f"| {c} | {name} | {rate:,.0f} | {rate / bound:.0%} | {rate / bare:.0%} "
-                  f"| {cpu:.2f} | {scpu:.2f} |")
+            print(f"| {c} | {name} | {rate:,.0f} | {rate / bound:.0%} | "
+                  + " | ".join(f"{rate / bare[b]:.0%}" for b in bares)
+                  + f" | {cpu:.2f} | {scpu:.2f} |")
+    for name in missing:
+        print(f"{name}: not installed")
 
 
 def replay(args: argparse.Namespace, wh: Warehouse) -> None:
@@ -295,6 +341,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="requests = C x rounds")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--replay", type=int, default=0, help="also time a cache replay")
+    parser.add_argument("--load", type=int, default=0,
+                        help="busy processes running beside the clients")
+    parser.add_argument("--clients", nargs="+", help="only these clients (names as printed)")
     parser.add_argument("--serve", type=float, metavar="LATENCY", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:

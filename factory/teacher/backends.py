@@ -18,7 +18,6 @@ import asyncio
 import atexit
 import functools
 import importlib.util
-import itertools
 import json
 import os
 import ssl
@@ -58,6 +57,9 @@ class Backend:
     generated_tokens: int = 0
     #: --structured when the user says neither (see TeacherJob.structured)
     structured_by_default: bool = False
+    #: complete(request, timeout) bounds the whole attempt itself (connect, send, the body
+    #: read to its end), raising AttemptTimeout; else the engine adds a timer of its own
+    bounds_attempts: bool = False
 
     def __init__(self, model: str):
         self.model = model
@@ -79,17 +81,23 @@ class Backend:
 
 # -- openai ---------------------------------------------------------------------------------
 class OpenAIBackend(Backend):
-    """AsyncOpenAI against any OpenAI-compatible base URL.
+    """Chat completions against any OpenAI-compatible base URL, over one aiohttp session.
 
-    Two measured choices (bench/teacher.py): the request goes through the client's generic
-    `post()` with the JSON body we already hold, because `chat.completions.create` spends
-    more CPU per call re-validating those same messages than the rest of the engine; and
-    concurrency is spread over several clients of CONNECTIONS_PER_CLIENT connections each,
-    because the HTTP pool scans all of its idle connections on every request.
+    Measured (bench/teacher.py, 200 ms server, C=64): the `openai` client costs about 2 ms of
+    CPU per request (httpx2 underneath: 1.8 ms bare), a bare aiohttp client 0.35 ms; the
+    engine cannot reach the C/latency bound at high concurrency through the first. So chat
+    completions go through one `aiohttp.ClientSession` whose connector holds `concurrency`
+    connections, with the body this class builds (`payload`, also the batch-file line) and
+    the response read as text (`reply_from_body`); the `openai` client is kept for the
+    files/batches API of batch mode (`clients`, opened on first use). Both raise the same
+    engine errors (`_status_error`): 401/403 and 404 end the job, 408/409/429/5xx, timeouts,
+    dropped connections and garbled bodies are retried (Retry-After honoured), other 4xx fail
+    the request. Proxies: HTTP(S)_PROXY/ALL_PROXY/NO_PROXY from the environment, as the
+    openai client (httpx's trust_env) read them, resolved once per run.
     """
 
     name = "openai"
-    CONNECTIONS_PER_CLIENT = 8
+    bounds_attempts = True          # aiohttp's total timeout covers the body's last byte
 
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float,
                  concurrency: int | None = None):
@@ -102,24 +110,48 @@ class OpenAIBackend(Backend):
         # a query in the URL (`?api-version=...`, `?api-key=...`) is sent with every request;
         # left in the base URL it would swallow the path appended to it
         self._base_url, self._query = split_url(url)
-        self._n_clients = max(
-            1, -(-(concurrency or self.default_concurrency) // self.CONNECTIONS_PER_CLIENT))
-        self.clients: list[Any] = []
+        self.concurrency = max(1, concurrency or self.default_concurrency)
+        self._session: Any = None
+        self._chat_url: Any = None
+        self._proxy: tuple[str | None, Any] = (None, None)
+        self._timeouts: dict[float, Any] = {}
+        self._clients: list[Any] = []
+        self._client_error: type[BaseException] = Exception
 
     async def start(self) -> None:
-        """Open the clients in the running event loop: each `TeacherJob.run()` has its own
-        loop, and an HTTP pool cannot outlive the loop it was used in."""
-        if self.clients:
+        """Open the session in the running event loop: each `TeacherJob.run()` has its own
+        loop, and a connection pool cannot outlive the loop it was used in."""
+        if self._session is not None:
             return
-        from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+        import aiohttp
+        from yarl import URL
 
-        # Local servers (vLLM, llama.cpp) accept any key; the client insists on one.
-        self.clients = [AsyncOpenAI(base_url=self._base_url, api_key=self._key or "no-key",
-                                    default_query=self._query or None, max_retries=0,
-                                    timeout=self.timeout, http_client=DefaultAsyncHttpxClient(
-                                        verify=_tls_context()))
-                        for _ in range(self._n_clients)]
-        self._next = itertools.cycle(self.clients)
+        # the openai client's URL: base URL + "/chat/completions", the query on every request
+        self._chat_url = URL(self._base_url.rstrip("/") + "/chat/completions").with_query(
+            self._query or None)
+        self._proxy = _env_proxy(self._base_url)
+        # Local servers (vLLM, llama.cpp) accept any key; the openai client sent this one.
+        headers = {"Authorization": f"Bearer {self._key or 'no-key'}",
+                   "Content-Type": "application/json", "Accept": "application/json",
+                   "User-Agent": f"factory/{_version()} aiohttp/{aiohttp.__version__}"}
+        tls = {"ssl": _tls_context()} if self._chat_url.scheme == "https" else {}
+        connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=0, **tls)
+        self._client_error = aiohttp.ClientError
+        self._session = aiohttp.ClientSession(connector=connector, headers=headers,
+                                              timeout=self._timeout(self.timeout))
+
+    @property
+    def clients(self) -> list[Any]:
+        """The `openai` client for batch mode's files/batches calls (opened on first use:
+        online runs never need it)."""
+        if not self._clients:
+            from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+
+            self._clients = [AsyncOpenAI(
+                base_url=self._base_url, api_key=self._key or "no-key",
+                default_query=self._query or None, max_retries=0, timeout=self.timeout,
+                http_client=DefaultAsyncHttpxClient(verify=_tls_context()))]
+        return self._clients
 
     def describe(self) -> str:
         return f"openai {self.model} at {safe_url(self.url)}"
@@ -132,23 +164,51 @@ class OpenAIBackend(Backend):
             params.update(logprobs=True, top_logprobs=top)
         return {"model": self.model, "messages": request.message_dicts(), **params}
 
+    def _timeout(self, limit: float) -> Any:
+        """aiohttp's timeout for a whole attempt of `limit` seconds (one object per limit)."""
+        timeout = self._timeouts.get(limit)
+        if timeout is None:
+            import aiohttp
+
+            timeout = self._timeouts[limit] = aiohttp.ClientTimeout(total=limit)
+        return timeout
+
     async def complete(self, request: Request, timeout: float | None = None) -> Reply:
-        payload = self.payload(request)
+        if self._session is None:
+            await self.start()
+        # the openai client's serialisation: UTF-8, compact, no NaN
+        data = json.dumps(self.payload(request), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode()
+        seeds = _member_seeds(request)
         started = time.perf_counter()
         limit = timeout or self.timeout
-        with self.translated_errors(limit):
-            # the client's timeout is between bytes: a long generation sends none until done
-            body = await next(self._next).post("/chat/completions", cast_to=str, body=payload,
-                                               options={"timeout": limit,
-                                                        **_member_seeds(request)})
+        proxy, proxy_auth = self._proxy
+        try:
+            async with self._session.post(self._chat_url, data=data, headers=seeds,
+                                          timeout=self._timeout(limit), proxy=proxy,
+                                          proxy_auth=proxy_auth) as response:
+                raw = await response.read()
+                status = response.status
+                headers = response.headers
+        except asyncio.TimeoutError:
+            raise AttemptTimeout(f"timed out after {limit:g}s") from None
+        except self._client_error as exc:
+            raise TransientError(f"connection error: {self._detail(exc)}") from None
+        body = raw.decode("utf-8", errors="replace")
+        if not 200 <= status < 300:
+            raise self._status_error(status, _status_message(status, body), body, headers)
         reply = reply_from_body(body, self.secrets)
         reply.latency_s = time.perf_counter() - started
         return reply
 
+    def _detail(self, exc: BaseException) -> str:
+        """One redacted line for a transport error (aiohttp's or httpx's)."""
+        return first_line(self.secrets.redact(str(exc)) or "") or type(exc).__name__
+
     @contextmanager
     def translated_errors(self, limit: float) -> Iterator[None]:
-        """The client's exceptions as the engine's classes (what to retry, what is fatal),
-        redacted: for chat completions and the files/batches calls of batch mode alike."""
+        """The openai client's exceptions as the engine's classes (what to retry, what is
+        fatal), redacted: for the files/batches calls of batch mode."""
         import openai
 
         try:
@@ -156,18 +216,21 @@ class OpenAIBackend(Backend):
         except openai.APITimeoutError:
             raise AttemptTimeout(f"timed out after {limit:g}s") from None
         except openai.APIConnectionError as exc:
-            cause = exc.__cause__ or exc
-            detail = self.secrets.redact(str(cause)) or type(cause).__name__
-            raise TransientError(f"connection error: {detail}") from None
+            raise TransientError(f"connection error: {self._detail(exc.__cause__ or exc)}"
+                                 ) from None
         except openai.APIStatusError as exc:
-            raise self._classify(exc) from None
+            text = exc.response.text if exc.response is not None else None
+            raise self._status_error(exc.status_code, exc.message, text,
+                                     exc.response.headers if exc.response is not None
+                                     else None) from None
 
-    def _classify(self, exc: Any) -> Exception:
-        status = exc.status_code
+    def _status_error(self, status: int, message: str, text: str | None,
+                      headers: Any) -> Exception:
+        """The engine's error for an HTTP error status; `message` is the openai client's
+        wording (`Error code: 429 - rate limited`), `text` the body."""
         # redact before cutting: a cut through a secret would keep its first part
-        body = _head(self.secrets.redact(exc.response.text if exc.response is not None
-                                         else None))
-        message = self.secrets.redact(f"HTTP {status}: {exc.message}")
+        body = _head(self.secrets.redact(text))
+        line = self.secrets.redact(f"HTTP {status}: {message}")
         if status in (401, 403):
             return JobError(f"the teacher refused the credentials (HTTP {status}); check "
                             "FACTORY_TEACHER_API_KEY / OPENAI_API_KEY")
@@ -175,21 +238,73 @@ class OpenAIBackend(Backend):
             return JobError(f"HTTP 404 from {self.describe()}: wrong --teacher-url, or the "
                             f"server does not serve model {self.model!r}")
         if status in (408, 409, 429) or status >= 500:
-            return TransientError(message, retry_after=parse_retry_after(exc.response.headers),
+            return TransientError(line, retry_after=parse_retry_after(headers),
                                   status=status, body=body)
-        return RequestError(message, status=status, body=body)
+        return RequestError(line, status=status, body=body)
 
     async def aclose(self) -> None:
-        for client in self.clients:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+        for client in self._clients:
             await client.close()
-        self.clients = []
+        self._clients = []
+
+
+def _status_message(status: int, body: str) -> str:
+    """What the openai client said of an error response: `Error code: N`, and the
+    `error.message` of a JSON body (the rest of the body goes to the row, not the line)."""
+    message = f"Error code: {status}"
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return message
+    error = data.get("error", data) if isinstance(data, dict) else None
+    text = error.get("message") if isinstance(error, dict) else None
+    return f"{message} - {text}" if isinstance(text, str) and text else message
+
+
+def _env_proxy(url: str) -> tuple[str | None, Any]:
+    """(proxy URL, its credentials) for requests to `url`, from HTTP_PROXY / HTTPS_PROXY /
+    ALL_PROXY and NO_PROXY, as httpx (the openai client) read them; (None, None) for none.
+    Read once per run rather than per request (aiohttp's trust_env reads them per request)."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or not parts.hostname or urllib.request.proxy_bypass(
+            parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"):
+        return None, None
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    if urlsplit(proxy).scheme not in ("http", "https"):
+        raise FactoryError(f"proxy {safe_url(proxy)} from the environment: only http(s) "
+                           "proxies are supported (unset ALL_PROXY / HTTPS_PROXY, or add the "
+                           "teacher's host to NO_PROXY)")
+    import aiohttp
+    from yarl import URL
+
+    with_auth = URL(proxy)
+    return str(with_auth.with_user(None)), aiohttp.BasicAuth.from_url(with_auth)
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("factory")
+    except Exception:  # not installed as a distribution
+        return "dev"
 
 
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
-    """One TLS context for the process: each HTTP client would otherwise load the CA bundle
-    again (~35 ms of CPU), i.e. every run paid it once per CONNECTIONS_PER_CLIENT of its
-    concurrency (over 1 s at C=256) before its first request."""
+    """One TLS context for the process (the CA bundle costs ~35 ms of CPU to load), built as
+    the openai client builds its own (httpx2: certifi, SSL_CERT_FILE / SSL_CERT_DIR), and
+    shared by the aiohttp session and batch mode's openai client."""
     import httpx2
 
     return httpx2.create_ssl_context()
@@ -209,8 +324,13 @@ def reply_from_body(body: str, secrets: Secrets) -> Reply:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise TransientError("malformed response body (not a chat completion)",
                              body=_head(secrets.redact(body))) from None
+    # The body is redacted once. Redaction finds a known secret in every escaping JSON may
+    # use, so when it changed nothing, the decoded strings hold none either and are not
+    # searched again (each pass over a long reasoning answer costs ~0.2 ms with a key set).
+    clean = secrets.redact(body) or ""
+    scrub = secrets.redact_values if clean != body else _unchanged
     # the answer text is data: only the known secrets are removed from it
-    texts = [secrets.redact_values(m.get("content") or "") or "" for m in messages]
+    texts = [scrub(m.get("content") or "") or "" for m in messages]
     logprobs = [_logprobs_of(c) for c in choices]
     # usage counts the request: the prompt once, the completions of all choices together;
     # each choice gets its share (its tokens where logprobs list them, else its length)
@@ -223,11 +343,22 @@ def reply_from_body(body: str, secrets: Secrets) -> Reply:
         replies.append(Reply(
             text=texts[i], finish_reason=choice.get("finish_reason"),
             input_tokens=prompt if i == 0 or prompt is None else 0, output_tokens=outs[i],
-            raw=secrets.redact(_choice_body(data, choice, body)) or "",
+            raw=_choice_raw(data, choice, body, clean, secrets),
             # vLLM's reasoning parsers and DeepSeek's API: `reasoning_content`; some servers
             # (newer vLLM, OpenRouter) name it `reasoning`
-            reasoning=secrets.redact_values(_reasoning_of(message)), logprobs=logprobs[i]))
-    return Reply.of_choices(replies, secrets.redact(body) or "")
+            reasoning=scrub(_reasoning_of(message)), logprobs=logprobs[i]))
+    return Reply.of_choices(replies, clean)
+
+
+def _unchanged(text: str | None) -> str | None:
+    return text
+
+
+def _choice_raw(data: dict[str, Any], choice: dict[str, Any], body: str, clean: str,
+                secrets: Secrets) -> str:
+    """A choice's `_choice_body`, redacted: the redacted body when that is all of it."""
+    own = _choice_body(data, choice, body)
+    return clean if own is body else secrets.redact(own) or ""
 
 
 def _choice_body(data: dict[str, Any], choice: dict[str, Any], body: str) -> str:
@@ -256,11 +387,12 @@ def _logprobs_of(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
 SEEDS_HEADER = "X-Factory-Sample-Seeds"
 
 
-def _member_seeds(request: Request) -> dict[str, Any]:
+def _member_seeds(request: Request) -> dict[str, str] | None:
+    """The SEEDS_HEADER of an `n` request whose samples all have seeds, else None."""
     seeds = [m.param_dict().get("seed") for m in request.members]
     if not seeds or None in seeds:
-        return {}
-    return {"headers": {SEEDS_HEADER: ",".join(map(str, seeds))}}
+        return None
+    return {SEEDS_HEADER: ",".join(map(str, seeds))}
 
 
 def _head(text: str | None, limit: int = 500) -> str | None:

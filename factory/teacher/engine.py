@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,9 @@ STOP_GRACE_S = 10.0       # after SIGINT/SIGTERM, how long requests in flight ma
 HEARTBEAT_S = 30.0        # a run that stores nothing for this long still says it is alive
 STORE_LOCK_WAIT_S = 1.0   # a batch write waits this long for a lock, then retries later
 STORE_TIMEOUT_S = 600.0   # keep retrying a warehouse that cannot be written this long
+#: the progress bar is updated at most this often (a terminal redraws 10 times a second;
+#: an update per item cost more CPU than the rest of the engine)
+PROGRESS_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,9 @@ class TeacherJob:
         self.spent = 0.0
         self.totals = Report()
         self._prompts: list[Prompt] = []
+        self._prompts_unrecorded = False
+        #: a provider batch was pending at the last transaction (None: not looked yet)
+        self._batches_pending: bool | None = None
         self._all_stored = True
         self._last_failure: str | None = None
         self._answers = 0            # answers obtained (sent or cached), over all rounds
@@ -289,6 +295,7 @@ class TeacherJob:
             self.run_id = start_run(con, self.job, self.dataset, params)
             con.execute("update job_runs set backend = ?, model = ? where run_id = ?",
                         [self.backend.name, self.backend.model, self.run_id]).fetchall()
+            self.note_batches(con)
         self.journal = Journal(journal_dir(self.wh.path) / f"{self.run_id}.jsonl")
         return self
 
@@ -312,6 +319,7 @@ class TeacherJob:
         wait = _RunState.grace() if exc_type is not None else None
         try:
             with self.wh.write(lock_timeout=wait) as con:
+                self.store_prompts(con)
                 finish_run(con, self.run_id, status, totals.counts(), error)
         except Exception as store_exc:
             if exc_type is None:       # else the error already on its way says more
@@ -374,7 +382,7 @@ class TeacherJob:
             self._abandon_batches()
         if self.batch_mode is not None:
             self.batch_mode.import_file()      # --import-batch: its answers first
-        else:
+        elif self._batches_pending is not False:
             self._refuse_held(items, prompt)
         if self.options.cache_only:
             self._require_cached(items)
@@ -512,13 +520,28 @@ class TeacherJob:
                       input_tokens=est_in, output_tokens=est_out, cost_usd=cost)
 
     def _record_prompt(self, prompt: Prompt) -> None:
-        if prompt in self._prompts:
+        """Name `prompt` in the run's record, in the next transaction that writes anyway (the
+        run's first stored batch, or its end): a transaction of its own held up every
+        round's first request by a warehouse open and commit."""
+        if prompt not in self._prompts:
+            self._prompts.append(prompt)
+            self._prompts_unrecorded = True
+
+    def store_prompts(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Write the prompts `_record_prompt` named (part of the caller's transaction, which
+        clears `_prompts_unrecorded` once committed)."""
+        if not self._prompts_unrecorded:
             return
-        self._prompts.append(prompt)
-        with self.wh.write() as con:
-            con.execute("update job_runs set prompt_name = ?, prompt_hash = ? where run_id = ?",
-                        [",".join(p.name for p in self._prompts),
-                         ",".join(p.hash for p in self._prompts), self.run_id]).fetchall()
+        con.execute("update job_runs set prompt_name = ?, prompt_hash = ? where run_id = ?",
+                    [",".join(p.name for p in self._prompts),
+                     ",".join(p.hash for p in self._prompts), self.run_id]).fetchall()
+
+    def note_batches(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Whether any provider batch is pending (part of a transaction that writes anyway):
+        without one, run() needs no look at which requests batches hold (_refuse_held)."""
+        self._batches_pending = bool(con.execute(
+            f"select count(*) from teacher_batches where kind = 'api' and {PENDING}"
+        ).fetchone()[0])
 
     def _add(self, r: Report) -> None:
         t = self.totals
@@ -579,6 +602,8 @@ class _RunState:
         self.started = time.perf_counter()
         self.last_answer = time.monotonic()        # or when the first request went out
         self.on_wire = 0                          # requests sent and not yet answered
+        self.unshown = 0                          # items done, not yet on the progress bar
+        self.shown_at = 0.0                       # when the bar was last updated
         #: keys answered in this run by a request made for another item (an n-request's
         #: other choices, a batch's lines): their items count as sent, not cached
         self.fresh: set[str] = set()
@@ -607,6 +632,7 @@ class _RunState:
                     await self.batches.run()
             finally:
                 self._cancel_all()
+                self._show(now=True)         # the bar's last frame counts every item
                 self.done.set()              # a flush in progress is finished, not cancelled
                 await asyncio.gather(*self.tasks, flusher, *self.flushes,
                                      return_exceptions=True)
@@ -955,8 +981,10 @@ class _RunState:
             try:
                 if backend.local:  # in-process: a batch, not a connection that can hang
                     reply = await backend.complete(req)
+                elif backend.bounds_attempts:     # its own timer covers the whole attempt
+                    reply = await backend.complete(req, timeout=limit)
                 else:              # the whole attempt, a body trickling in included
-                    reply = await asyncio.wait_for(backend.complete(req, timeout=limit), limit)
+                    reply = await _within(backend.complete(req, timeout=limit), limit)
             except (asyncio.TimeoutError, AttemptTimeout):
                 timed_out += 1
                 why = (f"no complete answer within {limit:g}s (--timeout {options.timeout:g}"
@@ -984,9 +1012,8 @@ class _RunState:
         failure: _Failure | None = None
         reply: Reply | None = None
         try:
-            reply = await with_retries(once, self.job.options.attempts,
-                                       initial_wait=self.job.options.backoff,
-                                       on_attempt=count_attempt)
+            reply = await _retried(once, self.job.options.attempts,
+                                   self.job.options.backoff, count_attempt)
         except TransientError as exc:
             failure = _Failure(f"gave up after {attempts} attempts: {exc}", exc.body, False)
         except RequestError as exc:
@@ -1084,7 +1111,18 @@ class _RunState:
             r.rejected += (outcome.error or "").startswith(PARSER_GAVE_UP)
         if outcome.cached:
             r.cached += 1
-        self.bar.update(self.task, advance=1, stats=self._stats())
+        self.unshown += 1
+        self._show()
+
+    def _show(self, now: bool = False) -> None:
+        """Hand the items done since the last update to the progress bar, at most every
+        PROGRESS_S seconds (`now`: at once, e.g. at the end)."""
+        clock = time.monotonic()
+        if not now and clock - self.shown_at < PROGRESS_S:
+            return
+        self.shown_at = clock
+        advance, self.unshown = self.unshown, 0
+        self.bar.update(self.task, advance=advance, stats=self._stats())
 
     def _stats(self) -> str:
         r = self.report
@@ -1107,8 +1145,8 @@ class _RunState:
         while not self.done.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.done.wait(), self.job.flush_s)
-            if self.job.backend.generated_tokens:
-                self.bar.update(self.task, stats=self._stats())
+            if self.job.backend.generated_tokens or self.unshown:
+                self._show(now=True)
             self._watch_stall()
             await self._flush()
 
@@ -1187,14 +1225,57 @@ class _RunState:
             with wh.write(lock_timeout=lock_wait) as con:
                 write_calls(con, calls)
                 upsert(con, self.table, rows)
+                self.job.store_prompts(con)
+                self.job.note_batches(con)
                 con.execute("update job_runs set counts = ?, heartbeat_at = current_timestamp"
                             " where run_id = ?",
                             [json.dumps(self.report.counts()), self.job.run_id]).fetchall()
+            self.job._prompts_unrecorded = False
         except Exception as exc:
             if _store_failure_kind(exc) == "bug" and calls:
                 with wh.write(lock_timeout=lock_wait) as con:
                     write_calls(con, calls)
             raise
+
+
+async def _retried(once: Callable[[], Awaitable[Reply]], attempts: int, backoff: float,
+                   count_attempt: Callable[[], None]) -> Reply:
+    """with_retries(once, ...), without building tenacity's retry loop for the requests
+    that succeed at once (most): a first attempt that raises TransientError is handed to
+    with_retries as its first attempt's outcome, so waits, Retry-After and the attempt
+    count are exactly tenacity's."""
+    count_attempt()
+    try:
+        return await once()
+    except TransientError as exc:
+        first: TransientError | None = exc
+    counted = False
+
+    def count() -> None:
+        nonlocal counted
+        if counted:
+            count_attempt()
+        counted = True
+
+    async def attempt() -> Reply:
+        nonlocal first
+        if first is not None:        # the attempt already made
+            failed, first = first, None
+            raise failed
+        return await once()
+    return await with_retries(attempt, attempts, initial_wait=backoff, on_attempt=count)
+
+
+async def _within(call: Awaitable[Reply], seconds: float) -> Reply:
+    """`await call`, cancelled after `seconds` (asyncio.TimeoutError). asyncio.timeout
+    (3.11+) arms one timer; wait_for wraps the call in a task of its own before 3.12."""
+    if _timeout is None:
+        return await asyncio.wait_for(call, seconds)
+    async with _timeout(seconds):
+        return await call
+
+
+_timeout: Callable[[float], Any] | None = getattr(asyncio, "timeout", None)
 
 
 def _store_failure_kind(exc: BaseException) -> str:

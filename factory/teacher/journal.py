@@ -3,8 +3,12 @@
 The warehouse is written in batches (one short DuckDB transaction a second) and can be
 unavailable for a while: another process holds the lock, a query runs long, the disk is full.
 So the engine first appends each `llm_calls` row it receives, as one JSON line, to
-`<warehouse>.files/journal/<run_id>.jsonl` (one write() per answer, fsync'ed by a background
-thread within FSYNC_S), and folds the rows into `llm_calls` with its normal flushes. When the
+`<warehouse>.files/journal/<run_id>.jsonl`, and folds the rows into `llm_calls` with its
+normal flushes. `append` only queues the row: a writer thread serialises what is queued and
+writes it with one write() (the event loop never waits on the disk, and a burst of answers
+costs one system call), and a second thread fsyncs within FSYNC_S. An answer reaches the page
+cache (where kill -9 cannot take it) a fraction of a millisecond after it arrives; what is
+still queued at a kill is what a re-run re-sends, like the requests in flight. When the
 run ends with everything stored, the journal is deleted. When it does not (kill -9, OOM, a
 node lost, a store that gave up), the next command that opens the warehouse for writing
 imports the journals of runs that are no longer alive (`import_journals`, called from
@@ -18,6 +22,7 @@ cannot grow the journal says so (`full`) and the engine stops sending new reques
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -25,6 +30,7 @@ import errno
 import json
 import os
 import threading
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,13 +74,23 @@ class Journal:
         self._reserved = self._size
         self._falloc = _fallocate()
         self.full = False             # the disk has no room for more than the reservation
-        self.rows = 0
+        self.error: OSError | None = None   # why a write failed (append raises it)
+        self.rows = 0                 # rows written
+        self._queue: deque[dict[str, Any]] = deque()
+        self._wake = threading.Event()      # rows queued, or closing
+        self._kick_loop: Any = None         # the event loop in which a wake is scheduled
+        self._idle = threading.Condition()  # the writer has written all it took
+        self._busy = False
         self._dirty = threading.Event()
+        self._closing = False
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._reserve()
+        self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                        name="teacher-journal-write")
         self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                         name="teacher-journal-fsync")
+        self._writer.start()
         self._syncer.start()
 
     def _reserve(self) -> None:
@@ -92,17 +108,69 @@ class Journal:
             self._falloc = None       # e.g. some network filesystems: no reservation there
 
     def append(self, row: dict[str, Any]) -> None:
-        """One answer, on disk (page cache) when this returns; raises OSError if it is not."""
-        data = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode()
-        with self._lock:
-            written = os.write(self._fd, data)
-            if written != len(data):       # a short write: the disk filled mid-line
-                self.full = True
-                raise OSError(errno.ENOSPC, "journal write cut short (disk full)")
-            self._size += written
-            self.rows += 1
-            self._reserve()
+        """Queue one answer for the writer thread (the row must not change afterwards);
+        raises the OSError of an earlier write that failed. In an event loop the writer is
+        woken once per loop iteration, for all the answers that iteration received: waking
+        it per row handed the GIL back and forth for every answer."""
+        if self.error is not None:
+            raise self.error
+        self._queue.append(row)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:         # no loop running: wake it now
+            self._kick()
+            return
+        # (a loop that closed before running its wake does not hold up the next one)
+        if self._kick_loop is not loop:
+            self._kick_loop = loop
+            loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_loop = None
+        self._wake.set()
+
+    def _write_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._idle:
+                self._busy = True
+            rows = []
+            while self._queue:
+                rows.append(self._queue.popleft())
+            if rows and self.error is None:
+                self._write(rows)
+            with self._idle:
+                self._busy = False
+                self._idle.notify_all()
+            if self._closing and not self._queue:
+                return
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            data = "".join([json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                            for row in rows]).encode()
+            with self._lock:
+                written = os.write(self._fd, data)
+                self._size += written
+                if written != len(data):   # a short write: the disk filled mid-line
+                    self.full = True
+                    raise OSError(errno.ENOSPC, "journal write cut short (disk full)")
+                self.rows += len(rows)
+                self._reserve()
+        except OSError as exc:
+            self.error = exc
+            self.full = self.full or exc.errno == errno.ENOSPC
+        except Exception as exc:          # a row json cannot write: say so, as a write error
+            self.error = OSError(errno.EIO, f"journal row not written: {exc}")
         self._dirty.set()
+
+    def flush(self) -> None:
+        """Wait until every row queued so far is written (in the page cache)."""
+        self._kick()
+        with self._idle:
+            self._idle.wait_for(lambda: not self._queue and not self._busy
+                                or not self._writer.is_alive())
 
     def _sync_loop(self) -> None:
         while not self._closed.is_set():
@@ -115,9 +183,13 @@ class Journal:
             os.fsync(self._fd)
 
     def close(self, delete: bool = False) -> None:
-        """Stop the fsync thread; with `delete`, remove the file (all rows are stored)."""
+        """Write what is queued, stop the threads; with `delete`, remove the file (all rows
+        are stored)."""
         if self._closed.is_set():
             return
+        self._closing = True
+        self._kick()
+        self._writer.join()
         self._closed.set()
         self._dirty.set()
         self._syncer.join()
