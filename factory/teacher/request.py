@@ -58,6 +58,8 @@ class Request:
     key: str = field(default="", compare=False)
     #: a request for several samples at once (`n`): the samples it stands for, in choice order
     members: tuple[Request, ...] = field(default=(), compare=False)
+    #: canonical_json(), made once with the key (it is stored with every answer)
+    text: str = field(default="", compare=False, repr=False)
 
     @classmethod
     def build(cls, model: str, messages: list[dict[str, str]], sampling: Sampling,
@@ -73,8 +75,7 @@ class Request:
         req = cls(model=model,
                   messages=tuple((m["role"], m["content"]) for m in messages),
                   params=tuple(sorted(params.items())), sample=sample, draw=draw)
-        object.__setattr__(req, "key", hashlib.sha256(req.canonical_json().encode()).hexdigest())
-        return req
+        return req._keyed()
 
     @classmethod
     def group(cls, members: list[Request]) -> Request:
@@ -85,8 +86,14 @@ class Request:
         req = cls(model=first.model, messages=first.messages,
                   params=tuple(sorted((*first.params, ("n", len(members))))),
                   sample=first.sample, draw=first.draw, members=tuple(members))
-        object.__setattr__(req, "key", hashlib.sha256(req.canonical_json().encode()).hexdigest())
-        return req
+        return req._keyed()
+
+    def _keyed(self) -> Request:
+        text = json.dumps(self.canonical(), sort_keys=True, ensure_ascii=False,
+                          separators=(",", ":"))
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "key", hashlib.sha256(text.encode()).hexdigest())
+        return self
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]
@@ -102,8 +109,8 @@ class Request:
         return canonical
 
     def canonical_json(self) -> str:
-        return json.dumps(self.canonical(), sort_keys=True, ensure_ascii=False,
-                          separators=(",", ":"))
+        return self.text or json.dumps(self.canonical(), sort_keys=True, ensure_ascii=False,
+                                       separators=(",", ":"))
 
     def estimated_input_tokens(self) -> int:
         """A deliberately generous estimate (UTF-8 bytes / 3, plus framing per message)."""
