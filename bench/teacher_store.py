@@ -1,7 +1,9 @@
-"""Warehouse side of the teacher (issue 18): the layout before migration 090 (llm_calls one
-table, per-chunk look-ups) against the current one, in one run.
+"""The teacher's warehouse store, before and after migration 090, in one run.
 
-    python bench/warehouse.py [--rows 20000] [--lookup 100000] [--stored N] [--repeats 3]
+Before: llm_calls one table, a connection and IN-list query per 2,000-key look-up chunk;
+after: llm_calls a view over llm_call_rows + llm_prompts, one keyed join per look-up.
+
+    python bench/teacher_store.py [--rows 20000] [--lookup 100000] [--stored N] [--repeats 3]
 
 Prints write rows/s (1,000-row flushes, each its own connection and transaction as the
 engine does, into llm_calls and a job table; and 10,000-row ones, what the engine's
@@ -20,27 +22,23 @@ import random
 import shutil
 import statistics
 import string
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# this file's name would shadow the `warehouse` package of migrations when run as a script
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+import duckdb
+import pyarrow as pa
 
-import duckdb  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from factory.teacher.request import Request, Sampling  # noqa: E402
-from factory.teacher.store import (  # noqa: E402
+from factory.teacher.request import Request, Sampling
+from factory.teacher.store import (
     LLM_CALL_COLUMNS,
     cached_answers,
     upsert,
     write_calls,
 )
-from factory.warehouse import Warehouse, migrations  # noqa: E402
+from factory.warehouse import Warehouse, migrations
 
 OLD_VERSION = 90          # the first migration of the compact layout
 FLUSH = 1000
@@ -118,7 +116,7 @@ def fill(wh: Warehouse, old: bool, n: int, answer_words: int, flush: int = FLUSH
     """Flush n rows `flush` at a time as the engine does; returns each flush's seconds."""
     times = []
     for first in range(start, start + n, flush):
-        rows, _ = calls(first, flush, answer_words)
+        rows, _ = calls(first, min(flush, start + n - first), answer_words)
         t = time.perf_counter()
         with wh.write() as con:
             (old_write if old else write_calls)(con, rows)
@@ -157,7 +155,9 @@ def main() -> None:
                          "shows the look-up does not grow with the table")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-warehouse-"))
+    if min(args.rows, args.lookup, args.repeats) < 1:
+        ap.error("--rows, --lookup and --repeats must be at least 1")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-teacher-store-"))
     pa.table({"warm": ["pyarrow's first table costs ~0.5 s once"]})
     sampling = Sampling(temperature=0.7, max_tokens=2048)
     result: dict[str, dict[str, float]] = {}
@@ -223,6 +223,9 @@ def main() -> None:
     for name, r in result.items():
         print("| " + " | ".join([name, *(f"{r[c]:,.3f}" if r[c] < 100 else f"{r[c]:,.0f}"
                                          for c in cols)]) + " |")
+    if args.rows < 20000:
+        print(f"(projections from {2 * args.rows:,} calls: the file's fixed overhead weighs "
+              "more in a small sample; use --rows 20000 or more)")
     for name, r in result.items():
         print(f"{name}: 1M calls ~{r['bytes/call'] * 1e6 / 1e9:.1f} GB; "
               f"look-up of 1M items ~{r['lookup+replay s'] * 1e6 / args.lookup:.0f} s "
