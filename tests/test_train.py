@@ -205,6 +205,9 @@ def test_argument_errors() -> None:
         parse_args(["--cache", "x", "--ablate", "position"])
     with pytest.raises(ArgumentError, match="--epochs must be at least 1"):
         parse_args(["--cache", "x", "--epochs", "0"])
+    for threads in ("-1", "0"):         # torch raised on -1; 0 silently meant the default
+        with pytest.raises(ArgumentError, match="--threads must be at least 1"):
+            parse_args(["--cache", "x", "--threads", threads])
     cfg = parse_args(["--cache", "x", "--fusion", "scoter", "--ablate", "position",
                       "--ablate", "contrastive"])
     assert cfg.ablate == ["contrastive", "position"]

@@ -106,7 +106,7 @@ class Config:
         if self.backbone in GENERATIVE and self.beam < 10:
             raise ValueError(f"--beam {self.beam}: at least 10 (the best epoch is chosen by "
                              "NDCG@10, which needs ten ranked items)")
-        for name in ("fusion_head_dim", "d_kv"):
+        for name in ("fusion_head_dim", "d_kv", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         # a NaN compares false with everything, so each range is written to fail on it
