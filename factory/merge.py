@@ -85,7 +85,12 @@ def check_shard(con: duckdb.DuckDBPyConnection, alias: str, shard: Path) -> dict
     """Refuse a shard whose columns have other types than here, or that holds a live run;
     returns {run_id: how it died} for its dead 'running' runs, to import as 'died'."""
     main = _main(con)
-    for table, _, cols in _tables(con, alias):
+    checked = [(table, cols) for table, _, cols in _tables(con, alias)]
+    if _old_layout(con, alias):      # its llm_calls table is checked against our view's types
+        theirs = _columns(con, alias, "llm_calls")
+        checked.append(("llm_calls", [c for c in _columns(con, main, "llm_calls")
+                                      if c in theirs]))
+    for table, cols in checked:
         ours, theirs = _columns(con, main, table), _columns(con, alias, table)
         for c in cols:
             if ours[c] != theirs[c]:
@@ -155,13 +160,18 @@ def merge_shard(con: duckdb.DuckDBPyConnection, alias: str,
     return changed
 
 
+def _old_layout(con: duckdb.DuckDBPyConnection, alias: str) -> bool:
+    """Whether the shard keeps llm_calls as a table (from before migration 090)."""
+    return bool(con.execute(
+        "select 1 from duckdb_tables() where database_name = ? and schema_name = 'main'"
+        " and table_name = 'llm_calls'", [alias]).fetchall()) and bool(
+        _columns(con, _main(con), "llm_call_rows"))
+
+
 def _old_llm_calls(con: duckdb.DuckDBPyConnection, alias: str) -> int:
     """A shard from before migration 090 keeps llm_calls as a table: its rows are split into
     llm_prompts/llm_call_rows here, by the rules above (new keys, and 'ok' over a failure)."""
-    main = _main(con)
-    if not con.execute("select 1 from duckdb_tables() where database_name = ? and"
-                       " schema_name = 'main' and table_name = 'llm_calls'",
-                       [alias]).fetchall() or not _columns(con, main, "llm_call_rows"):
+    if not _old_layout(con, alias):
         return 0
     theirs = _columns(con, alias, "llm_calls")
     cols = ", ".join(f'"{c}"' if c in theirs else f"null as {c}"

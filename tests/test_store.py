@@ -11,6 +11,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+from factory.errors import FactoryError
 from factory.merge import merge_warehouses
 from factory.teacher.request import Request, Sampling
 from factory.teacher.store import (
@@ -208,3 +209,21 @@ def test_traces_of_a_few_rows_read_only_their_answers(tmp_path: Path) -> None:
         assert con.execute("select prompt, response from traces where item_id = 'i17'"
                            ).fetchall() == [("item 4", "answer 17")]
     assert got.get("llm_call_rows", 0) <= 1 and got.get("llm_prompts", 0) <= 1, got
+
+
+def test_an_old_shard_of_another_type_is_refused_by_name(tmp_path: Path) -> None:
+    """A column of the old llm_calls table with another type is named, as a table's is
+    (the split failed half-way with 'Current transaction is aborted')."""
+    shard = old_warehouse(tmp_path / "shard.duckdb")
+    fill_old(shard.path, calls())
+    with duckdb.connect(str(shard.path)) as con:
+        con.execute("alter table llm_calls alter column input_tokens type varchar")
+        con.execute("update llm_calls set input_tokens = 'abc'")
+    main = Warehouse(tmp_path / "main.duckdb")
+    with main.write():
+        pass
+    with pytest.raises(FactoryError, match=r"column llm_calls\.input_tokens is VARCHAR there "
+                                           "but INTEGER here; nothing was merged from it"):
+        merge_warehouses(main, [shard.path])
+    with main.read() as con:
+        assert con.execute("select count(*) from llm_calls").fetchone()[0] == 0
