@@ -347,16 +347,11 @@ def datasets_cmd() -> None:
 
 
 def stdout_console() -> Any:
-    """Tables go to stdout; when piped, use a wide console instead of rich's 80 columns,
-    unless COLUMNS says how wide (`COLUMNS=80 factory runs | less`)."""
-    import os
+    """Tables go to stdout, as wide as `wide_console` makes them
+    (`COLUMNS=80 factory runs | less`)."""
+    from factory.console import wide_console
 
-    from rich.console import Console
-
-    if sys.stdout.isatty():
-        return Console()
-    columns = os.environ.get("COLUMNS", "")
-    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else 240)
+    return wide_console(sys.stdout)
 
 
 class OutFormat(str, Enum):

@@ -8,16 +8,30 @@ plain line per task every `LINE_EVERY_S` seconds and one when it ends, e.g.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.table import Column
 from rich.text import Text
 
+
+def wide_console(stream: IO[str]) -> Console:
+    """A console on `stream`: a terminal's own width; piped or logged, 240 columns instead of
+    rich's 80 (so a line stays one line in a log), unless COLUMNS says how wide."""
+    err = stream is sys.stderr
+    if stream.isatty():
+        return Console(stderr=err)
+    columns = os.environ.get("COLUMNS", "")
+    return Console(stderr=err, width=int(columns) if columns.isdigit() and int(columns) > 0
+                   else 240)
+
+
 #: Progress and summaries go to stderr so that stdout stays clean for data (sql --format csv).
-console = Console(stderr=True)
+console = wide_console(sys.stderr)
 
 #: seconds between two plain progress lines of one task (output that is not a terminal)
 LINE_EVERY_S = 10.0

@@ -81,3 +81,18 @@ def test_bars_fit_80_columns_with_count_rate_and_eta_whole() -> None:
 
 def test_clock() -> None:
     assert (clock(0), clock(158), clock(3723)) == ("0:00", "2:38", "1:02:03")
+
+
+def test_messages_to_a_pipe_or_log_are_240_columns_unless_columns_says() -> None:
+    """A warning in a log stays one line (rich's own default wrapped it at 80)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from factory.console import console; print(console.width)"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    for columns, want in ((None, "240"), ("100", "100")):
+        run_env = env if columns is None else {**env, "COLUMNS": columns}
+        out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.strip() == want
