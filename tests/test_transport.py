@@ -102,6 +102,18 @@ def test_the_key_is_sent_as_a_bearer_token(openai_server):
         complete(wrong, request())
 
 
+def test_credentials_in_the_url_are_basic_auth(openai_server):
+    """`http://user:pass@host/v1` (the README's form): aiohttp refused the URL's credentials
+    beside the bearer header with a traceback; they are sent as basic auth, as httpx did."""
+    url = openai_server.url.replace("http://", "http://user:sk-in-the-url-123456@")
+    backend = OpenAIBackend(url, "test-model", None, 5.0)
+    assert complete(backend, request()).text
+    assert "sk-in-the-url-123456" not in backend.describe()
+    openai_server.api_key = "sk-in-the-url-123456"      # a bearer key is not what it sends
+    with pytest.raises(JobError, match="refused the credentials"):
+        complete(OpenAIBackend(url, "test-model", None, 5.0), request())
+
+
 def test_an_n_request_names_its_samples_seeds(openai_server):
     """The seeds header reaches the server: choice i is answered as sample i alone."""
     backend = OpenAIBackend(openai_server.url, "test-model", None, 5.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
 import functools
 import importlib.util
 import json
@@ -127,11 +128,17 @@ class OpenAIBackend(Backend):
         from yarl import URL
 
         # the openai client's URL: base URL + "/chat/completions", the query on every request
-        self._chat_url = URL(self._base_url.rstrip("/") + "/chat/completions").with_query(
+        url = URL(self._base_url.rstrip("/") + "/chat/completions").with_query(
             self._query or None)
-        self._proxy = _env_proxy(self._base_url)
         # Local servers (vLLM, llama.cpp) accept any key; the openai client sent this one.
-        headers = {"Authorization": f"Bearer {self._key or 'no-key'}",
+        auth = f"Bearer {self._key or 'no-key'}"
+        if url.user is not None:    # user:pass@host is HTTP basic auth, as httpx sent it
+            pair = f"{url.user}:{url.password or ''}".encode()
+            auth = "Basic " + base64.b64encode(pair).decode("ascii")
+            url = url.with_user(None)
+        self._chat_url = url
+        self._proxy = _env_proxy(self._base_url)
+        headers = {"Authorization": auth,
                    "Content-Type": "application/json", "Accept": "application/json",
                    "User-Agent": f"factory/{_version()} aiohttp/{aiohttp.__version__}"}
         tls = {"ssl": _tls_context()} if self._chat_url.scheme == "https" else {}
