@@ -165,8 +165,21 @@ def test_dropped_connections_and_unreachable_servers_are_connection_errors():
             TransientError, match="^connection error: ") as dropped:
         complete(OpenAIBackend(server.url, "test-model", None, 5.0), request())
     assert "\n" not in str(dropped.value)
-    with pytest.raises(TransientError, match="^connection error: .*127.0.0.1:9"):
+    with pytest.raises(TransientError, match="^connection error: .*127.0.0.1:9") as refused:
         complete(OpenAIBackend("http://127.0.0.1:9/v1", "m", None, 5.0), request())
+    assert "ssl:" not in str(refused.value)           # aiohttp's TLS setting, for plain http
+
+
+def test_a_proxy_that_cannot_be_reached_is_named(monkeypatch):
+    """The connection error names the proxy and the variables (it named only a host the
+    user never gave as the teacher's)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTPS_PROXY",
+                 "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(TransientError, match=r"^connection error via proxy "
+                                             r"http://127\.0\.0\.1:9 \(HTTP_PROXY"):
+        complete(OpenAIBackend("http://127.0.0.1:8/v1", "m", None, 5.0), request())
 
 
 @pytest.mark.parametrize("kind", ["trickle", "hang"])

@@ -200,7 +200,8 @@ class OpenAIBackend(Backend):
         except asyncio.TimeoutError:
             raise AttemptTimeout(f"timed out after {limit:g}s") from None
         except self._client_error as exc:
-            raise TransientError(f"connection error: {self._detail(exc)}") from None
+            raise TransientError(f"connection error{self._via()}: {self._detail(exc)}"
+                                 ) from None
         body = raw.decode("utf-8", errors="replace")
         if not 200 <= status < 300:
             raise self._status_error(status, _status_message(status, body), body, headers)
@@ -209,8 +210,19 @@ class OpenAIBackend(Backend):
         return reply
 
     def _detail(self, exc: BaseException) -> str:
-        """One redacted line for a transport error (aiohttp's or httpx's)."""
-        return first_line(self.secrets.redact(str(exc)) or "") or type(exc).__name__
+        """One redacted line for a transport error (aiohttp's or httpx's); aiohttp's
+        `ssl:default` (its TLS setting, printed for plain http too) left out."""
+        line = first_line(self.secrets.redact(str(exc)) or "") or type(exc).__name__
+        return line.replace(" ssl:default ", " ").replace(" ssl:None ", " ")
+
+    def _via(self) -> str:
+        """` via proxy URL (...)` when the environment routes the teacher through a proxy:
+        a connection error then names the proxy's host, not the teacher's."""
+        proxy = self._proxy[0]
+        if proxy is None:
+            return ""
+        return (f" via proxy {safe_url(str(proxy))} (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY; "
+                "NO_PROXY lists hosts reached directly)")
 
     @contextmanager
     def translated_errors(self, limit: float) -> Iterator[None]:
