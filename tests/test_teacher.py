@@ -241,6 +241,10 @@ def test_budget_stops_cleanly_and_a_rerun_continues_without_paying_twice(
     assert report.stopped and "budget reached" in report.stopped
     assert 0 < report.ok < 20 and report.not_done == 20 - report.ok
     assert report.cost_usd <= 0.02
+    # the line gives what was spent, with the requests in flight at the stop paid for
+    # (it said $0.0000 when the first refusal came before any answer)
+    said = float(report.stopped.split("budget reached: $")[1].split()[0])
+    assert said == pytest.approx(report.cost_usd, abs=1e-4) and said > 0
     spent = rows(answers, "select sum(cost_usd), min(price_version) from llm_calls")[0]
     assert spent[0] == pytest.approx(report.cost_usd) and spent[1] == "2026-01"
     assert rows(answers, "select status from job_runs")[0][0] == "stopped"
