@@ -18,7 +18,8 @@ KEPT = "kept"
 FAILED = "failed"
 TRUNCATED = "truncated"     # == the engine's Outcome.status for a cut answer
 TRUNCATED_ROW = "truncated (not kept)"
-TRUNCATED_HINT = "cut at the token limit or by a content filter; raise --max-tokens"
+TRUNCATED_HINT = ("cut at the token limit (raise --max-tokens), by a content filter, or ended "
+                  "inside <think>; the reason column says which")
 
 
 def outcome_verdict(outcome: Outcome) -> tuple[str, str | None]:

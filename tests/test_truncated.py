@@ -47,7 +47,10 @@ def requests_about(server, needle: str) -> int:
 
 
 def assert_cut_at(reason: str, max_tokens: int) -> None:
-    assert f"cut at max_tokens={max_tokens}; raise --max-tokens" in reason, reason
+    """Cut by the budget, or (an unclosed <think> that ended with finish_reason stop under
+    the budget) stopped by the model, which a higher --max-tokens would not change."""
+    assert (f"cut at max_tokens={max_tokens}; raise --max-tokens" in reason
+            or "never closed: the model stopped inside it (finish_reason stop" in reason), reason
 
 
 def cli(wh: Warehouse, *args: str):
@@ -125,8 +128,8 @@ def test_describe_items_cut_answers_are_truncated_and_the_summary_says_so(ml100k
     args = ["describe-items", "--dataset", "ml-100k", "--teacher-url", openai_server.url,
             "--teacher-model", "teacher-test", "--limit", "5", "--max-tokens", "48"]
     res = cli(ml100k, *args)
-    assert "truncated (not kept): 2 (cut at the token limit or by a content filter; raise" \
-           " --max-tokens)" in said(res)
+    assert "truncated (not kept): 2 (cut at the token limit (raise --max-tokens), by a" \
+           " content filter, or ended inside <think>; the reason column says which)" in said(res)
     assert len(openai_server.records) == 5
     got = {r[0]: r[1:] for r in rows(ml100k, "select item_id, description, status, draws, error"
                                              " from item_descriptions")}
@@ -460,3 +463,16 @@ def test_an_answer_without_finish_reason_that_used_the_whole_budget_is_truncated
         "cut at max_tokens=64; raise --max-tokens")
     assert truncation(CachedAnswer("Keywords: drama.", None, 10, 12), 64) is None
     assert truncation(CachedAnswer("Keywords: drama.", "stop", 10, 64), 64) is None
+
+
+def test_a_reasoning_block_the_model_ended_early_does_not_blame_the_budget() -> None:
+    """`<think>` never closed, finish_reason stop, 57 of 4,096 tokens: the model stopped
+    inside its reasoning; raising --max-tokens would not help (the reason said it would)."""
+    from factory.teacher.engine import truncation
+    from factory.teacher.store import CachedAnswer
+
+    early = truncation(CachedAnswer("<think>never finished", "stop", 10, 57), 4096)
+    assert early == ("reasoning block (<think>) never closed: the model stopped inside it "
+                     "(finish_reason stop, 57 tokens)")
+    cut = truncation(CachedAnswer("<think>never finished", "stop", 10, 4096), 4096)
+    assert cut is not None and "raise --max-tokens" in cut

@@ -1310,6 +1310,12 @@ def truncation(answer: CachedAnswer, limit: int | None) -> str | None:
         return "stopped by the provider's content filter (finish_reason content_filter)"
     text = answer.text
     if text.count("<think>") > text.count("</think>"):
+        if answer.finish_reason is not None and (
+                limit is None or answer.output_tokens is None or answer.output_tokens < limit):
+            # not the budget: the model ended its answer inside its reasoning
+            used = "" if answer.output_tokens is None else f", {answer.output_tokens} tokens"
+            return (f"reasoning block (<think>) never closed: the model stopped inside it "
+                    f"(finish_reason {answer.finish_reason}{used})")
         return f"reasoning block (<think>) never closed: {budget}"
     return None
 
