@@ -74,7 +74,7 @@ def process_started(pid: int) -> float | None:
     return None if stat is None else stat[1]
 
 
-def _process(pid: int) -> tuple[bool, float | None]:
+def process_alive(pid: int) -> tuple[bool, float | None]:
     """(alive, start time or None) of `pid` on this host; a zombie is not alive."""
     stat = _stat(pid)
     if stat is not None:
@@ -193,7 +193,7 @@ def death(row: RunLiveness | Mapping[str, Any]) -> str | None:
     if _is_own(host, pid, pid_started):
         return None
     if host is not None and pid is not None and host == socket.gethostname():
-        alive, started = _process(int(pid))
+        alive, started = process_alive(int(pid))
         if not alive:
             return f"pid check: process {pid} on {host} is gone"
         if pid_started is not None and started is not None and abs(started - pid_started) >= 0.5:

@@ -9,6 +9,8 @@ replaces that earlier run; `i2i_pairs` shows the latest finished run of each dat
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ import typer
 from factory.console import console, progress, summary
 from factory.errors import FactoryError
 from factory.i2i import SCORES, MineParams, load_training, mine
-from factory.runs import finish_run, keep_alive, start_run
+from factory.runs import finish_run, keep_alive, process_alive, start_run
 from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse, require_split
 
@@ -50,7 +52,8 @@ def run_mine(wh: Warehouse, dataset: str, params: MineParams, *,
         if train.num_rows == 0:
             raise FactoryError(f"split {params.split!r} of {dataset!r} has no training "
                                "interactions")
-        with tempfile.TemporaryDirectory(prefix="factory-i2i-pairs-") as tmp:
+        sweep_spools()
+        with tempfile.TemporaryDirectory(prefix=f"{SPOOL_PREFIX}{os.getpid()}-") as tmp:
             spool = Path(tmp) / "pairs.parquet"
             stats: dict[str, Any] = {}
             with keep_alive(wh, run_id):
@@ -76,6 +79,22 @@ def run_mine(wh: Warehouse, dataset: str, params: MineParams, *,
                        type(exc).__name__)
         raise
     return counts
+
+
+SPOOL_PREFIX = "factory-i2i-pairs-"
+
+
+def sweep_spools(directory: Path | None = None) -> list[Path]:
+    """Remove the pair spools of mine-i2i processes that are gone (a kill -9 leaves its
+    spool in the temporary directory; a run that ends any other way removes its own)."""
+    removed = []
+    for path in Path(directory or tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*-*"):
+        pid = path.name[len(SPOOL_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or process_alive(int(pid))[0]:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _mine_to(spool: Path, train: pa.Table, users: pa.Table, items: pa.Table,

@@ -201,3 +201,23 @@ def test_top_k_candidates_keep_every_row_top_k_under_rounding_ties() -> None:
         rank[order] = np.arange(len(r)) - (np.cumsum(lengths) - lengths)[r[order]]
         assert set(np.flatnonzero(rank < k)) <= set(cand.tolist())
     miner.__exit__()
+
+
+def test_a_killed_runs_spool_is_swept_and_a_live_ones_kept(tmp_path) -> None:
+    """kill -9 leaves a mine-i2i pair spool in the temporary directory; the next run
+    removes it (the spool of a process still running is left alone)."""
+    import os
+    import subprocess
+    import sys
+
+    from jobs.mine_i2i import SPOOL_PREFIX, sweep_spools
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = tmp_path / f"{SPOOL_PREFIX}{gone.stdout.strip()}-abc"
+    live = tmp_path / f"{SPOOL_PREFIX}{os.getpid()}-def"
+    for spool in (dead, live):
+        spool.mkdir()
+        (spool / "pairs.parquet").write_bytes(b"x" * 1000)
+    assert sweep_spools(tmp_path) == [dead]
+    assert not dead.exists() and live.exists()
