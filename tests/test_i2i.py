@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
-from tiny_data import add_dataset, random_sequences, train_sequences
+from tiny_data import (
+    add_dataset,
+    assert_close_pairs,
+    mined_pairs,
+    random_sequences,
+    train_sequences,
+)
 
 from factory.errors import FactoryError
 from factory.i2i import SCORES, MineParams, load_training, mine
@@ -30,16 +35,7 @@ def _sql_pairs(wh: Warehouse, params: MineParams, dataset: str = "tiny",
                chunk_occurrences: int = 10**9, engine: str = "auto") -> list[tuple]:
     with wh.read() as con:
         train, users, items = load_training(con, dataset, params.split)
-    batches = [b for b, _ in mine(train, users, items, params,
-                                  chunk_occurrences=chunk_occurrences, engine=engine)]
-    rows = pa.Table.from_batches(batches).to_pylist() if batches else []
-    return sorted((r["item_i"], r["item_j"], r["support"], r["score"], r["rank"]) for r in rows)
-
-
-def _close(a: list[tuple], b: list[tuple]) -> None:
-    assert [r[:3] + r[4:] for r in a] == [r[:3] + r[4:] for r in b]
-    for x, y in zip(a, b, strict=True):
-        assert x[3] == pytest.approx(y[3], rel=1e-9, abs=1e-12)
+    return mined_pairs(train, users, items, params, engine, chunk_occurrences)
 
 
 @pytest.mark.parametrize("score", SCORES)
@@ -52,9 +48,9 @@ def test_sql_matches_python_reference(tiny: Warehouse, score: str, window: int,
                         min_count=min_count, swing_max_users=6)
     expected = sorted(mine_reference(train_sequences(tiny, "tiny"), params))
     assert expected, "the fixture must produce pairs"
-    _close(_sql_pairs(tiny, params), expected)
+    assert_close_pairs(_sql_pairs(tiny, params), expected)
     # many small chunks give the same answer as one
-    _close(_sql_pairs(tiny, params, chunk_occurrences=40), expected)
+    assert_close_pairs(_sql_pairs(tiny, params, chunk_occurrences=40), expected)
 
 
 @pytest.mark.parametrize("score", ["count", "swing"])
@@ -95,7 +91,7 @@ def test_held_out_targets_never_contribute(wh: Warehouse) -> None:
         got_a, got_b = _sql_pairs(wh, params, "a"), _sql_pairs(wh, params, "b")
         assert got_a == got_b
         assert not any(x.startswith("held") for row in got_a for x in row[:2])
-        _close(got_a, sorted(mine_reference(seqs, params)))
+        assert_close_pairs(got_a, sorted(mine_reference(seqs, params)))
     counts = run_mine(wh, "a", MineParams(min_count=1, top_k=0))
     assert counts["interactions"] == sum(len(s) for s in seqs.values())
     assert counts["co_occurrences"] == sum(len(s) * (len(s) - 1) // 2 for s in seqs.values())

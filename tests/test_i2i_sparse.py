@@ -8,27 +8,19 @@ from contextlib import contextmanager
 
 import pyarrow as pa
 import pytest
-from tiny_data import add_dataset, random_sequences, train_sequences
+from tiny_data import (
+    add_dataset,
+    assert_close_pairs,
+    mined_pairs,
+    random_sequences,
+    train_sequences,
+)
 
 from factory.errors import FactoryError
 from factory.i2i import SPARSE_SCORES, MineParams, choose_engine, load_training, mine
 from factory.i2i_reference import mine_reference
 from factory.warehouse import Warehouse
 from jobs.mine_i2i import run_mine
-
-
-def _rows(train: pa.Table, users: pa.Table, items: pa.Table, params: MineParams,
-          engine: str, chunk_occurrences: int = 10**9) -> list[tuple]:
-    batches = [b for b, _ in mine(train, users, items, params, engine=engine,
-                                  chunk_occurrences=chunk_occurrences)]
-    rows = pa.Table.from_batches(batches).to_pylist() if batches else []
-    return sorted((r["item_i"], r["item_j"], r["support"], r["score"], r["rank"]) for r in rows)
-
-
-def _close(a: list[tuple], b: list[tuple]) -> None:
-    assert [r[:3] + r[4:] for r in a] == [r[:3] + r[4:] for r in b]
-    for x, y in zip(a, b, strict=True):
-        assert x[3] == pytest.approx(y[3], rel=1e-9, abs=1e-12)
 
 
 def _edge_sequences() -> dict[str, list[str]]:
@@ -65,18 +57,18 @@ def test_sparse_engine_equals_sql_engine_and_reference(fixtures: Warehouse, data
     seqs = train_sequences(fixtures, dataset)
     for directed, top_k, min_count in CASES:
         params = MineParams(score=score, directed=directed, top_k=top_k, min_count=min_count)
-        sql = _rows(train, users, items, params, "sql")
+        sql = mined_pairs(train, users, items, params, "sql")
         assert sql, "the fixture must produce pairs"
-        assert _rows(train, users, items, params, "sparse") == sql, params
-        assert _rows(train, users, items, params, "sparse", chunk_occurrences=7) == sql
-        _close(sql, sorted(mine_reference(seqs, params)))
+        assert mined_pairs(train, users, items, params, "sparse") == sql, params
+        assert mined_pairs(train, users, items, params, "sparse", chunk_occurrences=7) == sql
+        assert_close_pairs(sql, sorted(mine_reference(seqs, params)))
 
 
 def test_edge_fixture_has_ties_and_a_one_user_item(fixtures: Warehouse) -> None:
     with fixtures.read() as con:
         train, users, items = load_training(con, "edge", "loo")
     for directed in (True, False):
-        rows = _rows(train, users, items, MineParams(score="penalised", top_k=0, min_count=1,
+        rows = mined_pairs(train, users, items, MineParams(score="penalised", top_k=0, min_count=1,
                                                      directed=directed), "sparse")
         groups: dict[tuple, list[tuple]] = {}
         for r in rows:
@@ -105,8 +97,8 @@ def test_repeated_items_count_occurrence_pairs_in_both_engines() -> None:
     for score in SPARSE_SCORES:
         for directed in (True, False):
             params = MineParams(score=score, directed=directed, top_k=0, min_count=1)
-            sql = _rows(train, users, items, params, "sql")
-            assert _rows(train, users, items, params, "sparse") == sql
+            sql = mined_pairs(train, users, items, params, "sql")
+            assert mined_pairs(train, users, items, params, "sparse") == sql
             assert any(r[0] == r[1] for r in sql) == directed
 
 

@@ -91,3 +91,21 @@ def fake_model(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
     monkeypatch.setattr(Embedder, "_encode", encode)
     return calls
+
+
+def mined_pairs(train: pa.Table, users: pa.Table, items: pa.Table, params, engine: str = "auto",
+                chunk_occurrences: int = 10**9) -> list[tuple]:
+    """(item_i, item_j, support, score, rank) of everything `mine` yields, sorted."""
+    from factory.i2i import mine
+
+    batches = [b for b, _ in mine(train, users, items, params, engine=engine,
+                                  chunk_occurrences=chunk_occurrences)]
+    rows = pa.Table.from_batches(batches).to_pylist() if batches else []
+    return sorted((r["item_i"], r["item_j"], r["support"], r["score"], r["rank"]) for r in rows)
+
+
+def assert_close_pairs(a: list[tuple], b: list[tuple]) -> None:
+    """Same pairs, supports and ranks; scores equal to float rounding."""
+    assert [r[:3] + r[4:] for r in a] == [r[:3] + r[4:] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x[3] == pytest.approx(y[3], rel=1e-9, abs=1e-12)
