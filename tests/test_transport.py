@@ -357,3 +357,12 @@ def test_retries_without_tenacity_on_the_first_attempt_keep_its_policy(script, a
     assert len(made) == counted
     if any(getattr(s, "retry_after", None) for s in script):
         assert time.monotonic() - started >= 0.2
+
+
+def test_https_to_a_plain_http_server_stops_at_once(openai_server):
+    """A failed TLS handshake is not retried six times per request: it fails the same way
+    every time (https:// given for an http:// server, an untrusted certificate)."""
+    url = openai_server.url.replace("http://", "https://")
+    with pytest.raises(JobError, match=r"^TLS with https://127\.0\.0\.1:\d+/v1 failed: .*"
+                                       r"an http:// server given as https://"):
+        complete(OpenAIBackend(url, "test-model", None, 5.0), request())
