@@ -476,3 +476,26 @@ def test_a_reasoning_block_the_model_ended_early_does_not_blame_the_budget() -> 
                      "(finish_reason stop, 57 tokens)")
     cut = truncation(CachedAnswer("<think>never finished", "stop", 10, 4096), 4096)
     assert cut is not None and "raise --max-tokens" in cut
+
+
+def test_the_test_servers_length_fault_cuts_answers_at_max_tokens(ml100k):
+    """`--faults length` (opt-in) answers as a model that ran out of tokens: the answer cut
+    after max_tokens words, finish_reason length; the job keeps none of them, redraws none."""
+    from factory.testing.openai_server import Faults, OpenAIServer
+    from jobs.keywords import run_keywords
+
+    def teacher(body: dict) -> str:
+        return "<think>" + "the profile mentions a quiet drama " * 4 + "</think> Keywords: drama"
+
+    with OpenAIServer(teacher, faults=Faults(rate=1.0, kinds=("length",))) as server:
+        opts = TeacherOptions(url=server.url, model="teacher-test", timeout=5.0, backoff=0.01,
+                              concurrency=2, sampling=Sampling(seed=1, max_tokens=6), limit=3)
+        report, _ = run_keywords(ml100k, "ml-100k", opts)
+        assert len(server.records) == 3 and server.count("length") == 3
+    assert (report.ok, report.truncated) == (0, 3)
+    got = rows(ml100k, "select c.finish_reason, c.output_tokens, c.text, k.reason"
+                       " from item_keywords k join llm_calls c on c.key = k.call_key")
+    assert len(got) == 3
+    for finish, tokens, text, reason in got:
+        assert (finish, tokens, len(text.split())) == ("length", 6, 6)
+        assert_cut_at(reason, 6)

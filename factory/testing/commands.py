@@ -24,14 +24,21 @@ def simulated_server(latency: float = 0.0, fault_rate: float = 0.0, faults: str 
     warehouse; `faults`: comma-separated kinds."""
     from factory.cli import warehouse
     from factory.errors import FactoryError
-    from factory.testing.openai_server import FAULT_KINDS, SLOW_FAULT_KINDS, Faults, OpenAIServer
+    from factory.testing.openai_server import (
+        CUT_FAULT_KINDS,
+        FAULT_KINDS,
+        SLOW_FAULT_KINDS,
+        Faults,
+        OpenAIServer,
+    )
     from factory.testing.simulated import MODEL_ID, SimulatedTeacher, WarehouseCatalogue
 
     kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
-    unknown = sorted(set(kinds) - set(FAULT_KINDS + SLOW_FAULT_KINDS))
+    known = FAULT_KINDS + SLOW_FAULT_KINDS + CUT_FAULT_KINDS
+    unknown = sorted(set(kinds) - set(known))
     if unknown:
         raise FactoryError(f"--faults: unknown kind(s) {', '.join(unknown)}; choose from "
-                           f"{', '.join(FAULT_KINDS + SLOW_FAULT_KINDS)}")
+                           f"{', '.join(known)}")
     wh = warehouse(reader=True)
     return OpenAIServer(SimulatedTeacher(catalogue=WarehouseCatalogue(wh.path)),
                         latency=latency, faults=Faults(rate=fault_rate, kinds=kinds, seed=seed),
@@ -47,7 +54,8 @@ def serve_cmd(
                                      help="Share of requests answered with a fault."),
     faults: str = typer.Option("429,500,503,malformed,empty", "--faults",
                                help="Comma-separated fault kinds to draw from: 429, 500, 503, "
-                               "slow, drop, malformed, empty, badjson, trickle, hang."),
+                               "slow, drop, malformed, empty, badjson, trickle, hang, length "
+                               "(cut at max_tokens, finish_reason length)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the fault draws (answers are seeded by "
                              "the request itself)."),
 ) -> None:

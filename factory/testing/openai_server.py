@@ -68,6 +68,10 @@ FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed", "empty", "badjs
 #: ... and those only injected when asked for: `trickle` sends the headers at once and then
 #: the body one byte every `trickle_s`; `hang` accepts the request and never answers
 SLOW_FAULT_KINDS = ("trickle", "hang")
+#: only when asked for too: `length` answers as a model that ran out of tokens does, the
+#: answer cut after max_tokens words (half its words when it is shorter or none was sent)
+#: with finish_reason "length" (a reasoning model is cut inside its <think> block)
+CUT_FAULT_KINDS = ("length",)
 #: what a "malformed" answer says: no words, so any sensible parser rejects it
 MALFORMED_CONTENT = "~~~#%$@~~~"
 _TOKEN = re.compile(r"\s*\S+|\s+")
@@ -147,6 +151,13 @@ def conforming(schema: dict[str, Any], text: str) -> Any:
     if kind == "boolean":
         return True
     return text[:schema.get("maxLength", len(text))]
+
+
+def _cut(content: str, max_tokens: int | None) -> str:
+    """`content` as a model that ran out of tokens leaves it (words stand for tokens)."""
+    words = content.split(" ")
+    keep = max_tokens if max_tokens and max_tokens < len(words) else max(1, len(words) // 2)
+    return " ".join(words[:keep])
 
 
 @dataclass
@@ -384,12 +395,14 @@ class OpenAIServer:
         for i, answer in enumerate(answers):
             content = {"malformed": MALFORMED_CONTENT, "empty": ""}.get(outcome,
                                                                       answer["content"])
+            finish = answer.get("finish_reason", "stop")
+            if outcome == "length":
+                content, finish = _cut(content, body.get("max_tokens")), "length"
             completion_tokens += answer.get("completion_tokens", len(content.split()))
             message = {"role": "assistant", "content": content}
             if answer.get("reasoning_content") is not None and outcome == "ok":
                 message["reasoning_content"] = answer["reasoning_content"]
-            choice = {"index": i, "message": message,
-                      "finish_reason": answer.get("finish_reason", "stop")}
+            choice = {"index": i, "message": message, "finish_reason": finish}
             if body.get("logprobs"):
                 choice["logprobs"] = {"content": token_logprobs(
                     content, int(body.get("top_logprobs") or 0))}
@@ -762,7 +775,8 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--fault-kinds", default=",".join(FAULT_KINDS),
-                        help=f"comma-separated, of {', '.join(FAULT_KINDS + SLOW_FAULT_KINDS)}")
+                        help="comma-separated, of "
+                             f"{', '.join(FAULT_KINDS + SLOW_FAULT_KINDS + CUT_FAULT_KINDS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log", help="append one line per finished request to this file")
     args = parser.parse_args()
