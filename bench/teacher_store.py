@@ -38,7 +38,8 @@ from factory.teacher.store import (
     upsert,
     write_calls,
 )
-from factory.warehouse import Warehouse, migrations
+from factory.testing.warehouses import schema_before
+from factory.warehouse import Warehouse
 
 OLD_VERSION = 90          # the first migration of the compact layout
 FLUSH = 1000
@@ -97,15 +98,7 @@ def old_write(con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> Non
 def warehouse(path: Path, old: bool) -> Warehouse:
     """A warehouse at the layout before 090 (old) or current."""
     if old:
-        con = duckdb.connect(str(path))
-        con.execute("create table schema_migrations (version integer primary key,"
-                    " name varchar not null, applied_at timestamp default current_timestamp)")
-        for version, name, sql in migrations():
-            if version < OLD_VERSION:
-                con.execute(sql)
-                con.execute("insert into schema_migrations (version, name) values (?, ?)",
-                            [version, name])
-        con.close()
+        schema_before(path, OLD_VERSION)
     wh = Warehouse(path)
     wh._migrated = old        # the old file is used as it is, never upgraded
     return wh

@@ -197,11 +197,7 @@ class Warehouse:
         self._schema_checked = True   # not _migrated: the first write() still recovers
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
-        con.execute(
-            "create table if not exists schema_migrations ("
-            " version integer primary key, name varchar not null,"
-            " applied_at timestamp not null default current_timestamp)"
-        )
+        con.execute(SCHEMA_MIGRATIONS)
         applied = {v for (v,) in con.execute("select version from schema_migrations").fetchall()}
         known = migrations()
         newest_known = known[-1][0] if known else 0
@@ -222,6 +218,12 @@ class Warehouse:
                 raise FactoryError(f"migration {version:03d}_{name} failed: {exc}") from exc
             self.applied.append((version, name))
         self._migrated = True
+
+
+#: the table recording which migrations a file has
+SCHEMA_MIGRATIONS = ("create table if not exists schema_migrations ("
+                     " version integer primary key, name varchar not null,"
+                     " applied_at timestamp not null default current_timestamp)")
 
 
 def require_dataset(con: duckdb.DuckDBPyConnection, dataset: str) -> None:

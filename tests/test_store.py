@@ -22,7 +22,8 @@ from factory.teacher.store import (
     store_calls,
     write_calls,
 )
-from factory.warehouse import Warehouse, migrations
+from factory.testing.warehouses import schema_before
+from factory.warehouse import Warehouse
 
 COMPACT = 90                  # the migration that made llm_calls a view
 
@@ -67,15 +68,7 @@ def stored(con: duckdb.DuckDBPyConnection) -> tuple[list, list]:
 
 def old_warehouse(path: Path) -> Warehouse:
     """A warehouse file as a factory from before migration 090 left it."""
-    con = duckdb.connect(str(path))
-    con.execute("create table schema_migrations (version integer primary key,"
-                " name varchar not null, applied_at timestamp default current_timestamp)")
-    for version, name, sql in migrations():
-        if version < COMPACT:
-            con.execute(sql)
-            con.execute("insert into schema_migrations (version, name) values (?, ?)",
-                        [version, name])
-    con.close()
+    schema_before(path, COMPACT)
     return Warehouse(path)
 
 

@@ -346,7 +346,6 @@ class Rounds:
         self.estimates = 0.0                       # reserved for the deferred requests
         self.waiting_items: list[tuple[Work, Request]] = []
         self.failed: dict[str, str] = {}           # keys this run's batches failed to answer
-        self.budget: str | None = None             # the --max-cost line, once reached
         #: keys held by pending batches this run cannot poll (another URL): never sent
         self.blocked: set[str] = set()
         self.blocked_line: str | None = None
@@ -360,9 +359,7 @@ class Rounds:
         if req.key in self.deferred or req.key in self.blocked:
             return None
         estimate = self.state.estimate(req)
-        over = self.state.over_budget(estimate)
-        if over:
-            self.budget = over
+        if self.state.over_budget(estimate):
             return None
         self.deferred[req.key] = req
         self.state.reserved += estimate
@@ -396,7 +393,7 @@ class Rounds:
                 break
             await state.work(items)
         # the budget line is written now: when it was reached, the batch was not yet paid
-        for line in (self.blocked_line, self.budget and state.budget_line()):
+        for line in (self.blocked_line, state.budget_reached and state.budget_line()):
             if line:
                 state._stop(line)
 

@@ -581,7 +581,7 @@ class _RunState:
         self.recent: deque[bool] = deque(maxlen=FAILURE_WINDOW)
         self.reserved = 0.0
         self.stop_reason: str | None = None
-        self.budget_stop = False          # --max-cost refused a request
+        self.budget_reached = False       # --max-cost refused a request
         self.fatal: str | None = None
         self.interrupted: str | None = None       # the signal's name
         self.dropped = 0                          # requests cancelled in flight
@@ -629,12 +629,12 @@ class _RunState:
             flusher = asyncio.create_task(self._flush_every())
             try:
                 await self.work(self.items)
-                if self.budget_stop and self.report.stopped == self.stop_reason:
+                if self.batches is not None:
+                    await self.batches.run()
+                elif self.budget_reached:
                     # said when the budget refused a request, before the reserved ones were
                     # answered and paid: the line gives what was spent in the end
                     self.stop_reason = self.report.stopped = self.budget_line()
-                if self.batches is not None:
-                    await self.batches.run()
             finally:
                 self._cancel_all()
                 self._show(now=True)         # the bar's last frame counts every item
@@ -861,7 +861,6 @@ class _RunState:
         estimate = self.estimate(sent, len(members))
         over = self.over_budget(estimate)
         if over:
-            self.budget_stop = True
             self._stop(over)
             return None
         loop = asyncio.get_running_loop()
@@ -935,6 +934,7 @@ class _RunState:
         """Why a request of this estimate may not be sent (--max-cost), or None."""
         budget = self.job.options.max_cost
         if budget is not None and self.job.spent + self.reserved + estimate > budget:
+            self.budget_reached = True
             return self.budget_line()
         return None
 
