@@ -179,9 +179,7 @@ def _old_llm_calls(con: duckdb.DuckDBPyConnection, alias: str) -> int:
     source = (f'(select {cols} from "{alias}".main.llm_calls s where not exists ('
               "select 1 from llm_call_rows c where c.key = s.key"
               " and (c.status = 'ok' or s.status <> 'ok')))")
-    count = con.execute(f"select count(*) from {source}").fetchone()[0]
-    store_calls(con, source, created="created_at")
-    return int(count)
+    return store_calls(con, source, created="created_at")
 
 
 def _probe(shard: Path, lock_timeout: float) -> None:

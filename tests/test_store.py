@@ -136,7 +136,8 @@ def test_an_old_shard_merges_into_a_new_warehouse(tmp_path: Path) -> None:
     failed_here = {**rows[0], "status": "failed", "text": None, "response": None}
     with main.write() as con:             # a failure here is upgraded by the shard's answer
         write_calls(con, [failed_here])
-    merge_warehouses(main, [shard.path])
+    merged = merge_warehouses(main, [shard.path])
+    assert merged[str(shard.path)]["llm_call_rows"] == len(rows)   # the failure upgraded too
     assert_reads_back(main, rows)
     with duckdb.connect(str(shard.path), read_only=True) as con:   # the shard is unchanged
         assert con.execute("select count(*) from llm_calls").fetchone()[0] == len(rows)

@@ -154,14 +154,17 @@ _PROMPT_SCHEMA = pa.schema([("prompt_key", pa.string()), ("messages", pa.string(
                             ("prompt", pa.string())])
 
 
-def store_calls(con: duckdb.DuckDBPyConnection, source: str, created: str = "null") -> None:
+def store_calls(con: duckdb.DuckDBPyConnection, source: str, created: str = "null") -> int:
     """Upsert the rows of relation `source` (llm_calls columns, unique keys) into llm_prompts
-    and llm_call_rows; `created`: its column giving created_at (else now)."""
+    and llm_call_rows; `created`: its column giving created_at (else now). Returns the rows
+    inserted or upgraded."""
     con.execute("create or replace temp table _llm_split as "
                 + _SPLIT.format(source=source, created=created)).fetchall()
     try:
         con.execute(_STORE_PROMPTS).fetchall()
-        con.execute(_UPSERT_ROWS.format(source="_llm_split", created="created_at")).fetchall()
+        (count,) = con.execute(_UPSERT_ROWS.format(source="_llm_split", created="created_at")
+                               ).fetchone()
+        return int(count)
     finally:
         con.execute("drop table if exists _llm_split").fetchall()
 
