@@ -118,7 +118,6 @@ class OpenAIBackend(Backend):
         self._timeouts: dict[float, Any] = {}
         self._clients: list[Any] = []
         self._client_error: type[BaseException] = Exception
-        self._tls_error: type[BaseException] = Exception
 
     async def start(self) -> None:
         """Open the session in the running event loop: each `TeacherJob.run()` has its own
@@ -145,7 +144,6 @@ class OpenAIBackend(Backend):
         tls = {"ssl": _tls_context()} if self._chat_url.scheme == "https" else {}
         connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=0, **tls)
         self._client_error = aiohttp.ClientError
-        self._tls_error = aiohttp.ClientSSLError
         self._session = aiohttp.ClientSession(connector=connector, headers=headers,
                                               timeout=self._timeout(self.timeout))
 
@@ -201,14 +199,12 @@ class OpenAIBackend(Backend):
                 headers = response.headers
         except asyncio.TimeoutError:
             raise AttemptTimeout(f"timed out after {limit:g}s") from None
-        except self._tls_error as exc:
-            if not _lasting_tls_failure(exc):       # e.g. a connection cut mid-handshake
-                raise TransientError(f"connection error{self._via()}: {self._detail(exc)}"
-                                     ) from None
-            raise JobError(f"TLS with {safe_url(self.url)} failed{self._via()}: "
-                           f"{self._detail(exc)} (an http:// server given as https://, or a "
-                           "certificate this machine does not trust: SSL_CERT_FILE)") from None
         except self._client_error as exc:
+            if _lasting_tls_failure(exc):
+                raise JobError(f"TLS with {safe_url(self.url)} failed{self._via()}: "
+                               f"{self._detail(exc)} (an http:// server given as https://, or "
+                               "a certificate this machine does not trust: SSL_CERT_FILE)"
+                               ) from None
             raise TransientError(f"connection error{self._via()}: {self._detail(exc)}"
                                  ) from None
         body = raw.decode("utf-8", errors="replace")
@@ -281,11 +277,14 @@ class OpenAIBackend(Backend):
 
 def _lasting_tls_failure(exc: BaseException) -> bool:
     """A handshake that fails the same way every time: TLS spoken to a plain-http server, or
-    a certificate this machine does not trust. Retrying cannot help; the job stops."""
+    a certificate this machine does not trust. Retrying cannot help; the job stops. (Other
+    TLS errors, e.g. a connection cut mid-handshake, are retried like any connection error.)"""
     import aiohttp
 
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return True
     text = str(exc).lower()
-    return isinstance(exc, aiohttp.ClientConnectorCertificateError) or (
+    return isinstance(exc, aiohttp.ClientSSLError) and (
         "wrong_version_number" in text or "wrong version number" in text
         or "certificate verify failed" in text)
 
