@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,6 +102,16 @@ def heartbeat(con: duckdb.DuckDBPyConnection, run_id: str) -> None:
     else:
         con.execute("update job_runs set heartbeat_at = current_timestamp where run_id = ?",
                     [run_id]).fetchall()
+
+
+@contextmanager
+def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the wall time of a block to `seconds[phase]` (stored with the run's counts)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = round(seconds.get(phase, 0.0) + time.perf_counter() - started, 3)
 
 
 @contextmanager

@@ -18,15 +18,13 @@ options pays for nothing twice: teacher answers and embeddings come from their c
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
 from factory.errors import FactoryError
+from factory.runs import timed
 from factory.teacher import TeacherOptions, teacher_options
 from factory.vocabulary import DatasetOpt
 
@@ -40,16 +38,6 @@ gvm_app = typer.Typer(help="SCoTER Generate-Validate-Mine: discover, inspect and
 
 #: SCoTER sec. 3.2: tau_gen = 0.7, top-p 0.9; the seed makes samples reproducible
 GENERATE_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 8192, "seed": 0}
-
-
-@contextmanager
-def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
-    """Add the wall time of a block to `seconds[phase]` (stored with the run's counts)."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[phase] = round(seconds.get(phase, 0.0) + time.perf_counter() - started, 3)
 
 
 def encoder_for(wh: Warehouse, encoder: str | None, label: str,

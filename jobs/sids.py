@@ -32,7 +32,7 @@ import typer
 from factory.console import console, summary
 from factory.embeddings import Embedder, text_key
 from factory.errors import FactoryError
-from factory.runs import finish_run, start_run
+from factory.runs import finish_run, start_run, timed
 from factory.vocabulary import DatasetOpt
 from factory.warehouse import Warehouse, require_dataset
 
@@ -364,41 +364,38 @@ def run_sids(wh: Warehouse, dataset: str, *, levels: int = 3, codebook_size: int
         counts["items_without_text"] = sum(1 for row in items if not item_text(row, fields))
         counts["duplicate_texts"] = len(texts) - len(set(texts))
         # where the time goes (issue 18): stored with the run, printed in the summary
-        phases: dict[str, float] = {"prepare": time.perf_counter() - started}
-        mark = time.perf_counter()
-        vecs = embedder.embed(texts, label="embedding item texts")
-        phases["embed"] = time.perf_counter() - mark
+        phases = {"prepare": round(time.perf_counter() - started, 3)}
+        with timed(phases, "embed"):
+            vecs = embedder.embed(texts, label="embedding item texts")
         counts.update(texts=embedder.stats.seen, cache_hits=embedder.stats.cache_hits,
                       encoded=embedder.stats.encoded)
-        mark = time.perf_counter()
-        with console.status(f"residual k-means: {levels} levels x {codebook_size} codes"):
+        with timed(phases, "kmeans"), console.status(
+                f"residual k-means: {levels} levels x {codebook_size} codes"):
             base, books, residual = residual_kmeans(vecs, levels, codebook_size, seed,
                                                     method=method, balanced=balanced)
-        phases["kmeans"] = time.perf_counter() - mark
-        mark = time.perf_counter()
-        colliding = colliding_items(base)
-        stats = level_stats(base, codebook_size)
-        if collisions == "strict":
-            codes, moved = resolve_strict(base, books, residual)
-            extra = None
-        else:
-            codes, _ = disambiguate(base, residual)
-            moved = 0
-            extra = int(codes[:, levels].max()) if colliding else None
-        counts.update(
-            items=len(items), levels=codes.shape[1], collisions=colliding,
-            collision_rate=colliding / len(items), codes_used=[s["used"] for s in stats],
-            level_stats=stats, collision_mode=collisions, moved_to_free_code=moved,
-            max_disambiguation_code=extra, warning=codebook_warning(len(items), codebook_size),
-        )
-        phases["collisions"] = time.perf_counter() - mark
-        mark = time.perf_counter()
+        with timed(phases, "collisions"):
+            colliding = colliding_items(base)
+            stats = level_stats(base, codebook_size)
+            if collisions == "strict":
+                codes, moved = resolve_strict(base, books, residual)
+                extra = None
+            else:
+                codes, _ = disambiguate(base, residual)
+                moved = 0
+                extra = int(codes[:, levels].max()) if colliding else None
+            counts.update(
+                items=len(items), levels=codes.shape[1], collisions=colliding,
+                collision_rate=colliding / len(items), codes_used=[s["used"] for s in stats],
+                level_stats=stats, collision_mode=collisions, moved_to_free_code=moved,
+                max_disambiguation_code=extra,
+                warning=codebook_warning(len(items), codebook_size),
+            )
         with wh.write() as con:
-            _store(con, dataset, run_id, items, codes, texts, books)
-            counts.update(_publish(con, dataset, run_id, params, counts, codebook_size))
-            phases["store"] = time.perf_counter() - mark
+            with timed(phases, "store"):
+                _store(con, dataset, run_id, items, codes, texts, books)
+                counts.update(_publish(con, dataset, run_id, params, counts, codebook_size))
             counts.update(seconds=round(time.perf_counter() - started, 2),
-                          phase_seconds={k: round(v, 3) for k, v in phases.items()})
+                          phase_seconds=phases)
             finish_run(con, run_id, "succeeded", counts)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
